@@ -1,0 +1,255 @@
+"""Algorithm 1 of the paper -- local error feedback (EF) and step-ahead error feedback (SAEF) -- written once.
+
+This is the only place where the order of the update lives. It works on flat tensors: the parameters
+``x`` of shape ``(P,)`` (all layers concatenated) and per-worker state of shape ``(W, P)``, where W is the
+number of workers whose state lives in this process (all K in the simulator, one on a real rank).
+Compression is layer-wise: each layer is a slice ``[offset, offset + d)`` of the flat axis. Communication
+goes through a :class:`~saef.comm.Transport`.
+
+Update rule for step t, worker k, learning rate lr_t (per layer)::
+
+    z_k   = x - e_k  (SAEF)      |   z_k = x  (EF)          point where worker k takes its gradient
+    m_k  <- mu m_k + grad f(z_k; batch_k) + wd z_k
+    D_k   = e_k + lr_t m_k
+    e_k  <- D_k - C(D_k);         worker k sends C(D_k)
+    D     = e_s + mean_k C(D_k);  e_s <- D - C_s(D);   x <- x - C_s(D)
+    if (t + 2) % p == 0:  e_k <- mean_j e_j               (error averaging for step t + 1)
+
+Single-way compression is the case C_s = identity (then e_s stays exactly 0 and the dense average goes
+back). Error averaging "at the start of step t when (t + 1) % p == 0" is done at the end of step t - 1, so
+the state is always ready for the next gradient; at t = 0 the errors are zero and averaging is a no-op.
+With C = identity both methods reduce exactly to distributed momentum SGD.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .comm import Transport
+from .compressors import Compressor, Identity, make_compressor
+
+__all__ = ["ErrorFeedbackConfig", "ErrorFeedbackState", "ErrorFeedback", "METHODS"]
+
+METHODS = ("ef", "saef")
+
+
+@dataclass(frozen=True)
+class ErrorFeedbackConfig:
+    """Hyper-parameters of Algorithm 1, validated at construction.
+
+    Args:
+        method: ``"saef"`` (gradient at x - e_k) or ``"ef"`` (gradient at x).
+        momentum: mu in [0, 1); 0 is plain SGD.
+        weight_decay: >= 0, added to the gradient as ``wd * z_k``.
+        compressor: the workers' compressor or its spec (``"identity"``, ``"sign"``, ``"topk:RHO"``).
+        server_compressor: the server's compressor in double-way mode; ``None`` = same as the workers'.
+        double_way: the server compresses what it sends back (with its own error feedback); otherwise it
+            sends the dense average.
+        average_every: error-averaging period p >= 1, or ``None`` for never.
+    """
+
+    method: str = "saef"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    compressor: Union[str, Compressor] = "sign"
+    server_compressor: Union[str, Compressor, None] = None
+    double_way: bool = True
+    average_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
+        mu = self.momentum
+        if not isinstance(mu, (int, float)) or not (0.0 <= mu < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r}")
+        wd = self.weight_decay
+        if not isinstance(wd, (int, float)) or not (wd >= 0.0) or math.isinf(wd):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
+        p = self.average_every
+        if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
+            raise ValueError(f"average_every must be an integer >= 1 or None (never), got average_every={p!r}")
+        if not isinstance(self.double_way, bool):
+            raise ValueError(f"double_way must be True or False, got double_way={self.double_way!r}")
+        # Building the compressors here validates their specs (unknown names, rho out of range).
+        object.__setattr__(self, "compressor", make_compressor(self.compressor))
+        if self.server_compressor is not None:
+            object.__setattr__(self, "server_compressor", make_compressor(self.server_compressor))
+
+    @property
+    def downlink_compressor(self) -> Compressor:
+        """What the server applies: identity in single-way mode."""
+        if not self.double_way:
+            return Identity()
+        return self.server_compressor if self.server_compressor is not None else self.compressor
+
+
+@dataclass
+class ErrorFeedbackState:
+    """Everything Algorithm 1 remembers between steps (all of it goes into checkpoints)."""
+
+    step: int  # t: steps taken so far; decides when errors are averaged
+    worker_momentum: Tensor  # m_k, (W, P): each worker's momentum buffer
+    worker_error: Tensor  # e_k, (W, P): what each worker's compression left out, fed back next step
+    server_error: Tensor  # e_s, (P,): what the server's compression left out (layers owned here; else 0)
+    bits_up: int = 0  # bits one worker has sent to the server, cumulative
+    bits_down: int = 0  # bits one worker has received from the server, cumulative
+    bits_averaging: int = 0  # bits one worker has sent for error averaging, cumulative
+
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "step": self.step,
+            "worker_momentum": self.worker_momentum,
+            "worker_error": self.worker_error,
+            "server_error": self.server_error,
+            "bits_up": self.bits_up,
+            "bits_down": self.bits_down,
+            "bits_averaging": self.bits_averaging,
+        }
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        for name in ("worker_momentum", "worker_error", "server_error"):
+            own, new = getattr(self, name), state[name]
+            if tuple(new.shape) != tuple(own.shape):
+                raise ValueError(
+                    f"{name} in the state has shape {tuple(new.shape)}, expected {tuple(own.shape)} "
+                    "(different model or number of workers?)"
+                )
+            own.copy_(new)
+        self.step = int(state["step"])
+        self.bits_up = int(state["bits_up"])
+        self.bits_down = int(state["bits_down"])
+        self.bits_averaging = int(state["bits_averaging"])
+
+
+class ErrorFeedback:
+    """Algorithm 1 over a fixed list of layer shapes and a transport.
+
+    Example (one simulated step of 2 workers on a 3-element parameter)::
+
+        >>> ef = ErrorFeedback([(3,)], ErrorFeedbackConfig(method="saef", compressor="sign"),
+        ...                    InProcessTransport(2))
+        >>> x = torch.zeros(3); state = ef.init_state(x)
+        >>> z = ef.gradient_points(state, x)            # (2, 3): where each worker takes its gradient
+        >>> ef.step(state, x, grads=torch.ones(2, 3), lr=0.1)
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport):
+        self.config = config
+        self.transport = transport
+        self.shapes = [tuple(int(n) for n in s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [0]
+        for d in self.sizes:
+            self.offsets.append(self.offsets[-1] + d)
+        self.num_params = self.offsets[-1]
+        self.owned = [i for i in range(len(self.sizes)) if transport.owns(i, len(self.sizes))]
+        self.uplink = config.compressor
+        self.downlink = config.downlink_compressor
+        if config.average_every == 1 and transport.num_workers == 1:
+            warnings.warn("average_every=1 with a single worker does nothing", stacklevel=2)
+
+    def layer(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def init_state(self, x: Tensor) -> ErrorFeedbackState:
+        """Zero momentum and errors shaped for ``x`` (P,) and this process's W workers."""
+        self._check_flat(x, "x")
+        w = self.transport.local_workers
+        return ErrorFeedbackState(
+            step=0,
+            worker_momentum=x.new_zeros(w, self.num_params),
+            worker_error=x.new_zeros(w, self.num_params),
+            server_error=x.new_zeros(self.num_params),
+        )
+
+    def _check_flat(self, x: Tensor, name: str) -> None:
+        if x.dim() != 1 or x.shape[0] != self.num_params:
+            raise ValueError(f"{name} must be a flat tensor of {self.num_params} elements, got shape {tuple(x.shape)}")
+
+    # --- the two halves of a step ------------------------------------------------------------------
+    def gradient_points(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+        """z_k, (W, P): x - e_k for SAEF, x (an expanded view, no copy) for EF."""
+        if self.config.method == "saef":
+            return x.unsqueeze(0) - state.worker_error
+        return x.unsqueeze(0).expand(self.transport.local_workers, -1)
+
+    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Tensor, lr: float) -> None:
+        """Apply one step of Algorithm 1 in place to ``x`` and ``state``.
+
+        Args:
+            x: the parameters, (P,), updated in place.
+            grads: grad f(z_k; batch_k) for the W local workers, (W, P), taken at
+                :meth:`gradient_points` of the current state.
+            lr: the learning rate of this step (>= 0).
+        """
+        cfg = self.config
+        w = self.transport.local_workers
+        if tuple(grads.shape) != (w, self.num_params):
+            raise ValueError(f"grads must have shape {(w, self.num_params)} (workers, parameters), got {tuple(grads.shape)}")
+        if not (lr >= 0) or math.isinf(lr):
+            raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
+
+        m, e = state.worker_momentum, state.worker_error
+        if cfg.momentum:
+            m.mul_(cfg.momentum)
+        m.add_(grads)
+        if cfg.weight_decay:
+            m.add_(self.gradient_points(state, x), alpha=cfg.weight_decay)
+        delta = torch.add(e, m, alpha=lr)  # D_k = e_k + lr m_k
+
+        payloads, decoded = [], []
+        for i, d in enumerate(self.sizes):
+            rows = delta[:, self.layer(i)]
+            payload = self.uplink.encode_rows(rows)
+            sent = self.uplink.decode_rows(payload, d)  # C(D_k)
+            e[:, self.layer(i)] = rows - sent  # e_k <- D_k - C(D_k)
+            payloads.append(payload)
+            decoded.append(sent)
+        means, bits_up = self.transport.average_uplink(payloads, decoded, self.uplink, self.sizes)
+
+        server_payloads = {}
+        for i in self.owned:
+            s = self.layer(i)
+            server_delta = (state.server_error[s] + means[i]).unsqueeze(0)  # D = e_s + mean_k C(D_k)
+            payload = self.downlink.encode_rows(server_delta)
+            state.server_error[s] = server_delta[0] - self.downlink.decode_rows(payload, self.sizes[i])[0]
+            server_payloads[i] = payload
+        updates, bits_down = self.transport.share_downlink(server_payloads, self.downlink, self.sizes)
+        for i, update in enumerate(updates):
+            x[self.layer(i)] -= update  # x <- x - C_s(D)
+
+        state.step += 1
+        state.bits_up += bits_up
+        state.bits_down += bits_down
+        p = cfg.average_every
+        if p is not None and (state.step + 1) % p == 0:
+            mean_error, bits = self.transport.mean_over_workers(e)
+            e.copy_(mean_error.unsqueeze(0).expand_as(e))
+            state.bits_averaging += bits
+
+    # --- diagnostics -------------------------------------------------------------------------------
+    def compression_error(self, state: ErrorFeedbackState) -> Tensor:
+        """e_s + mean_k e_k, (P,): the gap between x and the auxiliary iterate x~."""
+        mean_error, _ = self.transport.mean_over_workers(state.worker_error)
+        return self.transport.sum_over_processes(state.server_error) + mean_error
+
+    def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+        """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3)."""
+        return x - self.compression_error(state)
+
+    def mismatch(self, state: ErrorFeedbackState) -> Dict[str, float]:
+        """The gradient-mismatch terms of the paper, without the L^2 factor:
+
+        * ``mismatch_ef``   = ||e_s + mean_k e_k||^2           (bounds EF's mismatch, eq. 9)
+        * ``mismatch_saef`` = mean_k ||e_s + mean_j e_j - e_k||^2  (bounds SAEF's mismatch, eq. 10)
+        """
+        total = self.compression_error(state)
+        local = (total.unsqueeze(0) - state.worker_error).square().sum()
+        spread = self.transport.sum_over_processes(local.reshape(1))[0] / self.transport.num_workers
+        return {"mismatch_ef": float(total.square().sum()), "mismatch_saef": float(spread)}

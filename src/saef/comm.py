@@ -1,0 +1,105 @@
+"""The transport interface the algorithm talks to, and the in-process transport of the simulator.
+
+The algorithm (:mod:`saef.algorithm`) never loops over workers and never calls ``torch.distributed``: it
+hands payloads to a :class:`Transport` and gets averages back. A transport hosts ``local_workers`` (W) of the
+``num_workers`` (K) workers -- all K in the simulator, one per process in a real run -- and runs the
+server's work for the layers it :meth:`owns <Transport.owns>`.
+
+What moves, per step and per layer i (a layer is one parameter tensor of ``d_i`` elements):
+
+* uplink: each worker's payload for layer i goes to the owner of layer i, which decodes and averages the
+  K dense results (:meth:`Transport.average_uplink`);
+* downlink: the owner's (server-compressed) payload for layer i goes to every worker
+  (:meth:`Transport.share_downlink`);
+* error averaging and diagnostics: a mean of dense ``(W, n)`` rows over all K workers
+  (:meth:`Transport.mean_over_workers`), and a sum of values over processes
+  (:meth:`Transport.sum_over_processes`).
+
+Each moving method also returns how many bits *one worker* sent (uplink, averaging) or received
+(downlink), measured from the payload tensors handed over.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .compressors import Compressor, Payload, payload_bits
+
+__all__ = ["Transport", "InProcessTransport"]
+
+
+class Transport:
+    """Interface between Algorithm 1 and the wire. See the module docstring for what each method moves."""
+
+    num_workers: int  # K: workers in the whole job
+    local_workers: int  # W: workers whose state lives in this process (rows of the algorithm's tensors)
+
+    def owns(self, layer: int, num_layers: int) -> bool:
+        """Whether the server's work for ``layer`` runs in this process."""
+        raise NotImplementedError
+
+    def average_uplink(
+        self, payloads: Sequence[Payload], decoded: Sequence[Tensor], compressor: Compressor, sizes: Sequence[int]
+    ) -> Tuple[Dict[int, Tensor], int]:
+        """Mean over all K workers of the decoded uplink payloads, for the layers owned here.
+
+        Args:
+            payloads: per layer, the payload of the W local workers (leading row axis W).
+            decoded: per layer, ``compressor.decode_rows(payloads[i], sizes[i])`` as the local workers
+                already computed it (a transport may use it instead of decoding its own rows again).
+            compressor: the workers' compressor, to decode payloads received from elsewhere.
+            sizes: number of elements d_i of each layer.
+
+        Returns:
+            ``({layer: mean (d_i,)}, bits one worker sent)``.
+        """
+        raise NotImplementedError
+
+    def share_downlink(
+        self, payloads: Dict[int, Payload], compressor: Compressor, sizes: Sequence[int]
+    ) -> Tuple[List[Tensor], int]:
+        """Give every worker the server's payload for every layer; returns ``(dense per layer, bits one
+        worker received)``. ``payloads`` holds one-row payloads for the layers owned here."""
+        raise NotImplementedError
+
+    def mean_over_workers(self, rows: Tensor) -> Tuple[Tensor, int]:
+        """Mean of ``(W, n)`` rows over all K workers -> ``((n,), bits one worker sent)``."""
+        raise NotImplementedError
+
+    def sum_over_processes(self, values: Tensor) -> Tensor:
+        """Element-wise sum of ``values`` over processes (for diagnostics; not counted as traffic)."""
+        raise NotImplementedError
+
+
+class InProcessTransport(Transport):
+    """All K workers and the server in one process: the simulator's transport.
+
+    Payloads do not travel, but they are still produced, decoded and measured exactly as a real transport
+    would, so the bit counts are those of the real wire format.
+    """
+
+    def __init__(self, workers: int):
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got workers={workers!r}")
+        self.num_workers = workers
+        self.local_workers = workers
+
+    def owns(self, layer: int, num_layers: int) -> bool:
+        return True
+
+    def average_uplink(self, payloads, decoded, compressor, sizes):
+        bits = sum(payload_bits(p) for p in payloads) // self.num_workers
+        return {i: rows.mean(dim=0) for i, rows in enumerate(decoded)}, bits
+
+    def share_downlink(self, payloads, compressor, sizes):
+        dense = [compressor.decode_rows(payloads[i], d)[0] for i, d in enumerate(sizes)]
+        return dense, sum(payload_bits(p) for p in payloads.values())
+
+    def mean_over_workers(self, rows):
+        return rows.mean(dim=0), rows.shape[1] * rows.element_size() * 8
+
+    def sum_over_processes(self, values):
+        return values

@@ -1,0 +1,302 @@
+"""Compressors: tensor -> payload (what goes on the wire) -> tensor, with exact bit counts.
+
+Every compressor acts on one parameter tensor at a time (layer-wise, as in the paper) and is pure: it
+keeps no state between calls. The same compressor also works on a *batch of rows* -- a ``(W, d)`` tensor
+holding W workers' flattened copies of one layer -- so that the simulator compresses K workers with one
+set of kernels. The single-tensor methods are thin wrappers over the row methods.
+
+A payload is a tuple of tensors whose leading axis is the row (worker) axis. Its size in bits is the size of
+those tensors, nothing nominal: :func:`payload_bits` reads ``numel * element_size``.
+
+Registered compressors, with the delta of the delta-approximation ``||C(v) - v||^2 <= (1 - delta) ||v||^2``
+(Assumption 4 of the paper) for a tensor of ``d`` elements:
+
+==================  ===========================================  ===============================================
+name                C(v)                                         payload (bits per tensor, fp32 values)
+==================  ===========================================  ===============================================
+``identity``        v                    (delta = 1)             values: 32 d
+``sign``            (||v||_1 / d) sign(v), sign(0) := +1         signs packed 8 per byte + one scale:
+                    (delta = 1 / d)                              8 ceil(d / 8) + 32
+``topk:RHO``        the k = max(1, floor(RHO d)) entries of      values + indices packed in b = ceil(log2 d)
+                    largest magnitude  (delta = k / d)           bits each: 32 k + 8 ceil(k b / 8)
+==================  ===========================================  ===============================================
+
+Example::
+
+    >>> import torch, saef
+    >>> c = saef.make_compressor("topk:0.25")
+    >>> v = torch.tensor([0.5, -2.0, 0.1, 1.0])
+    >>> c.compress(v)
+    tensor([ 0., -2.,  0.,  0.])
+    >>> payload = c.encode(v); c.bits(payload)   # one fp32 value + one 2-bit index packed in a byte
+    40
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+Payload = Tuple[Tensor, ...]
+
+__all__ = [
+    "Compressor",
+    "Identity",
+    "ScaledSign",
+    "TopK",
+    "Payload",
+    "payload_bits",
+    "make_compressor",
+    "register_compressor",
+    "available_compressors",
+    "pack_bits",
+    "unpack_bits",
+]
+
+
+def payload_bits(payload: Payload) -> int:
+    """Size in bits of the tensors of ``payload``, all rows together."""
+    return sum(t.numel() * t.element_size() * 8 for t in payload)
+
+
+_BIT_WEIGHTS: Dict[torch.device, Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    # 1, 2, 4, ..., 128 as uint8; cached per device because packing runs every step.
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+    return w
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """Pack a ``(W, n)`` bool tensor into ``(W, ceil(n / 8))`` uint8, bit i of byte j = element 8 j + i."""
+    rows, n = bits.shape
+    pad = (-n) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    grouped = bits.view(rows, -1, 8).to(torch.uint8)
+    return (grouped * _bit_weights(bits.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: ``(W, ceil(n / 8))`` uint8 -> ``(W, n)`` bool."""
+    rows = packed.shape[0]
+    bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
+    return bits.view(rows, -1)[:, :n]
+
+
+class Compressor:
+    """Base class. Subclasses implement the row methods ``encode_rows``, ``decode_rows`` and
+    ``compress_rows`` (the dense C(v), computed directly: tests check it equals decode(encode(v)))."""
+
+    name: str = "compressor"
+
+    # --- row API: V is (W, d), one row per worker -------------------------------------------------
+    def encode_rows(self, rows: Tensor) -> Payload:
+        raise NotImplementedError
+
+    def decode_rows(self, payload: Payload, d: int) -> Tensor:
+        raise NotImplementedError
+
+    def compress_rows(self, rows: Tensor) -> Tensor:
+        return self.decode_rows(self.encode_rows(rows), rows.shape[1])
+
+    def delta(self, d: int) -> float:
+        """The delta of Assumption 4 this compressor guarantees on a tensor of ``d`` elements."""
+        raise NotImplementedError
+
+    # --- single-tensor API -------------------------------------------------------------------------
+    def encode(self, v: Tensor) -> Payload:
+        """The tensors that go on the wire for ``v`` (any shape; treated as a flat vector)."""
+        return self.encode_rows(v.reshape(1, -1))
+
+    def decode(self, payload: Payload, shape) -> Tensor:
+        """The dense tensor of ``shape`` that ``payload`` stands for."""
+        d = math.prod(shape)
+        return self.decode_rows(payload, d).reshape(shape)
+
+    def compress(self, v: Tensor) -> Tensor:
+        """The dense approximation C(v), same shape and dtype as ``v``."""
+        return self.compress_rows(v.reshape(1, -1)).reshape(v.shape)
+
+    @staticmethod
+    def bits(payload: Payload) -> int:
+        """Exact size of ``payload`` in bits."""
+        return payload_bits(payload)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Identity(Compressor):
+    """No compression: the payload is the values themselves (32 bits per fp32 element)."""
+
+    name = "identity"
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        return (rows,)
+
+    def decode_rows(self, payload: Payload, d: int) -> Tensor:
+        return payload[0]
+
+    def compress_rows(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def delta(self, d: int) -> float:
+        return 1.0
+
+
+class ScaledSign(Compressor):
+    """Scaled sign: C(v) = (||v||_1 / d) * sign(v) with sign(0) := +1 so that every sign is one bit.
+
+    Payload per row: the signs packed 8 per byte (uint8) and one scale in the dtype of ``v``.
+    delta = 1 / d: ||C(v) - v||^2 = ||v||^2 - ||v||_1^2 / d <= (1 - 1/d) ||v||^2.
+    """
+
+    name = "sign"
+
+    def _scale(self, rows: Tensor) -> Tensor:
+        return rows.abs().mean(dim=1)
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        return pack_bits(rows >= 0), self._scale(rows)
+
+    def decode_rows(self, payload: Payload, d: int) -> Tensor:
+        packed, scale = payload
+        positive = unpack_bits(packed, d)
+        scale = scale.unsqueeze(1)
+        return torch.where(positive, scale, -scale)
+
+    def compress_rows(self, rows: Tensor) -> Tensor:
+        scale = self._scale(rows).unsqueeze(1)
+        return torch.where(rows >= 0, scale, -scale)
+
+    def delta(self, d: int) -> float:
+        return 1.0 / d if d else 1.0
+
+
+def index_bits(d: int) -> int:
+    """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
+    return max(d - 1, 0).bit_length()
+
+
+class TopK(Compressor):
+    """Top-k sparsification: keep the k = max(1, floor(rho * d)) entries of largest magnitude.
+
+    Payload per row: the k kept values (dtype of ``v``) and their indices, each written in
+    b = ceil(log2 d) bits and packed into bytes -- the explicit-index floor up to byte padding.
+    delta = k / d: the kept entries are the largest, so they hold at least k/d of the squared norm.
+
+    Args:
+        rho: fraction of entries kept, in (0, 1].
+    """
+
+    def __init__(self, rho: float):
+        rho = float(rho)
+        if not (0.0 < rho <= 1.0):  # also rejects NaN
+            raise ValueError(f"topk: rho must be in (0, 1], got rho={rho!r}")
+        self.rho = rho
+        self.name = f"topk:{rho:g}"
+
+    def k(self, d: int) -> int:
+        """Number of entries kept of ``d``. The tiny relative slack makes 0.3 * 10 count as 3."""
+        if d == 0:
+            return 0
+        return min(d, max(1, math.floor(self.rho * d * (1 + 1e-12))))
+
+    def _select(self, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        k = self.k(rows.shape[1])
+        idx = rows.abs().topk(k, dim=1, sorted=False).indices
+        return rows.gather(1, idx), idx
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        d = rows.shape[1]
+        values, idx = self._select(rows)
+        b = index_bits(d)
+        if b == 0:
+            packed = torch.empty(rows.shape[0], 0, dtype=torch.uint8, device=rows.device)
+        else:
+            shifts = torch.arange(b, device=rows.device)
+            bits = ((idx.unsqueeze(-1) >> shifts) & 1).bool().view(rows.shape[0], -1)
+            packed = pack_bits(bits)
+        return values, packed
+
+    def decode_rows(self, payload: Payload, d: int) -> Tensor:
+        values, packed = payload
+        rows, k = values.shape
+        b = index_bits(d)
+        if b == 0:
+            idx = torch.zeros(rows, k, dtype=torch.int64, device=values.device)
+        else:
+            bits = unpack_bits(packed, k * b).view(rows, k, b).to(torch.int64)
+            idx = (bits << torch.arange(b, device=values.device)).sum(dim=-1)
+        out = torch.zeros(rows, d, dtype=values.dtype, device=values.device)
+        return out.scatter_(1, idx, values)
+
+    def compress_rows(self, rows: Tensor) -> Tensor:
+        values, idx = self._select(rows)
+        return torch.zeros_like(rows).scatter_(1, idx, values)
+
+    def delta(self, d: int) -> float:
+        return self.k(d) / d if d else 1.0
+
+    def __repr__(self) -> str:
+        return f"TopK(rho={self.rho!r})"
+
+
+# --- registry ---------------------------------------------------------------------------------------
+
+_REGISTRY: Dict[str, Callable[..., Compressor]] = {}
+
+
+def register_compressor(name: str, factory: Callable[..., Compressor], *, overwrite: bool = False) -> None:
+    """Make ``factory`` available as ``make_compressor(name)`` / ``make_compressor("name:ARG")``.
+
+    ``factory`` is called with no argument, or with the text after the colon as one string argument.
+
+    Example::
+
+        >>> class Half(saef.compressors.Identity):
+        ...     name = "half"
+        >>> saef.register_compressor("half", Half)
+    """
+    if not name or ":" in name:
+        raise ValueError(f"compressor name must be non-empty and contain no ':', got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"compressor {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = factory
+
+
+def available_compressors() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def _parse_rho(arg: str) -> float:
+    try:
+        return float(arg)
+    except ValueError:
+        raise ValueError(f"topk: rho must be a number in (0, 1], got {arg!r}") from None
+
+
+register_compressor("identity", Identity)
+register_compressor("sign", ScaledSign)
+register_compressor("topk", lambda arg=None: TopK(_parse_rho(arg) if arg is not None else 0.01))
+
+
+def make_compressor(spec) -> Compressor:
+    """Build a compressor from a spec string (``"identity"``, ``"sign"``, ``"topk:0.01"``) or pass one
+    through. Unknown names raise ``ValueError`` listing the registered ones."""
+    if isinstance(spec, Compressor):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"compressor must be a string like 'sign' or 'topk:0.01', got {spec!r}")
+    name, sep, arg = spec.partition(":")
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown compressor {spec!r}; registered: {', '.join(available_compressors())}")
+    return factory(arg) if sep else factory()

@@ -1,0 +1,143 @@
+"""A torch.optim-style facade over Algorithm 1 for users' own training loops.
+
+Example (one process = one worker; with ``torch.distributed`` initialised and a distributed transport, each
+rank is one of K workers)::
+
+    >>> opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.01")
+    >>> sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150], gamma=0.1)
+    >>> for inputs, targets in batches:
+    ...     opt.zero_grad()
+    ...     F.cross_entropy(model(inputs), targets).backward()
+    ...     opt.step()
+    ...     sched.step()
+    >>> with opt.evaluation_point("auxiliary"):    # evaluate x~ (or "x")
+    ...     evaluate(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .algorithm import ErrorFeedback, ErrorFeedbackConfig
+from .comm import InProcessTransport, Transport
+from .simulator import _point_name, flatten, unflatten
+
+__all__ = ["SAEF"]
+
+
+class SAEF(torch.optim.Optimizer):
+    r"""Momentum SGD with compressed communication and (step-ahead) error feedback -- Algorithm 1.
+
+    Update rule at step t for this worker k (per parameter tensor; C = compressor, C_s = server's)::
+
+        m_k <- mu m_k + grad f(z_k) + wd z_k          z_k = x - e_k (SAEF) or x (EF)
+        D_k  = e_k + lr m_k;   e_k <- D_k - C(D_k);   send C(D_k)
+        D    = e_s + mean_k C(D_k);   e_s <- D - C_s(D);   x <- x - C_s(D)
+        every p steps: e_k <- mean_j e_j
+
+    Between steps the module's parameters hold the gradient point z_k, so ``loss.backward()`` computes
+    exactly the gradient Algorithm 1 asks for. The iterate x itself (and x~) is available through
+    :meth:`evaluation_point`. With ``compressor="identity"`` this is exactly ``torch.optim.SGD``.
+
+    Args:
+        params: the parameters (one parameter group).
+        lr: learning rate >= 0 (read from ``param_groups[0]["lr"]`` every step, so schedulers work).
+        momentum: mu in [0, 1). weight_decay: >= 0.
+        method: ``"saef"`` or ``"ef"``. compressor / server_compressor: compressor specs.
+        double_way: compress the server's reply too. average_every: error-averaging period p or None.
+        transport: where the other workers are; default: a single in-process worker.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        method: str = "saef",
+        compressor="sign",
+        server_compressor=None,
+        double_way: bool = True,
+        average_every: Optional[int] = None,
+        transport: Optional[Transport] = None,
+    ):
+        if not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr):
+            raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
+        config = ErrorFeedbackConfig(
+            method=method,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            compressor=compressor,
+            server_compressor=server_compressor,
+            double_way=double_way,
+            average_every=average_every,
+        )
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError(f"SAEF takes one parameter group, got {len(self.param_groups)}")
+        self.transport = transport if transport is not None else InProcessTransport(1)
+        if self.transport.local_workers != 1:
+            raise ValueError("the SAEF optimizer is one worker per process; use saef.Simulator for K in one process")
+        params = self.param_groups[0]["params"]
+        self.shapes = [tuple(p.shape) for p in params]
+        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
+        with torch.no_grad():
+            self.x = flatten([p.detach() for p in params]).clone()
+        self.ef_state = self.algorithm.init_state(self.x)
+
+    def _params(self):
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def _write(self, flat: Tensor) -> None:
+        for p, value in zip(self._params(), unflatten(flat, self.shapes)):
+            p.copy_(value)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).unsqueeze(0)
+        self.algorithm.step(self.ef_state, self.x, grads, float(self.param_groups[0]["lr"]))
+        self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
+        return loss
+
+    @contextlib.contextmanager
+    def evaluation_point(self, point: str = "x") -> Iterator[None]:
+        """Temporarily put x (``"x"``) or the auxiliary iterate x~ (``"auxiliary"``) into the parameters."""
+        flat = self.x if _point_name(point) == "x" else self.algorithm.auxiliary_iterate(self.ef_state, self.x)
+        self._write(flat)
+        try:
+            yield
+        finally:
+            self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
+
+    def mismatch(self) -> Dict[str, float]:
+        """The two gradient-mismatch terms (see :meth:`saef.algorithm.ErrorFeedback.mismatch`)."""
+        return self.algorithm.mismatch(self.ef_state)
+
+    def state_dict(self) -> Dict[str, object]:
+        state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.ef_state.state_dict().items()}
+        state["x"] = self.x.clone()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+        state = state_dict["state"]
+        if tuple(state["x"].shape) != tuple(self.x.shape):
+            raise ValueError(f"state has {state['x'].numel()} parameters, the optimizer has {self.x.numel()}")
+        self.x.copy_(state["x"])
+        self.ef_state.load_state_dict(state)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])

@@ -1,0 +1,272 @@
+"""K workers in one process: an exact simulator of Algorithm 1 for ``torch.nn.Module`` and for toy problems.
+
+Both entry points run the same :class:`~saef.algorithm.ErrorFeedback` code as a real distributed run, with the
+:class:`~saef.comm.InProcessTransport`.
+
+BatchNorm policy. Each worker normalises its own slice of the global batch with that slice's statistics,
+as ordinary (non-synchronised) BatchNorm does on a real rank, and keeps its own running statistics. The
+model that is evaluated (:meth:`Simulator.load_into`) gets the mean of the K workers' running statistics,
+which is what the distributed transport computes with one all-reduce before evaluation.
+
+Example::
+
+    >>> sim = Simulator(model, workers=4, method="saef", compressor="topk:0.01", momentum=0.9)
+    >>> for inputs, targets in batches:            # global batches, size divisible by 4
+    ...     loss = sim.step(inputs, targets, lr=0.1)
+    >>> sim.load_into(model, point="auxiliary")   # evaluate x~ = x - (e_s + mean_k e_k)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .algorithm import ErrorFeedback, ErrorFeedbackConfig
+from .comm import InProcessTransport
+
+__all__ = ["Simulator", "simulate", "flatten", "unflatten"]
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one flat vector (a copy)."""
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+
+
+def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+    """Views of ``flat`` (last axis) with the given shapes; a leading batch axis is kept."""
+    lead = flat.shape[:-1]
+    out, offset = [], 0
+    for shape in shapes:
+        d = math.prod(shape)
+        out.append(flat[..., offset : offset + d].view(*lead, *shape))
+        offset += d
+    return out
+
+
+def _point_name(point: str) -> str:
+    if point not in ("x", "auxiliary"):
+        raise ValueError(f"point must be 'x' or 'auxiliary', got point={point!r}")
+    return point
+
+
+class Simulator:
+    """Train ``model`` with K simulated workers exchanging compressed updates (Algorithm 1).
+
+    Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
+    The K gradients are computed together with ``torch.func.vmap`` when the model allows it, else in a loop.
+
+    Args:
+        model: the module; its trainable parameters are x_0. The simulator owns the parameters from then
+            on: call :meth:`load_into` to put x or x~ into a module for evaluation.
+        workers: K >= 1.
+        method, compressor, server_compressor, momentum, weight_decay, double_way, average_every:
+            see :class:`~saef.algorithm.ErrorFeedbackConfig`.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
+        vectorize: ``"auto"`` (vmap, falling back to a loop with a warning), ``True`` or ``False``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        workers: int,
+        method: str = "saef",
+        compressor="sign",
+        server_compressor=None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        double_way: bool = True,
+        average_every: Optional[int] = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        vectorize: Union[str, bool] = "auto",
+    ):
+        config = ErrorFeedbackConfig(
+            method=method,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            compressor=compressor,
+            server_compressor=server_compressor,
+            double_way=double_way,
+            average_every=average_every,
+        )
+        if vectorize not in ("auto", True, False):
+            raise ValueError(f"vectorize must be 'auto', True or False, got vectorize={vectorize!r}")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model has no trainable parameters")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.vectorize = vectorize
+        self.names = [n for n, _ in trainable]
+        self.shapes = [tuple(p.shape) for _, p in trainable]
+        self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+        self.algorithm = ErrorFeedback(self.shapes, config, InProcessTransport(workers))
+        self.workers = workers
+        self.x = flatten([p.detach() for _, p in trainable]).clone()
+        self.state = self.algorithm.init_state(self.x)
+        # Per-worker running statistics (BatchNorm): (K, ...) copies of every buffer.
+        self.buffers: Dict[str, Tensor] = {
+            n: b.detach().unsqueeze(0).repeat(workers, *([1] * b.dim())) for n, b in model.named_buffers()
+        }
+
+    # --- training ----------------------------------------------------------------------------------
+    def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """One step on a global batch; returns the mean of the K workers' losses (a 0-d tensor)."""
+        k = self.workers
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs and targets differ in batch size: {inputs.shape[0]} vs {targets.shape[0]}")
+        if inputs.shape[0] % k:
+            raise ValueError(f"global batch of {inputs.shape[0]} samples is not divisible by workers={k}")
+        inputs = inputs.reshape(k, -1, *inputs.shape[1:])
+        targets = targets.reshape(k, -1, *targets.shape[1:])
+        points = self.algorithm.gradient_points(self.state, self.x)
+        grads, losses = self._gradients(points, inputs, targets)
+        self.algorithm.step(self.state, self.x, grads, lr)
+        return losses.mean()
+
+    def _worker_loss(self, flat: Tensor, buffers: Dict[str, Tensor], inputs: Tensor, targets: Tensor):
+        params = dict(zip(self.names, unflatten(flat, self.shapes)))
+        params.update(self.frozen)
+        outputs = torch.func.functional_call(self.model, (params, buffers), (inputs,))
+        loss = self.loss_fn(outputs, targets)
+        return loss, loss.detach()
+
+    def _gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
+        self.model.train()
+        if self.vectorize is not False:
+            try:
+                batched = torch.func.vmap(
+                    torch.func.grad(self._worker_loss, has_aux=True), in_dims=(0, 0, 0, 0), randomness="different"
+                )
+                return batched(points, self.buffers, inputs, targets)
+            except Exception as error:  # a model vmap cannot batch: fall back to the loop for good
+                if self.vectorize is True:
+                    raise
+                warnings.warn(f"vmap failed ({type(error).__name__}: {error}); computing worker gradients in a loop")
+                self.vectorize = False
+        grads, losses = [], []
+        for k in range(self.workers):
+            point = points[k].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, value = self._worker_loss(point, {n: b[k] for n, b in self.buffers.items()}, inputs[k], targets[k])
+                (grad,) = torch.autograd.grad(loss, point)
+            grads.append(grad)
+            losses.append(value)
+        return torch.stack(grads), torch.stack(losses)
+
+    # --- evaluation and diagnostics ---------------------------------------------------------------
+    def parameters_at(self, point: str = "x") -> Tensor:
+        """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
+        if _point_name(point) == "x":
+            return self.x
+        return self.algorithm.auxiliary_iterate(self.state, self.x)
+
+    @torch.no_grad()
+    def load_into(self, model: Optional[nn.Module] = None, point: str = "x") -> nn.Module:
+        """Write x (or x~) and the workers' mean running statistics into ``model`` (default: the model
+        given at construction) and return it."""
+        model = self.model if model is None else model
+        flat = self.parameters_at(point)
+        params = dict(model.named_parameters())
+        for name, value in zip(self.names, unflatten(flat, self.shapes)):
+            params[name].copy_(value)
+        buffers = dict(model.named_buffers())
+        for name, stacked in self.buffers.items():
+            mean = stacked.float().mean(0).to(stacked.dtype) if stacked.is_floating_point() else stacked[0]
+            buffers[name].copy_(mean)
+        return model
+
+    def mismatch(self) -> Dict[str, float]:
+        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`)."""
+        return self.algorithm.mismatch(self.state)
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        s = self.state
+        return {"bits_up": s.bits_up, "bits_down": s.bits_down, "bits_averaging": s.bits_averaging}
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "x": self.x.clone(),
+            "algorithm": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.state_dict().items()},
+            "buffers": {n: b.clone() for n, b in self.buffers.items()},
+            "workers": self.workers,
+        }
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if state["workers"] != self.workers:
+            raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.workers}")
+        if state["x"].shape != self.x.shape:
+            raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
+        self.x.copy_(state["x"])
+        self.state.load_state_dict(state["algorithm"])
+        for name, value in state["buffers"].items():
+            self.buffers[name].copy_(value)
+
+
+def simulate(
+    grad_fn: Callable[[int, List[Tensor]], Sequence[Tensor]],
+    x0: Sequence[Tensor],
+    *,
+    workers: int,
+    steps: int,
+    lr: Union[float, Callable[[int], float]],
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    method: str = "saef",
+    compressor="sign",
+    double_way: bool = True,
+    average_every: Optional[int] = None,
+) -> List[Tensor]:
+    """Run Algorithm 1 on a toy problem and return the final parameters x_T.
+
+    ``grad_fn(k, x)`` returns worker k's (stochastic) gradient at the point ``x`` (a list of tensors shaped
+    like ``x0``). Computation is in the dtype of ``x0`` (float64 works). ``lr`` is a number or a function of
+    the step index t. The other arguments are those of :class:`~saef.algorithm.ErrorFeedbackConfig`.
+
+    Example (two workers, each pulling towards its own target, sign compression)::
+
+        >>> targets = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])]
+        >>> x = saef.simulate(lambda k, x: [x[0] - targets[k]], [torch.zeros(2)],
+        ...                   workers=2, steps=200, lr=0.1, method="saef")
+    """
+    x0 = list(x0)
+    if not x0 or not all(isinstance(t, Tensor) for t in x0):
+        raise ValueError("x0 must be a non-empty list of tensors")
+    if len({(t.dtype, t.device) for t in x0}) != 1:
+        raise ValueError("all tensors of x0 must share one dtype and device")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got steps={steps!r}")
+    lr_at = lr if callable(lr) else (lambda t: lr)
+    if not callable(lr) and (not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr)):
+        raise ValueError(f"lr must be a finite number >= 0 or a function of the step, got lr={lr!r}")
+    config = ErrorFeedbackConfig(
+        method=method,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        compressor=compressor,
+        double_way=double_way,
+        average_every=average_every,
+    )
+    shapes = [tuple(t.shape) for t in x0]
+    algorithm = ErrorFeedback(shapes, config, InProcessTransport(workers))
+    x = flatten([t.detach() for t in x0]).clone()
+    state = algorithm.init_state(x)
+    grads = x.new_empty(workers, x.numel())
+    for t in range(steps):
+        points = algorithm.gradient_points(state, x)
+        for k in range(workers):
+            g = list(grad_fn(k, unflatten(points[k], shapes)))
+            if len(g) != len(shapes) or any(tuple(gi.shape) != s for gi, s in zip(g, shapes)):
+                got = [tuple(getattr(gi, "shape", ())) for gi in g]
+                raise ValueError(f"grad_fn({k}, x) returned gradients of shapes {got}, expected {shapes}")
+            grads[k] = flatten(g)
+        algorithm.step(state, x, grads, float(lr_at(t)))
+    return [v.clone() for v in unflatten(x, shapes)]
