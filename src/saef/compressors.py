@@ -299,4 +299,9 @@ def make_compressor(spec) -> Compressor:
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ValueError(f"unknown compressor {spec!r}; registered: {', '.join(available_compressors())}")
-    return factory(arg) if sep else factory()
+    if not sep:
+        return factory()
+    try:
+        return factory(arg)
+    except TypeError:
+        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r}") from None

@@ -1,0 +1,145 @@
+"""Compressor properties, checked for every registered compressor."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import saef
+from saef.compressors import TopK, index_bits, pack_bits, payload_bits, unpack_bits
+
+SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]
+
+
+@st.composite
+def tensors(draw):
+    """Tensors of 0 to 3 dimensions (0 and 1 elements included) with zeros, tiny and huge magnitudes."""
+    shape = draw(st.lists(st.integers(0, 9), min_size=0, max_size=3))
+    n = math.prod(shape)
+    magnitude = st.one_of(st.just(0.0), st.floats(1e-30, 1e-20), st.floats(1e-3, 1e3), st.floats(1e20, 1e30))
+    values = draw(st.lists(st.tuples(magnitude, st.booleans()), min_size=n, max_size=n))
+    flat = torch.tensor([m if positive else -m for m, positive in values], dtype=torch.float32)
+    return flat.reshape(shape)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@settings(max_examples=150, deadline=None)
+@given(v=tensors())
+def test_decode_of_encode_equals_compress(spec, v):
+    """decode(encode(v)) is exactly the dense C(v), which is finite and has v's shape and dtype."""
+    c = saef.make_compressor(spec)
+    dense = c.compress(v)
+    assert dense.shape == v.shape and dense.dtype == v.dtype
+    assert torch.equal(c.decode(c.encode(v), v.shape), dense)
+    assert torch.isfinite(dense).all()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@settings(max_examples=150, deadline=None)
+@given(v=tensors())
+def test_delta_approximation(spec, v):
+    """||C(v) - v||^2 <= (1 - delta) ||v||^2 with the documented delta (1, 1/d, k/d)."""
+    c = saef.make_compressor(spec)
+    d = v.numel()
+    v64 = v.double()
+    err = (c.compress(v).double() - v64).square().sum().item()
+    bound = (1 - c.delta(d)) * v64.square().sum().item()
+    assert err <= bound * (1 + 1e-5) + 1e-300
+
+
+@settings(max_examples=150, deadline=None)
+@given(v=tensors(), rho=st.sampled_from([0.01, 0.1, 0.3, 0.5, 1.0]))
+def test_topk_keeps_exactly_k_largest(v, rho):
+    """Top-k sends k = max(1, floor(rho d)) distinct indices, and they hold the k largest magnitudes."""
+    c = TopK(rho)
+    d = v.numel()
+    values, packed = c.encode(v)
+    k = values.shape[1]
+    assert k == (0 if d == 0 else max(1, math.floor(round(rho * d, 9))))
+    if d == 0:
+        return
+    b = index_bits(d)
+    idx = (unpack_bits(packed, k * b).view(k, b).long() << torch.arange(b)).sum(-1) if b else torch.zeros(k, dtype=torch.long)
+    assert len(set(idx.tolist())) == k
+    flat = v.reshape(-1)
+    kept = flat.abs()[idx]
+    rest = torch.ones(d, dtype=torch.bool)
+    rest[idx] = False
+    if rest.any():
+        assert kept.min() >= flat.abs()[rest].max()
+    assert torch.equal(values[0], flat[idx])
+
+
+@pytest.mark.parametrize("d", [0, 1, 7, 8, 9, 256, 257, 1000, 70000])
+def test_bits_match_payload_size_and_format(d):
+    """The reported bits are the payload's real size and equal the documented formula."""
+    v = torch.randn(d)
+    for spec in ["identity", "sign", "topk:0.01"]:
+        c = saef.make_compressor(spec)
+        payload = c.encode(v)
+        real = sum(t.numel() * t.element_size() * 8 for t in payload)
+        assert c.bits(payload) == real == payload_bits(payload)
+    assert saef.make_compressor("identity").bits(saef.make_compressor("identity").encode(v)) == 32 * d
+    assert saef.make_compressor("sign").bits(saef.make_compressor("sign").encode(v)) == 8 * math.ceil(d / 8) + 32
+    top = TopK(0.01)
+    k = top.k(d)
+    b = max(d - 1, 0).bit_length()
+    assert top.bits(top.encode(v)) == 32 * k + 8 * math.ceil(k * b / 8)
+
+
+def test_sign_of_zero_is_plus_one_and_scale_is_mean_abs():
+    """Scaled sign by hand: v = (0, -3, 1, 2) -> scale 6/4 = 1.5, C(v) = (1.5, -1.5, 1.5, 1.5)."""
+    c = saef.make_compressor("sign")
+    assert torch.equal(c.compress(torch.tensor([0.0, -3.0, 1.0, 2.0])), torch.tensor([1.5, -1.5, 1.5, 1.5]))
+
+
+def test_pack_bits_layout():
+    """Bit i of byte j holds element 8j + i; unpacking restores the bits."""
+    bits = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    packed = pack_bits(bits)
+    assert packed.tolist() == [[129, 1]]
+    assert torch.equal(unpack_bits(packed, 9), bits)
+
+
+def test_rows_equal_single_tensor_calls():
+    """Compressing W rows at once equals compressing each row on its own."""
+    rows = torch.randn(5, 333)
+    for spec in SPECS:
+        c = saef.make_compressor(spec)
+        together = c.compress_rows(rows)
+        for w in range(5):
+            assert torch.equal(together[w], c.compress(rows[w]))
+
+
+@pytest.mark.parametrize("spec", ["topk:0", "topk:-0.1", "topk:1.5", "topk:2", "topk:nan", "topk:abc", "nope", "sign:3"])
+def test_bad_compressor_specs_raise(spec):
+    """Bad specs raise ValueError naming the problem (rho and its range, or the unknown name)."""
+    with pytest.raises(ValueError) as info:
+        saef.make_compressor(spec)
+    msg = str(info.value)
+    assert ("rho" in msg and "(0, 1]" in msg) or "compressor" in msg
+
+
+def test_registry_accepts_user_compressors():
+    """A user-registered compressor is built from its name and used by the algorithm."""
+
+    class Halve(saef.compressors.Compressor):
+        name = "halve"
+
+        def encode_rows(self, rows):
+            return (rows / 2,)
+
+        def decode_rows(self, payload, d):
+            return payload[0]
+
+        def delta(self, d):
+            return 0.75
+
+    saef.register_compressor("halve", Halve, overwrite=True)
+    assert "halve" in saef.available_compressors()
+    x = saef.simulate(lambda k, x: [torch.ones(3)], [torch.zeros(3)], workers=2, steps=1, lr=1.0, compressor="halve", double_way=False)
+    assert torch.equal(x[0], torch.full((3,), -0.5))
+    with pytest.raises(ValueError, match="already registered"):
+        saef.register_compressor("halve", Halve)
