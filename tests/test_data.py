@@ -1,0 +1,236 @@
+"""Tests for saef.data: readers, the safe unpickler, augmentation, MNIST-1D generation and caching, batching."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from saef import data as data_module
+from saef.data import (
+    CIFAR_STATS,
+    DATASETS,
+    RestrictedUnpickler,
+    crop_flip_augment,
+    epoch_batches,
+    load_dataset,
+)
+
+
+def _write_batch(path, pixels, labels, label_key=b"labels"):
+    # The official files are Python 2 pickles of dicts with bytes keys; protocol 2 from Python 3 is the same
+    # format except that bytes values go through _codecs.encode, which the reader must accept.
+    with open(path, "wb") as handle:
+        pickle.dump({b"batch_label": b"test", label_key: labels, b"data": pixels}, handle, protocol=2)
+
+
+def _random_pixels(rng, n):
+    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+@pytest.fixture
+def cifar10_root(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = []
+    for i in range(1, 6):
+        pixels, labels = _random_pixels(rng, 3), [int(v) for v in rng.integers(0, 10, 3)]
+        _write_batch(folder / f"data_batch_{i}", pixels, labels)
+        batches.append((pixels, labels))
+    test_pixels, test_labels = _random_pixels(rng, 2), [7, 3]
+    _write_batch(folder / "test_batch", test_pixels, test_labels)
+    return tmp_path, batches, (test_pixels, test_labels)
+
+
+def test_cifar10_reader_shapes_labels_and_pixel_order(cifar10_root):
+    """CIFAR-10: 5 batches are concatenated in order, labels kept, and the row is R plane, G plane, B plane,
+    each 32x32 row-major, normalised with the standard per-channel statistics."""
+    root, batches, (test_pixels, test_labels) = cifar10_root
+    data = load_dataset("cifar10", root)
+    assert data.train.inputs.shape == (15, 3, 32, 32) and data.train.inputs.dtype == torch.float32
+    assert data.test.inputs.shape == (2, 3, 32, 32)
+    assert data.train.targets.tolist() == sum((labels for _, labels in batches), [])
+    assert data.test.targets.tolist() == test_labels
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32) and data.augment is not None
+    mean, std = CIFAR_STATS["cifar10"]
+    # Image 4 is the second image of data_batch_2; pixel (channel 2 = blue, row 5, column 7).
+    raw = batches[1][0][1, 2 * 1024 + 5 * 32 + 7]
+    expected = (raw / 255.0 - mean[2]) / std[2]
+    assert data.train.inputs[4, 2, 5, 7].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_cifar_root_may_be_the_extracted_folder(cifar10_root):
+    """Passing the extracted cifar-10-batches-py/ itself as root reads the same data as its parent."""
+    root, _, _ = cifar10_root
+    from_parent = load_dataset("cifar10", root)
+    from_folder = load_dataset("cifar10", root / "cifar-10-batches-py")
+    assert torch.equal(from_parent.train.inputs, from_folder.train.inputs)
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    """CIFAR-100: train/test files are read with b'fine_labels' (not the coarse ones) and 100 classes."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    train_pixels = _random_pixels(rng, 4)
+    for name, pixels, fine in (("train", train_pixels, [99, 0, 42, 5]), ("test", _random_pixels(rng, 2), [1, 2])):
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": pixels, b"fine_labels": fine, b"coarse_labels": [0] * len(fine)}, handle, protocol=2)
+    data = load_dataset("cifar100", tmp_path)
+    assert data.num_classes == 100
+    assert data.train.targets.tolist() == [99, 0, 42, 5] and data.test.targets.tolist() == [1, 2]
+    mean, std = CIFAR_STATS["cifar100"]
+    expected = (train_pixels[3, 0 * 1024 + 31 * 32 + 0] / 255.0 - mean[0]) / std[0]
+    assert data.train.inputs[3, 0, 31, 0].item() == pytest.approx(expected, abs=1e-5)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_restricted_unpickler_refuses_arbitrary_globals(tmp_path, monkeypatch):
+    """A pickle that would call os.system is refused before the call happens, directly and through the reader."""
+    monkeypatch.chdir(tmp_path)
+    payload = pickle.dumps({b"data": _Exploit(), b"labels": [0]}, protocol=2)
+    with open(tmp_path / "evil", "wb") as handle:
+        handle.write(payload)
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        with open(tmp_path / "evil", "rb") as handle:
+            RestrictedUnpickler(handle, encoding="bytes").load()
+    with pytest.raises(ValueError, match="evil"):
+        data_module._read_cifar_batch(tmp_path / "evil", b"labels")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_malformed_cifar_file_names_the_file(cifar10_root):
+    """A batch whose b'data' has the wrong shape raises ValueError naming that file."""
+    root, _, _ = cifar10_root
+    _write_batch(root / "cifar-10-batches-py" / "data_batch_3", np.zeros((2, 100), np.uint8), [0, 1])
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load_dataset("cifar10", root)
+
+
+def test_missing_cifar_folder_says_what_is_expected(tmp_path):
+    """A root without the data raises FileNotFoundError naming the folder the user must provide."""
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_augment_keeps_shape_and_is_deterministic():
+    """Augmentation keeps the batch shape and is a function of the generator's seed alone."""
+    images = torch.randn(16, 3, 32, 32)
+    first = crop_flip_augment(images, torch.Generator().manual_seed(3))
+    second = crop_flip_augment(images, torch.Generator().manual_seed(3))
+    other = crop_flip_augment(images, torch.Generator().manual_seed(4))
+    assert first.shape == images.shape
+    assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_augment_output_is_a_shifted_possibly_flipped_copy():
+    """Each output image equals some crop (offsets in [0, 8]) of the zero-padded, possibly flipped input."""
+    images = torch.randn(6, 3, 32, 32)
+    out = crop_flip_augment(images, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(len(images)):
+        candidates = [
+            crop.flip(-1) if flip else crop
+            for flip in (False, True)
+            for dy in range(9)
+            for dx in range(9)
+            for crop in [padded[i, :, dy : dy + 32, dx : dx + 32]]
+        ]
+        assert any(torch.equal(out[i], c) for c in candidates)
+
+
+def test_mnist1d_generates_caches_and_is_seeded(tmp_path, monkeypatch):
+    """MNIST-1D is generated once into root/mnist1d-SIZE-SEED.npz, then read back identically without
+    regenerating; shapes are (N, 1, 40) float32 with 10 classes, and the caller's numpy RNG is untouched."""
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    first = load_dataset("mnist1d", tmp_path, size=400, seed=1)
+    assert np.random.rand() == expected_next
+    assert (tmp_path / "mnist1d-400-1.npz").is_file()
+    assert first.train.inputs.shape == (320, 1, 40) and first.test.inputs.shape == (80, 1, 40)
+    assert first.train.inputs.dtype == torch.float32 and first.num_classes == 10 and first.input_shape == (1, 40)
+    assert set(first.train.targets.tolist()) == set(range(10))
+    assert abs(first.train.inputs.mean().item()) < 1e-4 and abs(first.train.inputs.std().item() - 1) < 1e-2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("make_dataset called although the cache exists")
+
+    monkeypatch.setattr("mnist1d.data.make_dataset", refuse)
+    cached = load_dataset("mnist1d", tmp_path, size=400, seed=1)
+    assert torch.equal(first.train.inputs, cached.train.inputs) and torch.equal(first.test.targets, cached.test.targets)
+    assert [p.name for p in tmp_path.iterdir()] == ["mnist1d-400-1.npz"]  # no temporary file left behind
+
+
+def test_mnist1d_same_seed_same_data(tmp_path):
+    """Generating with one seed in two places gives identical data; another seed gives different data."""
+    a = load_dataset("mnist1d", tmp_path / "a", size=100, seed=5)
+    b = load_dataset("mnist1d", tmp_path / "b", size=100, seed=5)
+    c = load_dataset("mnist1d", tmp_path / "c", size=100, seed=6)
+    assert torch.equal(a.train.inputs, b.train.inputs) and torch.equal(a.train.targets, b.train.targets)
+    assert not torch.equal(a.train.inputs, c.train.inputs)
+
+
+def test_synthetic_is_deterministic_and_diskless(tmp_path):
+    """The synthetic set depends only on the seed and writes nothing under root."""
+    a = load_dataset("synthetic", tmp_path, seed=0)
+    b = load_dataset("synthetic", tmp_path, seed=0)
+    assert torch.equal(a.train.inputs, b.train.inputs) and torch.equal(a.test.targets, b.test.targets)
+    assert a.train.inputs.shape == (512, 1, 40) and len(a.test) == 128 and a.num_classes == 10
+    assert not torch.equal(a.train.inputs, load_dataset("synthetic", tmp_path, seed=1).train.inputs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_digits_loads_scaled_and_split():
+    """digits: (N, 1, 8, 8) inputs in [0, 1], an 80/20 split of all 1797 images, reproducible per seed."""
+    pytest.importorskip("sklearn")
+    data = load_dataset("digits", "unused", seed=0)
+    assert data.train.inputs.shape[1:] == (1, 8, 8) and len(data.train) + len(data.test) == 1797
+    assert len(data.train) == int(0.8 * 1797)
+    assert data.train.inputs.min() >= 0 and data.train.inputs.max() <= 1
+    assert torch.equal(data.test.targets, load_dataset("digits", "unused", seed=0).test.targets)
+
+
+def test_size_subsamples_the_training_split():
+    """For in-memory sets other than MNIST-1D/synthetic, size keeps that many training samples."""
+    pytest.importorskip("sklearn")
+    data = load_dataset("digits", "unused", size=100, seed=0)
+    assert len(data.train) == 100 and len(data.test) == 1797 - int(0.8 * 1797)
+
+
+def test_epoch_batches_cover_a_permutation_deterministically():
+    """With drop_last every batch has batch_size distinct indices drawn from one permutation of range(n),
+    and the epoch depends only on the generator's state."""
+    batches = list(epoch_batches(10, 3, torch.Generator().manual_seed(0)))
+    again = list(epoch_batches(10, 3, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [3, 3, 3]
+    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    flat = torch.cat(batches)
+    assert len(set(flat.tolist())) == 9 and flat.max() < 10
+    assert sum(len(b) for b in epoch_batches(10, 3, torch.Generator(), drop_last=False)) == 10
+    with pytest.raises(ValueError, match="batch_size"):
+        list(epoch_batches(10, 11, torch.Generator()))
+
+
+def test_unknown_dataset_lists_known_names(tmp_path):
+    """An unknown name raises ValueError listing every known dataset."""
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist", tmp_path)
+    assert all(name in str(info.value) for name in DATASETS)
+
+
+def test_imagenet_without_torchvision_says_how_to_install(tmp_path, monkeypatch):
+    """Without torchvision, loading ImageNet raises ImportError pointing at the imagenet extra."""
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)
+    with pytest.raises(ImportError, match=r"saef\[imagenet\]"):
+        load_dataset("imagenet", tmp_path)
