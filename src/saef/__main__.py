@@ -1,0 +1,7 @@
+"""``python -m saef`` is the ``saef`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

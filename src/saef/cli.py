@@ -1,0 +1,140 @@
+"""The ``saef`` command line.
+
+    saef train                                   # the default: SAEF, top-k 1 %, K = 4, MNIST-1D, 1-D CNN
+    saef train --method sgd --compressor identity   # the full-precision baseline
+    saef train --config run.toml --lr 0.05       # a TOML file; flags override it
+    saef plot runs/a runs/b -o compare.png       # overlay runs
+
+Exit codes: 0 success, 1 the run failed while training, 2 bad input (config, flags, missing data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional
+
+from .config import TRAIN_METHODS, ConfigError, TrainConfig, load_config
+
+__all__ = ["main"]
+
+HELP = {
+    "method": f"{', '.join(TRAIN_METHODS)} (sgd = full-precision momentum SGD baseline)",
+    "compressor": "identity, sign or topk:RHO (default topk:0.01; identity for sgd)",
+    "server_compressor": "the server's compressor in double-way mode (default: the workers')",
+    "workers": "number of workers K",
+    "double_way": "compress what the server sends back (--single-way: send the dense average)",
+    "average_every": "error-averaging period p in steps, or 'never'",
+    "momentum": "momentum mu in [0, 1)",
+    "weight_decay": "weight decay",
+    "lr": "learning rate",
+    "lr_milestones": "comma-separated epochs after which the lr is multiplied by --lr-decay",
+    "lr_decay": "learning-rate decay factor at each milestone",
+    "epochs": "number of epochs",
+    "batch_size": "global batch size (divisible by workers)",
+    "seed": "random seed (model init, data order, augmentation)",
+    "dataset": "mnist1d, digits, cifar10, cifar100, imagenet or synthetic",
+    "dataset_size": "samples to generate (mnist1d) or keep (others)",
+    "data_dir": "folder holding the datasets (MNIST-1D is generated and cached there)",
+    "model": "mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50",
+    "device": "auto (cuda when available), cpu, cuda or cuda:N",
+    "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
+    "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
+    "output": "run directory (default: runs/<dataset>-<model>-<method>-...-<time>)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other input error
+        self.exit(2, f"saef: error: {message}\n")
+
+
+def _average_every(text: str):
+    if text == "never":
+        return "never"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'never', got {text!r}") from None
+
+
+def _milestones(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="saef", description="Distributed training with compressed communication and step-ahead error feedback.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train a model (defaults: SAEF, top-k 1%%, K=4, MNIST-1D)")
+    train.add_argument("--config", help="TOML file with any of the keys below; flags override it")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "double_way":
+            group = train.add_mutually_exclusive_group()
+            group.add_argument("--double-way", dest="double_way", action="store_const", const=True, help=HELP["double_way"])
+            group.add_argument("--single-way", dest="double_way", action="store_const", const=False)
+            continue
+        kind = {"int": int, "float": float, "Optional[int]": int, "List[int]": _milestones}.get(field.type, str)
+        if field.name == "average_every":
+            kind = _average_every
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        train.add_argument(flag, type=kind, default=None, help=f"{HELP[field.name]} (default: {default})")
+
+    plot = commands.add_parser("plot", help="overlay the curves of one or more runs")
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("-o", "--output", required=True, help="PNG file to write")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "plot":
+        return _plot(args)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    never = overrides.get("average_every") == "never"
+    try:
+        config = load_config(args.config, overrides)
+        if never:
+            config = config.replace(average_every=None)
+    except ConfigError as error:
+        print(f"saef: error: {error}", file=sys.stderr)
+        return 2
+    return _train(config, progress=not args.quiet)
+
+
+def _train(config: TrainConfig, progress: bool) -> int:
+    from .train import train
+
+    try:
+        train(config, progress=progress)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"saef: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saef: interrupted; the run directory is incomplete (no summary.json)", file=sys.stderr)
+        return 130
+    except FloatingPointError as error:
+        print(f"saef: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import plot_runs
+
+    try:
+        path = plot_runs(args.runs, args.output)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"saef: error: {error}", file=sys.stderr)
+        return 2
+    print(f"saef: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

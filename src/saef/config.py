@@ -1,0 +1,202 @@
+"""The configuration of a training run: one typed record, filled from defaults, a TOML file and flags.
+
+Every key of :class:`TrainConfig` can appear in a TOML file (``saef train --config run.toml``) and as a
+flag (``--lr 0.05``; underscores become dashes); flags override the file. Unknown keys, wrong types and
+values out of range raise :class:`ConfigError` naming the key, which the command line turns into a
+one-line message and exit code 2.
+
+Example ``run.toml``::
+
+    method = "saef"
+    compressor = "sign"
+    workers = 4
+    average_every = 10
+    lr_milestones = [20, 30]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .compressors import make_compressor
+from .data import DATASETS
+from .models import MODELS
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "TRAIN_METHODS"]
+
+TRAIN_METHODS = ("sgd", "ef", "saef")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (see ``saef train --help`` for each key)."""
+
+    method: str = "saef"  # sgd (full-precision baseline), ef, saef
+    compressor: Optional[str] = None  # identity | sign | topk:RHO; default topk:0.01 (identity for sgd)
+    server_compressor: Optional[str] = None  # the server's compressor; default: the workers'
+    workers: int = 4
+    double_way: bool = True
+    average_every: Optional[int] = None  # error-averaging period p; None = never
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr: float = 0.1
+    lr_milestones: List[int] = field(default_factory=list)  # epochs after which lr is multiplied by lr_decay
+    lr_decay: float = 0.1
+    epochs: int = 20
+    batch_size: int = 128  # global batch, split evenly over the workers
+    seed: int = 0
+    dataset: str = "mnist1d"
+    dataset_size: Optional[int] = None  # dataset-specific: samples generated (mnist1d) or kept
+    data_dir: str = "~/.cache/saef"
+    model: str = "cnn1d"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+    backend: str = "sim"  # sim: K workers in this process; dist: one worker per torch.distributed rank
+    server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
+    output: Optional[str] = None  # run directory; default runs/<dataset>-<model>-<method>-...-<time>
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        def bad(key, value, allowed):
+            raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+        if self.method not in TRAIN_METHODS:
+            bad("method", self.method, f"choose one of {', '.join(TRAIN_METHODS)}")
+        for key in ("compressor", "server_compressor"):
+            spec = getattr(self, key)
+            if spec is not None:
+                try:
+                    make_compressor(spec)
+                except ValueError as error:
+                    raise ConfigError(f"{key} = {spec!r}: {error}") from None
+        if self.method == "sgd" and self.compressor not in (None, "identity"):
+            bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
+        if self.workers < 1:
+            bad("workers", self.workers, "must be >= 1")
+        if self.average_every is not None and self.average_every < 1:
+            bad("average_every", self.average_every, "must be >= 1 (omit it for never)")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", self.momentum, "must be in [0, 1)")
+        for key in ("weight_decay", "lr"):
+            value = getattr(self, key)
+            if not (value >= 0) or math.isinf(value):
+                bad(key, value, "must be a finite number >= 0")
+        if not 0 < self.lr_decay <= 1:
+            bad("lr_decay", self.lr_decay, "must be in (0, 1]")
+        if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+            bad("lr_milestones", self.lr_milestones, "must be increasing epochs >= 1")
+        if self.epochs < 1:
+            bad("epochs", self.epochs, "must be >= 1")
+        if self.batch_size < 1:
+            bad("batch_size", self.batch_size, "must be >= 1")
+        if self.batch_size % self.workers:
+            bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
+        if self.dataset not in DATASETS:
+            bad("dataset", self.dataset, f"choose one of {', '.join(DATASETS)}")
+        if self.dataset_size is not None and self.dataset_size < 1:
+            bad("dataset_size", self.dataset_size, "must be >= 1")
+        if self.model not in MODELS:
+            bad("model", self.model, f"choose one of {', '.join(MODELS)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
+        if self.backend not in ("sim", "dist"):
+            bad("backend", self.backend, "choose sim or dist")
+        if self.server not in ("sharded", "rank0"):
+            bad("server", self.server, "choose sharded or rank0")
+
+    # --- derived values ---------------------------------------------------------------------------
+    @property
+    def worker_compressor(self) -> str:
+        if self.compressor is not None:
+            return self.compressor
+        return "identity" if self.method == "sgd" else "topk:0.01"
+
+    @property
+    def algorithm_method(self) -> str:
+        """sgd runs as EF with identity compression (which is exactly momentum SGD)."""
+        return "ef" if self.method == "sgd" else self.method
+
+    def lr_at_epoch(self, epoch: int) -> float:
+        """Learning rate during 0-based ``epoch``: lr * lr_decay^(milestones passed)."""
+        return self.lr * self.lr_decay ** sum(1 for m in self.lr_milestones if epoch >= m)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["compressor"] = self.worker_compressor
+        return out
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional[") : -1] if optional else annotation
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{key} must be set (a {base})")
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "List[int]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    }[base](value)
+    if not ok:
+        raise ConfigError(f"{key} must be {_describe(base)}, got {value!r} ({type(value).__name__})")
+
+
+def _describe(base: str) -> str:
+    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "List[int]": "a list of integers"}[base]
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` (keys with value None are skipped)."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        values = {key: (None if value == "never" and key == "average_every" else value) for key, value in values.items()}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:  # pragma: no cover - guarded by the unknown-key check
+        raise ConfigError(str(error)) from None
+
+
+def default_output(config: TrainConfig, stamp: str) -> Path:
+    name = f"{config.dataset}-{config.model}-{config.method}-{config.worker_compressor.replace(':', '')}-K{config.workers}"
+    if config.method != "sgd":
+        name += "-DC" if config.double_way else "-SC"
+    if config.average_every is not None:
+        name += f"-p{config.average_every}"
+    return Path("runs") / f"{name}-seed{config.seed}-{stamp}"

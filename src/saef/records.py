@@ -1,0 +1,124 @@
+"""What a run writes to its directory, and how: the run record.
+
+A run directory holds
+
+* ``config.json``      the resolved configuration;
+* ``environment.json`` versions, git revision, device, command line;
+* ``metrics.csv`` and ``metrics.jsonl``  one row per epoch (see :data:`METRIC_COLUMNS`), appended and
+  flushed as each epoch ends, so a crash loses at most the epoch in progress;
+* ``curves.png``       the figure of the run's curves;
+* ``summary.json``     written last: a run directory without it is incomplete.
+
+Every file except the appended metrics is written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+__all__ = ["METRIC_COLUMNS", "RunRecord", "write_atomically", "environment"]
+
+METRIC_COLUMNS = (
+    "epoch",  # 1-based
+    "step",  # optimizer steps so far
+    "lr",  # learning rate during the epoch
+    "train_loss",  # mean over the epoch's steps of the workers' mean loss
+    "test_loss",
+    "test_acc",  # top-1 in [0, 1], at x
+    "test_loss_aux",
+    "test_acc_aux",  # at the auxiliary iterate x~ = x - (e_s + mean_k e_k); empty for sgd
+    "bits_up",  # cumulative bits one worker sent to the server
+    "bits_down",  # cumulative bits one worker received from the server
+    "bits_averaging",  # cumulative bits one worker sent for error averaging
+    "mismatch_ef",  # epoch mean of ||e_s + mean_k e_k||^2
+    "mismatch_saef",  # epoch mean of mean_k ||e_s + mean_j e_j - e_k||^2
+    "epoch_time",  # seconds spent in the epoch (training and evaluation)
+    "wall_time",  # seconds since the run started
+)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def environment(device: str) -> Dict[str, Any]:
+    """Versions, git revision and device: what is needed to tell how a result was produced."""
+    import numpy
+    import torch
+
+    from . import __version__
+
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {
+        "saef": __version__,
+        "git_revision": revision,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+    }
+
+
+class RunRecord:
+    """Writes one run's directory. Create it only once the configuration is known to be valid."""
+
+    def __init__(self, directory: Path, config: Dict[str, Any], env: Dict[str, Any]):
+        self.directory = Path(directory)
+        if self.directory.exists() and any(self.directory.iterdir()):
+            raise FileExistsError(f"run directory {self.directory} already exists and is not empty; choose another --output")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.directory / "config.json", _json_bytes(config))
+        write_atomically(self.directory / "environment.json", _json_bytes(env))
+        header = ",".join(METRIC_COLUMNS) + "\n"
+        write_atomically(self.directory / "metrics.csv", header.encode())
+        write_atomically(self.directory / "metrics.jsonl", b"")
+
+    def append(self, row: Dict[str, Any]) -> None:
+        """Append one epoch's row to both metric files and push it to disk."""
+        missing = set(METRIC_COLUMNS) - set(row)
+        if missing:
+            raise ValueError(f"metrics row lacks {sorted(missing)}")
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow(["" if row[c] is None else row[c] for c in METRIC_COLUMNS])
+        for name, text in (("metrics.csv", line.getvalue()), ("metrics.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
+            with open(self.directory / name, "a") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        """Mark the run complete."""
+        write_atomically(self.directory / "summary.json", _json_bytes(summary))

@@ -1,0 +1,131 @@
+"""The ``saef`` command: a short run writes complete records; bad input exits 2 with one line."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from saef.cli import main
+from saef.records import METRIC_COLUMNS
+
+FAST = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--quiet"]
+
+
+def test_two_epoch_run_writes_every_record(tmp_path, capsys):
+    """A 2-epoch run on the synthetic set writes config, environment, metrics (CSV and JSON lines, one row
+    per epoch), the figure and the summary, and they all parse."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "2", "--compressor", "sign", "--average-every", "5", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["compressor"] == "sign" and config["average_every"] == 5 and config["workers"] == 4
+    env = json.loads((out / "environment.json").read_text())
+    assert {"torch", "python", "git_revision", "device"} <= set(env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(set(r) == set(METRIC_COLUMNS) for r in rows)
+    assert rows[1]["bits_up"] == 2 * rows[0]["bits_up"] > 0
+    assert rows[1]["bits_averaging"] > 0 and rows[0]["mismatch_saef"] is not None
+    with open(out / "metrics.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 2 and float(table[1]["test_acc"]) == pytest.approx(rows[1]["test_acc"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    printed = capsys.readouterr().out
+    assert "final test accuracy at x" in printed
+
+
+def test_sgd_baseline_has_no_auxiliary_metrics(tmp_path):
+    """The full-precision baseline records dense bit counts and leaves x~ metrics empty."""
+    out = tmp_path / "sgd"
+    assert main(["train", *FAST, "--epochs", "1", "--method", "sgd", "--output", str(out)]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["test_acc_aux"] is None and row["mismatch_ef"] is None
+    assert row["bits_up"] == row["bits_down"]
+
+
+BAD = [
+    (["--compressor", "topk:2"], "rho"),
+    (["--batch-size", "30"], "divisible by workers"),
+    (["--momentum", "1.5"], "momentum"),
+    (["--workers", "0"], "workers"),
+    (["--method", "adam"], "method"),
+    (["--method", "sgd", "--compressor", "sign"], "compressor"),
+    (["--lr", "abc"], "--lr"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD)
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, needle):
+    """A bad value exits with code 2 and one line naming the problem; no run directory is made."""
+    out = tmp_path / "run"
+    code = _exit_code(["train", *FAST, "--output", str(out), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "toml,needle",
+    [
+        ('workers = 4\nlearning_rate = 0.1\n', "unknown config key 'learning_rate'"),
+        ('workers = "four"\n', "workers must be an integer"),
+        ('double_way = 1\n', "double_way must be true or false"),
+        ('compressor = "topk:2"\n', "rho"),
+        ('batch_size = 30\nworkers = 4\n', "batch_size"),
+        ('lr = [\n', "not valid TOML"),
+    ],
+)
+def test_bad_config_file_exits_2(tmp_path, capsys, toml, needle):
+    """Unknown keys and wrong types in the TOML file are rejected naming the key, exit code 2."""
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert not out.exists()
+
+
+def test_flags_override_config_file(tmp_path):
+    """A flag overrides the same key of the config file."""
+    path = tmp_path / "run.toml"
+    path.write_text('dataset = "synthetic"\nmodel = "mlp"\nepochs = 5\nbatch_size = 32\nlr_milestones = [1]\naverage_every = "never"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--epochs", "1", "--quiet", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 1 and config["lr_milestones"] == [1] and config["average_every"] is None
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
+    """An existing non-empty output directory is refused (exit 2) and left untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["train", *FAST, "--epochs", "1", "--output", str(out)]) == 2
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_missing_cifar_folder_names_where_to_put_files(tmp_path, capsys):
+    """A missing dataset folder gives exit 2 and says where the files go."""
+    code = main(["train", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", str(tmp_path), "--output", str(tmp_path / "r")])
+    assert code == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    """``python -m saef`` runs the same command line (here: a bad rho, exit code 2)."""
+    result = subprocess.run([sys.executable, "-m", "saef", "train", "--compressor", "topk:2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "rho" in result.stderr
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
