@@ -41,6 +41,7 @@ HELP = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
+    "timeout": "dist only: seconds a collective waits for a dead or hung rank before failing",
     "output": "run directory (default: runs/<dataset>-<model>-<method>-...-<time>)",
 }
 
@@ -121,6 +122,22 @@ def _train(config: TrainConfig, progress: bool) -> int:
     except FloatingPointError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:
+        if config.backend != "dist":
+            raise
+        # A rank died, hung past --timeout, or the network broke: stop this rank with a clear message.
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"saef: error: rank {rank}: distributed training failed, another rank may have died or hung "
+              f"({type(error).__name__}: {first})", file=sys.stderr)
+        return 1
+    if config.backend == "dist":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -54,9 +54,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr: float = 0.1
-    lr_milestones: List[int] = field(default_factory=list)  # epochs after which lr is multiplied by lr_decay
+    lr_milestones: List[int] = field(default_factory=lambda: [20])  # epochs after which lr is multiplied by lr_decay
     lr_decay: float = 0.1
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 128  # global batch, split evenly over the workers
     seed: int = 0
     dataset: str = "mnist1d"
@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     backend: str = "sim"  # sim: K workers in this process; dist: one worker per torch.distributed rank
     server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
+    timeout: float = 300.0  # dist only: seconds a collective may wait for a dead or hung rank
     output: Optional[str] = None  # run directory; default runs/<dataset>-<model>-<method>-...-<time>
 
     def __post_init__(self):
@@ -118,6 +119,8 @@ class TrainConfig:
             bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
         if self.backend not in ("sim", "dist"):
             bad("backend", self.backend, "choose sim or dist")
+        if not self.timeout > 0:
+            bad("timeout", self.timeout, "must be > 0 seconds")
         if self.server not in ("sharded", "rank0"):
             bad("server", self.server, "choose sharded or rank0")
 

@@ -107,6 +107,8 @@ class Simulator:
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.algorithm = ErrorFeedback(self.shapes, config, InProcessTransport(workers))
         self.workers = workers
+        self.local_workers = list(range(workers))  # the workers whose shards this trainer is fed
+        self.is_main = True  # writes records (the distributed trainer: rank 0 only)
         self.x = flatten([p.detach() for _, p in trainable]).clone()
         self.state = self.algorithm.init_state(self.x)
         # Per-worker running statistics (BatchNorm): (K, ...) copies of every buffer.
@@ -160,6 +162,12 @@ class Simulator:
         return torch.stack(grads), torch.stack(losses)
 
     # --- evaluation and diagnostics ---------------------------------------------------------------
+    cheap_diagnostics = True  # the mismatch terms cost a few (K, P) operations: fine every step
+
+    def average(self, value: float) -> float:
+        """Mean of a number over processes: here there is one."""
+        return value
+
     def parameters_at(self, point: str = "x") -> Tensor:
         """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
         if _point_name(point) == "x":

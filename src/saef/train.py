@@ -28,7 +28,7 @@ from .models import build_model
 from .records import RunRecord, environment
 from .simulator import Simulator
 
-__all__ = ["train", "resolve_device", "evaluate", "build_trainer"]
+__all__ = ["train", "resolve_device", "evaluate", "build_trainer", "local_batch"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,13 +56,11 @@ def evaluate(model: nn.Module, split, device: torch.device, batch_size: int = 10
     return {"loss": total_loss / count, "acc": correct / count}
 
 
-def build_trainer(config: TrainConfig, model: nn.Module) -> Simulator:
-    """The in-process trainer for ``config`` (the full-precision baseline is EF with identity, single-way,
-    which is exactly momentum SGD)."""
+def build_trainer(config: TrainConfig, model: nn.Module):
+    """The trainer for ``config``: the simulator (``backend = "sim"``) or this rank's worker (``"dist"``).
+    The full-precision baseline is EF with identity, single-way, which is exactly momentum SGD."""
     sgd = config.method == "sgd"
-    return Simulator(
-        model,
-        workers=config.workers,
+    kwargs = dict(
         method=config.algorithm_method,
         compressor=config.worker_compressor,
         server_compressor=config.server_compressor,
@@ -71,16 +69,58 @@ def build_trainer(config: TrainConfig, model: nn.Module) -> Simulator:
         double_way=False if sgd else config.double_way,
         average_every=config.average_every,
     )
+    if config.backend == "dist":
+        from .distributed import DistributedWorker
+
+        return DistributedWorker(model, server="allreduce" if sgd else config.server, **kwargs)
+    return Simulator(model, workers=config.workers, **kwargs)
 
 
-def _batches(data: Data, indices: torch.Tensor, generator: torch.Generator, device: torch.device):
-    if isinstance(data.train, DatasetSplit):
-        inputs, targets = data.train.batch(indices)
-        if data.augment is not None:
-            inputs = data.augment(inputs, generator)
-    else:  # image folders decode and augment on the fly
-        inputs, targets = data.train.batch(indices, generator)
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+def shard_generator(seed: int, step: int, worker: int) -> torch.Generator:
+    """The augmentation generator of one worker's shard at one step: a function of (seed, step, worker)
+    only, so the simulator and a distributed run augment every sample the same way."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, step, worker]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def local_batch(data: Data, indices: torch.Tensor, workers: int, local_workers, seed: int, step: int, device):
+    """The shards of the global batch ``indices`` that belong to ``local_workers`` (worker k gets the k-th
+    contiguous slice), loaded and augmented, concatenated in worker order."""
+    per_worker = len(indices) // workers
+    inputs, targets = [], []
+    for k in local_workers:
+        shard = indices[k * per_worker : (k + 1) * per_worker]
+        if isinstance(data.train, DatasetSplit):
+            x, y = data.train.batch(shard)
+            if data.augment is not None:
+                x = data.augment(x, shard_generator(seed, step, k))
+        else:  # image folders decode and augment on the fly
+            x, y = data.train.batch(shard, shard_generator(seed, step, k))
+        inputs.append(x)
+        targets.append(y)
+    return torch.cat(inputs).to(device, non_blocking=True), torch.cat(targets).to(device, non_blocking=True)
+
+
+def _setup(config: TrainConfig):
+    """Device, (for dist) the process group and the worker count, and the data. In a distributed run
+    rank 0 generates or checks the data first, so the ranks do not all write the same cache."""
+    if config.backend != "dist":
+        device = resolve_device(config.device)
+        return config, device, load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed)
+    import torch.distributed as dist
+
+    from .distributed import init_distributed
+
+    device = init_distributed(config.device, config.timeout)
+    world = dist.get_world_size()
+    if config.workers != world:
+        config = config.replace(workers=world)  # one worker per rank; re-validates batch divisibility
+    load = lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed)
+    data = load() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return config, device, data if data is not None else load()
 
 
 def train(
@@ -88,55 +128,53 @@ def train(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    trainer_factory: Optional[Callable[[TrainConfig, nn.Module], Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``config`` to the end and return the summary (also written to ``summary.json``).
-
-    ``trainer_factory`` builds the trainer from the config and the initial model (default: the simulator);
-    the distributed backend passes its own.
-    """
+    """Run ``config`` to the end and return the summary (also written to ``summary.json``). In a
+    distributed run every rank calls this; rank 0 writes the records."""
     from tqdm.auto import tqdm
 
-    device = resolve_device(config.device)
-    data = load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed)
+    config, device, data = _setup(config)
     if len(data.train) < config.batch_size:
         raise ValueError(f"batch_size = {config.batch_size} is larger than the training set ({len(data.train)} samples)")
     if isinstance(data.train, DatasetSplit) and data.augment is None:
         data.train, data.test = data.train.to(device), data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(device)
-    trainer = (trainer_factory or build_trainer)(config, model)
+    trainer = build_trainer(config, model)
+    main = trainer.is_main
+    log = log if main else (lambda message: None)
     eval_model = copy.deepcopy(model)
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
-    record = RunRecord(output, config.to_dict(), environment(str(device)))
+    record = RunRecord(output, config.to_dict(), environment(str(device))) if main else None
     log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
-        f"with {config.method} {config.worker_compressor}, K={config.workers}, on {device}; records in {output}")
+        f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "
+        f"records in {output}")
 
     order = torch.Generator().manual_seed(config.seed)
-    augment_rng = torch.Generator().manual_seed(config.seed + 1)
     steps_per_epoch = len(data.train) // config.batch_size
     start, step, rows = time.perf_counter(), 0, []
+    diagnostics = config.method != "sgd"
     for epoch in range(config.epochs):
         epoch_start = time.perf_counter()
         lr = config.lr_at_epoch(epoch)
         losses, mismatch = [], {"mismatch_ef": 0.0, "mismatch_saef": 0.0}
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not (progress and main))
         for indices in epoch_batches(len(data.train), config.batch_size, order):
-            inputs, targets = _batches(data, indices, augment_rng, device)
-            loss = trainer.step(inputs, targets, lr)
+            inputs, targets = local_batch(data, indices, config.workers, trainer.local_workers, config.seed, step, device)
+            losses.append(trainer.step(inputs, targets, lr))
             step += 1
-            losses.append(loss)
-            if config.method != "sgd":
+            if diagnostics and trainer.cheap_diagnostics:
                 for key, value in trainer.mismatch().items():
-                    mismatch[key] += value
+                    mismatch[key] += value / steps_per_epoch
             bar.update()
         bar.close()
-        train_loss = torch.stack(losses).mean().item()
+        if diagnostics and not trainer.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
+            mismatch = trainer.mismatch()
+        train_loss = trainer.average(torch.stack(losses).mean().item())
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         at_x = evaluate(trainer.load_into(eval_model, point="x"), data.test, device)
-        at_aux = None if config.method == "sgd" else evaluate(trainer.load_into(eval_model, point="auxiliary"), data.test, device)
-        bits = trainer.bits
+        at_aux = evaluate(trainer.load_into(eval_model, point="auxiliary"), data.test, device) if diagnostics else None
         row = {
             "epoch": epoch + 1,
             "step": step,
@@ -146,21 +184,19 @@ def train(
             "test_acc": at_x["acc"],
             "test_loss_aux": at_aux and at_aux["loss"],
             "test_acc_aux": at_aux and at_aux["acc"],
-            **bits,
-            "mismatch_ef": None if config.method == "sgd" else mismatch["mismatch_ef"] / len(losses),
-            "mismatch_saef": None if config.method == "sgd" else mismatch["mismatch_saef"] / len(losses),
+            **trainer.bits,
+            "mismatch_ef": mismatch["mismatch_ef"] if diagnostics else None,
+            "mismatch_saef": mismatch["mismatch_saef"] if diagnostics else None,
             "epoch_time": time.perf_counter() - epoch_start,
             "wall_time": time.perf_counter() - start,
         }
-        record.append(row)
         rows.append(row)
+        if record is not None:
+            record.append(row)
         aux = "" if at_aux is None else f"  test acc at x~ {100 * at_aux['acc']:.2f}%"
         log(f"epoch {epoch + 1:3d}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f}  "
             f"test loss {at_x['loss']:.4f}  test acc {100 * at_x['acc']:.2f}%{aux}  ({row['epoch_time']:.1f} s)")
 
-    from .plots import plot_run
-
-    plot_run(output)
     last = rows[-1]
     summary = {
         "run_dir": str(output),
@@ -175,7 +211,11 @@ def train(
         "bits_averaging": last["bits_averaging"],
         "wall_time": last["wall_time"],
     }
-    record.finish(summary)
+    if record is not None:
+        from .plots import plot_run
+
+        plot_run(output)
+        record.finish(summary)
     log(format_summary(config, summary))
     return summary
 

@@ -1,0 +1,302 @@
+"""Real multi-process training on ``torch.distributed``: the transport, and one rank's trainer.
+
+Launch (one process per worker; gloo on CPU, NCCL on GPU, chosen from the device)::
+
+    torchrun --nproc_per_node 4 -m saef train --backend dist --compressor sign
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 -m saef train --backend dist ...
+
+What crosses the network, per step (all of it payloads of :mod:`saef.compressors`):
+
+* uplink, one ``all_to_all_single``: each rank sends each layer's payload (packed signs and scale, or top-k
+  values and packed indices) to the layer's owner. With ``server="sharded"`` every rank owns a balanced
+  share of whole layers, so the server's compression stays layer-wise and the same as the simulator's;
+  with ``server="rank0"`` rank 0 owns every layer (the paper's literal architecture).
+* downlink, one ``all_to_all_single``: each owner sends its server-compressed payloads to every rank (the
+  dense average in single-way mode).
+* every p steps, one ``all_reduce`` of the dense worker error (error averaging).
+
+Bytes are counted from the buffers handed to ``torch.distributed`` (:attr:`DistributedTransport.wire`):
+the uplink input buffer is exactly this worker's payload, the downlink output buffer exactly what this
+worker receives, so the counts equal the simulator's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .algorithm import ErrorFeedback, ErrorFeedbackConfig
+from .comm import Transport
+from .compressors import Compressor, Payload, payload_bits
+from .simulator import flatten, unflatten
+
+__all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
+
+SERVERS = ("sharded", "rank0", "allreduce")  # allreduce: the full-precision baseline (identity only)
+
+
+def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
+    """Owner rank of each layer: largest layers first, each to the least-loaded rank (ties: lowest rank),
+    so every rank serves a balanced share of whole layers. Deterministic, so all ranks agree."""
+    load = [0] * ranks
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(buffer: Tensor, like: Tensor) -> Tensor:
+    if buffer.storage_offset() % like.element_size():  # packed after an odd-sized part: realign by copying
+        buffer = buffer.clone()
+    return buffer.view(like.dtype).reshape(like.shape)
+
+
+class DistributedTransport(Transport):
+    """The :class:`~saef.comm.Transport` of one rank of a ``torch.distributed`` job (one worker per rank).
+
+    Args:
+        sizes: number of elements of each layer (to assign owners).
+        server: ``"sharded"`` (balanced share of layers per rank), ``"rank0"`` (rank 0 serves all), or
+            ``"allreduce"`` (identity compressor only: one dense all-reduce, the full-precision baseline).
+        group: the process group (default: the world).
+        dtype, device: of the parameters (payload layouts are derived from them).
+    """
+
+    def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu"):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised; call saef.distributed.init_distributed() first")
+        if server not in SERVERS:
+            raise ValueError(f"server must be one of {SERVERS}, got server={server!r}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_workers = dist.get_world_size(group)
+        self.local_workers = 1
+        self.server = server
+        self.owner = assign_layers(sizes, self.num_workers) if server == "sharded" else [0] * len(sizes)
+        self.dtype, self.device = dtype, torch.device(device)  # of the parameters and payloads
+        # Bytes handed to (sent) and returned by (received) torch.distributed, cumulative, per direction.
+        self.wire = {"uplink_sent": 0, "uplink_received": 0, "downlink_sent": 0, "downlink_received": 0, "averaging_sent": 0}
+
+    def owns(self, layer: int, num_layers: int) -> bool:
+        return self.server == "allreduce" or self.owner[layer] == self.rank
+
+    def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str) -> List[Tensor]:
+        """Send ``chunks[r]`` (tensors, as raw bytes) to rank r and receive ``recv_sizes[r]`` bytes from
+        rank r. Payload sizes are a function of the layer sizes (true of every built-in compressor), so
+        each rank knows what it will receive without asking."""
+        parts = [[_as_bytes(t) for t in chunk] for chunk in chunks]
+        send_sizes = [sum(p.numel() for p in part) for part in parts]
+        flat = [p for part in parts for p in part]
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=self.device)
+        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=self.device)
+        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+        self.wire[f"{direction}_sent"] += send.numel()
+        self.wire[f"{direction}_received"] += recv.numel()
+        return list(torch.split(recv, recv_sizes))
+
+    @staticmethod
+    def _unpack(buffer: Tensor, layouts: List[Payload]) -> List[Payload]:
+        """Cut ``buffer`` into payloads shaped like ``layouts`` (in order)."""
+        out, offset = [], 0
+        for layout in layouts:
+            parts = []
+            for like in layout:
+                n = like.numel() * like.element_size()
+                parts.append(_from_bytes(buffer[offset : offset + n], like))
+                offset += n
+            out.append(tuple(parts))
+        if offset != buffer.numel():
+            raise RuntimeError(f"received {buffer.numel()} bytes, expected {offset}: payload sizes differ between ranks")
+        return out
+
+    def average_uplink(self, payloads, decoded, compressor, sizes):
+        if self.server == "allreduce":
+            return self._allreduce_mean(payloads, decoded)
+        chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
+        for i, payload in enumerate(payloads):
+            chunks[self.owner[i]].extend(payload)
+        mine = [i for i in range(len(sizes)) if self.owner[i] == self.rank]
+        # Every sender packs our layers in layer order, shaped like our own payload for them.
+        expected = sum(payload_bits(payloads[i]) for i in mine) // 8
+        received = self._exchange(chunks, [expected] * self.num_workers, "uplink")
+        from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
+        means: Dict[int, Tensor] = {}
+        for n, i in enumerate(mine):
+            stacked = tuple(torch.cat(parts, dim=0) for parts in zip(*(rank_payloads[n] for rank_payloads in from_each)))
+            means[i] = compressor.decode_rows(stacked, sizes[i]).mean(dim=0)  # (K, d) in rank order, as simulated
+        return means, sum(payload_bits(p) for p in payloads)
+
+    def share_downlink(self, payloads, compressor, sizes):
+        if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
+            self.wire["downlink_received"] += self._allreduce_bytes
+            dense = [compressor.decode_rows(payloads[i], d)[0] for i, d in enumerate(sizes)]
+            return dense, self._allreduce_bytes * 8
+        layouts = self._downlink_layouts(compressor, sizes)
+        own = [t for i in sorted(payloads) for t in payloads[i]]
+        by_owner = [[i for i in range(len(sizes)) if self.owner[i] == r] for r in range(self.num_workers)]
+        recv_sizes = [sum(payload_bits(layouts[i]) for i in layers) // 8 for layers in by_owner]
+        received = self._exchange([own] * self.num_workers, recv_sizes, "downlink")
+        dense: List[Optional[Tensor]] = [None] * len(sizes)
+        for buffer, layers in zip(received, by_owner):
+            for i, payload in zip(layers, self._unpack(buffer, [layouts[i] for i in layers])):
+                dense[i] = compressor.decode_rows(payload, sizes[i])[0]
+        return dense, sum(recv_sizes) * 8
+
+    def _allreduce_mean(self, payloads, decoded):
+        """Full-precision baseline: one all-reduce of the dense values, as DDP does."""
+        if not all(isinstance(p, tuple) and len(p) == 1 and p[0] is d for p, d in zip(payloads, decoded)):
+            raise ValueError("server='allreduce' is for the identity compressor only (it sends dense values)")
+        total = torch.cat([d.reshape(-1) for d in decoded])
+        dist.all_reduce(total, group=self.group)
+        self._allreduce_bytes = total.numel() * total.element_size()
+        self.wire["uplink_sent"] += self._allreduce_bytes
+        means = dict(enumerate(t / self.num_workers for t in torch.split(total, [d.shape[1] for d in decoded])))
+        return means, self._allreduce_bytes * 8
+
+    def _downlink_layouts(self, compressor: Compressor, sizes) -> Dict[int, Payload]:
+        """Shapes and dtypes of every layer's server payload, from encoding a zero row once (meta tensors
+        stand in, since only shape and dtype matter)."""
+        if getattr(self, "_layouts", None) is None:
+            self._layouts = {
+                i: tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in compressor.encode_rows(torch.zeros(1, d, dtype=self.dtype)))
+                for i, d in enumerate(sizes)
+            }
+        return self._layouts
+
+    def mean_over_workers(self, rows):
+        total = rows.sum(dim=0)
+        dist.all_reduce(total, group=self.group)
+        self.wire["averaging_sent"] += total.numel() * total.element_size()
+        return total / self.num_workers, rows.shape[1] * rows.element_size() * 8
+
+    def sum_over_processes(self, values):
+        values = values.clone()
+        dist.all_reduce(values, group=self.group)
+        return values
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
+    """Join the job torchrun (or the caller's environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+    describes; NCCL when this rank gets a GPU, gloo otherwise. Returns this rank's device.
+
+    ``timeout_s`` bounds every collective: a rank that dies or hangs makes the others fail after at most
+    that long instead of waiting for ever.
+    """
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing and not dist.is_initialized():
+        raise RuntimeError(
+            f"--backend dist needs a torch.distributed launcher (environment lacks {', '.join(missing)}); "
+            "run it as: torchrun --nproc_per_node K -m saef train --backend dist ..."
+        )
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        this = torch.device(device if ":" in device else f"cuda:{local}")
+        torch.cuda.set_device(this)
+    else:
+        this = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return this
+
+
+class DistributedWorker:
+    """One rank of a distributed run: the counterpart of :class:`~saef.simulator.Simulator` for W = 1.
+
+    Rank r is worker r. The model is broadcast from rank 0 at construction; the rank computes the gradient
+    of its own shard at its gradient point z_r with ordinary autograd, and :class:`ErrorFeedback` does the
+    rest through a :class:`DistributedTransport`. BatchNorm: running statistics are per rank and averaged
+    (one all-reduce) when a model is loaded for evaluation, as in the simulator.
+
+    Args:
+        model: this rank's copy of the model (on this rank's device).
+        server: ``"sharded"`` or ``"rank0"``.
+        Others: see :class:`~saef.algorithm.ErrorFeedbackConfig`.
+    """
+
+    cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch
+
+    def __init__(self, model: nn.Module, *, method="saef", compressor="sign", server_compressor=None, momentum=0.0,
+                 weight_decay=0.0, double_way=True, average_every=None, server="sharded", loss_fn=None):
+        import torch.nn.functional as F
+
+        config = ErrorFeedbackConfig(method=method, momentum=momentum, weight_decay=weight_decay, compressor=compressor,
+                                     server_compressor=server_compressor, double_way=double_way, average_every=average_every)
+        self.model = model
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor, src=0)
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.x = flatten([p.detach() for p in self.params]).clone()
+        self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device)
+        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
+        self.state = self.algorithm.init_state(self.x)
+        self.rank, self.workers = self.transport.rank, self.transport.num_workers
+        self.local_workers = [self.rank]
+        self.is_main = self.rank == 0
+
+    @torch.no_grad()
+    def _write(self, flat: Tensor) -> None:
+        for p, value in zip(self.params, unflatten(flat, self.shapes)):
+            p.copy_(value)
+
+    def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """One step on this rank's shard of the global batch; returns this rank's loss."""
+        self.model.train()
+        self._write(self.algorithm.gradient_points(self.state, self.x)[0])
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(inputs), targets)
+            loss.backward()
+        grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).unsqueeze(0)
+        self.algorithm.step(self.state, self.x, grads, lr)
+        return loss.detach()
+
+    def average(self, value: float) -> float:
+        """Mean of a per-rank number over all ranks."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.x.device)
+        dist.all_reduce(t)
+        return t.item() / self.workers
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module, point: str = "x") -> nn.Module:
+        """Write x (or x~) and the ranks' mean running statistics into ``model`` (collective: every rank
+        must call it)."""
+        from .simulator import _point_name
+
+        if model is None or model is self.model:
+            raise ValueError("load_into needs a separate copy of the model (the training copy keeps its own statistics)")
+        flat = self.x if _point_name(point) == "x" else self.algorithm.auxiliary_iterate(self.state, self.x)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p, value in zip(trainable, unflatten(flat, self.shapes)):
+            p.copy_(value)
+        for (name, target), source in zip(model.named_buffers(), self.model.buffers()):
+            if source.is_floating_point():
+                mean = source.clone()
+                dist.all_reduce(mean)
+                target.copy_(mean / self.workers)
+            else:
+                target.copy_(source)
+        return model
+
+    def mismatch(self) -> Dict[str, float]:
+        return self.algorithm.mismatch(self.state)
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        s = self.state
+        return {"bits_up": s.bits_up, "bits_down": s.bits_down, "bits_averaging": s.bits_averaging}

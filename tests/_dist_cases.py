@@ -1,0 +1,25 @@
+"""Cases, model and data shared by the distributed equivalence test and its worker processes."""
+
+import itertools
+
+import torch
+from torch import nn
+
+STEPS = 20
+CASES = list(itertools.product(("ef", "saef"), ("sign", "topk:0.1"), (False, True), (None, 2), ("sharded", "rank0")))
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def batch(step, workers, per_worker=4):
+    g = torch.Generator().manual_seed(1000 + step)
+    n = per_worker * workers
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def shard(inputs, targets, rank, workers):
+    size = len(inputs) // workers
+    return inputs[rank * size : (rank + 1) * size], targets[rank * size : (rank + 1) * size]
