@@ -30,10 +30,48 @@ def run_case(case, world):
     return {"x": worker.x.clone(), "bits": dict(worker.bits), "wire_errors": wire_errors}
 
 
+def run_facade(world):
+    """The optimizer facade in a user's loop: each rank steps on its shard."""
+    import torch.nn.functional as F
+
+    import saef
+
+    model = tiny_model()
+    opt = saef.SAEF(model.parameters(), lr=0.05, momentum=0.9, compressor="topk:0.1", average_every=3)
+    for step in range(STEPS):
+        inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
+        opt.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        opt.step()
+    return {"x": opt.x.clone(), "bits_up": opt.ef_state.bits_up}
+
+
+def resnet20_wire():
+    """Uplink bytes handed to torch.distributed in one ResNet-20 step, per compressor, against the fp32
+    all-reduce payload (4 bytes per parameter)."""
+    from types import SimpleNamespace
+
+    from saef.models import build_model
+
+    out = {}
+    for compressor, server in (("sign", "sharded"), ("topk:0.01", "sharded"), ("identity", "allreduce")):
+        torch.manual_seed(0)
+        model = build_model("resnet20", SimpleNamespace(input_shape=(3, 32, 32), num_classes=10))
+        worker = DistributedWorker(model, compressor=compressor, double_way=compressor != "identity", server=server, momentum=0.9)
+        g = torch.Generator().manual_seed(dist.get_rank())
+        worker.step(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g), lr=0.1)
+        out[compressor] = {"uplink": worker.transport.wire["uplink_sent"], "downlink": worker.transport.wire["downlink_received"],
+                           "fp32": 4 * worker.x.numel(), "bits_up": worker.bits["bits_up"]}
+    return out
+
+
 def main():
     init_distributed("cpu", timeout_s=60)
     world = dist.get_world_size()
     results = {case: run_case(case, world) for case in CASES}
+    results["facade"] = run_facade(world)
+    if world == 2:
+        results["resnet20"] = resnet20_wire()
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:

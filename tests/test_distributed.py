@@ -60,15 +60,25 @@ def simulate_case(case, world):
     return sim
 
 
+_RESULTS = {}
+
+
+def dist_results(tmp_path_factory, world):
+    """Run the worker script once per world size (it covers every case) and cache what it saved."""
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"dist{world}") / "results.pt"
+        codes = wait_all(launch([str(HERE / "_dist_worker.py"), str(out)], world), timeout=240)
+        assert codes == [0] * world
+        _RESULTS[world] = torch.load(out, weights_only=False)
+    return _RESULTS[world]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_processes_equal_simulator(tmp_path, world):
+def test_processes_equal_simulator(tmp_path_factory, world):
     """K gloo processes and the simulator agree after 20 steps (allclose rtol 1e-5) with identical bit
     counts, for ef/saef x sign/topk:0.1 x single/double-way x p in {never, 2} x sharded/rank-0 server;
     and every step the bytes handed to torch.distributed equal the reported bits."""
-    out = tmp_path / "results.pt"
-    codes = wait_all(launch([str(HERE / "_dist_worker.py"), str(out)], world), timeout=240)
-    assert codes == [0] * world
-    ranks = torch.load(out, weights_only=False)
+    ranks = dist_results(tmp_path_factory, world)
     for case in CASES:
         sim = simulate_case(case, world)
         for rank, results in enumerate(ranks):
@@ -76,6 +86,29 @@ def test_processes_equal_simulator(tmp_path, world):
             assert got["wire_errors"] == [], (case, rank, got["wire_errors"][:1])
             assert got["bits"] == sim.bits, (case, rank)
             assert torch.allclose(got["x"], sim.x, rtol=1e-5, atol=1e-6), (case, rank, (got["x"] - sim.x).abs().max())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_optimizer_facade_on_processes_equals_simulator(tmp_path_factory, world):
+    """The SAEF optimizer in a user's loop on K processes equals the simulator with K workers."""
+    sim = saef.Simulator(tiny_model(), workers=world, compressor="topk:0.1", momentum=0.9, average_every=3)
+    for step in range(STEPS):
+        sim.step(*batch(step, world), lr=0.05)
+    for results in dist_results(tmp_path_factory, world):
+        assert torch.allclose(results["facade"]["x"], sim.x, rtol=1e-5, atol=1e-6)
+        assert results["facade"]["bits_up"] == sim.bits["bits_up"]
+
+
+def test_resnet20_wire_ratios(tmp_path_factory):
+    """On ResNet-20 the sign mode hands >= 31x fewer uplink bytes to torch.distributed than the fp32
+    all-reduce payload, top-k 1 % >= 60x fewer; the baseline hands exactly the fp32 payload."""
+    wire = dist_results(tmp_path_factory, 2)[0]["resnet20"]
+    fp32 = wire["identity"]["fp32"]
+    assert wire["identity"]["uplink"] == fp32 == 4 * 269722
+    assert fp32 / wire["sign"]["uplink"] >= 31
+    assert fp32 / wire["topk:0.01"]["uplink"] >= 60
+    for entry in wire.values():
+        assert entry["uplink"] * 8 == entry["bits_up"]
 
 
 def test_layer_assignment_is_balanced_and_whole():

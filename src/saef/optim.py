@@ -50,7 +50,10 @@ class SAEF(torch.optim.Optimizer):
         momentum: mu in [0, 1). weight_decay: >= 0.
         method: ``"saef"`` or ``"ef"``. compressor / server_compressor: compressor specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
-        transport: where the other workers are; default: a single in-process worker.
+        transport: where the other workers are. Default: when ``torch.distributed`` is initialised, a
+            :class:`~saef.distributed.DistributedTransport` (each rank is one worker; the parameters are
+            broadcast from rank 0 here); otherwise a single in-process worker.
+        server: with the default distributed transport, ``"sharded"`` or ``"rank0"``.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SAEF(torch.optim.Optimizer):
         double_way: bool = True,
         average_every: Optional[int] = None,
         transport: Optional[Transport] = None,
+        server: str = "sharded",
     ):
         if not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
@@ -81,15 +85,30 @@ class SAEF(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError(f"SAEF takes one parameter group, got {len(self.param_groups)}")
-        self.transport = transport if transport is not None else InProcessTransport(1)
+        params = self.param_groups[0]["params"]
+        if transport is None:
+            transport = self._default_transport(params, server)
+        self.transport = transport
         if self.transport.local_workers != 1:
             raise ValueError("the SAEF optimizer is one worker per process; use saef.Simulator for K in one process")
-        params = self.param_groups[0]["params"]
         self.shapes = [tuple(p.shape) for p in params]
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
+
+    @staticmethod
+    def _default_transport(params, server: str) -> Transport:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return InProcessTransport(1)
+        from .distributed import DistributedTransport
+
+        with torch.no_grad():
+            for p in params:  # every rank starts from rank 0's x_0
+                dist.broadcast(p, src=0)
+        return DistributedTransport([p.numel() for p in params], server, dtype=params[0].dtype, device=params[0].device)
 
     def _params(self):
         return self.param_groups[0]["params"]

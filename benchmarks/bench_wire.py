@@ -1,0 +1,55 @@
+"""Bytes on the wire per step and worker, from real payloads, against fp32 and the explicit-index floor.
+
+    python benchmarks/bench_wire.py
+
+For each model and compressor: the uplink payload one worker produces in one step (every layer encoded
+as Algorithm 1 encodes it; the distributed tests check that exactly these bytes are handed to
+torch.distributed), the fp32 dense payload (4 bytes per parameter, what an all-reduce is handed), and the
+floor of an explicit coding: 1 bit per element for sign, 32 + ceil(log2 d) bits per kept element for top-k
+(d the layer size). Ratios: fp32 / payload (compression) and payload / floor (overhead over the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from types import SimpleNamespace
+
+import torch
+
+import saef
+from saef.models import build_model
+
+MODELS = {"cnn1d": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
+
+
+def floor_bits(compressor, d: int) -> int:
+    if isinstance(compressor, saef.compressors.ScaledSign):
+        return d
+    if isinstance(compressor, saef.compressors.TopK):
+        return compressor.k(d) * (32 + math.ceil(math.log2(d)) if d > 1 else 32)
+    return 32 * d
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--compressors", nargs="+", default=["identity", "sign", "topk:0.1", "topk:0.01", "topk:0.001"])
+    args = parser.parse_args()
+    print("| model | parameters | compressor | payload bytes/step | fp32 bytes | fp32 / payload | floor bytes | payload / floor |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        shape, classes = MODELS[name]
+        torch.manual_seed(0)
+        params = [p.detach() for p in build_model(name, SimpleNamespace(input_shape=shape, num_classes=classes)).parameters()]
+        total = sum(p.numel() for p in params)
+        for spec in args.compressors:
+            c = saef.make_compressor(spec)
+            payload = sum(c.bits(c.encode(torch.randn_like(p))) for p in params)
+            floor = sum(floor_bits(c, p.numel()) for p in params)
+            print(f"| {name} | {total:,} | {spec} | {payload / 8:,.0f} | {4 * total:,} | {32 * total / payload:.1f}x "
+                  f"| {floor / 8:,.0f} | {payload / floor:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
