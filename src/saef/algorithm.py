@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .comm import Transport
-from .compressors import Compressor, Identity, make_compressor
+from .compressors import Compressor, Identity, Layout, make_compressor
 
 __all__ = ["ErrorFeedbackConfig", "ErrorFeedbackState", "ErrorFeedback", "METHODS"]
 
@@ -143,12 +143,11 @@ class ErrorFeedback:
         self.config = config
         self.transport = transport
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.offsets = [0]
-        for d in self.sizes:
-            self.offsets.append(self.offsets[-1] + d)
-        self.num_params = self.offsets[-1]
+        self.layout = Layout([math.prod(s) for s in self.shapes])
+        self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.owned = [i for i in range(len(self.sizes)) if transport.owns(i, len(self.sizes))]
+        self.owns_all = len(self.owned) == len(self.sizes)
+        self.owned_layout = self.layout if self.owns_all else self.layout.subset(self.owned)
         self.uplink = config.compressor
         self.downlink = config.downlink_compressor
         if config.average_every == 1 and transport.num_workers == 1:
@@ -203,26 +202,27 @@ class ErrorFeedback:
             m.add_(self.gradient_points(state, x), alpha=cfg.weight_decay)
         delta = torch.add(e, m, alpha=lr)  # D_k = e_k + lr m_k
 
-        payloads, decoded = [], []
-        for i, d in enumerate(self.sizes):
-            rows = delta[:, self.layer(i)]
-            payload = self.uplink.encode_rows(rows)
-            sent = self.uplink.decode_rows(payload, d)  # C(D_k)
-            e[:, self.layer(i)] = rows - sent  # e_k <- D_k - C(D_k)
-            payloads.append(payload)
-            decoded.append(sent)
-        means, bits_up = self.transport.average_uplink(payloads, decoded, self.uplink, self.sizes)
+        payloads = self.uplink.encode_layers(delta, self.layout)  # what each worker sends
+        sent = self.uplink.decode_layers(payloads, self.layout)  # C(D_k)
+        torch.sub(delta, sent, out=e)  # e_k <- D_k - C(D_k)
+        mean_sent, bits_up = self.transport.average_uplink(payloads, sent, self.uplink, self.layout)
 
-        server_payloads = {}
-        for i in self.owned:
-            s = self.layer(i)
-            server_delta = (state.server_error[s] + means[i]).unsqueeze(0)  # D = e_s + mean_k C(D_k)
-            payload = self.downlink.encode_rows(server_delta)
-            state.server_error[s] = server_delta[0] - self.downlink.decode_rows(payload, self.sizes[i])[0]
-            server_payloads[i] = payload
-        updates, bits_down = self.transport.share_downlink(server_payloads, self.downlink, self.sizes)
-        for i, update in enumerate(updates):
-            x[self.layer(i)] -= update  # x <- x - C_s(D)
+        # The server's work, for the layers owned here (all of them in one process; maybe none on a rank).
+        server_payloads, applied = [], mean_sent.new_zeros(0)
+        if self.owned:
+            owned = self.owned_layout
+            server_error = state.server_error if self.owns_all else torch.cat([state.server_error[self.layer(i)] for i in self.owned])
+            server_delta = (server_error + mean_sent).unsqueeze(0)  # D = e_s + mean_k C(D_k)
+            server_payloads = self.downlink.encode_layers(server_delta, owned)
+            applied = self.downlink.decode_layers(server_payloads, owned)[0]  # C_s(D)
+            new_server_error = server_delta[0] - applied
+            if self.owns_all:
+                state.server_error.copy_(new_server_error)
+            else:
+                for i, s in zip(self.owned, owned.slices):
+                    state.server_error[self.layer(i)] = new_server_error[s]
+        update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout)
+        x -= update  # x <- x - C_s(D)
 
         state.step += 1
         state.bits_up += bits_up

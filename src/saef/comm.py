@@ -21,12 +21,12 @@ Each moving method also returns how many bits *one worker* sent (uplink, averagi
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .compressors import Compressor, Payload, payload_bits
+from .compressors import Compressor, Layout, Payload, payload_bits
 
 __all__ = ["Transport", "InProcessTransport"]
 
@@ -42,27 +42,34 @@ class Transport:
         raise NotImplementedError
 
     def average_uplink(
-        self, payloads: Sequence[Payload], decoded: Sequence[Tensor], compressor: Compressor, sizes: Sequence[int]
-    ) -> Tuple[Dict[int, Tensor], int]:
+        self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout
+    ) -> Tuple[Tensor, int]:
         """Mean over all K workers of the decoded uplink payloads, for the layers owned here.
 
         Args:
             payloads: per layer, the payload of the W local workers (leading row axis W).
-            decoded: per layer, ``compressor.decode_rows(payloads[i], sizes[i])`` as the local workers
-                already computed it (a transport may use it instead of decoding its own rows again).
+            decoded: ``compressor.decode_layers(payloads, layout)``, (W, P), as the local workers already
+                computed it (a transport may use it instead of decoding its own rows again).
             compressor: the workers' compressor, to decode payloads received from elsewhere.
-            sizes: number of elements d_i of each layer.
+            layout: where each layer lies on the flat axis.
 
         Returns:
-            ``({layer: mean (d_i,)}, bits one worker sent)``.
+            ``(mean, bits one worker sent)``; ``mean`` holds the owned layers end to end, in layer order.
         """
         raise NotImplementedError
 
     def share_downlink(
-        self, payloads: Dict[int, Payload], compressor: Compressor, sizes: Sequence[int]
-    ) -> Tuple[List[Tensor], int]:
-        """Give every worker the server's payload for every layer; returns ``(dense per layer, bits one
-        worker received)``. ``payloads`` holds one-row payloads for the layers owned here."""
+        self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout
+    ) -> Tuple[Tensor, int]:
+        """Give every worker the server's payload for every layer.
+
+        Args:
+            payloads: the one-row server payloads of the layers owned here, in layer order.
+            decoded: their dense values end to end (what this process applies for its own layers).
+
+        Returns:
+            ``(update (P,), bits one worker received)``.
+        """
         raise NotImplementedError
 
     def mean_over_workers(self, rows: Tensor) -> Tuple[Tensor, int]:
@@ -90,13 +97,12 @@ class InProcessTransport(Transport):
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
 
-    def average_uplink(self, payloads, decoded, compressor, sizes):
+    def average_uplink(self, payloads, decoded, compressor, layout):
         bits = sum(payload_bits(p) for p in payloads) // self.num_workers
-        return {i: rows.mean(dim=0) for i, rows in enumerate(decoded)}, bits
+        return decoded.mean(dim=0), bits
 
-    def share_downlink(self, payloads, compressor, sizes):
-        dense = [compressor.decode_rows(payloads[i], d)[0] for i, d in enumerate(sizes)]
-        return dense, sum(payload_bits(p) for p in payloads.values())
+    def share_downlink(self, payloads, decoded, compressor, layout):
+        return decoded, sum(payload_bits(p) for p in payloads)
 
     def mean_over_workers(self, rows):
         return rows.mean(dim=0), rows.shape[1] * rows.element_size() * 8

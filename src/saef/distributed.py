@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import Transport
-from .compressors import Compressor, Payload, payload_bits
+from .compressors import Compressor, Identity, Layout, Payload, payload_bits
 from .simulator import flatten, unflatten
 
 __all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
@@ -53,7 +53,10 @@ def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
 
 
 def _as_bytes(t: Tensor) -> Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    t = t.reshape(-1)
+    if t.numel() and t.stride(0) != 1:  # e.g. one scale sliced out of a (W, layers) tensor
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(torch.uint8)
 
 
 def _from_bytes(buffer: Tensor, like: Tensor) -> Tensor:
@@ -120,58 +123,72 @@ class DistributedTransport(Transport):
             raise RuntimeError(f"received {buffer.numel()} bytes, expected {offset}: payload sizes differ between ranks")
         return out
 
-    def average_uplink(self, payloads, decoded, compressor, sizes):
+    def average_uplink(self, payloads, decoded, compressor, layout):
         if self.server == "allreduce":
-            return self._allreduce_mean(payloads, decoded)
+            return self._allreduce_mean(decoded, compressor)
         chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
         for i, payload in enumerate(payloads):
             chunks[self.owner[i]].extend(payload)
-        mine = [i for i in range(len(sizes)) if self.owner[i] == self.rank]
+        mine = self._layers_of(self.rank, len(layout))
         # Every sender packs our layers in layer order, shaped like our own payload for them.
         expected = sum(payload_bits(payloads[i]) for i in mine) // 8
         received = self._exchange(chunks, [expected] * self.num_workers, "uplink")
+        if not mine:
+            return decoded.new_zeros(0), sum(payload_bits(p) for p in payloads)
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
-        means: Dict[int, Tensor] = {}
-        for n, i in enumerate(mine):
-            stacked = tuple(torch.cat(parts, dim=0) for parts in zip(*(rank_payloads[n] for rank_payloads in from_each)))
-            means[i] = compressor.decode_rows(stacked, sizes[i]).mean(dim=0)  # (K, d) in rank order, as simulated
-        return means, sum(payload_bits(p) for p in payloads)
+        # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
+        stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
+        mean = compressor.decode_layers(stacked, self._owned_layout(layout, self.rank)).mean(dim=0)
+        return mean, sum(payload_bits(p) for p in payloads)
 
-    def share_downlink(self, payloads, compressor, sizes):
+    def share_downlink(self, payloads, decoded, compressor, layout):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
             self.wire["downlink_received"] += self._allreduce_bytes
-            dense = [compressor.decode_rows(payloads[i], d)[0] for i, d in enumerate(sizes)]
-            return dense, self._allreduce_bytes * 8
-        layouts = self._downlink_layouts(compressor, sizes)
-        own = [t for i in sorted(payloads) for t in payloads[i]]
-        by_owner = [[i for i in range(len(sizes)) if self.owner[i] == r] for r in range(self.num_workers)]
-        recv_sizes = [sum(payload_bits(layouts[i]) for i in layers) // 8 for layers in by_owner]
+            return decoded, self._allreduce_bytes * 8
+        templates = self._downlink_layouts(compressor, layout)
+        own = [t for payload in payloads for t in payload]
+        by_owner = [self._layers_of(r, len(layout)) for r in range(self.num_workers)]
+        recv_sizes = [sum(payload_bits(templates[i]) for i in layers) // 8 for layers in by_owner]
         received = self._exchange([own] * self.num_workers, recv_sizes, "downlink")
-        dense: List[Optional[Tensor]] = [None] * len(sizes)
-        for buffer, layers in zip(received, by_owner):
-            for i, payload in zip(layers, self._unpack(buffer, [layouts[i] for i in layers])):
-                dense[i] = compressor.decode_rows(payload, sizes[i])[0]
-        return dense, sum(recv_sizes) * 8
+        update = decoded.new_empty(layout.total)
+        for source, (buffer, layers) in enumerate(zip(received, by_owner)):
+            if not layers:
+                continue
+            sub = self._owned_layout(layout, source)
+            dense = decoded if source == self.rank else compressor.decode_layers(self._unpack(buffer, [templates[i] for i in layers]), sub)[0]
+            index = layout.cached(f"owned-by-{source}-of-{self.num_workers}-{self.server}", decoded.device,
+                                  lambda: torch.cat([torch.arange(layout.offsets[i], layout.offsets[i + 1]) for i in layers]))
+            update.index_copy_(0, index, dense)
+        return update, sum(recv_sizes) * 8
 
-    def _allreduce_mean(self, payloads, decoded):
+    def _layers_of(self, rank: int, num_layers: int) -> List[int]:
+        return [i for i in range(num_layers) if self.owner[i] == rank]
+
+    def _owned_layout(self, layout: Layout, rank: int) -> Layout:
+        """Sub-layout of the layers ``rank`` serves (cached: the same every step)."""
+        cache = self.__dict__.setdefault("_sub_layouts", {})
+        if rank not in cache:
+            cache[rank] = layout.subset(self._layers_of(rank, len(layout)))
+        return cache[rank]
+
+    def _allreduce_mean(self, decoded: Tensor, compressor: Compressor):
         """Full-precision baseline: one all-reduce of the dense values, as DDP does."""
-        if not all(isinstance(p, tuple) and len(p) == 1 and p[0] is d for p, d in zip(payloads, decoded)):
+        if not isinstance(compressor, Identity):
             raise ValueError("server='allreduce' is for the identity compressor only (it sends dense values)")
-        total = torch.cat([d.reshape(-1) for d in decoded])
+        total = decoded.sum(dim=0)
         dist.all_reduce(total, group=self.group)
         self._allreduce_bytes = total.numel() * total.element_size()
         self.wire["uplink_sent"] += self._allreduce_bytes
-        means = dict(enumerate(t / self.num_workers for t in torch.split(total, [d.shape[1] for d in decoded])))
-        return means, self._allreduce_bytes * 8
+        return total / self.num_workers, self._allreduce_bytes * 8
 
-    def _downlink_layouts(self, compressor: Compressor, sizes) -> Dict[int, Payload]:
+    def _downlink_layouts(self, compressor: Compressor, layout: Layout) -> List[Payload]:
         """Shapes and dtypes of every layer's server payload, from encoding a zero row once (meta tensors
         stand in, since only shape and dtype matter)."""
         if getattr(self, "_layouts", None) is None:
-            self._layouts = {
-                i: tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in compressor.encode_rows(torch.zeros(1, d, dtype=self.dtype)))
-                for i, d in enumerate(sizes)
-            }
+            self._layouts = [
+                tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in compressor.encode_rows(torch.zeros(1, d, dtype=self.dtype)))
+                for d in layout.sizes
+            ]
         return self._layouts
 
     def mean_over_workers(self, rows):
