@@ -4,6 +4,7 @@
     saef train --method sgd --compressor identity   # the full-precision baseline
     saef train --config run.toml --lr 0.05       # a TOML file; flags override it
     saef plot runs/a runs/b -o compare.png       # overlay runs
+    saef reproduce table1 fig1 fig3 --jobs 2     # the paper's experiments (see saef reproduce --help)
 
 Exit codes: 0 success, 1 the run failed while training, 2 bad input (config, flags, missing data).
 """
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         train.add_argument(flag, type=kind, default=None, help=f"{HELP[field.name]} (default: {default})")
 
+    commands.add_parser("reproduce", help="the paper's experiments (table1, fig1, fig3); see saef reproduce --help", add_help=False)
     plot = commands.add_parser("plot", help="overlay the curves of one or more runs")
     plot.add_argument("runs", nargs="+", help="run directories")
     plot.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reproduce"]:
+        from .reproduce import main as reproduce
+
+        return reproduce(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "plot":
         return _plot(args)

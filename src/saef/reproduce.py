@@ -1,0 +1,329 @@
+"""``saef reproduce``: the paper's experiments (Table 1, Figures 1 and 3) as sets of independent runs.
+
+    saef reproduce table1 --jobs 2          # MNIST-1D analogue of Table 1 (5 seeds), on a 2-core CPU
+    saef reproduce fig1 fig3 --jobs 2
+    saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
+
+Each run is one ``saef train`` process with its own directory under ``--runs`` named after its settings, so
+runs are shared between experiments, finished runs (with ``summary.json``) are reused, and a run that
+crashes or is interrupted loses nothing else: it is simply run again next time. The Markdown tables and
+PNG figures are then rebuilt from the run directories into ``--out`` (default ``docs/results``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["EXPERIMENTS", "SETTINGS", "Run", "plan", "run_all", "main"]
+
+
+# Per-setting base configuration: what differs between our CPU analogue and the paper.
+SETTINGS: Dict[str, Dict[str, object]] = {
+    # MNIST-1D, 1-D CNN: minutes on a 2-core CPU. 8000 training samples, batch 128: 62 steps per epoch.
+    "mnist1d": dict(dataset="mnist1d", model="cnn1d", lr=0.1, batch_size=128, momentum=0.9, weight_decay=0.0,
+                    epochs=30, lr_milestones=[20], device="cpu"),
+    # The paper's CIFAR-100 ResNet-56 setting (needs the CIFAR-100 python archive and a GPU).
+    "paper": dict(dataset="cifar100", model="resnet56", lr=0.1, batch_size=128, momentum=0.9, weight_decay=5e-4,
+                  epochs=200, lr_milestones=[100, 150], device="auto"),
+}
+# Table 1 is read before the first decay; our analogue trains 15 epochs and decays after 10.
+TABLE1_SHORT = {"mnist1d": dict(epochs=15, lr_milestones=[10]), "paper": {}}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its settings (``saef train`` config keys) and a readable unique name."""
+
+    settings: tuple  # sorted (key, value) pairs
+
+    @classmethod
+    def make(cls, **settings) -> "Run":
+        return cls(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())))
+
+    @property
+    def config(self) -> Dict[str, object]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.settings}
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        parts = [c["dataset"], c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
+                 f"K{c['workers']}", "DC" if c.get("double_way", True) else "SC", f"p{c.get('average_every') or 'inf'}",
+                 f"mu{c['momentum']}", f"e{c['epochs']}", f"seed{c['seed']}"]
+        return "-".join(parts)
+
+
+def _table1(setting: str, seeds: int) -> List[Run]:
+    base = {**SETTINGS[setting], **TABLE1_SHORT[setting], "workers": 8, "double_way": True}
+    runs = []
+    for rho in (0.01, 0.05, 0.1):
+        for method, p in [("ef", None)] + [("saef", p) for p in (None, 40, 20, 10, 5, 1)]:
+            for seed in range(seeds):
+                runs.append(Run.make(**base, method=method, compressor=f"topk:{rho}", average_every=p, seed=seed))
+    return runs
+
+
+def _fig1(setting: str, seeds: int) -> List[Run]:
+    runs = []
+    for mu in (0.9, 0.0):  # sign, 4 workers, momentum SGD and plain SGD
+        base = {**SETTINGS[setting], "workers": 4, "momentum": mu, "double_way": True}
+        for seed in range(seeds):
+            runs.append(Run.make(**{**base, "double_way": False}, method="sgd", compressor="identity", seed=seed))
+            runs += [Run.make(**base, method=m, compressor="sign", seed=seed) for m in ("ef", "saef")]
+    base = {**SETTINGS[setting], "workers": 8}  # top-k 1 %, 8 workers, single- and double-way
+    for seed in range(seeds):
+        runs.append(Run.make(**base, method="sgd", compressor="identity", double_way=False, seed=seed))
+        runs += [Run.make(**base, method=m, compressor="topk:0.01", double_way=dw, seed=seed) for m in ("ef", "saef") for dw in (False, True)]
+    return runs
+
+
+def _fig3(setting: str, seeds: int) -> List[Run]:
+    base = {**SETTINGS[setting], "workers": 8, "double_way": True, "compressor": "topk:0.01"}
+    return [Run.make(**base, method=m, average_every=p, seed=seed) for m in ("ef", "saef") for p in (None, 10) for seed in range(seeds)]
+
+
+EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3)}
+
+
+def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None) -> List[Run]:
+    make, default_seeds = EXPERIMENTS[experiment]
+    return make(setting, default_seeds if seeds is None else seeds)
+
+
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").exists()
+
+
+def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
+    argv = [sys.executable, "-m", "saef", "train", "--quiet", "--output", str(run_dir)]
+    for key, value in run.config.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "double_way":
+            argv.append("--double-way" if value else "--single-way")
+        elif key == "average_every":
+            argv += [flag, "never" if value is None else str(value)]
+        elif key == "lr_milestones":
+            argv += [flag, ",".join(str(m) for m in value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    return argv
+
+
+def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Optional[str] = None, log=print) -> Dict[Run, bool]:
+    """Run every run that is not finished yet, ``jobs`` at a time; returns which runs succeeded."""
+    runs = list(dict.fromkeys(runs))  # experiments share runs
+    todo = [r for r in runs if not is_done(runs_dir / r.name)]
+    log(f"saef reproduce: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run with {jobs} job(s)")
+    ok = {r: True for r in runs if r not in todo}
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
+    start = time.monotonic()
+
+    def one(run: Run) -> bool:
+        run_dir = runs_dir / run.name
+        if run_dir.exists():  # an unfinished earlier attempt: start it again from scratch
+            shutil.rmtree(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log_path = runs_dir / f"{run.name}.log"
+        with open(log_path, "w") as handle:
+            code = subprocess.call(_command(run, run_dir, data_dir), stdout=handle, stderr=subprocess.STDOUT, env=env)
+        return code == 0 and is_done(run_dir)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {pool.submit(one, run): run for run in todo}
+        finished = 0
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = pending.pop(future)
+                ok[run] = future.result()
+                finished += 1
+                status = "done" if ok[run] else f"FAILED (see {runs_dir / (run.name + '.log')})"
+                elapsed = time.monotonic() - start
+                eta = elapsed / finished * (len(todo) - finished)
+                log(f"[{finished}/{len(todo)}] {status}: {run.name}  ({elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left)")
+    return ok
+
+
+def _rows(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    a = 100 * np.asarray(values, dtype=float)
+    return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
+
+
+def table1_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
+    """Mean ± std over seeds of the best test accuracy up to the first learning-rate decay."""
+    cells: Dict[tuple, List[float]] = {}
+    for run in runs:
+        c = run.config
+        if not is_done(runs_dir / run.name):
+            continue
+        last = (c["lr_milestones"] or [c["epochs"]])[0]
+        best = max(r["test_acc"] for r in _rows(runs_dir / run.name) if r["epoch"] <= last)
+        cells.setdefault((c["compressor"], c["method"], c["average_every"]), []).append(best)
+    columns = [("ef", None)] + [("saef", p) for p in (None, 40, 20, 10, 5, 1)]
+    head = "| top-k | EF | " + " | ".join(f"SAEF p={'∞' if p is None else p}" for _, p in columns[1:]) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
+    for rho in sorted({k[0] for k in cells}, key=lambda s: float(s.split(":")[1])):
+        row = [f"{100 * float(rho.split(':')[1]):g} %"]
+        for method, p in columns:
+            values = cells.get((rho, method, p))
+            row.append(_mean_std(values) + ("" if len(values) > 1 else " (1 seed)") if values else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def figures(experiment: str, runs: Sequence[Run], runs_dir: Path, out: Path) -> List[Path]:
+    """The experiment's figures, each an overlay of runs grouped over seeds (mean ± std)."""
+    from .plots import plot_runs
+
+    done = [r for r in runs if is_done(runs_dir / r.name)]
+    made = []
+
+    def overlay(name, select):
+        chosen = [runs_dir / r.name for r in done if select(r.config)]
+        if chosen:
+            made.append(plot_runs(chosen, out / name))
+
+    if experiment == "fig1":
+        overlay("fig1-sign-momentum.png", lambda c: c["workers"] == 4 and c["momentum"] == 0.9)
+        overlay("fig1-sign-sgd.png", lambda c: c["workers"] == 4 and c["momentum"] == 0.0)
+        overlay("fig1-topk.png", lambda c: c["workers"] == 8)
+    elif experiment == "fig3":
+        overlay("fig3-error-averaging.png", lambda c: True)
+        made.append(_mismatch_figure(done, runs_dir, out / "fig3-mismatch.png"))
+    elif experiment == "table1":
+        overlay("table1-topk1.png", lambda c: c["compressor"] == "topk:0.01" and (c["method"] == "ef" or c["average_every"] in (None, 10, 1)))
+    return made
+
+
+def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
+    """Figure 3 (right) analogue: both gradient-mismatch terms over training, and accuracy at x and x~."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .plots import run_label
+    from .records import write_atomically
+    import io
+
+    fig = Figure(figsize=(12, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    groups: Dict[str, List[List[dict]]] = {}
+    for run in runs:
+        groups.setdefault(run_label(run.config), []).append(_rows(runs_dir / run.name))
+    for index, (label, seeds) in enumerate(sorted(groups.items())):
+        color = f"C{index}"
+        n = min(len(r) for r in seeds)
+        epochs = np.arange(1, n + 1)
+        for ax, key, style in ((axes[0], "mismatch_ef", "-"), (axes[1], "mismatch_saef", "-")):
+            values = np.array([[r[key] for r in rows[:n]] for rows in seeds], dtype=float)
+            ax.plot(epochs, values.mean(0), style, color=color, label=f"{label} ({len(seeds)} seeds)")
+            if len(seeds) > 1:
+                ax.fill_between(epochs, values.mean(0) - values.std(0, ddof=1), values.mean(0) + values.std(0, ddof=1), color=color, alpha=0.2)
+        for key, style in (("test_acc", "-"), ("test_acc_aux", "--")):
+            values = 100 * np.array([[r[key] for r in rows[:n]] for rows in seeds], dtype=float)
+            axes[2].plot(epochs, values.mean(0), style, color=color, label=f"{label}, {'x' if key == 'test_acc' else 'x~'}")
+    axes[0].set_title("EF bound: ||e_s + mean_k e_k||²")
+    axes[1].set_title("SAEF bound: mean_k ||e_s + mean_j e_j − e_k||²")
+    axes[2].set_title("test accuracy at x (solid) and x~ (dashed)")
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+        ax.set_ylabel("squared norm (epoch mean), log scale")
+    axes[2].set_ylabel("test top-1 accuracy (%)")
+    axes[2].set_ylim(bottom=max(0, axes[2].get_ylim()[0]))
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
+    """Per configuration, over seeds: final and best test accuracy at x, final at x~, final train loss,
+    and the bits one worker sent and received."""
+    from .plots import run_label
+
+    groups: Dict[str, List[List[dict]]] = {}
+    for run in runs:
+        if is_done(runs_dir / run.name):
+            c = run.config
+            label = f"{run_label(c)}, mu={c['momentum']}"
+            groups.setdefault(label, []).append(_rows(runs_dir / run.name))
+    lines = ["| run | seeds | final test acc. at x (%) | best (%) | final at x~ (%) | final train loss | MB up + down per worker |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, seeds in sorted(groups.items()):
+        final = [rows[-1]["test_acc"] for rows in seeds]
+        best = [max(r["test_acc"] for r in rows) for rows in seeds]
+        aux = [rows[-1]["test_acc_aux"] for rows in seeds if rows[-1]["test_acc_aux"] is not None]
+        loss = np.array([rows[-1]["train_loss"] for rows in seeds])
+        megabytes = (seeds[0][-1]["bits_up"] + seeds[0][-1]["bits_down"] + seeds[0][-1]["bits_averaging"]) / 8e6
+        lines.append(f"| {label} | {len(seeds)} | {_mean_std(final)} | {_mean_std(best)} | {_mean_std(aux) if aux else '–'} "
+                     f"| {loss.mean():.4f} | {megabytes:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    from .records import write_atomically
+
+    parser = argparse.ArgumentParser(prog="saef reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiments", nargs="+", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="mnist1d")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 5 for table1, 3 for figures)")
+    parser.add_argument("--runs", default="runs/reproduce", help="where the run directories go (default runs/reproduce)")
+    parser.add_argument("--out", default="docs/results", help="where tables and figures go (default docs/results)")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (see saef train --data-dir)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
+        parser.error("--jobs and --seeds must be >= 1")
+    runs_dir, out = Path(args.runs) / args.setting, Path(args.out)
+    plans = {name: plan(name, args.setting, args.seeds) for name in args.experiments}
+    if args.dry_run:
+        for name, runs in plans.items():
+            for run in runs:
+                print(f"{name}: {run.name}{' (done)' if is_done(runs_dir / run.name) else ''}")
+        return 0
+    start = time.monotonic()
+    ok = run_all([r for runs in plans.values() for r in runs], runs_dir, args.jobs, args.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.setting == "mnist1d" else f"-{args.setting}"
+    for name, runs in plans.items():
+        text = f"# {name} ({args.setting})\n\n"
+        if name == "table1":
+            text += "Best test top-1 accuracy (%) up to the first learning-rate decay, mean ± std over seeds.\n\n"
+            text += table1_markdown(runs, runs_dir) + "\n\n"
+        text += summary_markdown(runs, runs_dir) + "\n"
+        write_atomically(out / f"{name}{suffix}.md", text.encode())
+        for path in figures(name, runs, runs_dir, out):
+            print(f"saef reproduce: wrote {path}")
+        print(f"saef reproduce: wrote {out / (name + suffix + '.md')}")
+    failed = [r.name for r, good in ok.items() if not good]
+    print(f"saef reproduce: {len(ok) - len(failed)}/{len(ok)} runs finished in {(time.monotonic() - start) / 60:.1f} min")
+    if failed:
+        print(f"saef reproduce: {len(failed)} run(s) failed; their logs are next to their directories in {runs_dir}", file=sys.stderr)
+        return 1
+    return 0
