@@ -49,6 +49,7 @@ class Run:
 
     @classmethod
     def make(cls, **settings) -> "Run":
+        settings.setdefault("average_every", None)  # so that equal runs compare equal
         return cls(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())))
 
     @property
@@ -124,7 +125,7 @@ def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
 
 def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Optional[str] = None, log=print) -> Dict[Run, bool]:
     """Run every run that is not finished yet, ``jobs`` at a time; returns which runs succeeded."""
-    runs = list(dict.fromkeys(runs))  # experiments share runs
+    runs = list({run.name: run for run in runs}.values())  # experiments share runs (same name, same run)
     todo = [r for r in runs if not is_done(runs_dir / r.name)]
     log(f"saef reproduce: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run with {jobs} job(s)")
     ok = {r: True for r in runs if r not in todo}
