@@ -16,7 +16,7 @@ import dataclasses
 import sys
 from typing import List, Optional
 
-from .config import TRAIN_METHODS, ConfigError, TrainConfig, load_config
+from .config import TRAIN_METHODS, ConfigError, TrainConfig, load_config, resume_config
 
 __all__ = ["main"]
 
@@ -43,6 +43,9 @@ HELP = {
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
     "timeout": "dist only: seconds a collective waits for a dead or hung rank before failing",
+    "checkpoint_every": "also checkpoint every N steps (0: only at the end of each epoch)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "max_nonfinite_skips": "steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (0: at once)",
     "output": "run directory (default: runs/<dataset>-<model>-<method>-...-<time>)",
 }
 
@@ -74,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model (defaults: SAEF, top-k 1%%, K=4, MNIST-1D)")
     train.add_argument("--config", help="TOML file with any of the keys below; flags override it")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint (its config; flags may change "
+                       "epochs, lr and other settings that do not invalidate the saved state)")
+    train.add_argument("--reset-errors", action="store_true", help="with --resume: start momentum and errors from zero, which "
+                       "allows another number of workers, method or compressor (logged in the records)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "double_way":
@@ -105,22 +112,51 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _plot(args)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     never = overrides.get("average_every") == "never"
+    if never:
+        overrides["average_every"] = None
+    changed = None
     try:
-        config = load_config(args.config, overrides)
-        if never:
-            config = config.replace(average_every=None)
+        if args.resume:
+            if args.config:
+                raise ConfigError("--resume takes the run's own config.json; give changes as flags, not --config")
+            saved = _read_saved_config(args.resume)
+            if never:  # 'never' cannot be told apart from 'not given' once it is None
+                saved["average_every"] = None
+            overrides["output"] = args.resume
+            config, changed = resume_config(saved, overrides, args.reset_errors)
+        else:
+            if args.reset_errors:
+                raise ConfigError("--reset-errors goes with --resume")
+            config = load_config(args.config, overrides)
     except ConfigError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 2
-    return _train(config, progress=not args.quiet)
+    return _train(config, progress=not args.quiet, resume=bool(args.resume), reset_errors=args.reset_errors, changed=changed)
 
 
-def _train(config: TrainConfig, progress: bool) -> int:
+def _read_saved_config(run_dir: str) -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: --resume needs a run directory made by saef train") from None
+    except ValueError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a config object")
+    return saved
+
+
+def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_errors: bool = False, changed=None) -> int:
+    from .checkpoint import CheckpointError
     from .train import train
 
     try:
-        train(config, progress=progress)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        train(config, progress=progress, resume=resume, reset_errors=reset_errors, changed=changed)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ImportError, CheckpointError) as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

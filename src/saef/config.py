@@ -32,7 +32,12 @@ from .compressors import make_compressor
 from .data import DATASETS
 from .models import MODELS
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "TRAIN_METHODS"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "TRAIN_METHODS", "resume_config"]
+
+# On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
+# asks to reset the errors), and keys that define another run altogether (always refused).
+ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way")
+FIXED_KEYS = ("dataset", "dataset_size", "model", "batch_size", "seed", "backend")
 
 TRAIN_METHODS = ("sgd", "ef", "saef")
 
@@ -68,6 +73,9 @@ class TrainConfig:
     server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
     timeout: float = 300.0  # dist only: seconds a collective may wait for a dead or hung rank
     output: Optional[str] = None  # run directory; default runs/<dataset>-<model>-<method>-...-<time>
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    keep_checkpoints: int = 3  # how many recent checkpoints to keep
+    max_nonfinite_skips: int = 5  # steps with NaN/Inf are skipped; stop after this many in a row (0: stop at once)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -119,6 +127,11 @@ class TrainConfig:
             bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
         if self.backend not in ("sim", "dist"):
             bad("backend", self.backend, "choose sim or dist")
+        for key in ("checkpoint_every", "max_nonfinite_skips"):
+            if getattr(self, key) < 0:
+                bad(key, getattr(self, key), "must be >= 0")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         if not self.timeout > 0:
             bad("timeout", self.timeout, "must be > 0 seconds")
         if self.server not in ("sharded", "rank0"):
@@ -203,3 +216,30 @@ def default_output(config: TrainConfig, stamp: str) -> Path:
     if config.average_every is not None:
         name += f"-p{config.average_every}"
     return Path("runs") / f"{name}-seed{config.seed}-{stamp}"
+
+
+def resume_config(saved: Dict[str, Any], overrides: Dict[str, Any], reset_errors: bool) -> "tuple[TrainConfig, Dict[str, Any]]":
+    """The config of a resumed run: the saved one with ``overrides`` (flags the user gave) applied.
+
+    Returns ``(config, changed)``. Raises :class:`ConfigError` when an override changes what the saved state
+    depends on: worker count, method or compressors (unless ``reset_errors``), or the data and model.
+    """
+    known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
+    given = {k: v for k, v in overrides.items() if v is not None and k in _FIELD_TYPES}
+    base = TrainConfig(**known)
+    changed = {k: (getattr(base, k) if k != "compressor" else base.worker_compressor, v) for k, v in given.items()
+               if (getattr(base, k) if k != "compressor" else base.worker_compressor) != v}
+    changed.pop("output", None)
+    for key in FIXED_KEYS:
+        if key in changed:
+            raise ConfigError(f"{key} cannot change on resume ({changed[key][0]!r} -> {changed[key][1]!r}); start a new run")
+    for key in ERROR_STATE_KEYS:
+        if key in changed and not reset_errors:
+            raise ConfigError(
+                f"{key} changed on resume ({changed[key][0]!r} -> {changed[key][1]!r}): the saved worker errors cannot be "
+                "carried over; pass --reset-errors to start them from zero (this is logged in the records)"
+            )
+    try:
+        return TrainConfig(**{**known, **given}), changed
+    except TypeError as error:  # pragma: no cover
+        raise ConfigError(str(error)) from None

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import Transport
 from .compressors import Compressor, Identity, Layout, Payload, payload_bits
-from .simulator import flatten, unflatten
+from .simulator import NonFiniteStep, flatten, unflatten
 
 __all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -280,6 +280,11 @@ class DistributedWorker:
             loss = self.loss_fn(self.model(inputs), targets)
             loss.backward()
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).unsqueeze(0)
+        # Every rank must skip together: one int, min-reduced (a rank with a NaN vetoes the step).
+        finite = (torch.isfinite(grads).all() & torch.isfinite(loss)).to(torch.int32).reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise NonFiniteStep(f"non-finite loss or gradient on some rank (this rank's loss {loss.item()})")
         self.algorithm.step(self.state, self.x, grads, lr)
         return loss.detach()
 
@@ -317,3 +322,35 @@ class DistributedWorker:
     def bits(self) -> Dict[str, int]:
         s = self.state
         return {"bits_up": s.bits_up, "bits_down": s.bits_down, "bits_averaging": s.bits_averaging}
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """This rank's share: x, its momentum and error, its layers' server error, its BatchNorm buffers."""
+        return {
+            "x": self.x.clone(),
+            "algorithm": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.state_dict().items()},
+            "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
+            "wire": dict(self.transport.wire),
+            "workers": self.workers,
+            "rank": self.rank,
+            "server": self.transport.server,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
+        """Restore this rank's saved share exactly; with ``reset_errors``, keep only x, the counters and
+        the running statistics (from rank 0's file), with momentum and errors from zero."""
+        if state["x"].shape != self.x.shape:
+            raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
+        buffers = dict(self.model.named_buffers())
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value)
+        self.x.copy_(state["x"])
+        if reset_errors:
+            for key in ("step", "bits_up", "bits_down", "bits_averaging"):
+                setattr(self.state, key, int(state["algorithm"][key]))
+            return
+        if (state["workers"], state["rank"], state["server"]) != (self.workers, self.rank, self.transport.server):
+            raise ValueError("state was saved by another rank, number of workers or server placement")
+        self.state.load_state_dict(state["algorithm"])
+        self.transport.wire.update(state["wire"])

@@ -7,6 +7,8 @@ A run directory holds
 * ``metrics.csv`` and ``metrics.jsonl``  one row per epoch (see :data:`METRIC_COLUMNS`), appended and
   flushed as each epoch ends, so a crash loses at most the epoch in progress;
 * ``curves.png``       the figure of the run's curves;
+* ``checkpoints/``     see :mod:`saef.checkpoint`;
+* ``events.jsonl``     resumes (with what changed, and whether errors were reset);
 * ``summary.json``     written last: a run directory without it is incomplete.
 
 Every file except the appended metrics is written atomically (temporary file, fsync, rename).
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ["METRIC_COLUMNS", "RunRecord", "write_atomically", "environment"]
 
@@ -41,6 +43,7 @@ METRIC_COLUMNS = (
     "bits_averaging",  # cumulative bits one worker sent for error averaging
     "mismatch_ef",  # epoch mean of ||e_s + mean_k e_k||^2
     "mismatch_saef",  # epoch mean of mean_k ||e_s + mean_j e_j - e_k||^2
+    "skipped_steps",  # cumulative steps skipped because a loss or gradient was NaN or Inf
     "epoch_time",  # seconds spent in the epoch (training and evaluation)
     "wall_time",  # seconds since the run started
 )
@@ -93,10 +96,18 @@ def environment(device: str) -> Dict[str, Any]:
 
 
 class RunRecord:
-    """Writes one run's directory. Create it only once the configuration is known to be valid."""
+    """Writes one run's directory. Create it only once the configuration is known to be valid.
 
-    def __init__(self, directory: Path, config: Dict[str, Any], env: Dict[str, Any]):
+    ``resume_rows``: reopen an existing run directory for a resumed run, keeping its first ``resume_rows``
+    metric rows (those the checkpoint covers) and dropping any later ones, so rows are never duplicated.
+    """
+
+    def __init__(self, directory: Path, config: Dict[str, Any], env: Dict[str, Any], resume_rows: Optional[int] = None,
+                 event: Optional[Dict[str, Any]] = None):
         self.directory = Path(directory)
+        if resume_rows is not None:
+            self._reopen(resume_rows, config, env, event or {})
+            return
         if self.directory.exists() and any(self.directory.iterdir()):
             raise FileExistsError(f"run directory {self.directory} already exists and is not empty; choose another --output")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +116,23 @@ class RunRecord:
         header = ",".join(METRIC_COLUMNS) + "\n"
         write_atomically(self.directory / "metrics.csv", header.encode())
         write_atomically(self.directory / "metrics.jsonl", b"")
+
+    def _reopen(self, rows: int, config: Dict[str, Any], env: Dict[str, Any], event: Dict[str, Any]) -> None:
+        (self.directory / "summary.json").unlink(missing_ok=True)  # incomplete again until it finishes
+        lines = (self.directory / "metrics.jsonl").read_text().splitlines(keepends=True)
+        csv_lines = (self.directory / "metrics.csv").read_text().splitlines(keepends=True)
+        if len(lines) < rows or len(csv_lines) < rows + 1:
+            raise ValueError(f"{self.directory} holds {len(lines)} metric rows but its checkpoint covers {rows}")
+        write_atomically(self.directory / "metrics.jsonl", "".join(lines[:rows]).encode())
+        write_atomically(self.directory / "metrics.csv", "".join(csv_lines[: rows + 1]).encode())
+        write_atomically(self.directory / "config.json", _json_bytes(config))
+        with open(self.directory / "events.jsonl", "a") as handle:
+            handle.write(json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rows(self) -> List[Dict[str, Any]]:
+        return [json.loads(line) for line in (self.directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
     def append(self, row: Dict[str, Any]) -> None:
         """Append one epoch's row to both metric files and push it to disk."""

@@ -29,7 +29,12 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import InProcessTransport
 
-__all__ = ["Simulator", "simulate", "flatten", "unflatten"]
+__all__ = ["Simulator", "simulate", "flatten", "unflatten", "NonFiniteStep"]
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step's loss or gradient had a NaN or Inf; nothing was changed (parameters, momentum and errors
+    are as before the step)."""
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -128,6 +133,8 @@ class Simulator:
         targets = targets.reshape(k, -1, *targets.shape[1:])
         points = self.algorithm.gradient_points(self.state, self.x)
         grads, losses = self._gradients(points, inputs, targets)
+        if not bool(torch.isfinite(grads).all() & torch.isfinite(losses).all()):
+            raise NonFiniteStep(f"non-finite loss or gradient (losses {losses.tolist()})")
         self.algorithm.step(self.state, self.x, grads, lr)
         return losses.mean()
 
@@ -215,11 +222,21 @@ class Simulator:
             "workers": self.workers,
         }
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state["workers"] != self.workers:
-            raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.workers}")
+    def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
+        """Restore a saved state exactly; with ``reset_errors``, keep only x, the mean running statistics
+        and the counters, and start momentum and errors from zero (allows another number of workers)."""
         if state["x"].shape != self.x.shape:
             raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
+        if reset_errors:
+            self.x.copy_(state["x"])
+            for key in ("step", "bits_up", "bits_down", "bits_averaging"):
+                setattr(self.state, key, int(state["algorithm"][key]))
+            for name, value in state["buffers"].items():
+                mean = value.double().mean(0).to(value.dtype) if value.is_floating_point() else value[0]
+                self.buffers[name].copy_(mean.unsqueeze(0).expand_as(self.buffers[name]))
+            return
+        if state["workers"] != self.workers:
+            raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.workers}")
         self.x.copy_(state["x"])
         self.state.load_state_dict(state["algorithm"])
         for name, value in state["buffers"].items():

@@ -123,15 +123,49 @@ def _setup(config: TrainConfig):
     return config, device, data if data is not None else load()
 
 
+def _gather_digests(digest: str):
+    """Barrier for checkpoints of a distributed run: every rank's file digest, once all have written."""
+    import torch.distributed as dist
+
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    return digests
+
+
+def _checkpoint_state(trainer, config, loop: Dict[str, Any]) -> Dict[str, Any]:
+    from .checkpoint import capture_rng
+
+    return {"config": _state_config(config), "trainer": trainer.state_dict(), "loop": dict(loop), "rng": capture_rng()}
+
+
+def _state_config(config: TrainConfig) -> Dict[str, Any]:
+    """The settings a checkpoint must agree with to be resumed without --reset-errors."""
+    d = config.to_dict()
+    return {k: d[k] for k in ("workers", "method", "compressor", "server_compressor", "double_way", "model", "dataset", "batch_size", "seed")}
+
+
 def train(
     config: TrainConfig,
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: bool = False,
+    reset_errors: bool = False,
+    changed: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``config`` to the end and return the summary (also written to ``summary.json``). In a
-    distributed run every rank calls this; rank 0 writes the records."""
+    """Run ``config`` to the end and return the summary (also written to ``summary.json``).
+
+    In a distributed run every rank calls this; rank 0 writes the records, every rank its checkpoint
+    shard. ``resume`` continues the run in ``config.output`` from its newest complete checkpoint (exactly:
+    same batches, same random numbers, same records); ``reset_errors`` starts the worker and server errors
+    and momentum from zero instead (required when the number of workers, method or compressor changed).
+    """
+    import os
+
     from tqdm.auto import tqdm
+
+    from . import checkpoint
+    from .simulator import NonFiniteStep
 
     config, device, data = _setup(config)
     if len(data.train) < config.batch_size:
@@ -142,42 +176,87 @@ def train(
     model = build_model(config.model, data).to(device)
     trainer = build_trainer(config, model)
     main = trainer.is_main
+    rank, world = (trainer.rank, trainer.workers) if config.backend == "dist" else (0, 1)
     log = log if main else (lambda message: None)
     eval_model = copy.deepcopy(model)
+    if config.backend == "dist" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and config.output:
+        resume = resume or (Path(config.output) / "checkpoints" / "manifest.json").exists()  # torchrun restarted us
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
-    record = RunRecord(output, config.to_dict(), environment(str(device))) if main else None
+    folder = output / "checkpoints"
+
+    order = torch.Generator().manual_seed(config.seed)
+    loop = {"epoch": 0, "step": 0, "step_in_epoch": 0, "epoch_order": order.get_state(), "losses": [], "mismatch_ef": 0.0,
+            "mismatch_saef": 0.0, "skipped": 0, "consecutive_skips": 0, "elapsed": 0.0, "epoch_elapsed": 0.0}
+    if resume:
+        saved = checkpoint.load_latest(folder, rank=0 if reset_errors else rank, world=None if reset_errors else world)
+        if saved is None:
+            raise checkpoint.CheckpointError(f"{output} has no checkpoint to resume from")
+        if not reset_errors and saved["config"] != _state_config(config):
+            raise checkpoint.CheckpointError(f"the checkpoint in {output} was written with {saved['config']}, not {_state_config(config)}")
+        trainer.load_state_dict(saved["trainer"], reset_errors=reset_errors)
+        loop.update(saved["loop"])
+        checkpoint.restore_rng(saved["rng"])
+        order.set_state(loop["epoch_order"])
+        event = {"step": loop["step"], "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
+        record = RunRecord(output, config.to_dict(), environment(str(device)), resume_rows=loop["epoch"], event=event) if main else None
+        log(f"saef: resuming {output} at epoch {loop['epoch'] + 1}, step {loop['step']}" + (" with errors reset" if reset_errors else ""))
+    else:
+        record = RunRecord(output, config.to_dict(), environment(str(device))) if main else None
+    rows = record.rows() if record is not None else []
     log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
         f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "
         f"records in {output}")
 
-    order = torch.Generator().manual_seed(config.seed)
+    def save_checkpoint():
+        state = _checkpoint_state(trainer, config, loop)
+        checkpoint.save(folder, loop["step"], state, rank=rank, world=world, keep=config.keep_checkpoints,
+                        barrier=_gather_digests if config.backend == "dist" else None)
+
     steps_per_epoch = len(data.train) // config.batch_size
-    start, step, rows = time.perf_counter(), 0, []
     diagnostics = config.method != "sgd"
-    for epoch in range(config.epochs):
-        epoch_start = time.perf_counter()
+    run_start = time.perf_counter() - loop["elapsed"]
+    while loop["epoch"] < config.epochs:
+        epoch = loop["epoch"]
+        epoch_start = time.perf_counter() - loop["epoch_elapsed"]
         lr = config.lr_at_epoch(epoch)
-        losses, mismatch = [], {"mismatch_ef": 0.0, "mismatch_saef": 0.0}
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not (progress and main))
-        for indices in epoch_batches(len(data.train), config.batch_size, order):
-            inputs, targets = local_batch(data, indices, config.workers, trainer.local_workers, config.seed, step, device)
-            losses.append(trainer.step(inputs, targets, lr))
-            step += 1
-            if diagnostics and trainer.cheap_diagnostics:
+        order.set_state(loop["epoch_order"])  # the order generator as it was when this epoch began
+        batches = list(epoch_batches(len(data.train), config.batch_size, order))
+        bar = tqdm(total=steps_per_epoch, initial=loop["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (progress and main))
+        for indices in batches[loop["step_in_epoch"]:]:
+            inputs, targets = local_batch(data, indices, config.workers, trainer.local_workers, config.seed, loop["step"], device)
+            try:
+                loop["losses"].append(float(trainer.step(inputs, targets, lr)))
+                loop["consecutive_skips"] = 0
+            except NonFiniteStep as error:
+                loop["skipped"] += 1
+                loop["consecutive_skips"] += 1
+                if loop["consecutive_skips"] > config.max_nonfinite_skips:
+                    raise FloatingPointError(
+                        f"{loop['consecutive_skips']} step(s) in a row had a NaN or Inf loss or gradient (last at step {loop['step']}: "
+                        f"{error}); stopped with parameters, momentum and errors from before them. Lower --lr or check the data"
+                    ) from None
+                log(f"saef: step {loop['step']} skipped: {error}")
+            loop["step"] += 1
+            loop["step_in_epoch"] += 1
+            if diagnostics and trainer.cheap_diagnostics and loop["consecutive_skips"] == 0:
                 for key, value in trainer.mismatch().items():
-                    mismatch[key] += value / steps_per_epoch
+                    loop[key] += value / steps_per_epoch
             bar.update()
+            if config.checkpoint_every and loop["step"] % config.checkpoint_every == 0 and loop["step_in_epoch"] < len(batches):
+                loop["elapsed"], loop["epoch_elapsed"] = time.perf_counter() - run_start, time.perf_counter() - epoch_start
+                save_checkpoint()
         bar.close()
         if diagnostics and not trainer.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
-            mismatch = trainer.mismatch()
-        train_loss = trainer.average(torch.stack(losses).mean().item())
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
+            loop.update(trainer.mismatch())
+        if not loop["losses"]:
+            raise FloatingPointError(f"every step of epoch {epoch + 1} had a NaN or Inf loss or gradient")
+        train_loss = trainer.average(torch.tensor(loop["losses"], dtype=torch.float64).mean().item())
         at_x = evaluate(trainer.load_into(eval_model, point="x"), data.test, device)
         at_aux = evaluate(trainer.load_into(eval_model, point="auxiliary"), data.test, device) if diagnostics else None
         row = {
             "epoch": epoch + 1,
-            "step": step,
+            "step": loop["step"],
             "lr": lr,
             "train_loss": train_loss,
             "test_loss": at_x["loss"],
@@ -185,10 +264,11 @@ def train(
             "test_loss_aux": at_aux and at_aux["loss"],
             "test_acc_aux": at_aux and at_aux["acc"],
             **trainer.bits,
-            "mismatch_ef": mismatch["mismatch_ef"] if diagnostics else None,
-            "mismatch_saef": mismatch["mismatch_saef"] if diagnostics else None,
+            "mismatch_ef": loop["mismatch_ef"] if diagnostics else None,
+            "mismatch_saef": loop["mismatch_saef"] if diagnostics else None,
+            "skipped_steps": loop["skipped"],
             "epoch_time": time.perf_counter() - epoch_start,
-            "wall_time": time.perf_counter() - start,
+            "wall_time": time.perf_counter() - run_start,
         }
         rows.append(row)
         if record is not None:
@@ -196,12 +276,15 @@ def train(
         aux = "" if at_aux is None else f"  test acc at x~ {100 * at_aux['acc']:.2f}%"
         log(f"epoch {epoch + 1:3d}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f}  "
             f"test loss {at_x['loss']:.4f}  test acc {100 * at_x['acc']:.2f}%{aux}  ({row['epoch_time']:.1f} s)")
+        loop.update(epoch=epoch + 1, step_in_epoch=0, losses=[], mismatch_ef=0.0, mismatch_saef=0.0, epoch_order=order.get_state(),
+                    elapsed=time.perf_counter() - run_start, epoch_elapsed=0.0)
+        save_checkpoint()
 
     last = rows[-1]
     summary = {
         "run_dir": str(output),
         "epochs": config.epochs,
-        "steps": step,
+        "steps": loop["step"],
         "final_test_acc": last["test_acc"],
         "final_test_acc_aux": last["test_acc_aux"],
         "best_test_acc": max(r["test_acc"] for r in rows),
@@ -209,6 +292,7 @@ def train(
         "bits_up": last["bits_up"],
         "bits_down": last["bits_down"],
         "bits_averaging": last["bits_averaging"],
+        "skipped_steps": last["skipped_steps"],
         "wall_time": last["wall_time"],
     }
     if record is not None:

@@ -1,0 +1,145 @@
+"""Checkpoints that lose nothing: written atomically, verified by a checksum, loaded with weights_only.
+
+A run directory's checkpoints live in ``RUN_DIR/checkpoints/``:
+
+* ``step-00000123.rank0.pt`` ...  one file per rank (one file in the simulator), each written to a temporary
+  file, fsync-ed and renamed, so a crash mid-write leaves the previous checkpoints intact;
+* ``manifest.json``  the complete checkpoints, newest last, with every file's SHA-256. It is rewritten
+  (atomically) only after all files of a checkpoint are on disk, so a checkpoint that is listed is whole.
+
+Loading takes the newest listed checkpoint whose files all match their checksums, and falls back to an
+older one, with a warning, when a file is truncated or corrupted.
+
+What a checkpoint holds is decided by the training loop (:mod:`saef.train`): parameters, every worker's
+momentum and error, the server error (per owner rank), BatchNorm buffers, step, epoch and the epoch's
+accumulators, the data-order generator and every RNG (torch, numpy, python), and the bit counters. Only
+tensors, numbers, strings, lists and dicts are stored, so ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .records import write_atomically
+
+__all__ = ["CheckpointError", "save", "load_latest", "capture_rng", "restore_rng", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one from another version or configuration."""
+
+
+def _file_name(step: int, rank: int) -> str:
+    return f"step-{step:08d}.rank{rank}.pt"
+
+
+def _read_manifest(folder: Path) -> List[Dict[str, Any]]:
+    path = folder / MANIFEST
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        assert isinstance(entries, list)
+        return entries
+    except (ValueError, AssertionError) as error:
+        raise CheckpointError(f"{path} is not a valid checkpoint manifest ({error})") from None
+
+
+def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world: int = 1, keep: int = 3,
+         barrier=None) -> str:
+    """Write this rank's ``state`` for ``step``; rank 0 then lists the checkpoint in the manifest.
+
+    ``barrier`` (distributed runs) is called between writing the files and listing them, so that the
+    manifest names only checkpoints whose every rank file is on disk. Returns this rank's file's SHA-256.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, "step": step, "rank": rank, "world": world, "state": state}, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    write_atomically(folder / _file_name(step, rank), data)
+    digests = [None] * world
+    if barrier is not None:
+        digests = barrier(digest)  # all ranks' digests, once all have written
+    else:
+        digests[rank] = digest
+    if rank == 0:
+        entries = [e for e in _read_manifest(folder) if e["step"] != step]
+        entries.append({"step": step, "world": world, "files": {_file_name(step, r): d for r, d in enumerate(digests)}})
+        stale, entries = entries[:-keep], entries[-keep:]
+        write_atomically(folder / MANIFEST, (json.dumps(entries, indent=1) + "\n").encode())
+        for entry in stale:  # only after the manifest no longer lists them
+            for name in entry["files"]:
+                (folder / name).unlink(missing_ok=True)
+    return digest
+
+
+def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1) -> Optional[Dict[str, Any]]:
+    """This rank's state from the newest complete, uncorrupted checkpoint; None when there is none.
+    ``world=None`` accepts a checkpoint written by any number of processes (for --reset-errors)."""
+    folder = Path(folder)
+    entries = _read_manifest(folder)
+    problems = []
+    for entry in reversed(entries):
+        if world is not None and entry["world"] != world:
+            raise CheckpointError(
+                f"the checkpoint at step {entry['step']} was written by {entry['world']} processes, this run has {world}"
+            )
+        name = _file_name(entry["step"], rank)
+        path = folder / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if hashlib.sha256(data).hexdigest() != entry["files"].get(name):
+            problems.append(f"{name} does not match its checksum (truncated or corrupted)")
+            continue
+        try:
+            saved = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as error:  # unpickling refused or failed
+            problems.append(f"{name} cannot be read ({type(error).__name__}: {error})")
+            continue
+        if saved.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{name} has checkpoint format {saved.get('format_version')}, this saef reads {FORMAT_VERSION}")
+        if problems:
+            warnings.warn(f"skipped newer checkpoints: {'; '.join(problems)}; resuming from step {entry['step']}")
+        return saved["state"]
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {folder}: {'; '.join(problems)}")
+    return None
+
+
+def capture_rng() -> Dict[str, Any]:
+    """torch, numpy and python RNG states as tensors and plain lists (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss_py},
+    }
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
