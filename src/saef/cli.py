@@ -165,6 +165,10 @@ def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_erro
     except FloatingPointError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # e.g. the disk is full: the last complete checkpoint and records stay valid
+        print(f"saef: error: could not write the run's files: {error}; the newest complete checkpoint is intact "
+              "(resume with --resume once there is room)", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if config.backend != "dist":
             raise

@@ -239,6 +239,8 @@ def train(
                 log(f"saef: step {loop['step']} skipped: {error}")
             loop["step"] += 1
             loop["step_in_epoch"] += 1
+            if checkpoint.fault_point("kill-at-step", loop["step"], rank):
+                checkpoint.kill_self()
             if diagnostics and trainer.cheap_diagnostics and loop["consecutive_skips"] == 0:
                 for key, value in trainer.mismatch().items():
                     loop[key] += value / steps_per_epoch

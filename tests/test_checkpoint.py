@@ -1,0 +1,291 @@
+"""Checkpoints and resume: a run killed with SIGKILL anywhere (even mid-checkpoint) and resumed ends
+bit-identical to an uninterrupted run; damaged or mismatched checkpoints are refused or skipped clearly."""
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import saef
+from saef import checkpoint
+from saef.cli import main
+from saef.simulator import NonFiniteStep
+
+SRC = str(Path(__file__).parent.parent / "src")
+# synthetic: 512 samples, batch 32 -> 16 steps per epoch, 64 steps; checkpoints every 5 steps and per epoch
+RUN = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--epochs", "4", "--checkpoint-every", "5",
+       "--compressor", "topk:0.1", "--average-every", "3", "--quiet"]
+TIMES = ("epoch_time", "wall_time")
+
+
+def saef_cli(args, fault=None, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("SAEF_FAULT", None)
+    if fault:
+        env["SAEF_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "saef", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+
+
+def final_state(run_dir):
+    return checkpoint.load_latest(Path(run_dir) / "checkpoints")["trainer"]
+
+
+def assert_identical(a, b):
+    assert records(a) == records(b)
+    sa, sb = final_state(a), final_state(b)
+    assert torch.equal(sa["x"], sb["x"])
+    for key in ("worker_momentum", "worker_error", "server_error"):
+        assert torch.equal(sa["algorithm"][key], sb["algorithm"][key]), key
+    assert json.loads((Path(a) / "summary.json").read_text())["final_test_acc"] == json.loads((Path(b) / "summary.json").read_text())["final_test_acc"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = saef_cli(["train", *RUN, "--output", str(out)])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+KILL_STEPS = [16, 32] + random.Random(7).sample(range(1, 64), 3)  # epoch ends and random steps
+
+
+@pytest.mark.parametrize("step", KILL_STEPS)
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, step):
+    """SIGKILL at a step, then --resume: records and parameters, momentum and errors equal the uninterrupted run."""
+    out = tmp_path / "run"
+    killed = saef_cli(["train", *RUN, "--output", str(out)], fault=f"kill-at-step:{step}")
+    assert killed.returncode == -9
+    assert not (out / "summary.json").exists()
+    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(reference, out)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
+    """Killed while writing the step-15 checkpoint: the torn file is never listed, step 10 loads, and the
+    resumed run still ends bit-identical."""
+    out = tmp_path / "run"
+    killed = saef_cli(["train", *RUN, "--output", str(out)], fault="kill-in-checkpoint:15")
+    assert killed.returncode == -9
+    assert [e["step"] for e in json.loads((out / "checkpoints" / "manifest.json").read_text())][-1] == 10
+    assert checkpoint.load_latest(out / "checkpoints")["loop"]["step"] == 10
+    assert saef_cli(["train", "--resume", str(out), "--quiet"]).returncode == 0
+    assert_identical(reference, out)
+
+
+def _newest_file(run_dir):
+    entry = json.loads((Path(run_dir) / "checkpoints" / "manifest.json").read_text())[-1]
+    return Path(run_dir) / "checkpoints" / next(iter(entry["files"]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_newest_checkpoint_falls_back(reference, tmp_path, damage):
+    """A truncated or corrupted newest checkpoint fails its checksum; resume warns and uses the previous one,
+    and the run still ends bit-identical."""
+    out = tmp_path / "run"
+    assert saef_cli(["train", *RUN, "--output", str(out)], fault="kill-at-step:27").returncode == -9
+    path = _newest_file(out)
+    data = bytearray(path.read_bytes())
+    path.write_bytes(data[: len(data) // 3] if damage == "truncate" else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checksum" in resumed.stderr
+    assert_identical(reference, out)
+
+
+def test_every_checkpoint_damaged_is_refused(tmp_path):
+    """With no usable checkpoint, resume exits 2 naming the damaged files, and changes nothing."""
+    out = tmp_path / "run"
+    assert saef_cli(["train", *RUN, "--output", str(out)], fault="kill-at-step:12").returncode == -9
+    for path in (out / "checkpoints").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:50])
+    before = (out / "metrics.jsonl").read_bytes()
+    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
+    assert resumed.returncode == 2 and "no usable checkpoint" in resumed.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_checkpoint_from_another_version_is_refused(tmp_path):
+    """A checkpoint whose format version differs is refused with exit 2."""
+    folder = tmp_path / "checkpoints"
+    checkpoint.save(folder, 3, {"x": torch.zeros(2)})
+    path = next(folder.glob("*.pt"))
+    saved = torch.load(path, weights_only=True)
+    saved["format_version"] = 999
+    torch.save(saved, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    import hashlib
+
+    manifest[-1]["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match="format 999"):
+        checkpoint.load_latest(folder)
+
+
+def test_resume_with_other_compressor_needs_reset_errors(tmp_path, capsys):
+    """Changing the compressor on resume is refused (exit 2) unless --reset-errors, which is logged."""
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--compressor", "sign"]) == 2
+    err = capsys.readouterr().err
+    assert "compressor" in err and "--reset-errors" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--compressor", "sign", "--workers", "2", "--reset-errors", "--quiet"]) == 0
+    event = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
+    assert event["reset_errors"] is True and event["changed"]["compressor"] == ["topk:0.1", "sign"]
+    assert len(records(out)) == 2
+
+
+def test_resume_cannot_change_the_model(tmp_path, capsys):
+    """Changing the model (or data) on resume is refused: that is another run."""
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--epochs", "1", "--output", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--model", "cnn1d", "--reset-errors"]) == 2
+    assert "model cannot change" in capsys.readouterr().err
+
+
+def test_nan_in_data_never_reaches_state():
+    """A NaN in the inputs raises NonFiniteStep and leaves parameters, momentum and errors untouched."""
+    torch.manual_seed(0)
+    sim = saef.Simulator(nn.Sequential(nn.Linear(4, 3)), workers=2, compressor="sign", momentum=0.9)
+    inputs, targets = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    sim.step(inputs, targets, lr=0.1)
+    before = {k: v.clone() for k, v in sim.state.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = sim.x.clone()
+    inputs[3, 1] = float("nan")
+    with pytest.raises(NonFiniteStep):
+        sim.step(inputs, targets, lr=0.1)
+    assert torch.equal(sim.x, x)
+    for key, value in before.items():
+        assert torch.equal(getattr(sim.state, key), value)
+
+
+def test_diverging_run_stops_after_consecutive_skips(tmp_path):
+    """An lr so large that the loss turns NaN: steps are skipped, then the run stops (exit 1) with a clear
+    message after --max-nonfinite-skips in a row, and no summary marks it complete."""
+    out = tmp_path / "run"
+    result = saef_cli(["train", *RUN, "--compressor", "identity", "--method", "sgd", "--lr", "1e30", "--max-nonfinite-skips", "2", "--output", str(out)])
+    assert result.returncode == 1
+    assert "3 step(s) in a row had a NaN or Inf" in result.stderr
+    assert not (out / "summary.json").exists()
+
+
+def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    """A checkpoint write that fails with ENOSPC leaves no partial file, and the previous checkpoint loads."""
+    folder = tmp_path / "checkpoints"
+    checkpoint.save(folder, 1, {"x": torch.ones(3)})
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("saef.records.os.fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(folder, 2, {"x": torch.zeros(3)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "step-00000001.rank0.pt"]
+    assert torch.equal(checkpoint.load_latest(folder)["x"], torch.ones(3))
+
+
+def test_disk_full_exits_nonzero_with_message(tmp_path, monkeypatch, capsys):
+    """saef train on a full disk exits 1 with a message, without a summary that marks the run complete."""
+    real = saef.records.write_atomically
+
+    def failing(path, data):
+        if "checkpoints" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr("saef.checkpoint.write_atomically", failing)
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--output", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+
+
+def test_empty_model_is_refused():
+    """A model without trainable parameters is refused at construction."""
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        saef.Simulator(nn.Sequential(), workers=2)
+
+
+def _dist(argv, out, fault=None, world=2):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import launch, wait_all
+
+    extra = {"SAEF_FAULT": fault} if fault else {"SAEF_FAULT": ""}
+    procs = launch(["-m", "saef", "train", *argv, "--output", str(out)], world, extra_env=extra,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    codes = wait_all(procs, timeout=180)
+    return codes, [p.stderr.read() for p in procs]
+
+
+DIST = ["--backend", "dist", *RUN, "--timeout", "20"]
+
+
+@pytest.fixture(scope="module")
+def dist_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist-ref") / "run"
+    codes, errs = _dist(DIST, out)
+    assert codes == [0, 0], errs
+    return out
+
+
+def _assert_ranks_identical(a, b, world=2):
+    assert records(a) == records(b)
+    for rank in range(world):
+        sa = checkpoint.load_latest(Path(a) / "checkpoints", rank=rank, world=world)["trainer"]
+        sb = checkpoint.load_latest(Path(b) / "checkpoints", rank=rank, world=world)["trainer"]
+        assert torch.equal(sa["x"], sb["x"])
+        for key in ("worker_momentum", "worker_error", "server_error"):
+            assert torch.equal(sa["algorithm"][key], sb["algorithm"][key]), (rank, key)
+
+
+def test_distributed_sigkill_then_resume_is_bit_identical(dist_reference, tmp_path):
+    """2 gloo processes: rank 1 is SIGKILLed mid-epoch, rank 0 stops with an error; --resume on both ranks
+    ends bit-identical (records, and each rank's parameters, momentum, worker and server error)."""
+    out = tmp_path / "run"
+    codes, errs = _dist(DIST, out, fault="kill-at-step:21@1")
+    assert codes[1] == -9 and codes[0] not in (0, None), codes
+    codes, errs = _dist(["--resume", str(out), "--quiet"], out)
+    assert codes == [0, 0], errs
+    _assert_ranks_identical(dist_reference, out)
+
+
+def test_torchrun_restart_resumes_automatically(dist_reference, tmp_path):
+    """Under torchrun --max-restarts 1, a rank killed mid-run is restarted with the others, they resume from
+    the last complete checkpoint by themselves, and the run ends bit-identical."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), SAEF_FAULT="kill-at-step:37@1")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import free_port
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "saef", "train", *DIST,
+                             "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "events.jsonl").read_text().splitlines()[-1])["event"] == "resume"
+    _assert_ranks_identical(dist_reference, out)
