@@ -1,0 +1,132 @@
+"""End-to-end on a slow network: saef against DDP (fp32, fp16 hook, PowerSGD hook) in one run.
+
+    sudo python benchmarks/bench_network.py                           # 100 Mbit/s and 1 Gbit/s, K = 2 and 4
+    sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 --models mlp5m --epochs 3
+
+Needs root: it makes a network namespace whose loopback is rate-limited with tc (tbf), runs K processes
+inside it on 127.0.0.1 (gloo), and deletes the namespace afterwards -- also when interrupted. Prints, per
+rate, worker count and model, the median time per training step of every variant and its speed-up over
+DDP fp32; with --epochs, also the training time each variant needs to reach DDP fp32's final test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+NAMESPACE = "saefbench"
+VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk"]
+WORKER = str(Path(__file__).with_name("_net_worker.py"))
+
+
+def sh(*argv, check=True):
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def make_namespace(rate: str) -> None:
+    delete_namespace()
+    sh("ip", "netns", "add", NAMESPACE)
+    sh("ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "up")
+    sh("ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "mtu", "9000")
+    sh("ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
+
+
+def delete_namespace() -> None:
+    sh("ip", "netns", "del", NAMESPACE, check=False)
+
+
+def run_variant(variant, model, workers, args):
+    with socket.socket() as s:  # any free port number; the namespace has its own port space
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    src = str(Path(__file__).parent.parent / "src")
+    for rank in range(workers):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        argv = ["ip", "netns", "exec", NAMESPACE, sys.executable, WORKER, "--variant", variant, "--model", model,
+                "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr)]
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        out, err = procs[0].communicate(timeout=args.timeout)
+        for p in procs[1:]:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if procs[0].returncode != 0:
+        raise RuntimeError(f"{variant} {model} K={workers} failed:\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def time_to(curve, target):
+    for seconds, acc in curve:
+        if acc >= target:
+            return seconds
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
+    parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_network.py needs root to create a network namespace (ip netns add)")
+
+    def interrupted(signum, frame):
+        delete_namespace()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    results = []
+    try:
+        for rate in args.rates:
+            make_namespace(rate)
+            for model in args.models:
+                for k in args.workers:
+                    for variant in args.variants:
+                        epochs = args.epochs if not model.startswith("resnet") else 0
+                        r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
+                        r["rate"] = rate
+                        results.append(r)
+                        print(f"# {rate} {model} K={k} {variant}: {1e3 * r['step_s']:.1f} ms/step", file=sys.stderr, flush=True)
+    finally:
+        delete_namespace()
+    print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
+    print("|---|---|---:|---|---:|---:|")
+    for r in results:
+        base = next(b for b in results if (b["rate"], b["model"], b["workers"], b["variant"]) == (r["rate"], r["model"], r["workers"], "ddp-fp32"))
+        print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.1f}x |")
+    curves = [r for r in results if "curve" in r]
+    if curves:
+        print()
+        print("| rate | model | K | variant | final test acc. | training s to reach DDP fp32's final acc. |")
+        print("|---|---|---:|---|---:|---:|")
+        for r in curves:
+            base = next(b for b in curves if (b["rate"], b["model"], b["workers"], b["variant"]) == (r["rate"], r["model"], r["workers"], "ddp-fp32"))
+            target = base["curve"][-1][1]
+            reached = time_to(r["curve"], target)
+            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {100 * r['curve'][-1][1]:.2f} % "
+                  f"| {'not reached' if reached is None else f'{reached:.0f}'} (target {100 * target:.2f} %) |")
+    Path("benchmarks/results").mkdir(exist_ok=True)
+    Path("benchmarks/results/network.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
