@@ -143,3 +143,33 @@ def test_registry_accepts_user_compressors():
     assert torch.equal(x[0], torch.full((3,), -0.5))
     with pytest.raises(ValueError, match="already registered"):
         saef.register_compressor("halve", Halve)
+
+
+@pytest.mark.parametrize("sizes", [[125, 25, 3125, 1, 7, 8, 9], [16, 24, 8, 10], [64, 3]])
+@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.1"])
+def test_layer_batched_path_equals_per_layer(spec, sizes):
+    """Compressing all layers of a flat (W, P) tensor at once gives each layer's payload exactly as
+    encode_rows does (scales to rounding), and decodes to the same dense values."""
+    c = saef.make_compressor(spec)
+    layout = saef.compressors.Layout(sizes)
+    rows = torch.randn(3, layout.total)
+    payloads = c.encode_layers(rows, layout)
+    for payload, s in zip(payloads, layout.slices):
+        single = c.encode_rows(rows[:, s])
+        assert len(payload) == len(single)
+        for a, b in zip(payload, single):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=0)
+    dense = c.decode_layers(payloads, layout)
+    assert torch.equal(dense, torch.cat([c.decode_rows(p, d) for p, d in zip(payloads, sizes)], dim=1))
+
+
+def test_fast_bit_packing_equals_the_definition():
+    """The multiply-based packing equals bit i of byte j = element 8j + i, for every length."""
+    for n in range(0, 70):
+        bits = torch.rand(2, n) > 0.5
+        packed = pack_bits(bits)
+        expected = torch.zeros(2, -(-n // 8), dtype=torch.uint8)
+        for j in range(n):
+            expected[:, j // 8] |= bits[:, j].to(torch.uint8) << (j % 8)
+        assert torch.equal(packed, expected), n

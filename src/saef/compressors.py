@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -74,12 +75,21 @@ def _bit_weights(device: torch.device) -> Tensor:
     return w
 
 
+# Multiplying the int64 view of 8 bytes that are each 0 or 1 by this constant gathers byte i's bit at
+# bit 56 + i of the product, and no other partial product reaches bits 56..63 (nor carries into them).
+_GATHER_8_BYTES = 0x0102040810204080
+
+
 def pack_bits(bits: Tensor) -> Tensor:
     """Pack a ``(W, n)`` bool tensor into ``(W, ceil(n / 8))`` uint8, bit i of byte j = element 8 j + i."""
     rows, n = bits.shape
     pad = (-n) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
+    if sys.byteorder == "little" and bits.is_contiguous() and bits.numel():
+        # One multiply per 8 elements instead of a reduction over a length-8 axis (~8x faster).
+        words = bits.view(torch.uint8).view(rows, -1, 8).view(torch.int64).squeeze(-1)
+        return ((words * _GATHER_8_BYTES) >> 56).to(torch.uint8)
     grouped = bits.view(rows, -1, 8).to(torch.uint8)
     return (grouped * _bit_weights(bits.device)).sum(dim=-1, dtype=torch.uint8)
 
@@ -241,11 +251,14 @@ class ScaledSign(Compressor):
         lengths = layout.cached("lengths", device, lambda: torch.tensor(layout.sizes))
         scales = torch.segment_reduce(rows.abs(), "sum", lengths=lengths.expand(rows.shape[0], -1), axis=1)
         scales = scales / lengths.to(rows.dtype)
-        index = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
         nbytes = [-(-d // 8) for d in layout.sizes]
-        padded = torch.zeros(rows.shape[0], 8 * sum(nbytes), dtype=torch.bool, device=device)
-        padded[:, index] = rows >= 0
-        packed = pack_bits(padded)
+        if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
+            packed = pack_bits(rows >= 0)
+        else:  # move each layer to a byte boundary first
+            index = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
+            padded = torch.zeros(rows.shape[0], 8 * sum(nbytes), dtype=torch.bool, device=device)
+            padded[:, index] = rows >= 0
+            packed = pack_bits(padded)
         out, start = [], 0
         for i, n in enumerate(nbytes):
             out.append((packed[:, start : start + n], scales[:, i]))
@@ -255,15 +268,15 @@ class ScaledSign(Compressor):
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers(payloads, layout)
-        device = payloads[0][0].device
         packed = torch.cat([p[0] for p in payloads], dim=1)
-        scales = torch.stack([p[1] for p in payloads], dim=1)
-        index = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
-        lengths = layout.cached("lengths", device, lambda: torch.tensor(layout.sizes))
-        positive = unpack_bits(packed, packed.shape[1] * 8)[:, index]
-        scale = scales.repeat_interleave(lengths, dim=1, output_size=layout.total)
-        return torch.where(positive, scale, -scale)
-
+        positive = unpack_bits(packed, packed.shape[1] * 8)  # layer i starts at bit 8 * (its byte offset)
+        out = torch.empty(packed.shape[0], layout.total, dtype=payloads[0][1].dtype, device=packed.device)
+        start = 0
+        for (layer_bytes, scale), s, d in zip(payloads, layout.slices, layout.sizes):
+            scale = scale.unsqueeze(1)
+            torch.where(positive[:, start : start + d], scale, -scale, out=out[:, s])
+            start += 8 * layer_bytes.shape[1]
+        return out
 
 def index_bits(d: int) -> int:
     """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
