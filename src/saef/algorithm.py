@@ -101,15 +101,18 @@ class ErrorFeedbackState:
     bits_down: int = 0  # bits one worker has received from the server, cumulative
     bits_averaging: int = 0  # bits one worker has sent for error averaging, cumulative
 
+    def counters(self) -> Dict[str, int]:
+        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        return {"bits_up": self.bits_up, "bits_down": self.bits_down, "bits_averaging": self.bits_averaging}
+
     def state_dict(self) -> Dict[str, object]:
+        """Copies of every field (safe to keep while training goes on)."""
         return {
             "step": self.step,
-            "worker_momentum": self.worker_momentum,
-            "worker_error": self.worker_error,
-            "server_error": self.server_error,
-            "bits_up": self.bits_up,
-            "bits_down": self.bits_down,
-            "bits_averaging": self.bits_averaging,
+            "worker_momentum": self.worker_momentum.clone(),
+            "worker_error": self.worker_error.clone(),
+            "server_error": self.server_error.clone(),
+            **self.counters(),
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:

@@ -320,15 +320,14 @@ class DistributedWorker:
 
     @property
     def bits(self) -> Dict[str, int]:
-        s = self.state
-        return {"bits_up": s.bits_up, "bits_down": s.bits_down, "bits_averaging": s.bits_averaging}
+        return self.state.counters()
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         """This rank's share: x, its momentum and error, its layers' server error, its BatchNorm buffers."""
         return {
             "x": self.x.clone(),
-            "algorithm": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.state_dict().items()},
+            "algorithm": self.state.state_dict(),
             "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
             "wire": dict(self.transport.wire),
             "workers": self.workers,

@@ -145,7 +145,7 @@ class SAEF(torch.optim.Optimizer):
         return self.algorithm.mismatch(self.ef_state)
 
     def state_dict(self) -> Dict[str, object]:
-        state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.ef_state.state_dict().items()}
+        state = self.ef_state.state_dict()
         state["x"] = self.x.clone()
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": state, "param_groups": groups}

@@ -210,14 +210,13 @@ class Simulator:
     @property
     def bits(self) -> Dict[str, int]:
         """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
-        s = self.state
-        return {"bits_up": s.bits_up, "bits_down": s.bits_down, "bits_averaging": s.bits_averaging}
+        return self.state.counters()
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         return {
             "x": self.x.clone(),
-            "algorithm": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.state_dict().items()},
+            "algorithm": self.state.state_dict(),
             "buffers": {n: b.clone() for n, b in self.buffers.items()},
             "workers": self.workers,
         }
