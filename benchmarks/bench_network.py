@@ -52,7 +52,10 @@ def run_variant(variant, model, workers, args):
                    OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = ["ip", "netns", "exec", NAMESPACE, sys.executable, WORKER, "--variant", variant, "--model", model,
                 "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr)]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        # Only rank 0's output is read; the others' must not fill an unread pipe and block.
+        quiet = subprocess.DEVNULL
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE if rank == 0 else quiet,
+                                      stderr=subprocess.PIPE if rank == 0 else quiet, text=True))
     try:
         out, err = procs[0].communicate(timeout=args.timeout)
         for p in procs[1:]:

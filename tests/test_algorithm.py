@@ -57,16 +57,18 @@ def test_delta_equals_compressed_plus_error(method, compressor, double_way):
             assert torch.count_nonzero(state.server_error) == 0
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("method", ["ef", "saef"])
-def test_identity_equals_torch_sgd(method):
+def test_identity_equals_torch_sgd(method, momentum):
     """With C = identity, 50 steps of Algorithm 1 equal torch.optim.SGD(momentum, weight_decay) fed the
-    mean of the workers' gradients (allclose 1e-6), with a learning rate that changes every step."""
+    mean of the workers' gradients (allclose 1e-6), with a learning rate that changes every step; mu = 0
+    is plain SGD."""
     shapes = [(5, 3), (3,)]
     grad_fn, x0 = quadratic_problem(4, shapes, dtype=torch.float32)
     lr = lambda t: 0.05 * (0.97**t)
-    got = saef.simulate(grad_fn, x0, workers=4, steps=50, lr=lr, momentum=0.9, weight_decay=5e-3, method=method, compressor="identity")
+    got = saef.simulate(grad_fn, x0, workers=4, steps=50, lr=lr, momentum=momentum, weight_decay=5e-3, method=method, compressor="identity")
     params = [t.clone().requires_grad_(True) for t in x0]
-    opt = torch.optim.SGD(params, lr=lr(0), momentum=0.9, weight_decay=5e-3)
+    opt = torch.optim.SGD(params, lr=lr(0), momentum=momentum, weight_decay=5e-3)
     for t in range(50):
         opt.param_groups[0]["lr"] = lr(t)
         per_worker = [grad_fn(k, [p.detach() for p in params]) for k in range(4)]

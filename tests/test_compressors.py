@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import saef
 from saef.compressors import TopK, index_bits, pack_bits, payload_bits, unpack_bits
 
-SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]
+SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]  # topk:1 warns (pointless) but must work
 
 
 @st.composite
@@ -152,14 +152,14 @@ def test_layer_batched_path_equals_per_layer(spec, sizes):
     encode_rows does (scales to rounding), and decodes to the same dense values."""
     c = saef.make_compressor(spec)
     layout = saef.compressors.Layout(sizes)
-    rows = torch.randn(3, layout.total)
+    rows = torch.randn(3, layout.total, generator=torch.Generator().manual_seed(0))
     payloads = c.encode_layers(rows, layout)
     for payload, s in zip(payloads, layout.slices):
         single = c.encode_rows(rows[:, s])
         assert len(payload) == len(single)
         for a, b in zip(payload, single):
             assert a.shape == b.shape and a.dtype == b.dtype
-            assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=0)
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=0)  # scales: summed in another order
     dense = c.decode_layers(payloads, layout)
     assert torch.equal(dense, torch.cat([c.decode_rows(p, d) for p, d in zip(payloads, sizes)], dim=1))
 
@@ -173,3 +173,11 @@ def test_fast_bit_packing_equals_the_definition():
         for j in range(n):
             expected[:, j // 8] |= bits[:, j].to(torch.uint8) << (j % 8)
         assert torch.equal(packed, expected), n
+
+
+def test_pointless_settings_warn():
+    """Legal but pointless settings warn: rho = 1 (no compression), p = 1 with a single worker."""
+    with pytest.warns(UserWarning, match="keeps every entry"):
+        saef.make_compressor("topk:1")
+    with pytest.warns(UserWarning, match="does nothing"):
+        saef.ErrorFeedback([(3,)], saef.ErrorFeedbackConfig(average_every=1), saef.InProcessTransport(1))

@@ -199,8 +199,9 @@ class ErrorFeedback:
 
         m, e = state.worker_momentum, state.worker_error
         if cfg.momentum:
-            m.mul_(cfg.momentum)
-        m.add_(grads)
+            m.mul_(cfg.momentum).add_(grads)
+        else:  # mu = 0: the momentum buffer is just this step's gradient
+            m.copy_(grads)
         if cfg.weight_decay:
             m.add_(self.gradient_points(state, x), alpha=cfg.weight_decay)
         delta = torch.add(e, m, alpha=lr)  # D_k = e_k + lr m_k

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -298,6 +299,8 @@ class TopK(Compressor):
         rho = float(rho)
         if not (0.0 < rho <= 1.0):  # also rejects NaN
             raise ValueError(f"topk: rho must be in (0, 1], got rho={rho!r}")
+        if rho == 1.0:
+            warnings.warn("topk:1 keeps every entry: it sends more than identity (values and indices)", stacklevel=3)
         self.rho = rho
         self.name = f"topk:{rho:g}"
 
