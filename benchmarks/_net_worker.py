@@ -25,7 +25,9 @@ def make_trainer(variant, model, lr):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model)
+        # PowerSGD's asynchronous per-bucket collectives can interleave differently on each rank over gloo
+        # ("Received data size doesn't match"); one bucket keeps them in one order.
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1024 if variant == "ddp-powersgd" else 25)
         if variant == "ddp-fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         elif variant == "ddp-powersgd":

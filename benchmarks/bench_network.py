@@ -105,16 +105,23 @@ def main():
                 for k in args.workers:
                     for variant in args.variants:
                         epochs = args.epochs if not model.startswith("resnet") else 0
-                        r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
+                        try:
+                            r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
+                        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:  # report it, go on
+                            r = {"variant": variant, "model": model, "workers": k, "step_s": None, "error": str(error).splitlines()[-1][:200]}
                         r["rate"] = rate
                         results.append(r)
-                        print(f"# {rate} {model} K={k} {variant}: {1e3 * r['step_s']:.1f} ms/step", file=sys.stderr, flush=True)
+                        shown = "failed: " + r["error"] if r["step_s"] is None else f"{1e3 * r['step_s']:.1f} ms/step"
+                        print(f"# {rate} {model} K={k} {variant}: {shown}", file=sys.stderr, flush=True)
     finally:
         delete_namespace()
     print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
     print("|---|---|---:|---|---:|---:|")
     for r in results:
         base = next(b for b in results if (b["rate"], b["model"], b["workers"], b["variant"]) == (r["rate"], r["model"], r["workers"], "ddp-fp32"))
+        if r["step_s"] is None or base["step_s"] is None:
+            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | failed: {r.get('error', 'baseline failed')} | – |")
+            continue
         print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.1f}x |")
     curves = [r for r in results if "curve" in r]
     if curves:

@@ -184,7 +184,6 @@ def test_mismatch_terms_and_auxiliary_iterate():
 
 def test_bit_counters_sum_payloads():
     """Cumulative bits per worker: uplink = sum of the workers' payloads / K, downlink = server payloads."""
-    shapes = [(100,), (9,)]
     sim = saef.Simulator(torch.nn.Linear(9, 10, bias=True), workers=2, compressor="sign")
     sim.step(torch.randn(4, 9), torch.randint(0, 10, (4,)), 0.1)
     expected = (8 * math.ceil(90 / 8) + 32) + (8 * math.ceil(10 / 8) + 32)

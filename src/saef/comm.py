@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from .compressors import Compressor, Layout, Payload, payload_bits

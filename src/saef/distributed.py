@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
