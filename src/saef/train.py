@@ -221,7 +221,7 @@ def train(
         order.set_state(loop["epoch_order"])  # the order generator as it was when this epoch began
         batches = list(epoch_batches(len(data.train), config.batch_size, order))
         bar = tqdm(total=steps_per_epoch, initial=loop["step_in_epoch"], desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (progress and main))
+                   disable=None if (progress and main) else True)  # None: bars on a terminal only
         for indices in batches[loop["step_in_epoch"]:]:
             inputs, targets = local_batch(data, indices, config.workers, trainer.local_workers, config.seed, loop["step"], device)
             try:
