@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import Transport
 from .compressors import Compressor, Identity, Layout, Payload, payload_bits
-from .simulator import NonFiniteStep, flatten, unflatten
+from .simulator import NonFiniteStep, TrainerBase, flatten, unflatten
 
 __all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -224,11 +224,24 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
     else:
         this = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0":
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # After a torchrun restart the rendezvous store still holds the dead round's addresses under
+            # the same keys, and a rank may connect to a peer that no longer exists. A per-round prefix
+            # keeps each round's keys apart.
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                 is_master=rank == 0 and not hosted, timeout=timeout)
+            store = dist.PrefixStore(f"saef/restart-{restart}/", base)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return this
 
 
-class DistributedWorker:
+class DistributedWorker(TrainerBase):
     """One rank of a distributed run: the counterpart of :class:`~saef.simulator.Simulator` for W = 1.
 
     Rank r is worker r. The model is broadcast from rank 0 at construction; the rank computes the gradient
@@ -298,11 +311,9 @@ class DistributedWorker:
     def load_into(self, model: nn.Module, point: str = "x") -> nn.Module:
         """Write x (or x~) and the ranks' mean running statistics into ``model`` (collective: every rank
         must call it)."""
-        from .simulator import _point_name
-
         if model is None or model is self.model:
             raise ValueError("load_into needs a separate copy of the model (the training copy keeps its own statistics)")
-        flat = self.x if _point_name(point) == "x" else self.algorithm.auxiliary_iterate(self.state, self.x)
+        flat = self.parameters_at(point)
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p, value in zip(trainable, unflatten(flat, self.shapes)):
             p.copy_(value)
@@ -314,13 +325,6 @@ class DistributedWorker:
             else:
                 target.copy_(source)
         return model
-
-    def mismatch(self) -> Dict[str, float]:
-        return self.algorithm.mismatch(self.state)
-
-    @property
-    def bits(self) -> Dict[str, int]:
-        return self.state.counters()
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:

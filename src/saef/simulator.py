@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import InProcessTransport
 
-__all__ = ["Simulator", "simulate", "flatten", "unflatten", "NonFiniteStep"]
+__all__ = ["Simulator", "TrainerBase", "simulate", "flatten", "unflatten", "NonFiniteStep"]
 
 
 class NonFiniteStep(FloatingPointError):
@@ -59,7 +59,30 @@ def _point_name(point: str) -> str:
     return point
 
 
-class Simulator:
+class TrainerBase:
+    """What the simulator and one distributed rank share: the flat parameters ``x``, the algorithm and its
+    state, and the read-outs of them. Subclasses set ``x``, ``algorithm`` and ``state``."""
+
+    x: Tensor
+    algorithm: ErrorFeedback
+
+    def parameters_at(self, point: str = "x") -> Tensor:
+        """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
+        if _point_name(point) == "x":
+            return self.x
+        return self.algorithm.auxiliary_iterate(self.state, self.x)
+
+    def mismatch(self) -> Dict[str, float]:
+        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`)."""
+        return self.algorithm.mismatch(self.state)
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        return self.state.counters()
+
+
+class Simulator(TrainerBase):
     """Train ``model`` with K simulated workers exchanging compressed updates (Algorithm 1).
 
     Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
@@ -182,12 +205,6 @@ class Simulator:
         """Mean of a number over processes: here there is one."""
         return value
 
-    def parameters_at(self, point: str = "x") -> Tensor:
-        """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
-        if _point_name(point) == "x":
-            return self.x
-        return self.algorithm.auxiliary_iterate(self.state, self.x)
-
     @torch.no_grad()
     def load_into(self, model: Optional[nn.Module] = None, point: str = "x") -> nn.Module:
         """Write x (or x~) and the workers' mean running statistics into ``model`` (default: the model
@@ -199,18 +216,8 @@ class Simulator:
             params[name].copy_(value)
         buffers = dict(model.named_buffers())
         for name, stacked in self.buffers.items():
-            mean = stacked.float().mean(0).to(stacked.dtype) if stacked.is_floating_point() else stacked[0]
-            buffers[name].copy_(mean)
+            buffers[name].copy_(stacked.mean(0) if stacked.is_floating_point() else stacked[0])
         return model
-
-    def mismatch(self) -> Dict[str, float]:
-        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`)."""
-        return self.algorithm.mismatch(self.state)
-
-    @property
-    def bits(self) -> Dict[str, int]:
-        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
-        return self.state.counters()
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
@@ -231,7 +238,7 @@ class Simulator:
             for key in ("step", "bits_up", "bits_down", "bits_averaging"):
                 setattr(self.state, key, int(state["algorithm"][key]))
             for name, value in state["buffers"].items():
-                mean = value.double().mean(0).to(value.dtype) if value.is_floating_point() else value[0]
+                mean = value.mean(0) if value.is_floating_point() else value[0]
                 self.buffers[name].copy_(mean.unsqueeze(0).expand_as(self.buffers[name]))
             return
         if state["workers"] != self.workers:
