@@ -152,7 +152,8 @@ def train(
     reset_errors: bool = False,
     changed: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``config`` to the end and return the summary (also written to ``summary.json``).
+    """Run ``config`` to the end and return the summary (also written to ``summary.json``; ``{}`` on ranks
+    other than 0).
 
     In a distributed run every rank calls this; rank 0 writes the records, every rank its checkpoint
     shard. ``resume`` continues the run in ``config.output`` from its newest complete checkpoint (exactly:
@@ -281,6 +282,8 @@ def train(
                     elapsed=time.perf_counter() - run_start, epoch_elapsed=0.0)
         save_checkpoint()
 
+    if not main:  # rank 0 writes the records and the summary
+        return {}
     last = rows[-1]
     summary = {
         "run_dir": str(output),
@@ -296,11 +299,10 @@ def train(
         "skipped_steps": last["skipped_steps"],
         "wall_time": last["wall_time"],
     }
-    if record is not None:
-        from .plots import plot_run
+    from .plots import plot_run
 
-        plot_run(output)
-        record.finish(summary)
+    plot_run(output)
+    record.finish(summary)
     log(format_summary(config, summary))
     return summary
 
