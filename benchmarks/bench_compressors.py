@@ -10,23 +10,15 @@ Prints medians (microseconds) and ratios, all measured in one run on the same te
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import saef
+from _timing import median_time
 
 
 def median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    return 1e6 * median_time(fn, repeats)
 
 
 def main():

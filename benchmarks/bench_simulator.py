@@ -11,28 +11,16 @@ configuration, measured in one run with the same data, and the ratio to SGD.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import saef
+from _timing import median_time
 from saef.models import build_model
 
 SHAPES = {"cnn1d": ((1, 40), 10), "mlp": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
-
-
-def median_time(step, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_model(name: str, seed: int = 0):
