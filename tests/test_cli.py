@@ -129,3 +129,18 @@ def _exit_code(argv):
         return main(argv)
     except SystemExit as exit:
         return exit.code
+
+
+def test_plot_command_overlays_runs_and_rejects_non_runs(tmp_path, capsys):
+    """``saef plot RUN... -o FILE`` writes a PNG from run directories; a folder that is not a run exits 2."""
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        assert main(["train", *FAST, "--epochs", "1", "--seed", str(seed), "--output", str(out)]) == 0
+        runs.append(str(out))
+    png = tmp_path / "both.png"
+    assert main(["plot", *runs, "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "config.json" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
