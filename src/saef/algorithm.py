@@ -157,7 +157,7 @@ class ErrorFeedback:
             warnings.warn("average_every=1 with a single worker does nothing", stacklevel=2)
 
     def layer(self, i: int) -> slice:
-        return slice(self.offsets[i], self.offsets[i + 1])
+        return self.layout.slices[i]
 
     def init_state(self, x: Tensor) -> ErrorFeedbackState:
         """Zero momentum and errors shaped for ``x`` (P,) and this process's W workers."""
@@ -246,6 +246,14 @@ class ErrorFeedback:
     def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
         """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3)."""
         return x - self.compression_error(state)
+
+    def point(self, state: ErrorFeedbackState, x: Tensor, which: str = "x") -> Tensor:
+        """The parameters to evaluate: ``"x"`` (what the workers hold) or ``"auxiliary"`` (x~)."""
+        if which == "x":
+            return x
+        if which == "auxiliary":
+            return self.auxiliary_iterate(state, x)
+        raise ValueError(f"point must be 'x' or 'auxiliary', got point={which!r}")
 
     def mismatch(self, state: ErrorFeedbackState) -> Dict[str, float]:
         """The gradient-mismatch terms of the paper, without the L^2 factor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import Transport
 from .compressors import Compressor, Identity, Layout, Payload, payload_bits
-from .simulator import NonFiniteStep, TrainerBase, flatten, unflatten
+from .simulator import NonFiniteStep, TrainerBase, flatten, write_flat
 
 __all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -278,10 +278,8 @@ class DistributedWorker(TrainerBase):
         self.local_workers = [self.rank]
         self.is_main = self.rank == 0
 
-    @torch.no_grad()
     def _write(self, flat: Tensor) -> None:
-        for p, value in zip(self.params, unflatten(flat, self.shapes)):
-            p.copy_(value)
+        write_flat(self.params, flat, self.shapes)
 
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One step on this rank's shard of the global batch; returns this rank's loss."""
@@ -314,9 +312,7 @@ class DistributedWorker(TrainerBase):
         if model is None or model is self.model:
             raise ValueError("load_into needs a separate copy of the model (the training copy keeps its own statistics)")
         flat = self.parameters_at(point)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p, value in zip(trainable, unflatten(flat, self.shapes)):
-            p.copy_(value)
+        write_flat([p for p in model.parameters() if p.requires_grad], flat, self.shapes)
         for (name, target), source in zip(model.named_buffers(), self.model.buffers()):
             if source.is_floating_point():
                 mean = source.clone()

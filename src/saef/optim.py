@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import InProcessTransport, Transport
-from .simulator import _point_name, flatten, unflatten
+from .simulator import flatten, write_flat
 
 __all__ = ["SAEF"]
 
@@ -113,10 +113,8 @@ class SAEF(torch.optim.Optimizer):
     def _params(self):
         return self.param_groups[0]["params"]
 
-    @torch.no_grad()
     def _write(self, flat: Tensor) -> None:
-        for p, value in zip(self._params(), unflatten(flat, self.shapes)):
-            p.copy_(value)
+        write_flat(self._params(), flat, self.shapes)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,8 +131,7 @@ class SAEF(torch.optim.Optimizer):
     @contextlib.contextmanager
     def evaluation_point(self, point: str = "x") -> Iterator[None]:
         """Temporarily put x (``"x"``) or the auxiliary iterate x~ (``"auxiliary"``) into the parameters."""
-        flat = self.x if _point_name(point) == "x" else self.algorithm.auxiliary_iterate(self.ef_state, self.x)
-        self._write(flat)
+        self._write(self.algorithm.point(self.ef_state, self.x, point))
         try:
             yield
         finally:

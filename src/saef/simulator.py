@@ -53,10 +53,11 @@ def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> List[Tensor]:
     return out
 
 
-def _point_name(point: str) -> str:
-    if point not in ("x", "auxiliary"):
-        raise ValueError(f"point must be 'x' or 'auxiliary', got point={point!r}")
-    return point
+@torch.no_grad()
+def write_flat(params: Sequence[Tensor], flat: Tensor, shapes: Sequence[Sequence[int]]) -> None:
+    """Copy the flat vector ``flat`` into the tensors ``params`` (laid end to end with ``shapes``)."""
+    for p, value in zip(params, unflatten(flat, shapes)):
+        p.copy_(value)
 
 
 class TrainerBase:
@@ -68,9 +69,7 @@ class TrainerBase:
 
     def parameters_at(self, point: str = "x") -> Tensor:
         """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
-        if _point_name(point) == "x":
-            return self.x
-        return self.algorithm.auxiliary_iterate(self.state, self.x)
+        return self.algorithm.point(self.state, self.x, point)
 
     def mismatch(self) -> Dict[str, float]:
         """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`)."""
@@ -210,10 +209,8 @@ class Simulator(TrainerBase):
         """Write x (or x~) and the workers' mean running statistics into ``model`` (default: the model
         given at construction) and return it."""
         model = self.model if model is None else model
-        flat = self.parameters_at(point)
         params = dict(model.named_parameters())
-        for name, value in zip(self.names, unflatten(flat, self.shapes)):
-            params[name].copy_(value)
+        write_flat([params[name] for name in self.names], self.parameters_at(point), self.shapes)
         buffers = dict(model.named_buffers())
         for name, stacked in self.buffers.items():
             buffers[name].copy_(stacked.mean(0) if stacked.is_floating_point() else stacked[0])
