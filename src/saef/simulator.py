@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import InProcessTransport
+from .stacked import stack_model
 
 __all__ = ["Simulator", "TrainerBase", "simulate", "flatten", "unflatten", "NonFiniteStep"]
 
@@ -85,7 +86,8 @@ class Simulator(TrainerBase):
     """Train ``model`` with K simulated workers exchanging compressed updates (Algorithm 1).
 
     Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
-    The K gradients are computed together with ``torch.func.vmap`` when the model allows it, else in a loop.
+    The K gradients are computed together: by running the traced model on stacked parameters when it is
+    built from common layers (:mod:`saef.stacked`), else with ``torch.func.vmap``, else in a loop.
 
     Args:
         model: the module; its trainable parameters are x_0. The simulator owns the parameters from then
@@ -94,7 +96,9 @@ class Simulator(TrainerBase):
         method, compressor, server_compressor, momentum, weight_decay, double_way, average_every:
             see :class:`~saef.algorithm.ErrorFeedbackConfig`.
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
-        vectorize: ``"auto"`` (vmap, falling back to a loop with a warning), ``True`` or ``False``.
+        vectorize: ``"auto"`` (stacked layers or vmap, falling back to a loop with a warning), ``True``
+            (stacked layers or vmap, errors are raised), ``"vmap"`` (vmap only, errors are raised) or
+            ``False`` (a loop over workers).
     """
 
     def __init__(
@@ -121,8 +125,8 @@ class Simulator(TrainerBase):
             double_way=double_way,
             average_every=average_every,
         )
-        if vectorize not in ("auto", True, False):
-            raise ValueError(f"vectorize must be 'auto', True or False, got vectorize={vectorize!r}")
+        if vectorize not in ("auto", True, False, "vmap"):
+            raise ValueError(f"vectorize must be 'auto', True, 'vmap' or False, got vectorize={vectorize!r}")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model has no trainable parameters")
@@ -142,6 +146,7 @@ class Simulator(TrainerBase):
         self.buffers: Dict[str, Tensor] = {
             n: b.detach().unsqueeze(0).repeat(workers, *([1] * b.dim())) for n, b in model.named_buffers()
         }
+        self.stacked = stack_model(model) if vectorize in ("auto", True) else None
 
     # --- training ----------------------------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
@@ -174,6 +179,14 @@ class Simulator(TrainerBase):
         the sum with respect to row k is worker k's gradient). This is cheaper than vmap over
         ``torch.func.grad`` because the backward runs as plain batched kernels."""
         self.model.train()
+        if self.stacked is not None:
+            try:
+                return self._stacked_gradients(points, inputs, targets)
+            except Exception as error:  # noqa: BLE001 -- vmap and the loop remain; say why once
+                if self.vectorize is True:
+                    raise
+                warnings.warn(f"stacked layers failed ({type(error).__name__}: {error}); using vmap")
+                self.stacked = None
         if self.vectorize is not False:
             try:
                 with torch.enable_grad():
@@ -183,7 +196,7 @@ class Simulator(TrainerBase):
                     (grads,) = torch.autograd.grad(losses.sum(), points)
                 return grads, losses.detach()
             except Exception as error:  # a model vmap cannot batch: fall back to the loop for good
-                if self.vectorize is True:
+                if self.vectorize in (True, "vmap"):
                     raise
                 warnings.warn(f"vmap failed ({type(error).__name__}: {error}); computing worker gradients in a loop")
                 self.vectorize = False
@@ -196,6 +209,21 @@ class Simulator(TrainerBase):
             grads.append(grad)
             losses.append(loss.detach())
         return torch.stack(grads), torch.stack(losses)
+
+    def _stacked_gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
+        """As :meth:`_gradients`, with the traced model run on stacked parameters (no vmap)."""
+        k = self.workers
+        with torch.enable_grad():
+            points = points.detach().requires_grad_(True)
+            params = dict(zip(self.names, unflatten(points, self.shapes)))
+            params.update({n: p.expand(k, *p.shape) for n, p in self.frozen.items()})
+            outputs = self.stacked(params, self.buffers, inputs)
+            if self.loss_fn is F.cross_entropy:  # one kernel for all workers
+                losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1).mean(1)
+            else:
+                losses = torch.func.vmap(self.loss_fn)(outputs, targets)
+            (grads,) = torch.autograd.grad(losses.sum(), points)
+        return grads, losses.detach()
 
     # --- evaluation and diagnostics ---------------------------------------------------------------
     cheap_diagnostics = True  # the mismatch terms cost a few (K, P) operations: fine every step

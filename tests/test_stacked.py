@@ -1,0 +1,118 @@
+"""The stacked-layer interpreter (saef.stacked) against a plain loop over workers and against vmap."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import saef
+from saef.models import build_model
+from saef.stacked import stack_model
+
+
+def model_zoo(name, seed=0):
+    torch.manual_seed(seed)
+    if name == "cnn1d":
+        return build_model("cnn1d", SimpleNamespace(num_classes=10, input_shape=(1, 40)))
+    if name == "mlp":
+        return build_model("mlp", SimpleNamespace(num_classes=10, input_shape=(1, 40)), width=16)
+    if name == "resnet":
+        return build_model("resnet20", SimpleNamespace(num_classes=10, input_shape=(3, 8, 8)), width=4)
+    raise KeyError(name)
+
+
+SHAPES = {"cnn1d": (1, 40), "mlp": (1, 40), "resnet": (3, 8, 8)}
+
+
+def run(name, vectorize, steps=3, workers=3, compressor="topk:0.2"):
+    sim = saef.Simulator(model_zoo(name), workers=workers, compressor=compressor, momentum=0.9, vectorize=vectorize)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        inputs = torch.randn(6 * workers, *SHAPES[name], generator=g)
+        targets = torch.randint(0, 10, (6 * workers,), generator=g)
+        sim.step(inputs, targets, lr=0.05)
+    return sim
+
+
+@pytest.mark.parametrize("name", ["cnn1d", "mlp", "resnet"])
+def test_stacked_gradients_equal_a_loop_over_workers(name):
+    """Three steps with the stacked interpreter give the parameters, per-worker running statistics and bit
+    counts of the per-worker loop (which runs the unmodified model), and of vmap."""
+    stacked = run(name, True)
+    assert stacked.stacked is not None, "the zoo model should be supported by the stacked interpreter"
+    for other in (run(name, False), run(name, "vmap")):
+        assert torch.allclose(stacked.x, other.x, rtol=1e-5, atol=1e-6)
+        for key in stacked.buffers:
+            assert torch.allclose(stacked.buffers[key].double(), other.buffers[key].double(), atol=1e-5), key
+        assert stacked.bits == other.bits
+
+
+def test_supported_odd_layers_match_the_model():
+    """Grouped/dilated/bias-free convolutions, BatchNorm1d, Conv2d, view, size, mean, sum and indexing give
+    each worker exactly the model's own output at its own parameters."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3, padding=0, dilation=2, groups=2, bias=False)
+            self.bn = nn.BatchNorm1d(4)
+            self.conv2 = nn.Conv1d(4, 6, 3, padding=1)
+            self.conv3 = nn.Conv2d(1, 3, 3, padding=1)
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, x):
+            h = F.gelu(self.bn(self.conv(x)))
+            h = torch.tanh(self.conv2(h)).mean(-1)  # (N, 6)
+            image = x[:, :1].view(x.size(0), 1, 2, -1)  # (N, 1, 2, 8)
+            g = F.relu(self.conv3(image)).flatten(2).sum(dim=2)  # (N, 3)
+            return self.head(h) + g.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Odd()
+    stacked = stack_model(model)
+    assert stacked is not None
+    k = 3
+    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape) for n, p in model.named_parameters()}
+    buffers = {n: b.unsqueeze(0).repeat(k, *[1] * b.dim()) for n, b in model.named_buffers()}
+    inputs = torch.randn(k, 5, 2, 16)
+    out = stacked(params, buffers, inputs)
+    for w in range(k):
+        reference = Odd()
+        reference.load_state_dict({**{n: p[w] for n, p in params.items()}, **{n: b for n, b in model.state_dict().items() if n not in params}})
+        expected = reference(inputs[w])
+        assert torch.allclose(out[w], expected, atol=1e-5)
+        assert torch.allclose(buffers["bn.running_mean"][w], reference.bn.running_mean, atol=1e-6)
+
+
+def test_unsupported_models_fall_back_to_vmap():
+    """A layer the interpreter does not know (here a sort) is not stacked; the
+    simulator then uses vmap and still trains."""
+
+    class Sorted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(40, 10)
+
+        def forward(self, x):
+            return self.linear(torch.sort(x.flatten(1), dim=1).values)
+
+    assert stack_model(Sorted()) is None
+    sim = saef.Simulator(Sorted(), workers=2, compressor="sign")
+    assert sim.stacked is None
+    sim.step(torch.randn(4, 1, 40), torch.randint(0, 10, (4,)), lr=0.1)
+
+
+def test_reduction_over_all_dimensions_is_not_stacked():
+    """A mean over every dimension would mix the workers: such a model is left to vmap."""
+
+    class Global(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x) - self.linear(x).mean()
+
+    assert stack_model(Global()) is None
