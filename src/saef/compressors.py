@@ -267,17 +267,26 @@ class ScaledSign(Compressor):
         return out
 
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
+        one gather that writes the output once (unpacking to booleans first took three passes)."""
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers(payloads, layout)
-        packed = torch.cat([p[0] for p in payloads], dim=1)
-        positive = unpack_bits(packed, packed.shape[1] * 8)  # layer i starts at bit 8 * (its byte offset)
-        out = torch.empty(packed.shape[0], layout.total, dtype=payloads[0][1].dtype, device=packed.device)
-        start = 0
-        for (layer_bytes, scale), s, d in zip(payloads, layout.slices, layout.sizes):
-            scale = scale.unsqueeze(1)
-            torch.where(positive[:, start : start + d], scale, -scale, out=out[:, s])
-            start += 8 * layer_bytes.shape[1]
-        return out
+        device = payloads[0][0].device
+        packed = torch.cat([p[0] for p in payloads], dim=1)  # (W, bytes)
+        rows, nbytes = packed.shape
+        scales = torch.stack([p[1] for p in payloads], dim=1)  # (W, layers)
+        signs = layout.cached("sign-table", device, lambda: unpack_bits(torch.arange(256, dtype=torch.uint8).view(256, 1), 8).float() * 2 - 1)
+        tables = scales.reshape(-1, 1, 1) * signs.to(scales.dtype)  # (W * layers, 256, 8)
+        layer_of_byte = layout.cached("sign-layer-of-byte", device, lambda: torch.repeat_interleave(
+            torch.arange(len(layout.sizes)) * 256, torch.tensor([-(-d // 8) for d in layout.sizes])))
+        index = packed.long() + layer_of_byte  # row w's tables start at w * layers * 256
+        if rows > 1:
+            index += (torch.arange(rows, device=device) * (len(layout.sizes) * 256)).unsqueeze(1)
+        values = tables.view(-1, 8).index_select(0, index.view(-1)).view(rows, nbytes * 8)
+        if all(d % 8 == 0 for d in layout.sizes[:-1]):
+            return values[:, : layout.total]
+        return values[:, layout.cached("sign-padded", device, lambda: self._padded_index(layout))]
+
 
 def index_bits(d: int) -> int:
     """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
