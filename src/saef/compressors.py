@@ -245,21 +245,34 @@ class ScaledSign(Compressor):
             padded.append(padded[-1] + -(-d // 8) * 8)
         return torch.cat([torch.arange(d) + start for d, start in zip(layout.sizes, padded)])
 
+    def _source_index(self, layout: Layout) -> Tensor:
+        """For each position of the byte-aligned layers, the element it holds, or P (a filler) for padding."""
+        nbits = 8 * sum(-(-d // 8) for d in layout.sizes)
+        source = torch.full((nbits,), layout.total, dtype=torch.int64)
+        source[self._padded_index(layout)] = torch.arange(layout.total)
+        return source
+
+    def _layer_scales(self, rows: Tensor, layout: Layout) -> Tensor:
+        """(W, layers): ||v||_1 / d of every layer of every row."""
+        if rows.numel() <= 1 << 20:  # small: one kernel for all layers beats a loop of launches
+            layer = layout.cached("layer-of-element", rows.device, lambda: torch.repeat_interleave(
+                torch.arange(len(layout)), torch.tensor(layout.sizes)))
+            sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
+        else:  # large: a plain reduction per layer streams the memory once (index_add does not)
+            sums = torch.stack([rows[:, s].abs().sum(dim=1) for s in layout.slices], dim=1)
+        return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
+
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
         if any(d == 0 for d in layout.sizes):
             return super().encode_layers(rows, layout)
-        device = rows.device
-        lengths = layout.cached("lengths", device, lambda: torch.tensor(layout.sizes))
-        scales = torch.segment_reduce(rows.abs(), "sum", lengths=lengths.expand(rows.shape[0], -1), axis=1)
-        scales = scales / lengths.to(rows.dtype)
+        scales = self._layer_scales(rows, layout)
         nbytes = [-(-d // 8) for d in layout.sizes]
         if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
             packed = pack_bits(rows >= 0)
-        else:  # move each layer to a byte boundary first
-            index = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
-            padded = torch.zeros(rows.shape[0], 8 * sum(nbytes), dtype=torch.bool, device=device)
-            padded[:, index] = rows >= 0
-            packed = pack_bits(padded)
+        else:  # move each layer to a byte boundary first; the filler -1 packs as bit 0
+            source = layout.cached("sign-source", rows.device, lambda: self._source_index(layout))
+            padded = torch.cat([rows, rows.new_full((rows.shape[0], 1), -1.0)], dim=1).index_select(1, source)
+            packed = pack_bits(padded >= 0)
         out, start = [], 0
         for i, n in enumerate(nbytes):
             out.append((packed[:, start : start + n], scales[:, i]))
@@ -285,7 +298,7 @@ class ScaledSign(Compressor):
         values = tables.view(-1, 8).index_select(0, index.view(-1)).view(rows, nbytes * 8)
         if all(d % 8 == 0 for d in layout.sizes[:-1]):
             return values[:, : layout.total]
-        return values[:, layout.cached("sign-padded", device, lambda: self._padded_index(layout))]
+        return values.index_select(1, layout.cached("sign-padded", device, lambda: self._padded_index(layout)))
 
 
 def index_bits(d: int) -> int:
