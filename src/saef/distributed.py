@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackConfig
 from .comm import Transport
 from .compressors import Compressor, Identity, Layout, Payload, payload_bits
-from .simulator import NonFiniteStep, TrainerBase, flatten, write_flat
+from .simulator import NonFiniteStep, TrainerBase, all_finite, flatten, write_flat
 
 __all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -156,9 +156,8 @@ class DistributedTransport(Transport):
                 continue
             sub = self._owned_layout(layout, source)
             dense = decoded if source == self.rank else compressor.decode_layers(self._unpack(buffer, [templates[i] for i in layers]), sub)[0]
-            index = layout.cached(f"owned-by-{source}-of-{self.num_workers}-{self.server}", decoded.device,
-                                  lambda: torch.cat([torch.arange(layout.offsets[i], layout.offsets[i + 1]) for i in layers]))
-            update.index_copy_(0, index, dense)
+            for i, s in zip(layers, sub.slices):  # one copy per layer: index_copy_ was ~5x slower
+                update[layout.slices[i]] = dense[s]
         return update, sum(recv_sizes) * 8
 
     def _layers_of(self, rank: int, num_layers: int) -> List[int]:
@@ -292,7 +291,7 @@ class DistributedWorker(TrainerBase):
             loss.backward()
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).unsqueeze(0)
         # Every rank must skip together: one int, min-reduced (a rank with a NaN vetoes the step).
-        finite = (torch.isfinite(grads).all() & torch.isfinite(loss)).to(torch.int32).reshape(1)
+        finite = all_finite(grads, loss.detach()).to(torch.int32).reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             raise NonFiniteStep(f"non-finite loss or gradient on some rank (this rank's loss {loss.item()})")
