@@ -1,4 +1,4 @@
-"""The one timing rule every benchmark uses: warm up, then the median of repeated wall-clock times."""
+"""The timing rules every benchmark uses: warm up, then the median of repeated wall-clock times."""
 
 import statistics
 import time
@@ -6,11 +6,22 @@ import time
 
 def median_time(fn, repeats: int, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    return interleaved_medians({"fn": fn}, repeats, warmup, block=repeats)["fn"]
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 3, block: int = 10) -> dict:
+    """Median seconds of each ``fns[name]()`` over ``repeats`` calls, taken in blocks of ``block`` calls
+    per function in turn, so that a slow spell of the machine hits all of them alike and their ratios
+    stay fair. (Blocks rather than single calls: the first call after switching finds colder caches, and
+    in a block only one call in ``block`` pays for it.)"""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(-(-repeats // block)):
+        for name, fn in fns.items():
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -4,8 +4,9 @@ on the same global batch (the same arithmetic, so the floor is 1x).
     python benchmarks/bench_simulator.py                      # 1-D CNN (MNIST-1D) and ResNet-20, K = 4, 8, 16
     python benchmarks/bench_simulator.py --models cnn1d --workers 4 8 --steps 50
 
-Prints one table: median step time over --steps steps (after warm-up) of SGD and of each simulated
-configuration, measured in one run with the same data, and the ratio to SGD.
+Prints one table: median step time over --steps rounds (after warm-up) of SGD and of each simulated
+configuration, measured in one run with the same data, and the ratio to SGD. Each round runs every
+configuration once, in turn, so that the machine's slow spells hit all of them alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import saef
-from _timing import median_time
+from _timing import interleaved_medians
 from saef.models import build_model
 
 SHAPES = {"cnn1d": ((1, 40), 10), "mlp": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
@@ -43,12 +44,12 @@ def bench(name: str, workers, compressors, batch: int, steps: int):
         F.cross_entropy(model(inputs), targets).backward()
         opt.step()
 
-    results = {"sgd": median_time(sgd_step, steps)}
+    steps_to_time = {"sgd": sgd_step}
     for k in workers:
         for spec in compressors:
             sim = saef.Simulator(make_model(name), workers=k, method="saef", compressor=spec, momentum=0.9)
-            results[(k, spec)] = median_time(lambda: sim.step(inputs, targets, lr=0.01), steps)
-    return results
+            steps_to_time[(k, spec)] = lambda sim=sim: sim.step(inputs, targets, lr=0.01)
+    return interleaved_medians(steps_to_time, steps)
 
 
 def main():

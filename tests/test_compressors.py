@@ -145,8 +145,8 @@ def test_registry_accepts_user_compressors():
         saef.register_compressor("halve", Halve)
 
 
-@pytest.mark.parametrize("sizes", [[125, 25, 3125, 1, 7, 8, 9], [16, 24, 8, 10], [64, 3]])
-@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.1"])
+@pytest.mark.parametrize("sizes", [[125, 25, 3125, 1, 7, 8, 9], [16, 24, 8, 10], [64, 3], [25, 300, 25, 1, 300, 25, 1, 2]])
+@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.1", "topk:0.01", "topk:0.5"])
 def test_layer_batched_path_equals_per_layer(spec, sizes):
     """Compressing all layers of a flat (W, P) tensor at once gives each layer's payload exactly as
     encode_rows does (scales to rounding), and decodes to the same dense values."""

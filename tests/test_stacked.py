@@ -116,3 +116,12 @@ def test_reduction_over_all_dimensions_is_not_stacked():
             return self.linear(x) - self.linear(x).mean()
 
     assert stack_model(Global()) is None
+
+
+def test_im2col_backward_matches_autograd():
+    """The hand-written backward of the 1-D im2col equals the numerical gradient (float64 gradcheck)."""
+    from saef.stacked import _Im2Col1d
+
+    x = torch.randn(2, 3, 4, 11, dtype=torch.float64, requires_grad=True)
+    for width, stride in ((5, 2), (3, 1), (2, 3)):
+        assert torch.autograd.gradcheck(lambda t: _Im2Col1d.apply(t, width, stride), (x,))

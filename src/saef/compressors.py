@@ -365,6 +365,104 @@ class TopK(Compressor):
         values, idx = self._select(rows)
         return torch.zeros_like(rows).scatter_(1, idx, values)
 
+    # Vectorised over layers: layers of equal size share one topk call, and the indices of all layers
+    # are packed (and unpacked) by a few kernels with precomputed bit positions. The payloads are those
+    # of encode_rows, layer by layer.
+    def _plan(self, layout: Layout, device: torch.device) -> Dict[str, object]:
+        key = ("topk-plan", self.rho, device)
+        plan = layout._cache.get(key)
+        if plan is not None:
+            return plan
+        sizes, offsets = layout.sizes, layout.offsets
+        ks = [self.k(d) for d in sizes]
+        bits = [index_bits(d) for d in sizes]
+        groups: Dict[int, List[int]] = {}
+        for i, d in enumerate(sizes):
+            groups.setdefault(d, []).append(i)
+        group_plan = []
+        for d, members in groups.items():
+            gather = None
+            if len(members) > 1:
+                gather = torch.cat([torch.arange(offsets[i], offsets[i] + d) for i in members]).to(device)
+            group_plan.append((d, members, gather))
+        # Where layer i's kept entries sit in the concatenation of all layers' kept entries (layer order).
+        starts = [0]
+        for k in ks:
+            starts.append(starts[-1] + k)
+        total_k = starts[-1]
+        width = max(bits) if bits else 0
+        nbytes = [-(-k * b // 8) for k, b in zip(ks, bits)]
+        byte_start = [0]
+        for n in nbytes:
+            byte_start.append(byte_start[-1] + n)
+        total_bits = 8 * byte_start[-1]
+        # Bit j of kept entry e of layer i lies at 8 * byte_start[i] + e * b_i + j of the packed stream.
+        # source: for each stream bit, which (entry, j) of the (total_k, width) bit table it copies, or the
+        # filler (an extra zero at the end); position: the inverse, for unpacking (filler for j >= b_i).
+        filler_source = total_k * width
+        source = torch.full((total_bits,), filler_source, dtype=torch.int64)
+        position = torch.full((total_k, max(width, 1)), total_bits, dtype=torch.int64)
+        layer_offset = torch.empty(total_k, dtype=torch.int64)
+        for i, (k, b) in enumerate(zip(ks, bits)):
+            layer_offset[starts[i] : starts[i + 1]] = offsets[i]
+            if k == 0 or b == 0:
+                continue
+            entries = torch.arange(starts[i], starts[i + 1]).unsqueeze(1)
+            js = torch.arange(b).unsqueeze(0)
+            stream = 8 * byte_start[i] + (entries - starts[i]) * b + js
+            source[stream.reshape(-1)] = (entries * width + js).reshape(-1)
+            position[starts[i] : starts[i + 1], :b] = stream
+        plan = dict(ks=ks, starts=starts, nbytes=nbytes, byte_start=byte_start, width=width, groups=group_plan,
+                    source=source.to(device), position=position.to(device), layer_offset=layer_offset.to(device),
+                    shifts=torch.arange(max(width, 1), dtype=torch.int64, device=device))
+        layout._cache[key] = plan
+        return plan
+
+    def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
+        if any(d == 0 for d in layout.sizes):
+            return super().encode_layers(rows, layout)
+        plan = self._plan(layout, rows.device)
+        w = rows.shape[0]
+        magnitude = rows.abs()
+        local: List[Tensor] = [None] * len(layout)  # per layer, (W, k) indices within the layer
+        for d, members, gather in plan["groups"]:
+            k = plan["ks"][members[0]]
+            if gather is None:
+                i = members[0]
+                local[i] = magnitude[:, layout.slices[i]].topk(k, dim=1, sorted=False).indices
+                continue
+            picked = magnitude.index_select(1, gather).view(w, len(members), d).topk(k, dim=2, sorted=False).indices
+            for j, i in enumerate(members):
+                local[i] = picked[:, j]
+        local_all = torch.cat(local, dim=1)  # (W, total_k), layer order
+        values = rows.gather(1, local_all + plan["layer_offset"])
+        width = plan["width"]
+        if width:
+            table = ((local_all.unsqueeze(-1) >> plan["shifts"]) & 1).to(torch.uint8).view(w, -1)
+            table = torch.cat([table, table.new_zeros(w, 1)], dim=1)  # the filler bit
+            packed = pack_bits(table.index_select(1, plan["source"]).view(torch.bool))
+        else:
+            packed = rows.new_empty(w, 0, dtype=torch.uint8)
+        starts, byte_start = plan["starts"], plan["byte_start"]
+        return [(values[:, starts[i] : starts[i + 1]], packed[:, byte_start[i] : byte_start[i + 1]]) for i in range(len(layout))]
+
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        if any(d == 0 for d in layout.sizes):
+            return super().decode_layers(payloads, layout)
+        plan = self._plan(layout, payloads[0][0].device)
+        values = torch.cat([p[0] for p in payloads], dim=1)
+        w = values.shape[0]
+        if plan["width"]:
+            packed = torch.cat([p[1] for p in payloads], dim=1)
+            stream = unpack_bits(packed, packed.shape[1] * 8).to(torch.int64)
+            stream = torch.cat([stream, stream.new_zeros(w, 1)], dim=1)  # the filler bit reads 0
+            bits = stream.index_select(1, plan["position"].view(-1)).view(w, -1, plan["position"].shape[1])
+            local = (bits << plan["shifts"]).sum(dim=2)
+        else:
+            local = torch.zeros_like(values, dtype=torch.int64)
+        out = values.new_zeros(w, layout.total)
+        return out.scatter_(1, local + plan["layer_offset"], values)
+
     def delta(self, d: int) -> float:
         return self.k(d) / d if d else 1.0
 
