@@ -181,3 +181,44 @@ def test_pointless_settings_warn():
         saef.make_compressor("topk:1")
     with pytest.warns(UserWarning, match="does nothing"):
         saef.ErrorFeedback([(3,)], saef.ErrorFeedbackConfig(average_every=1), saef.InProcessTransport(1))
+
+
+def test_largest_on_long_rows_equals_topk():
+    """The sampled-threshold selection for long rows keeps exactly the k largest entries of every row, both
+    when the sampled threshold admits enough candidates and when it does not (the fallback)."""
+    from saef.compressors import largest
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 1 << 17, 1000
+    rows = torch.rand(2, d, generator=g)
+    rows[1, ::32] = torch.arange(d // 32, dtype=torch.float32) + 10.0  # sample far above the rest: too few candidates
+    got = largest(rows, k)
+    assert got.shape == (2, k)
+    for row, idx in zip(rows, got):
+        assert set(idx.tolist()) == set(row.topk(k).indices.tolist())
+
+
+def test_largest_on_long_mostly_zero_rows():
+    """Rows that are mostly exact zeros (dead ReLU units): the k largest are kept, with zeros filling up
+    when fewer than k entries are positive."""
+    from saef.compressors import largest
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 1 << 17, 1000
+    rows = torch.zeros(2, d)
+    rows[0, torch.randperm(d, generator=g)[:5000]] = torch.rand(5000, generator=g) + 0.1  # more than k positive
+    rows[1, torch.randperm(d, generator=g)[:300]] = torch.rand(300, generator=g) + 0.1  # fewer than k positive
+    got = largest(rows, k)
+    for row, idx in zip(rows, got):
+        assert len(set(idx.tolist())) == k
+        kept = row[idx].sort(descending=True).values
+        assert torch.equal(kept, row.topk(k).values)  # the same multiset of values as torch.topk
+
+
+@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.1"])
+def test_decode_mean_equals_mean_of_decode(spec):
+    """decode_mean_layers (the server's average) equals the mean over rows of decode_layers."""
+    c = saef.make_compressor(spec)
+    layout = saef.compressors.Layout([25, 300, 25, 1, 7])
+    payloads = c.encode_layers(torch.randn(3, layout.total, generator=torch.Generator().manual_seed(0)), layout)
+    assert torch.allclose(c.decode_mean_layers(payloads, layout), c.decode_layers(payloads, layout).mean(dim=0), rtol=1e-6, atol=1e-7)

@@ -204,28 +204,30 @@ class ErrorFeedback:
             m.copy_(grads)
         if cfg.weight_decay:
             m.add_(self.gradient_points(state, x), alpha=cfg.weight_decay)
-        delta = torch.add(e, m, alpha=lr)  # D_k = e_k + lr m_k
+        # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
+        delta = e.add_(m, alpha=lr)  # D_k = e_k + lr m_k
 
         payloads = self.uplink.encode_layers(delta, self.layout)  # what each worker sends
         sent = self.uplink.decode_layers(payloads, self.layout)  # C(D_k)
-        torch.sub(delta, sent, out=e)  # e_k <- D_k - C(D_k)
         mean_sent, bits_up = self.transport.average_uplink(payloads, sent, self.uplink, self.layout)
+        e.sub_(sent)  # e_k <- D_k - C(D_k); only now, as a payload may be a view of D_k (identity)
 
         # The server's work, for the layers owned here (all of them in one process; maybe none on a rank).
         server_payloads, applied = [], mean_sent.new_zeros(0)
         if self.owned:
             owned = self.owned_layout
-            server_error = state.server_error if self.owns_all else torch.cat([state.server_error[self.layer(i)] for i in self.owned])
-            server_delta = (server_error + mean_sent).unsqueeze(0)  # D = e_s + mean_k C(D_k)
-            server_payloads = self.downlink.encode_layers(server_delta, owned)
-            applied = self.downlink.decode_layers(server_payloads, owned)[0]  # C_s(D)
-            new_server_error = server_delta[0] - applied
-            if self.owns_all:
-                state.server_error.copy_(new_server_error)
+            if self.owns_all:  # e_s is overwritten in place: first with D, then with D - C_s(D)
+                server_delta = state.server_error.add_(mean_sent)  # D = e_s + mean_k C(D_k)
             else:
-                for i, s in zip(self.owned, owned.slices):
-                    state.server_error[self.layer(i)] = new_server_error[s]
+                server_delta = torch.cat([state.server_error[self.layer(i)] for i in self.owned]).add_(mean_sent)
+            server_payloads = self.downlink.encode_layers(server_delta.unsqueeze(0), owned)
+            applied = self.downlink.decode_layers(server_payloads, owned)[0]  # C_s(D)
         update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout)
+        if self.owned:  # only now: a payload may be a view of D (identity), and it had to go out intact
+            server_delta.sub_(applied)  # e_s <- D - C_s(D)
+            if not self.owns_all:
+                for i, s in zip(self.owned, owned.slices):
+                    state.server_error[self.layer(i)] = server_delta[s]
         x -= update  # x <- x - C_s(D)
 
         state.step += 1

@@ -138,7 +138,7 @@ class DistributedTransport(Transport):
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
         # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
         stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
-        mean = compressor.decode_layers(stacked, self._owned_layout(layout, self.rank)).mean(dim=0)
+        mean = compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank))
         return mean, sum(payload_bits(p) for p in payloads)
 
     def share_downlink(self, payloads, decoded, compressor, layout):
