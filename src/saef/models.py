@@ -1,9 +1,10 @@
 """Model zoo: small MNIST-1D models, the CIFAR ResNets of He et al. (2016), and torchvision's ResNet-50.
 
-Every model except ``resnet50`` is written to run under ``torch.func.functional_call`` + ``torch.func.vmap``
-over a leading worker axis (the simulator trains K copies at once): no in-place ops on activations, no
-``.item()`` or data-dependent control flow in ``forward``. BatchNorm works under vmap when its running
-statistics are passed in batched along with the parameters (one copy per worker), as the simulator does.
+Every model except ``resnet50`` is written so that the simulator can train K copies at once: it traces
+with ``torch.fx`` and runs on stacked parameters (:mod:`saef.stacked`), and also runs under
+``torch.func.functional_call`` + ``torch.func.vmap`` over a leading worker axis. So: no in-place ops on
+activations, no ``.item()`` or data-dependent control flow in ``forward``. BatchNorm keeps one copy of
+its running statistics per worker.
 
 Parameters are initialised from torch's global RNG: seed it (``torch.manual_seed``) before
 :func:`build_model` for identical models across runs and ranks.
