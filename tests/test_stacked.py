@@ -125,3 +125,27 @@ def test_im2col_backward_matches_autograd():
     x = torch.randn(2, 3, 4, 11, dtype=torch.float64, requires_grad=True)
     for width, stride in ((5, 2), (3, 1), (2, 3)):
         assert torch.autograd.gradcheck(lambda t: _Im2Col1d.apply(t, width, stride), (x,))
+
+
+def test_flatten_without_start_dim_keeps_workers_apart():
+    """``x.flatten()`` of one worker flattens its whole tensor; stacked, each worker's row stays its own."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.linear(x).flatten().view(2, -1) + torch.flatten(x).view(2, -1)
+
+    torch.manual_seed(0)
+    model = Flat()
+    stacked = stack_model(model)
+    assert stacked is not None
+    params = {n: p.detach() + 0.1 * torch.randn(3, *p.shape) for n, p in model.named_parameters()}
+    inputs = torch.randn(3, 2, 6)
+    out = stacked(params, {}, inputs)
+    for w in range(3):
+        reference = Flat()
+        reference.load_state_dict({n: p[w] for n, p in params.items()})
+        assert torch.allclose(out[w], reference(inputs[w]), atol=1e-6)

@@ -179,6 +179,8 @@ class StackedModel:
             reduction = node.op in ("call_function", "call_method") and node.target in ("mean", "sum", torch.mean, torch.sum)
             if reduction and len(node.args) < 2 and "dim" not in node.kwargs:
                 raise Unsupported("a reduction over the whole tensor (would mix the workers)")
+            if node.target is F.pad and (node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") != "constant"):
+                raise Unsupported("F.pad with a mode other than 'constant'")
             if node.op == "get_attr":
                 raise Unsupported(f"attribute {node.target} used outside its module")
         if sum(node.op == "placeholder" for node in self.graph.nodes) != 1:
@@ -227,12 +229,18 @@ class StackedModel:
                 return args[0][index]
             return args[0][(slice(None),) + index]
         if fn is torch.flatten:
-            return torch.flatten(args[0], *(_shift(d) for d in args[1:]), **{n: _shift(d) for n, d in kwargs.items()})
+            return StackedModel._flatten(args, kwargs)
         if fn in (torch.mean, torch.sum):
             return StackedModel._reduce(fn, args, kwargs)
         if fn is F.pad and len(args[1]) > 2 * (args[0].dim() - 1):
             raise Unsupported("padding of the batch dimension")
         return fn(*args, **kwargs)
+
+    @staticmethod
+    def _flatten(args, kwargs):
+        """``flatten(t, start_dim=0, end_dim=-1)`` of one worker: start_dim 0 is the stacked tensor's 1."""
+        dims = dict(zip(("start_dim", "end_dim"), args[1:]), **kwargs)
+        return torch.flatten(args[0], _shift(dims.get("start_dim", 0)), _shift(dims.get("end_dim", -1)))
 
     @staticmethod
     def _reduce(fn, args, kwargs):
@@ -247,7 +255,7 @@ class StackedModel:
     def _method(name: str, workers: int, args, kwargs):
         tensor, rest = args[0], args[1:]
         if name == "flatten":
-            return tensor.flatten(*(_shift(d) for d in rest), **{n: _shift(d) for n, d in kwargs.items()})
+            return StackedModel._flatten(args, kwargs)
         if name in ("mean", "sum"):
             return StackedModel._reduce(getattr(torch, name), args, kwargs)
         if name == "size":
