@@ -1,7 +1,7 @@
 """Run every benchmark, one after the other, and keep each one's table in benchmarks/results/.
 
     python benchmarks/run_all.py              # simulator, compressor kernels, bytes on the wire
-    sudo python benchmarks/run_all.py --network   # and the rate-limited network benchmark (needs root)
+    sudo python benchmarks/run_all.py --network   # and the rate-limited network benchmarks (needs root, ~1 h)
 
 Each table is printed as it is produced and saved as benchmarks/results/<name>.md; BENCHMARKS.md records
 the tables with the machine and the date.
@@ -20,21 +20,29 @@ BENCHMARKS = {
     "compressors": ["bench_compressors.py"],
     "wire": ["bench_wire.py"],
     "network": ["bench_network.py"],
+    # time-to-accuracy at 100 Mbit/s: every variant for 4 epochs, then the fast ones for 10
+    "network_tta4": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "--models", "mlp5m", "--epochs", "4",
+                     "--json", "benchmarks/results/network_tta4.json"],
+    "network_tta10": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "--models", "mlp5m", "--epochs", "10",
+                      "--variants", "ddp-powersgd", "saef-sign", "saef-topk", "--target-acc", "0.6485",
+                      "--json", "benchmarks/results/network_tta10.json"],
 }
+NETWORK = ("network", "network_tta4", "network_tta10")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", action="store_true", help="also run the network benchmark (root only)")
+    parser.add_argument("--network", action="store_true", help="also run the network benchmarks (root only)")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run just these")
     args = parser.parse_args()
-    names = args.only or [n for n in BENCHMARKS if n != "network" or args.network]
+    names = args.only or [n for n in BENCHMARKS if n not in NETWORK or args.network]
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     for name in names:
         start = time.monotonic()
         print(f"== {name}", flush=True)
-        result = subprocess.run([sys.executable, str(HERE / BENCHMARKS[name][0])], capture_output=True, text=True)
+        script, *options = BENCHMARKS[name]
+        result = subprocess.run([sys.executable, str(HERE / script), *options], capture_output=True, text=True, cwd=HERE.parent)
         sys.stdout.write(result.stdout)
         if result.returncode != 0:
             sys.stderr.write(result.stderr)
