@@ -149,3 +149,31 @@ def test_flatten_without_start_dim_keeps_workers_apart():
         reference = Flat()
         reference.load_state_dict({n: p[w] for n, p in params.items()})
         assert torch.allclose(out[w], reference(inputs[w]), atol=1e-6)
+
+
+def test_runtime_failure_falls_back_to_vmap_with_statistics_intact(monkeypatch):
+    """If the stacked run fails after BatchNorm has run (here: the final Linear raises), the simulator
+    warns, uses vmap from then on, and ends with exactly the statistics and parameters of a vmap run."""
+    import saef.stacked as stacked_module
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8, 5))
+
+    def broken(module, params, x):
+        raise RuntimeError("broken on purpose")
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 1, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    reference = saef.Simulator(model(), workers=2, compressor="sign", vectorize="vmap")
+    for inputs, targets in data:
+        reference.step(inputs, targets, lr=0.1)
+    monkeypatch.setitem(stacked_module._LAYERS, nn.Linear, broken)
+    sim = saef.Simulator(model(), workers=2, compressor="sign")
+    with pytest.warns(UserWarning, match="broken on purpose"):
+        for inputs, targets in data:
+            sim.step(inputs, targets, lr=0.1)
+    assert sim.stacked is None
+    assert torch.equal(sim.x, reference.x)
+    for name in reference.buffers:
+        assert torch.equal(sim.buffers[name], reference.buffers[name]), name

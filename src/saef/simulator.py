@@ -159,6 +159,7 @@ class Simulator(TrainerBase):
             n: b.detach().unsqueeze(0).repeat(workers, *([1] * b.dim())) for n, b in model.named_buffers()
         }
         self.stacked = stack_model(model) if vectorize in ("auto", True) else None
+        self._stacked_checked = False  # whether one stacked step has succeeded
 
     # --- training ----------------------------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
@@ -193,7 +194,16 @@ class Simulator(TrainerBase):
         self.model.train()
         if self.stacked is not None:
             try:
-                return self._stacked_gradients(points, inputs, targets)
+                if self._stacked_checked:
+                    return self._stacked_gradients(points, inputs, targets, self.buffers)
+                # First call: on copies of the running statistics, so that a failure half-way through
+                # the layers leaves them as they were for vmap.
+                trial = {n: b.clone() for n, b in self.buffers.items()}
+                result = self._stacked_gradients(points, inputs, targets, trial)
+                for name, value in trial.items():
+                    self.buffers[name].copy_(value)
+                self._stacked_checked = True
+                return result
             except Exception as error:  # noqa: BLE001 -- vmap and the loop remain; say why once
                 if self.vectorize is True:
                     raise
@@ -222,14 +232,15 @@ class Simulator(TrainerBase):
             losses.append(loss.detach())
         return torch.stack(grads), torch.stack(losses)
 
-    def _stacked_gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
-        """As :meth:`_gradients`, with the traced model run on stacked parameters (no vmap)."""
+    def _stacked_gradients(self, points: Tensor, inputs: Tensor, targets: Tensor, buffers: Dict[str, Tensor]):
+        """As :meth:`_gradients`, with the traced model run on stacked parameters (no vmap); running
+        statistics in ``buffers`` are updated in place."""
         k = self.workers
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
             params = dict(zip(self.names, unflatten(points, self.shapes)))
             params.update({n: p.expand(k, *p.shape) for n, p in self.frozen.items()})
-            outputs = self.stacked(params, self.buffers, inputs)
+            outputs = self.stacked(params, buffers, inputs)
             if self.loss_fn is F.cross_entropy:  # one kernel for all workers
                 losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1).mean(1)
             else:
