@@ -242,7 +242,7 @@ class ErrorFeedback:
     # --- diagnostics -------------------------------------------------------------------------------
     def compression_error(self, state: ErrorFeedbackState) -> Tensor:
         """e_s + mean_k e_k, (P,): the gap between x and the auxiliary iterate x~."""
-        mean_error, _ = self.transport.mean_over_workers(state.worker_error)
+        mean_error, _ = self.transport.mean_over_workers(state.worker_error, purpose="diagnostics")
         return self.transport.sum_over_processes(state.server_error) + mean_error
 
     def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:

@@ -71,12 +71,14 @@ class Transport:
         """
         raise NotImplementedError
 
-    def mean_over_workers(self, rows: Tensor) -> Tuple[Tensor, int]:
-        """Mean of ``(W, n)`` rows over all K workers -> ``((n,), bits one worker sent)``."""
+    def mean_over_workers(self, rows: Tensor, purpose: str = "averaging") -> Tuple[Tensor, int]:
+        """Mean of ``(W, n)`` rows over all K workers -> ``((n,), bits one worker sent)``. ``purpose`` is
+        ``"averaging"`` (error averaging, Algorithm 1's traffic) or ``"diagnostics"`` (read-outs), so
+        that a transport can count the two apart."""
         raise NotImplementedError
 
     def sum_over_processes(self, values: Tensor) -> Tensor:
-        """Element-wise sum of ``values`` over processes (for diagnostics; not counted as traffic)."""
+        """Element-wise sum of ``values`` over processes (for diagnostics; not Algorithm 1's traffic)."""
         raise NotImplementedError
 
 
@@ -103,7 +105,7 @@ class InProcessTransport(Transport):
     def share_downlink(self, payloads, decoded, compressor, layout):
         return decoded, sum(payload_bits(p) for p in payloads)
 
-    def mean_over_workers(self, rows):
+    def mean_over_workers(self, rows, purpose="averaging"):
         return rows.mean(dim=0), rows.shape[1] * rows.element_size() * 8
 
     def sum_over_processes(self, values):

@@ -17,7 +17,8 @@ What crosses the network, per step (all of it payloads of :mod:`saef.compressors
 
 Bytes are counted from the buffers handed to ``torch.distributed`` (:attr:`DistributedTransport.wire`):
 the uplink input buffer is exactly this worker's payload, the downlink output buffer exactly what this
-worker receives, so the counts equal the simulator's.
+worker receives, so the counts equal the simulator's. The all-reduces of the read-outs (mismatch terms,
+x~) are counted apart, as ``diagnostics_sent``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class DistributedTransport(Transport):
         self.owner = assign_layers(sizes, self.num_workers) if server == "sharded" else [0] * len(sizes)
         self.dtype, self.device = dtype, torch.device(device)  # of the parameters and payloads
         # Bytes handed to (sent) and returned by (received) torch.distributed, cumulative, per direction.
-        self.wire = {"uplink_sent": 0, "uplink_received": 0, "downlink_sent": 0, "downlink_received": 0, "averaging_sent": 0}
+        # diagnostics_sent: the read-outs' all-reduces (mismatch terms, x~), apart from Algorithm 1's traffic.
+        self.wire = {"uplink_sent": 0, "uplink_received": 0, "downlink_sent": 0, "downlink_received": 0,
+                     "averaging_sent": 0, "diagnostics_sent": 0}
 
     def owns(self, layer: int, num_layers: int) -> bool:
         return self.server == "allreduce" or self.owner[layer] == self.rank
@@ -190,15 +193,16 @@ class DistributedTransport(Transport):
             ]
         return self._layouts
 
-    def mean_over_workers(self, rows):
+    def mean_over_workers(self, rows, purpose="averaging"):
         total = rows.sum(dim=0)
         dist.all_reduce(total, group=self.group)
-        self.wire["averaging_sent"] += total.numel() * total.element_size()
+        self.wire[f"{purpose}_sent"] += total.numel() * total.element_size()
         return total / self.num_workers, rows.shape[1] * rows.element_size() * 8
 
     def sum_over_processes(self, values):
         values = values.clone()
         dist.all_reduce(values, group=self.group)
+        self.wire["diagnostics_sent"] += values.numel() * values.element_size()
         return values
 
 
