@@ -229,3 +229,15 @@ def test_float64_is_kept():
     """simulate computes in the dtype of x0."""
     x = saef.simulate(lambda k, x: [x[0]], [torch.ones(3, dtype=torch.float64)], workers=2, steps=2, lr=0.1, compressor="topk:0.5")
     assert x[0].dtype == torch.float64
+
+
+def test_compressor_whose_decode_aliases_its_input():
+    """A (custom) compressor may return views of what it was given: encode returns D itself and decode
+    returns the payload. The update must still be x - C(D), with e = D - C(D) = 0 afterwards."""
+
+    class Aliasing(saef.compressors.Identity):
+        def decode_layers(self, payloads, layout):
+            return payloads[0][0] if len(payloads) == 1 else super().decode_layers(payloads, layout)
+
+    x = saef.simulate(lambda k, x: [torch.ones(3)], [torch.zeros(3)], workers=1, steps=2, lr=0.1, compressor=Aliasing())
+    assert torch.allclose(x[0], torch.full((3,), -0.2))

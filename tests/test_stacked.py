@@ -177,3 +177,90 @@ def test_runtime_failure_falls_back_to_vmap_with_statistics_intact(monkeypatch):
     assert torch.equal(sim.x, reference.x)
     for name in reference.buffers:
         assert torch.equal(sim.buffers[name], reference.buffers[name]), name
+
+
+def _each_worker_matches(model_class, inputs, k=3):
+    """Run the stacked interpreter on k perturbed copies and compare with the model itself, per worker."""
+    torch.manual_seed(0)
+    model = model_class()
+    stacked = stack_model(model)
+    assert stacked is not None
+    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape) for n, p in model.named_parameters()}
+    out = stacked(params, {}, inputs)
+    for w in range(k):
+        reference = model_class()
+        reference.load_state_dict({n: p[w] for n, p in params.items()})
+        assert torch.allclose(out[w], reference(inputs[w]), atol=1e-5)
+
+
+def test_lower_rank_operands_broadcast_as_in_the_model():
+    """``h - h.mean(0)`` and ``h + h[0]`` broadcast a lower-rank tensor from the right; stacked, they must
+    not pair the worker axis with the batch axis (K == N here, where a wrong pairing would not raise)."""
+
+    class Centered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return (h - h.mean(0)) + h[0] * 0.5
+
+    _each_worker_matches(Centered, torch.randn(3, 3, 4))
+
+
+def test_conv1d_output_can_be_viewed():
+    """A Conv1d output followed by ``view(size(0), -1)`` (common in 1-D CNNs) runs stacked."""
+
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 10, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.fc(h.view(h.size(0), -1))
+
+    _each_worker_matches(Viewed, torch.randn(3, 5, 1, 10))
+
+
+def test_models_traced_in_eval_mode_still_train_with_dropout():
+    """A forward that passes self.training to F.dropout is traced in train mode (the simulator's mode),
+    whatever mode the model was in; the model's own mode is restored."""
+
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(50, 50)
+
+        def forward(self, x):
+            return F.dropout(self.fc(x), 0.5, self.training)
+
+    model = Drop().eval()
+    stacked = stack_model(model)
+    assert not model.training
+    params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    out = stacked(params, {}, torch.randn(2, 4, 50))
+    assert (out == 0).float().mean() > 0.3
+
+
+def test_models_with_hooks_are_not_stacked():
+    """Forward hooks would not run on the traced layers, so such a model is left to vmap."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+    assert stack_model(model) is None
+
+
+def test_cross_entropy_fast_path_honours_ignore_index():
+    """The simulator's one-kernel cross entropy averages over targets that are not -100, as
+    F.cross_entropy does, so its losses equal the per-worker loop's."""
+    losses = []
+    for vectorize in (True, False):
+        torch.manual_seed(0)
+        sim = saef.Simulator(nn.Sequential(nn.Flatten(), nn.Linear(40, 10)), workers=2, compressor="sign", vectorize=vectorize)
+        targets = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))
+        targets[[0, 1, 5]] = -100
+        losses.append(sim.step(torch.randn(8, 1, 40, generator=torch.Generator().manual_seed(1)), targets, lr=0.1))
+        assert (sim.stacked is not None) == vectorize
+    assert torch.allclose(losses[0], losses[1])

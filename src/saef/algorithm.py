@@ -223,12 +223,12 @@ class ErrorFeedback:
             server_payloads = self.downlink.encode_layers(server_delta.unsqueeze(0), owned)
             applied = self.downlink.decode_layers(server_payloads, owned)[0]  # C_s(D)
         update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout)
-        if self.owned:  # only now: a payload may be a view of D (identity), and it had to go out intact
+        x -= update  # x <- x - C_s(D)
+        if self.owned:  # only now: a payload, C_s(D) or the update may be a view of D, and had to be used intact
             server_delta.sub_(applied)  # e_s <- D - C_s(D)
             if not self.owns_all:
                 for i, s in zip(self.owned, owned.slices):
                     state.server_error[self.layer(i)] = server_delta[s]
-        x -= update  # x <- x - C_s(D)
 
         state.step += 1
         state.bits_up += bits_up

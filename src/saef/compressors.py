@@ -282,7 +282,8 @@ class ScaledSign(Compressor):
 
     def _layer_scales(self, rows: Tensor, layout: Layout) -> Tensor:
         """(W, layers): ||v||_1 / d of every layer of every row."""
-        if rows.numel() <= 1 << 20:  # small: one kernel for all layers beats a loop of launches
+        if rows.numel() <= 1 << 20 and rows.device.type == "cpu":  # small: one kernel beats a loop of launches
+            # (CPU only: index_add_ on a GPU adds in no fixed order, and runs must be bit-identical)
             layer = layout.cached("layer-of-element", rows.device, lambda: torch.repeat_interleave(
                 torch.arange(len(layout)), torch.tensor(layout.sizes)))
             sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
@@ -330,11 +331,13 @@ def largest(magnitude: Tensor, k: int) -> Tensor:
     """Indices ``(W, k)`` of the k largest entries of each row of ``magnitude`` (>= 0), in no order.
 
     ``torch.topk`` is slow on long rows on CPU (~100 ms for 1 % of 5M elements). For long rows this first
-    picks a threshold t from every 32nd element, low enough that some 1.5 k + 8 of the row are expected
-    at or above it, and runs ``topk`` on those candidates only. The result is exact: whenever at least k
-    entries are >= t, the k largest are all among them; otherwise (a rare unlucky sample) the row falls
-    back to the full ``topk``. Rows that are mostly exact zeros are handled without a full ``topk``. Which of several equal entries is kept may differ from ``torch.topk``'s
-    choice, but it is deterministic.
+    picks a threshold t from every 32nd element, low enough that some 1.5 k + 256 entries of the row are
+    expected at or above it, and runs ``topk`` on those candidates only. The result is exact: whenever at
+    least k entries are >= t, the k largest are all among them; otherwise (a rare unlucky sample) the row
+    falls back to the full ``topk``. Rows that are mostly exact zeros are handled without a full ``topk``.
+    Which of several equal entries is kept may differ from ``torch.topk``'s choice, but it is
+    deterministic. NaN entries are not kept (``torch.topk`` ranks them first); in training, steps with a
+    NaN gradient are skipped before anything is compressed.
     """
     rows, d = magnitude.shape
     sample_k = -(-3 * k // (2 * _SAMPLE_EVERY)) + 8
@@ -352,7 +355,7 @@ def largest(magnitude: Tensor, k: int) -> Tensor:
         elif threshold == 0 and bool((row >= 0).all()):
             zeros = (row == 0).nonzero().squeeze(1)[: k - candidates.numel()]
             out.append(torch.cat([candidates, zeros]))
-        else:  # an unlucky sample (or NaN): the full topk
+        else:  # an unlucky sample: the full topk
             out.append(row.topk(k, sorted=False).indices)
     return torch.stack(out)
 
@@ -427,7 +430,7 @@ class TopK(Compressor):
     # are packed (and unpacked) by a few kernels with precomputed bit positions. The payloads are those
     # of encode_rows, layer by layer.
     def _plan(self, layout: Layout, device: torch.device) -> Dict[str, object]:
-        key = ("topk-plan", self.rho, device)
+        key = ("topk-plan", type(self), self.rho, device)
         plan = layout._cache.get(key)
         if plan is not None:
             return plan
@@ -526,9 +529,10 @@ class TopK(Compressor):
         return values.new_zeros(values.shape[0], layout.total).scatter_(1, index, values)
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        """The rows' kept values added into one dense row (row by row, as the mean adds them), divided by
-        W: no ``(W, P)`` buffer."""
-        if any(d == 0 for d in layout.sizes):
+        """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to
+        ``decode_layers(...).mean(0)`` up to rounding (the order of the additions differs)."""
+        if any(d == 0 for d in layout.sizes) or payloads[0][0].device.type != "cpu":
+            # (scatter_add_ on a GPU adds in no fixed order; the dense mean is deterministic)
             return super().decode_mean_layers(payloads, layout)
         values, index = self._kept(payloads, layout)
         total = values.new_zeros(layout.total).scatter_add_(0, index.view(-1), values.view(-1))

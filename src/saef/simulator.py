@@ -255,7 +255,11 @@ class Simulator(TrainerBase):
             params.update({n: p.expand(k, *p.shape) for n, p in self.frozen.items()})
             outputs = self.stacked(params, buffers, inputs)
             if self.loss_fn is F.cross_entropy:  # one kernel for all workers
-                losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1).mean(1)
+                per_sample = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1)
+                if targets.is_floating_point():  # class probabilities: a plain mean
+                    losses = per_sample.mean(1)
+                else:  # like the default reduction: the mean over targets that are not ignore_index (-100)
+                    losses = per_sample.sum(1) / (targets.reshape(k, -1) != -100).sum(1)
             else:
                 losses = torch.func.vmap(self.loss_fn)(outputs, targets)
             grads = torch.autograd.grad(losses.sum(), leaves)

@@ -17,9 +17,10 @@ tensors with a leading worker axis, calling batched kernels directly:
   by one.
 
 Anything else (another layer type, data-dependent control flow, a parameter used outside its module)
-makes :func:`stack_model` return ``None`` and the simulator falls back to ``vmap``. Every supported
-operation gives the same values as the model itself, up to floating-point rounding
-(``tests/test_stacked.py`` checks the gradients against a loop over workers).
+makes :func:`stack_model` return ``None`` and the simulator falls back to ``vmap``; so do module hooks
+(they would not run). Every supported operation gives each worker the values the model itself gives, up
+to floating-point rounding (``tests/test_stacked.py`` checks outputs against the model and gradients
+against a loop over workers). The model is traced in train mode, the mode the simulator runs it in.
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ def _shift(dim):
     if not isinstance(dim, int):
         raise Unsupported(f"dimension {dim!r}")
     return dim + 1 if dim >= 0 else dim
+
+
+def _aligned(args):
+    """Tensor arguments of an elementwise operation, made to broadcast as the workers' own tensors do.
+
+    Every tensor here carries the worker axis first. One worker's ``(N, 3) - (3,)`` broadcasts from the
+    right; stacked, ``(K, N, 3) - (K, 3)`` would pair K with N. Lower-rank tensors get singleton axes
+    after the worker axis: ``(K, 1, 3)``."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) < 2:
+        return args
+    rank = max(t.dim() for t in tensors)
+    return type(args)(a[(slice(None),) + (None,) * (rank - a.dim())] if isinstance(a, Tensor) and a.dim() < rank else a
+                      for a in args)
 
 
 def _linear(module: nn.Linear, params, x: Tensor) -> Tensor:
@@ -163,6 +178,12 @@ class StackedModel:
 
     def check(self) -> None:
         """Raise :class:`Unsupported` for any node the interpreter cannot batch."""
+        from torch.nn.modules import module as module_globals
+
+        hooked = [name for name, m in self.modules.items() if m._forward_hooks or m._forward_pre_hooks
+                  or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)]
+        if hooked or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            raise Unsupported(f"module hooks ({', '.join(hooked) or 'global'}) would not run on traced layers")
         for node in self.graph.nodes:
             if node.op == "call_module":
                 module = self.modules[node.target]
@@ -177,8 +198,10 @@ class StackedModel:
                 if node.target not in _ELEMENTWISE_METHODS | {"flatten", "mean", "sum", "size", "view", "reshape"}:
                     raise Unsupported(f"method {node.target}")
             reduction = node.op in ("call_function", "call_method") and node.target in ("mean", "sum", torch.mean, torch.sum)
-            if reduction and len(node.args) < 2 and "dim" not in node.kwargs:
-                raise Unsupported("a reduction over the whole tensor (would mix the workers)")
+            if reduction:
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                if dim is None or (isinstance(dim, (tuple, list)) and not dim):
+                    raise Unsupported("a reduction over the whole tensor (would mix the workers)")
             if node.target is F.pad and (node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") != "constant"):
                 raise Unsupported("F.pad with a mode other than 'constant'")
             if node.op == "get_attr":
@@ -234,7 +257,7 @@ class StackedModel:
             return StackedModel._reduce(fn, args, kwargs)
         if fn is F.pad and len(args[1]) > 2 * (args[0].dim() - 1):
             raise Unsupported("padding of the batch dimension")
-        return fn(*args, **kwargs)
+        return fn(*_aligned(args), **kwargs)
 
     @staticmethod
     def _flatten(args, kwargs):
@@ -266,16 +289,25 @@ class StackedModel:
             if kwargs:
                 raise Unsupported(f"{name} with keywords")
             shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
-            return getattr(tensor, name)(workers, *shape)
+            # reshape for view too: the stacked layers may return non-contiguous results where the
+            # model's own would be contiguous; the values are the same.
+            return tensor.reshape(workers, *shape)
+        tensor, *rest = _aligned((tensor, *rest))
         return getattr(tensor, name)(*rest, **kwargs)
 
 
 def stack_model(model: nn.Module) -> Optional[StackedModel]:
     """Trace ``model`` and return a :class:`StackedModel`, or ``None`` if it uses anything unsupported."""
+    training = model.training
     try:
+        # Traced in train mode, the mode the simulator runs it in: a forward that reads self.training
+        # (e.g. F.dropout(h, p, self.training)) records the value at trace time.
+        model.train()
         graph = fx.symbolic_trace(model).graph
         return StackedModel(model, graph)
     except Unsupported:
         return None
     except Exception:  # fx cannot trace it (data-dependent control flow, ...): vmap handles it
         return None
+    finally:
+        model.train(training)
