@@ -1,5 +1,6 @@
 """The stacked-layer interpreter (saef.stacked) against a plain loop over workers and against vmap."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -264,3 +265,26 @@ def test_cross_entropy_fast_path_honours_ignore_index():
         losses.append(sim.step(torch.randn(8, 1, 40, generator=torch.Generator().manual_seed(1)), targets, lr=0.1))
         assert (sim.stacked is not None) == vectorize
     assert torch.allclose(losses[0], losses[1])
+
+
+def test_indexing_with_a_tensor_falls_back_to_vmap():
+    """A forward that indexes with a tensor is left to vmap, which gives the per-worker loop's result."""
+
+    class Picked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(40, 10)
+
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            return h[torch.arange(h.size(0))]
+
+    runs = []
+    for vectorize in ("auto", False):
+        torch.manual_seed(0)
+        sim = saef.Simulator(Picked(), workers=2, compressor="sign", vectorize=vectorize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sim.step(torch.randn(8, 1, 40, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10, lr=0.1)
+        runs.append(sim.x)
+    assert torch.allclose(runs[0], runs[1], atol=1e-6)

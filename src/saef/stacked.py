@@ -248,6 +248,8 @@ class StackedModel:
     def _function(fn, workers: int, args, kwargs):
         if fn is operator.getitem and isinstance(args[0], Tensor):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, Tensor) for i in index):  # advanced indexing: left to vmap
+                raise Unsupported("indexing with a tensor")
             if index and index[0] is Ellipsis:
                 return args[0][index]
             return args[0][(slice(None),) + index]
