@@ -111,7 +111,7 @@ def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte) -> Tensor:
     """Decode packed signs with lookup tables: ``(W, n)`` bytes -> ``(W, 8 n)`` values +-scale.
 
     ``scales`` is ``(W, T)``: T tables per row, each mapping a byte to its 8 values; byte j of a row uses
-    table ``table_of_byte[j]`` (an int or a ``(n,)`` int64 tensor). One gather writes the output once;
+    table ``t`` where ``table_of_byte[j] = 256 t`` (an int, or a ``(n,)`` int64 tensor). One gather writes the output once;
     unpacking to booleans and then selecting took three passes."""
     rows, nbytes = packed.shape
     key = (packed.device, scales.dtype)
@@ -120,7 +120,7 @@ def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte) -> Tensor:
         bits = unpack_bits(torch.arange(256, dtype=torch.uint8, device=packed.device).view(256, 1), 8)
         signs = _SIGN_TABLES[key] = bits.to(scales.dtype) * 2 - 1
     tables = scales.reshape(-1, 1, 1) * signs  # (W * T, 256, 8)
-    index = packed.long() + table_of_byte * 256
+    index = packed.long() + table_of_byte  # table_of_byte: first row of each byte's table (a multiple of 256)
     if rows > 1:  # row w's tables start at w * T * 256
         index += (torch.arange(rows, device=packed.device) * (scales.shape[1] * 256)).unsqueeze(1)
     return tables.view(-1, 8).index_select(0, index.view(-1)).view(rows, nbytes * 8)
@@ -288,7 +288,7 @@ class ScaledSign(Compressor):
                 torch.arange(len(layout)), torch.tensor(layout.sizes)))
             sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
         else:  # large: a plain reduction per layer streams the memory once (index_add does not)
-            sums = torch.stack([torch.linalg.vector_norm(rows[:, s], 1, dim=1) for s in layout.slices], dim=1)
+            sums = torch.stack([rows[:, s].abs().sum(dim=1) for s in layout.slices], dim=1)
         return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
@@ -316,9 +316,9 @@ class ScaledSign(Compressor):
         device = payloads[0][0].device
         packed = torch.cat([p[0] for p in payloads], dim=1)  # (W, bytes)
         scales = torch.stack([p[1] for p in payloads], dim=1)  # (W, layers)
-        layer_of_byte = layout.cached("sign-layer-of-byte", device, lambda: torch.repeat_interleave(
-            torch.arange(len(layout.sizes)), torch.tensor([-(-d // 8) for d in layout.sizes])))
-        values = _sign_lookup(packed, scales, layer_of_byte)
+        table_of_byte = layout.cached("sign-table-of-byte", device, lambda: torch.repeat_interleave(
+            torch.arange(len(layout.sizes)) * 256, torch.tensor([-(-d // 8) for d in layout.sizes])))
+        values = _sign_lookup(packed, scales, table_of_byte)
         if all(d % 8 == 0 for d in layout.sizes[:-1]):
             return values[:, : layout.total]
         return values.index_select(1, layout.cached("sign-padded", device, lambda: self._padded_index(layout)))
