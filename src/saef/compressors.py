@@ -163,7 +163,8 @@ class Compressor:
 
     ``encode_layers`` / ``decode_layers`` compress every layer of a flat ``(W, P)`` tensor; the default
     loops over layers, and a compressor may override them with a vectorised version that produces the
-    same payload format.
+    same payload format. ``decode_mean_layers`` is the server's average of W rows' payloads (default: the
+    mean of ``decode_layers``; top-k adds its sparse values without a dense ``(W, P)`` buffer).
     """
 
     name: str = "compressor"
