@@ -140,7 +140,7 @@ class Layout:
             self.offsets.append(self.offsets[-1] + d)
         self.total = self.offsets[-1]
         self.slices = [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
-        self._cache: Dict[Tuple[str, torch.device], Tensor] = {}
+        self._cache: Dict[tuple, object] = {}
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -149,12 +149,15 @@ class Layout:
         """The layout of the given layers laid end to end."""
         return Layout([self.sizes[i] for i in layers])
 
-    def cached(self, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
-        """A per-layout, per-device index tensor, made once (index maps are reused every step)."""
-        key = (name, device)
+    def memo(self, key: tuple, make: Callable[[], object]) -> object:
+        """``make()``, computed once per layout and key (index maps and plans are reused every step)."""
         if key not in self._cache:
-            self._cache[key] = make().to(device)
+            self._cache[key] = make()
         return self._cache[key]
+
+    def cached(self, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+        """A per-layout, per-device index tensor, made once."""
+        return self.memo((name, device), lambda: make().to(device))
 
 
 class Compressor:
@@ -269,9 +272,7 @@ class ScaledSign(Compressor):
     # layer (the simulator's step is dominated by per-layer kernel launches otherwise).
     def _padded_index(self, layout: Layout) -> Tensor:
         """Position of each element in the concatenation of layers each padded to a multiple of 8."""
-        padded = [0]
-        for d in layout.sizes:
-            padded.append(padded[-1] + -(-d // 8) * 8)
+        padded = Layout([8 * -(-d // 8) for d in layout.sizes]).offsets
         return torch.cat([torch.arange(d) + start for d, start in zip(layout.sizes, padded)])
 
     def _source_index(self, layout: Layout) -> Tensor:
@@ -431,10 +432,9 @@ class TopK(Compressor):
     # are packed (and unpacked) by a few kernels with precomputed bit positions. The payloads are those
     # of encode_rows, layer by layer.
     def _plan(self, layout: Layout, device: torch.device) -> Dict[str, object]:
-        key = ("topk-plan", type(self), self.rho, device)
-        plan = layout._cache.get(key)
-        if plan is not None:
-            return plan
+        return layout.memo(("topk-plan", type(self), self.rho, device), lambda: self._make_plan(layout, device))
+
+    def _make_plan(self, layout: Layout, device: torch.device) -> Dict[str, object]:
         sizes, offsets = layout.sizes, layout.offsets
         ks = [self.k(d) for d in sizes]
         bits = [index_bits(d) for d in sizes]
@@ -448,15 +448,10 @@ class TopK(Compressor):
                 gather = torch.cat([torch.arange(offsets[i], offsets[i] + d) for i in members]).to(device)
             group_plan.append((d, members, gather))
         # Where layer i's kept entries sit in the concatenation of all layers' kept entries (layer order).
-        starts = [0]
-        for k in ks:
-            starts.append(starts[-1] + k)
+        starts = Layout(ks).offsets
         total_k = starts[-1]
         width = max(bits) if bits else 0
-        nbytes = [-(-k * b // 8) for k, b in zip(ks, bits)]
-        byte_start = [0]
-        for n in nbytes:
-            byte_start.append(byte_start[-1] + n)
+        byte_start = Layout([-(-k * b // 8) for k, b in zip(ks, bits)]).offsets
         total_bits = 8 * byte_start[-1]
         # Bit j of kept entry e of layer i lies at 8 * byte_start[i] + e * b_i + j of the packed stream.
         # source: for each stream bit, which (entry, j) of the (total_k, width) bit table it copies, or the
@@ -474,11 +469,9 @@ class TopK(Compressor):
             stream = 8 * byte_start[i] + (entries - starts[i]) * b + js
             source[stream.reshape(-1)] = (entries * width + js).reshape(-1)
             position[starts[i] : starts[i + 1], :b] = stream
-        plan = dict(ks=ks, starts=starts, nbytes=nbytes, byte_start=byte_start, width=width, groups=group_plan,
+        return dict(ks=ks, starts=starts, byte_start=byte_start, width=width, groups=group_plan,
                     source=source.to(device), position=position.to(device), layer_offset=layer_offset.to(device),
                     shifts=torch.arange(max(width, 1), dtype=torch.int64, device=device))
-        layout._cache[key] = plan
-        return plan
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
         if any(d == 0 for d in layout.sizes):
