@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -151,6 +151,9 @@ class ErrorFeedback:
         self.owned = [i for i in range(len(self.sizes)) if transport.owns(i, len(self.sizes))]
         self.owns_all = len(self.owned) == len(self.sizes)
         self.owned_layout = self.layout if self.owns_all else self.layout.subset(self.owned)
+        # When the owned layers lie side by side on the flat axis, e_s of them is one view (no gather).
+        self.owned_range = self.layout.span(self.owned)
+        self._workspace: Dict[str, Tensor] = {}  # buffers reused every step (fresh ones cost page faults)
         self.uplink = config.compressor
         self.downlink = config.downlink_compressor
         if config.average_every == 1 and transport.num_workers == 1:
@@ -181,34 +184,66 @@ class ErrorFeedback:
             return x.unsqueeze(0) - state.worker_error
         return x.unsqueeze(0).expand(self.transport.local_workers, -1)
 
+    @torch.no_grad()
+    def write_gradient_points(self, state: ErrorFeedbackState, x: Tensor, targets: Sequence[Tensor]) -> None:
+        """Write z_k of layer i into ``targets[i]`` (W d_i elements each, e.g. a model's parameters when
+        W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
+        w = self.transport.local_workers
+        for target, s in zip(self._check_layers(targets, "targets"), self.layout.slices):
+            if self.config.method == "saef":
+                torch.sub(x[s].unsqueeze(0), state.worker_error[:, s], out=target.view(w, -1))
+            else:
+                target.view(w, -1).copy_(x[s].unsqueeze(0))
+
+    def _check_layers(self, tensors: Sequence[Tensor], name: str) -> Sequence[Tensor]:
+        w = self.transport.local_workers
+        if len(tensors) != len(self.sizes) or any(t.numel() != w * d for t, d in zip(tensors, self.sizes)):
+            got = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"{name} must be one tensor per layer with {w} x (layer size) elements, "
+                             f"layer sizes {self.sizes}, got shapes {got}")
+        return tensors
+
+    def _buffer(self, name: str, like: Tensor) -> Tensor:
+        """A tensor shaped like ``like``, allocated once and reused every step."""
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._workspace[name] = torch.empty_like(like)
+        return buf
+
     def step(self, state: ErrorFeedbackState, x: Tensor, grads: Tensor, lr: float) -> None:
         """Apply one step of Algorithm 1 in place to ``x`` and ``state``.
 
         Args:
             x: the parameters, (P,), updated in place.
-            grads: grad f(z_k; batch_k) for the W local workers, (W, P), taken at
-                :meth:`gradient_points` of the current state.
+            grads: grad f(z_k; batch_k) for the W local workers, taken at :meth:`gradient_points` of the
+                current state: one (W, P) tensor, or one tensor per layer with W d_i elements (e.g. the
+                ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
             lr: the learning rate of this step (>= 0).
         """
         cfg = self.config
         w = self.transport.local_workers
-        if tuple(grads.shape) != (w, self.num_params):
-            raise ValueError(f"grads must have shape {(w, self.num_params)} (workers, parameters), got {tuple(grads.shape)}")
+        m, e = state.worker_momentum, state.worker_error
+        if isinstance(grads, Tensor):
+            if tuple(grads.shape) != (w, self.num_params):
+                raise ValueError(f"grads must have shape {(w, self.num_params)} (workers, parameters), got {tuple(grads.shape)}")
+            pairs = [(grads, m)]
+        else:
+            pairs = [(g.reshape(w, -1), m[:, s]) for g, s in zip(self._check_layers(grads, "grads"), self.layout.slices)]
         if not (lr >= 0) or math.isinf(lr):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
 
-        m, e = state.worker_momentum, state.worker_error
-        if cfg.momentum:
-            m.mul_(cfg.momentum).add_(grads)
-        else:  # mu = 0: the momentum buffer is just this step's gradient
-            m.copy_(grads)
+        for g, m_part in pairs:
+            if cfg.momentum:  # m <- g + mu m, one pass
+                torch.add(g, m_part, alpha=cfg.momentum, out=m_part)
+            else:  # mu = 0: the momentum buffer is just this step's gradient
+                m_part.copy_(g)
         if cfg.weight_decay:
             m.add_(self.gradient_points(state, x), alpha=cfg.weight_decay)
         # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
         delta = e.add_(m, alpha=lr)  # D_k = e_k + lr m_k
 
         payloads = self.uplink.encode_layers(delta, self.layout)  # what each worker sends
-        sent = self.uplink.decode_layers(payloads, self.layout)  # C(D_k)
+        sent = self.uplink.decode_layers_into(payloads, self.layout, self._buffer("sent", e))  # C(D_k)
         mean_sent, bits_up = self.transport.average_uplink(payloads, sent, self.uplink, self.layout)
         e.sub_(sent)  # e_k <- D_k - C(D_k); only now, as a payload may be a view of D_k (identity)
 
@@ -216,17 +251,17 @@ class ErrorFeedback:
         server_payloads, applied = [], mean_sent.new_zeros(0)
         if self.owned:
             owned = self.owned_layout
-            if self.owns_all:  # e_s is overwritten in place: first with D, then with D - C_s(D)
-                server_delta = state.server_error.add_(mean_sent)  # D = e_s + mean_k C(D_k)
+            if self.owned_range is not None:  # e_s is overwritten in place: first with D, then with D - C_s(D)
+                server_delta = state.server_error[self.owned_range].add_(mean_sent)  # D = e_s + mean_k C(D_k)
             else:
                 server_delta = torch.cat([state.server_error[self.layer(i)] for i in self.owned]).add_(mean_sent)
             server_payloads = self.downlink.encode_layers(server_delta.unsqueeze(0), owned)
-            applied = self.downlink.decode_layers(server_payloads, owned)[0]  # C_s(D)
+            applied = self.downlink.decode_layers_into(server_payloads, owned, self._buffer("applied", server_delta.unsqueeze(0)))[0]  # C_s(D)
         update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout)
         x -= update  # x <- x - C_s(D)
         if self.owned:  # only now: a payload, C_s(D) or the update may be a view of D, and had to be used intact
             server_delta.sub_(applied)  # e_s <- D - C_s(D)
-            if not self.owns_all:
+            if self.owned_range is None:
                 for i, s in zip(self.owned, owned.slices):
                     state.server_error[self.layer(i)] = server_delta[s]
 

@@ -39,6 +39,7 @@ import sys
 import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,9 +82,24 @@ def _bit_weights(device: torch.device) -> Tensor:
 _GATHER_8_BYTES = 0x0102040810204080
 
 
+def _numpy(t: Tensor):
+    """A numpy view of ``t`` (no copy) when numpy can stand in for torch: on the CPU, for bool, uint8 and
+    float32/64. numpy's packbits, unpackbits, comparisons and take run single-threaded at several times
+    the speed of the equivalent torch kernels (measured in benchmarks/bench_compressors.py)."""
+    if t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES:
+        return None
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+_NUMPY_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float64)
+
+
 def pack_bits(bits: Tensor) -> Tensor:
     """Pack a ``(W, n)`` bool tensor into ``(W, ceil(n / 8))`` uint8, bit i of byte j = element 8 j + i."""
     rows, n = bits.shape
+    array = _numpy(bits)
+    if array is not None:
+        return torch.from_numpy(np.packbits(array, axis=1, bitorder="little")).view(rows, -(-n // 8))
     pad = (-n) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
@@ -100,19 +116,64 @@ def pack_bits(bits: Tensor) -> Tensor:
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: ``(W, ceil(n / 8))`` uint8 -> ``(W, n)`` bool."""
     rows = packed.shape[0]
+    array = _numpy(packed)
+    if array is not None:
+        return torch.from_numpy(np.unpackbits(array, axis=1, count=n, bitorder="little")).view(torch.bool).view(rows, n)
     bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
     return bits.view(rows, -1)[:, :n]
+
+
+def _pack_nonnegative(rows: Tensor, layout: "Layout" = None) -> Tensor:
+    """``pack_bits(rows >= 0)``; on the CPU through numpy (its comparison is ~3x faster than torch's), the
+    booleans written into a buffer kept by ``layout`` if one is given."""
+    array = _numpy(rows)
+    if array is None:
+        return pack_bits(rows >= 0)
+    out = None if layout is None else layout.memo(("nonnegative-bits", array.shape), lambda: np.empty(array.shape, dtype=bool))
+    return torch.from_numpy(np.packbits(np.greater_equal(array, 0, out=out), axis=1, bitorder="little"))
+
+
+_BLAS_ASUM: Dict[np.dtype, Callable] = {}
+_ASUM_MIN = 1 << 14  # below this, numpy's abs().sum() costs less than a BLAS call per row
+
+
+def _l1_norms(rows: Tensor, divide_by: int = 1) -> Tensor:
+    """``(W,)``: the sum of |v| over every row of ``(W, d)`` divided by ``divide_by``, in the dtype of ``rows``.
+
+    On the CPU, long rows use BLAS asum: one pass that reads the row once (``vector_norm`` was ~15x
+    slower single-threaded, ``abs().sum()`` writes a temporary); short rows use numpy, whose per-call
+    cost is a fraction of torch's."""
+    array = _numpy(rows) if rows.is_floating_point() else None
+    if array is None:
+        return torch.linalg.vector_norm(rows, 1, dim=1) / divide_by
+    asum = _blas_asum(array.dtype) if rows.shape[1] >= _ASUM_MIN else None
+    if asum is None:
+        norms = np.abs(array).sum(axis=1)
+    else:
+        norms = np.array([asum(row) for row in array], dtype=array.dtype)
+    return torch.from_numpy(np.divide(norms, divide_by, dtype=array.dtype))
+
+
+def _blas_asum(dtype: np.dtype):
+    if dtype not in _BLAS_ASUM:
+        try:
+            from scipy.linalg import blas
+            _BLAS_ASUM[dtype] = blas.sasum if dtype == np.float32 else blas.dasum
+        except ImportError:  # scipy is a dependency; without it numpy does the same job, slower
+            _BLAS_ASUM[dtype] = None
+    return _BLAS_ASUM[dtype]
 
 
 _SIGN_TABLES: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte) -> Tensor:
+def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte, out: Tensor = None) -> Tensor:
     """Decode packed signs with lookup tables: ``(W, n)`` bytes -> ``(W, 8 n)`` values +-scale.
 
     ``scales`` is ``(W, T)``: T tables per row, each mapping a byte to its 8 values; byte j of a row uses
     table ``t`` where ``table_of_byte[j] = 256 t`` (an int, or a ``(n,)`` int64 tensor). One gather writes the output once;
-    unpacking to booleans and then selecting took three passes."""
+    unpacking to booleans and then selecting took three passes. With ``out`` (``(W, m)``, m <= 8 n), the
+    first m values of each row are written into it instead, and ``out`` is returned."""
     rows, nbytes = packed.shape
     key = (packed.device, scales.dtype)
     signs = _SIGN_TABLES.get(key)
@@ -120,10 +181,28 @@ def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte) -> Tensor:
         bits = unpack_bits(torch.arange(256, dtype=torch.uint8, device=packed.device).view(256, 1), 8)
         signs = _SIGN_TABLES[key] = bits.to(scales.dtype) * 2 - 1
     tables = scales.reshape(-1, 1, 1) * signs  # (W * T, 256, 8)
-    index = packed.long() + table_of_byte  # table_of_byte: first row of each byte's table (a multiple of 256)
-    if rows > 1:  # row w's tables start at w * T * 256
-        index += (torch.arange(rows, device=packed.device) * (scales.shape[1] * 256)).unsqueeze(1)
-    return tables.view(-1, 8).index_select(0, index.view(-1)).view(rows, nbytes * 8)
+    if rows == 1 and isinstance(table_of_byte, int) and table_of_byte == 0:
+        index = packed  # one table: the byte is the index
+    else:
+        index = packed.long() + table_of_byte  # table_of_byte: first row of each byte's table (a multiple of 256)
+        if rows > 1:  # row w's tables start at w * T * 256
+            index += (torch.arange(rows, device=packed.device) * (scales.shape[1] * 256)).unsqueeze(1)
+    tables = tables.view(-1, 8)
+    array = _numpy(tables)
+    if out is not None and array is not None and out.stride(-1) == 1 and out.dtype == tables.dtype:
+        # Straight into out, row by row: whole bytes by take, the last byte's first few values apart.
+        m = out.shape[1]
+        whole, target, index = m // 8, out.numpy(), index.numpy()
+        for r in range(rows):
+            np.take(array, index[r, :whole], axis=0, out=target[r, : 8 * whole].reshape(whole, 8), mode="clip")
+            if m > 8 * whole:
+                target[r, 8 * whole :] = array[index[r, whole]][: m - 8 * whole]
+        return out
+    if array is not None:  # numpy's take copies the 32-byte rows ~1.7x faster than index_select
+        values = torch.from_numpy(np.take(array, index.reshape(-1).numpy(), axis=0, mode="clip")).view(rows, nbytes * 8)
+    else:
+        values = tables.index_select(0, index.reshape(-1).long()).view(rows, nbytes * 8)
+    return values if out is None else out.copy_(values[:, : out.shape[1]])
 
 
 class Layout:
@@ -148,6 +227,14 @@ class Layout:
     def subset(self, layers: Sequence[int]) -> "Layout":
         """The layout of the given layers laid end to end."""
         return Layout([self.sizes[i] for i in layers])
+
+    def span(self, layers: Sequence[int]):
+        """The slice of the flat axis that ``layers`` cover when they are consecutive (``None`` otherwise,
+        or for no layers)."""
+        layers = list(layers)
+        if not layers or layers != list(range(layers[0], layers[-1] + 1)):
+            return None
+        return slice(self.offsets[layers[0]], self.offsets[layers[-1] + 1])
 
     def memo(self, key: tuple, make: Callable[[], object]) -> object:
         """``make()``, computed once per layout and key (index maps and plans are reused every step)."""
@@ -194,6 +281,11 @@ class Compressor:
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The dense ``(W, P)`` tensor the per-layer payloads stand for."""
         return torch.cat([self.decode_rows(p, d) for p, d in zip(payloads, layout.sizes)], dim=1)
+
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+        """:meth:`decode_layers` written into ``out`` (``(W, P)``), which is returned: lets a caller reuse
+        one buffer every step. The default copies; built-in compressors decode in place."""
+        return out.copy_(self.decode_layers(payloads, layout))
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The mean over rows of :meth:`decode_layers`, ``(P,)`` (what the server averages)."""
@@ -250,12 +342,11 @@ class ScaledSign(Compressor):
     name = "sign"
 
     def _scale(self, rows: Tensor) -> Tensor:
-        # ||v||_1 / d; vector_norm does not materialise |v| (abs().mean() took twice as long on 1e7).
-        # An empty tensor gets scale 0 (nothing to scale; the mean of nothing would be NaN).
-        return torch.linalg.vector_norm(rows, 1, dim=1) / max(rows.shape[1], 1)
+        # ||v||_1 / d. An empty tensor gets scale 0 (nothing to scale; the mean of nothing would be NaN).
+        return _l1_norms(rows, divide_by=max(rows.shape[1], 1))
 
     def encode_rows(self, rows: Tensor) -> Payload:
-        return pack_bits(rows >= 0), self._scale(rows)
+        return _pack_nonnegative(rows), self._scale(rows)
 
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         packed, scale = payload
@@ -290,7 +381,7 @@ class ScaledSign(Compressor):
                 torch.arange(len(layout)), torch.tensor(layout.sizes)))
             sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
         else:  # large: a plain reduction per layer streams the memory once (index_add does not)
-            sums = torch.stack([rows[:, s].abs().sum(dim=1) for s in layout.slices], dim=1)
+            sums = torch.stack([_l1_norms(rows[:, s]) for s in layout.slices], dim=1)
         return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
@@ -299,31 +390,57 @@ class ScaledSign(Compressor):
         scales = self._layer_scales(rows, layout)
         nbytes = [-(-d // 8) for d in layout.sizes]
         if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
-            packed = pack_bits(rows >= 0)
+            packed = _pack_nonnegative(rows, layout)
         else:  # move each layer to a byte boundary first; the filler -1 packs as bit 0
             source = layout.cached("sign-source", rows.device, lambda: self._source_index(layout))
             padded = torch.cat([rows, rows.new_full((rows.shape[0], 1), -1.0)], dim=1).index_select(1, source)
-            packed = pack_bits(padded >= 0)
+            packed = _pack_nonnegative(padded)
         out, start = [], 0
         for i, n in enumerate(nbytes):
             out.append((packed[:, start : start + n], scales[:, i]))
             start += n
         return out
 
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def _decode_layers(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
         """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
         one gather that writes the output once (unpacking to booleans first took three passes)."""
         if any(d == 0 for d in layout.sizes):
-            return super().decode_layers(payloads, layout)
+            dense = super().decode_layers(payloads, layout)
+            return dense if out is None else out.copy_(dense)
         device = payloads[0][0].device
         packed = torch.cat([p[0] for p in payloads], dim=1)  # (W, bytes)
         scales = torch.stack([p[1] for p in payloads], dim=1)  # (W, layers)
         table_of_byte = layout.cached("sign-table-of-byte", device, lambda: torch.repeat_interleave(
             torch.arange(len(layout.sizes)) * 256, torch.tensor([-(-d // 8) for d in layout.sizes])))
-        values = _sign_lookup(packed, scales, table_of_byte)
         if all(d % 8 == 0 for d in layout.sizes[:-1]):
-            return values[:, : layout.total]
-        return values.index_select(1, layout.cached("sign-padded", device, lambda: self._padded_index(layout)))
+            if out is not None:
+                return _sign_lookup(packed, scales, table_of_byte, out=out)
+            return _sign_lookup(packed, scales, table_of_byte)[:, : layout.total]
+        values = _sign_lookup(packed, scales, table_of_byte)
+        padded = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
+        return values.index_select(1, padded) if out is None else torch.index_select(values, 1, padded, out=out)
+
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        return self._decode_layers(payloads, layout)
+
+    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        """The rows decoded with their scales divided by W, into a buffer kept by ``layout``, and added up
+        in row order: no fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to
+        rounding (exactly, when W is a power of two). The result lives in that buffer: it is valid until
+        the next call with the same layout and number of rows."""
+        rows = payloads[0][0].shape[0] if payloads else 0
+        if rows < 2 or payloads[0][1].device.type != "cpu":
+            return super().decode_mean_layers(payloads, layout)
+        share = [(packed, scale / rows) for packed, scale in payloads]
+        buffer = layout.memo(("sign-mean-buffer", rows, share[0][1].dtype), lambda: share[0][1].new_empty(rows, layout.total))
+        decoded = self._decode_layers(share, layout, out=buffer)
+        total = decoded[0]
+        for r in range(1, rows):
+            total.add_(decoded[r])
+        return total
+
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+        return self._decode_layers(payloads, layout, out)
 
 
 _SAMPLE_EVERY = 32  # the threshold of `largest` is estimated from every 32nd element
@@ -521,6 +638,12 @@ class TopK(Compressor):
             return super().decode_layers(payloads, layout)
         values, index = self._kept(payloads, layout)
         return values.new_zeros(values.shape[0], layout.total).scatter_(1, index, values)
+
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+        if any(d == 0 for d in layout.sizes):
+            return super().decode_layers_into(payloads, layout, out)
+        values, index = self._kept(payloads, layout)
+        return out.zero_().scatter_(1, index, values)
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to

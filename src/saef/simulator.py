@@ -173,7 +173,7 @@ class Simulator(TrainerBase):
         targets = targets.reshape(k, -1, *targets.shape[1:])
         points = self.algorithm.gradient_points(self.state, self.x)
         grads, losses = self._gradients(points, inputs, targets)
-        if not bool(all_finite(grads, losses)):
+        if not bool(all_finite(*([grads] if isinstance(grads, Tensor) else grads), losses)):
             raise NonFiniteStep(f"non-finite loss or gradient (losses {losses.tolist()})")
         self.algorithm.step(self.state, self.x, grads, lr)
         return losses.mean()
@@ -185,7 +185,8 @@ class Simulator(TrainerBase):
         return torch.func.functional_call(self.model, (params, buffers), (inputs,))
 
     def _gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
-        """(K, P) gradients of the K workers' losses at their points, and the (K,) losses.
+        """The gradients of the K workers' losses at their points -- one ``(K, *shape)`` tensor per layer, or
+        one ``(K, P)`` tensor from the loop -- and the (K,) losses.
 
         Vectorised: one forward of all workers (stacked, or vmap-ed), then one ordinary backward of the sum
         of the workers' losses (each worker's loss depends on its own row of ``points`` only, so the
@@ -216,7 +217,7 @@ class Simulator(TrainerBase):
                     outputs = torch.func.vmap(self._forward, randomness="different")(leaves, self.buffers, inputs)
                     losses = torch.func.vmap(self.loss_fn)(outputs, targets)
                     grads = torch.autograd.grad(losses.sum(), leaves)
-                return self._flat(grads), losses.detach()
+                return grads, losses.detach()
             except Exception as error:  # a model vmap cannot batch: fall back to the loop for good
                 if self.vectorize in (True, "vmap"):
                     raise
@@ -228,7 +229,7 @@ class Simulator(TrainerBase):
                 leaves = self._leaves(points[k : k + 1])
                 worker = tuple(leaf[0] for leaf in leaves)
                 loss = self.loss_fn(self._forward(worker, {n: b[k] for n, b in self.buffers.items()}, inputs[k]), targets[k])
-                grads.append(self._flat(torch.autograd.grad(loss, leaves)))
+                grads.append(torch.cat([g.reshape(1, -1) for g in torch.autograd.grad(loss, leaves)], dim=1))
             losses.append(loss.detach())
         return torch.cat(grads), torch.stack(losses)
 
@@ -239,11 +240,6 @@ class Simulator(TrainerBase):
         backward fills a zero ``(W, P)`` tensor, once per layer, which on ResNet-20 with K = 16 cost more
         than the convolutions."""
         return tuple(v.requires_grad_(True) for v in unflatten(points.detach(), self.shapes))
-
-    @staticmethod
-    def _flat(grads) -> Tensor:
-        """Per-parameter gradients ``(W, *shape)`` laid end to end: ``(W, P)``."""
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
     def _stacked_gradients(self, points: Tensor, inputs: Tensor, targets: Tensor, buffers: Dict[str, Tensor]):
         """As :meth:`_gradients`, with the traced model run on stacked parameters (no vmap); running
@@ -263,7 +259,7 @@ class Simulator(TrainerBase):
             else:
                 losses = torch.func.vmap(self.loss_fn)(outputs, targets)
             grads = torch.autograd.grad(losses.sum(), leaves)
-        return self._flat(grads), losses.detach()
+        return grads, losses.detach()
 
     # --- evaluation and diagnostics ---------------------------------------------------------------
     cheap_diagnostics = True  # the mismatch terms cost a few (K, P) operations: fine every step
