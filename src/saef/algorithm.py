@@ -243,9 +243,10 @@ class ErrorFeedback:
         delta = e.add_(m, alpha=lr)  # D_k = e_k + lr m_k
 
         payloads = self.uplink.encode_layers(delta, self.layout)  # what each worker sends
-        sent = self.uplink.decode_layers_into(payloads, self.layout, self._buffer("sent", e))  # C(D_k)
-        mean_sent, bits_up = self.transport.average_uplink(payloads, sent, self.uplink, self.layout)
-        e.sub_(sent)  # e_k <- D_k - C(D_k); only now, as a payload may be a view of D_k (identity)
+        # e_k <- D_k - C(D_k), while the payloads travel (a payload may be a view of D_k: the transport
+        # has taken what it sends, or averaged it, before it runs this).
+        mean_sent, bits_up = self.transport.average_uplink(
+            payloads, self.uplink, self.layout, meanwhile=lambda: self.uplink.subtract_decoded(payloads, self.layout, e))
 
         # The server's work, for the layers owned here (all of them in one process; maybe none on a rank).
         server_payloads, applied = [], mean_sent.new_zeros(0)
@@ -257,13 +258,17 @@ class ErrorFeedback:
                 server_delta = torch.cat([state.server_error[self.layer(i)] for i in self.owned]).add_(mean_sent)
             server_payloads = self.downlink.encode_layers(server_delta.unsqueeze(0), owned)
             applied = self.downlink.decode_layers_into(server_payloads, owned, self._buffer("applied", server_delta.unsqueeze(0)))[0]  # C_s(D)
-        update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout)
+
+        def settle_server_error():  # e_s <- D - C_s(D), while the server's payloads travel
+            if self.owned:
+                server_delta.sub_(applied)
+                if self.owned_range is None:
+                    for i, s in zip(self.owned, owned.slices):
+                        state.server_error[self.layer(i)] = server_delta[s]
+
+        update, bits_down = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout,
+                                                          meanwhile=settle_server_error)
         x -= update  # x <- x - C_s(D)
-        if self.owned:  # only now: a payload, C_s(D) or the update may be a view of D, and had to be used intact
-            server_delta.sub_(applied)  # e_s <- D - C_s(D)
-            if self.owned_range is None:
-                for i, s in zip(self.owned, owned.slices):
-                    state.server_error[self.layer(i)] = server_delta[s]
 
         state.step += 1
         state.bits_up += bits_up

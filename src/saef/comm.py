@@ -21,7 +21,7 @@ Each moving method also returns how many bits *one worker* sent (uplink, averagi
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 from torch import Tensor
 
@@ -41,30 +41,33 @@ class Transport:
         raise NotImplementedError
 
     def average_uplink(
-        self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout
+        self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout, meanwhile: Callable[[], None] = None
     ) -> Tuple[Tensor, int]:
         """Mean over all K workers of the decoded uplink payloads, for the layers owned here.
 
         Args:
             payloads: per layer, the payload of the W local workers (leading row axis W).
-            decoded: ``compressor.decode_layers(payloads, layout)``, (W, P), as the local workers already
-                computed it (a transport may use it instead of decoding its own rows again).
-            compressor: the workers' compressor, to decode payloads received from elsewhere.
+            compressor: the workers' compressor, to decode the payloads.
             layout: where each layer lies on the flat axis.
+            meanwhile: local work to run while the payloads travel (it must not change ``payloads``).
 
         Returns:
             ``(mean, bits one worker sent)``; ``mean`` holds the owned layers end to end, in layer order.
+            It may live in a buffer the compressor reuses: use it before the next uplink.
         """
         raise NotImplementedError
 
     def share_downlink(
-        self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout
+        self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
+        meanwhile: Callable[[], None] = None,
     ) -> Tuple[Tensor, int]:
         """Give every worker the server's payload for every layer.
 
         Args:
             payloads: the one-row server payloads of the layers owned here, in layer order.
             decoded: their dense values end to end (what this process applies for its own layers).
+            meanwhile: local work to run while the payloads travel (it must not change ``payloads`` or
+                ``decoded``).
 
         Returns:
             ``(update (P,), bits one worker received)``.
@@ -98,11 +101,16 @@ class InProcessTransport(Transport):
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
 
-    def average_uplink(self, payloads, decoded, compressor, layout):
+    def average_uplink(self, payloads, compressor, layout, meanwhile=None):
         bits = sum(payload_bits(p) for p in payloads) // self.num_workers
-        return decoded.mean(dim=0), bits
+        mean = compressor.decode_mean_layers(payloads, layout)
+        if meanwhile is not None:
+            meanwhile()
+        return mean, bits
 
-    def share_downlink(self, payloads, decoded, compressor, layout):
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
+        if meanwhile is not None:
+            meanwhile()
         return decoded, sum(payload_bits(p) for p in payloads)
 
     def mean_over_workers(self, rows, purpose="averaging"):

@@ -287,6 +287,11 @@ class Compressor:
         one buffer every step. The default copies; built-in compressors decode in place."""
         return out.copy_(self.decode_layers(payloads, layout))
 
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        """``target -= decode_layers(payloads, layout)`` in place (``(W, P)``; the error update of
+        Algorithm 1), returned. Top-k subtracts its kept values only; sign decodes into a reused buffer."""
+        return target.sub_(self.decode_layers(payloads, layout))
+
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The mean over rows of :meth:`decode_layers`, ``(P,)`` (what the server averages)."""
         return self.decode_layers(payloads, layout).mean(dim=0)
@@ -441,6 +446,10 @@ class ScaledSign(Compressor):
 
     def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
         return self._decode_layers(payloads, layout, out)
+
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
+        return target.sub_(self._decode_layers(payloads, layout, out=buffer))
 
 
 _SAMPLE_EVERY = 32  # the threshold of `largest` is estimated from every 32nd element
@@ -699,6 +708,13 @@ class TopK(Compressor):
         values, index = self._kept(payloads, layout)
         return out.zero_().scatter_(1, index, values)
 
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
+        if any(d == 0 for d in layout.sizes):
+            return super().subtract_decoded(payloads, layout, target)
+        values, index = self._kept(payloads, layout)
+        return target.scatter_add_(1, index, values.neg())
+
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to
         ``decode_layers(...).mean(0)`` up to rounding (the order of the additions differs). The result
@@ -708,7 +724,8 @@ class TopK(Compressor):
             return super().decode_mean_layers(payloads, layout)
         values, index = self._kept(payloads, layout)
         total = layout.memo(("topk-mean-buffer", values.dtype), lambda: values.new_empty(layout.total))
-        return total.zero_().scatter_add_(0, index.view(-1), values.view(-1)).div_(values.shape[0])
+        # each value divided by W before adding: k values per row instead of P (exact when W is a power of 2)
+        return total.zero_().scatter_add_(0, index.view(-1), values.view(-1) / values.shape[0])
 
     def __repr__(self) -> str:
         return f"TopK(rho={self.rho!r})"

@@ -97,16 +97,19 @@ class DistributedTransport(Transport):
     def owns(self, layer: int, num_layers: int) -> bool:
         return self.server == "allreduce" or self.owner[layer] == self.rank
 
-    def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str) -> List[Tensor]:
+    def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str, meanwhile=None) -> List[Tensor]:
         """Send ``chunks[r]`` (tensors, as raw bytes) to rank r and receive ``recv_sizes[r]`` bytes from
-        rank r. Payload sizes are a function of the layer sizes (true of every built-in compressor), so
-        each rank knows what it will receive without asking."""
+        rank r, running ``meanwhile()`` while the bytes travel. Payload sizes are a function of the layer
+        sizes (true of every built-in compressor), so each rank knows what it will receive without asking."""
         parts = [[_as_bytes(t) for t in chunk] for chunk in chunks]
         send_sizes = [sum(p.numel() for p in part) for part in parts]
         flat = [p for part in parts for p in part]
         send = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=self.device)
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+        work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group, async_op=True)
+        if meanwhile is not None:  # the send buffer is a copy: meanwhile may change what it was made from
+            meanwhile()
+        work.wait()
         self.wire[f"{direction}_sent"] += send.numel()
         self.wire[f"{direction}_received"] += recv.numel()
         return list(torch.split(recv, recv_sizes))
@@ -126,33 +129,38 @@ class DistributedTransport(Transport):
             raise RuntimeError(f"received {buffer.numel()} bytes, expected {offset}: payload sizes differ between ranks")
         return out
 
-    def average_uplink(self, payloads, decoded, compressor, layout):
+    def average_uplink(self, payloads, compressor, layout, meanwhile=None):
         if self.server == "allreduce":
-            return self._allreduce_mean(decoded, compressor)
+            mean = self._allreduce_mean(payloads, compressor, layout)
+            if meanwhile is not None:
+                meanwhile()
+            return mean
         chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
         for i, payload in enumerate(payloads):
             chunks[self.owner[i]].extend(payload)
         mine = self._layers_of(self.rank, len(layout))
         # Every sender packs our layers in layer order, shaped like our own payload for them.
         expected = sum(payload_bits(payloads[i]) for i in mine) // 8
-        received = self._exchange(chunks, [expected] * self.num_workers, "uplink")
+        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile)
         if not mine:
-            return decoded.new_zeros(0), sum(payload_bits(p) for p in payloads)
+            return torch.zeros(0, dtype=self.dtype, device=self.device), sum(payload_bits(p) for p in payloads)
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
         # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
         stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
         mean = compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank))
         return mean, sum(payload_bits(p) for p in payloads)
 
-    def share_downlink(self, payloads, decoded, compressor, layout):
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
             self.wire["downlink_received"] += self._allreduce_bytes
+            if meanwhile is not None:
+                meanwhile()
             return decoded, self._allreduce_bytes * 8
         templates = self._downlink_layouts(compressor, layout)
         own = [t for payload in payloads for t in payload]
         by_owner = [self._layers_of(r, len(layout)) for r in range(self.num_workers)]
         recv_sizes = [sum(payload_bits(templates[i]) for i in layers) // 8 for layers in by_owner]
-        received = self._exchange([own] * self.num_workers, recv_sizes, "downlink")
+        received = self._exchange([own] * self.num_workers, recv_sizes, "downlink", meanwhile)
         # One buffer for the update, reused every step (a fresh 20 MB tensor costs page faults each time).
         update = layout.memo(("downlink-update", decoded.dtype, decoded.device), lambda: decoded.new_empty(layout.total))
         for source, (buffer, layers) in enumerate(zip(received, by_owner)):
@@ -182,11 +190,11 @@ class DistributedTransport(Transport):
             cache[rank] = layout.subset(self._layers_of(rank, len(layout)))
         return cache[rank]
 
-    def _allreduce_mean(self, decoded: Tensor, compressor: Compressor):
+    def _allreduce_mean(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout):
         """Full-precision baseline: one all-reduce of the dense values, as DDP does."""
         if not isinstance(compressor, Identity):
             raise ValueError("server='allreduce' is for the identity compressor only (it sends dense values)")
-        total = decoded.sum(dim=0)
+        total = compressor.decode_layers(payloads, layout).sum(dim=0)
         dist.all_reduce(total, group=self.group)
         self._allreduce_bytes = total.numel() * total.element_size()
         self.wire["uplink_sent"] += self._allreduce_bytes
