@@ -222,3 +222,44 @@ def test_decode_mean_equals_mean_of_decode(spec):
     layout = saef.compressors.Layout([25, 300, 25, 1, 7])
     payloads = c.encode_layers(torch.randn(3, layout.total, generator=torch.Generator().manual_seed(0)), layout)
     assert torch.allclose(c.decode_mean_layers(payloads, layout), c.decode_layers(payloads, layout).mean(dim=0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sizes", [[125, 25, 3125, 1, 7, 8, 9], [16, 24, 8, 10], [70000, 13]])
+@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.1", "topk:0.01"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_into_and_subtract_equal_the_dense_decode(spec, sizes, rows):
+    """decode_layers_into writes exactly decode_layers into the given buffer; subtract_decoded (the error
+    update) is exactly target - decode_layers; decode_mean_layers is the mean of the rows to rounding."""
+    c = saef.make_compressor(spec)
+    layout = saef.compressors.Layout(sizes)
+    v = torch.randn(rows, layout.total, generator=torch.Generator().manual_seed(1))
+    payloads = c.encode_layers(v, layout)
+    dense = c.decode_layers(payloads, layout)
+    out = torch.full_like(v, float("nan"))
+    assert c.decode_layers_into(payloads, layout, out) is out
+    assert torch.equal(out, dense)
+    target = v.clone()
+    c.subtract_decoded(payloads, layout, target)
+    assert torch.equal(target, v - dense)
+    assert torch.allclose(c.decode_mean_layers(payloads, layout), dense.mean(dim=0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", ["sign", "topk:0.01", "topk:0.3"])
+@pytest.mark.parametrize("d", [1000, 70000, 200003])
+def test_numpy_kernels_equal_the_torch_kernels(spec, d, monkeypatch):
+    """On the CPU the compressors run numpy/BLAS kernels; the torch kernels (a GPU's path) give the same
+    payload sizes and decode to the same values (sign bits exactly; scales and kept sets to rounding)."""
+    c = saef.make_compressor(spec)
+    layout = saef.compressors.Layout([d, 37, 8])
+    v = torch.randn(2, layout.total, generator=torch.Generator().manual_seed(2))
+    v[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.0])  # sign(0) = sign(-0) = +1 on both paths
+    fast = c.encode_layers(v, layout)
+    monkeypatch.setattr(saef.compressors, "_USE_NUMPY", False)
+    slow = c.encode_layers(v, layout)
+    for a, b in zip(fast, slow):
+        assert [t.shape for t in a] == [t.shape for t in b]
+    if spec == "sign":
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, slow))
+    dense_slow = c.decode_layers(slow, layout)
+    monkeypatch.setattr(saef.compressors, "_USE_NUMPY", True)
+    assert torch.allclose(c.decode_layers(fast, layout), dense_slow, rtol=1e-5, atol=0)

@@ -86,12 +86,13 @@ def _numpy(t: Tensor):
     """A numpy view of ``t`` (no copy) when numpy can stand in for torch: on the CPU, for bool, uint8 and
     float32/64. numpy's packbits, unpackbits, comparisons and take run single-threaded at several times
     the speed of the equivalent torch kernels (measured in benchmarks/bench_compressors.py)."""
-    if t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES:
+    if not _USE_NUMPY or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES:
         return None
     return (t.detach() if t.requires_grad else t).numpy()
 
 
 _NUMPY_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float64)
+_USE_NUMPY = True  # False: the torch kernels everywhere (as on a GPU); the tests compare the two
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -683,7 +684,7 @@ class TopK(Compressor):
         plan = self._plan(layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
         w = values.shape[0]
-        if plan["width"] and values.device.type == "cpu":
+        if plan["width"] and _numpy(payloads[0][1]) is not None:
             packed = torch.cat([p[1] for p in payloads], dim=1)
             local = torch.from_numpy(self._unpack_indices(packed.numpy(), plan))
         elif plan["width"]:
