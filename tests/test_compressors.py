@@ -254,12 +254,12 @@ def test_numpy_kernels_equal_the_torch_kernels(spec, d, monkeypatch):
     v = torch.randn(2, layout.total, generator=torch.Generator().manual_seed(2))
     v[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.0])  # sign(0) = sign(-0) = +1 on both paths
     fast = c.encode_layers(v, layout)
-    monkeypatch.setattr(saef.compressors, "_USE_NUMPY", False)
+    monkeypatch.setattr(saef.kernels, "USE_NUMPY", False)
     slow = c.encode_layers(v, layout)
     for a, b in zip(fast, slow):
         assert [t.shape for t in a] == [t.shape for t in b]
     if spec == "sign":
         assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, slow))
     dense_slow = c.decode_layers(slow, layout)
-    monkeypatch.setattr(saef.compressors, "_USE_NUMPY", True)
+    monkeypatch.setattr(saef.kernels, "USE_NUMPY", True)
     assert torch.allclose(c.decode_layers(fast, layout), dense_slow, rtol=1e-5, atol=0)

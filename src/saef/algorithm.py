@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -190,7 +190,9 @@ class ErrorFeedback:
         W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
         w = self.transport.local_workers
         for target, s in zip(self._check_layers(targets, "targets"), self.layout.slices):
-            if self.config.method == "saef":
+            if not target.is_contiguous():  # (e.g. a channels-last parameter) no flat view to write into
+                target.copy_(self.gradient_points(state, x)[:, s].reshape(target.shape))
+            elif self.config.method == "saef":
                 torch.sub(x[s].unsqueeze(0), state.worker_error[:, s], out=target.view(w, -1))
             else:
                 target.view(w, -1).copy_(x[s].unsqueeze(0))
@@ -210,7 +212,7 @@ class ErrorFeedback:
             buf = self._workspace[name] = torch.empty_like(like)
         return buf
 
-    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Tensor, lr: float) -> None:
+    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: float) -> None:
         """Apply one step of Algorithm 1 in place to ``x`` and ``state``.
 
         Args:

@@ -35,13 +35,27 @@ Example::
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .kernels import (
+    index_bits,
+    l1_norms,
+    l1_norms_array,
+    largest,
+    largest_array,
+    numpy_view,
+    pack_bits,
+    pack_index_bits,
+    pack_nonnegative,
+    sign_lookup,
+    unpack_bits,
+    unpack_index_bits,
+)
 
 Payload = Tuple[Tensor, ...]
 
@@ -64,150 +78,6 @@ __all__ = [
 def payload_bits(payload: Payload) -> int:
     """Size in bits of the tensors of ``payload``, all rows together."""
     return sum(t.numel() * t.element_size() * 8 for t in payload)
-
-
-_BIT_WEIGHTS: Dict[torch.device, Tensor] = {}
-
-
-def _bit_weights(device: torch.device) -> Tensor:
-    # 1, 2, 4, ..., 128 as uint8; cached per device because packing runs every step.
-    w = _BIT_WEIGHTS.get(device)
-    if w is None:
-        w = _BIT_WEIGHTS[device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
-    return w
-
-
-# Multiplying the int64 view of 8 bytes that are each 0 or 1 by this constant gathers byte i's bit at
-# bit 56 + i of the product, and no other partial product reaches bits 56..63 (nor carries into them).
-_GATHER_8_BYTES = 0x0102040810204080
-
-
-def _numpy(t: Tensor):
-    """A numpy view of ``t`` (no copy) when numpy can stand in for torch: on the CPU, for bool, uint8,
-    int64 and float32/64. numpy's packbits, unpackbits, comparisons and take run single-threaded at several times
-    the speed of the equivalent torch kernels (measured in benchmarks/bench_compressors.py)."""
-    if not _USE_NUMPY or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES:
-        return None
-    return (t.detach() if t.requires_grad else t).numpy()
-
-
-_NUMPY_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64)
-_USE_NUMPY = True  # False: the torch kernels everywhere (as on a GPU); the tests compare the two
-
-
-def pack_bits(bits: Tensor) -> Tensor:
-    """Pack a ``(W, n)`` bool tensor into ``(W, ceil(n / 8))`` uint8, bit i of byte j = element 8 j + i."""
-    rows, n = bits.shape
-    array = _numpy(bits)
-    if array is not None:
-        return torch.from_numpy(np.packbits(array, axis=1, bitorder="little")).view(rows, -(-n // 8))
-    pad = (-n) % 8
-    if pad:
-        bits = torch.nn.functional.pad(bits, (0, pad))
-    if sys.byteorder == "little" and bits.is_contiguous() and bits.numel():
-        # One multiply per 8 elements instead of a reduction over a length-8 axis (~8x faster).
-        words = bits.view(torch.uint8).view(rows, -1, 8).view(torch.int64).squeeze(-1)
-        gathered = words * _GATHER_8_BYTES
-        gathered >>= 56  # in place: one temporary less (fresh buffers cost page faults on every call)
-        return gathered.to(torch.uint8)
-    grouped = bits.view(rows, -1, 8).to(torch.uint8)
-    return (grouped * _bit_weights(bits.device)).sum(dim=-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: ``(W, ceil(n / 8))`` uint8 -> ``(W, n)`` bool."""
-    rows = packed.shape[0]
-    array = _numpy(packed)
-    if array is not None:
-        return torch.from_numpy(np.unpackbits(array, axis=1, count=n, bitorder="little")).view(torch.bool).view(rows, n)
-    bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
-    return bits.view(rows, -1)[:, :n]
-
-
-def _pack_nonnegative(rows: Tensor, layout: "Layout" = None) -> Tensor:
-    """``pack_bits(rows >= 0)``; on the CPU through numpy (its comparison is ~3x faster than torch's), the
-    booleans written into a buffer kept by ``layout`` if one is given."""
-    array = _numpy(rows)
-    if array is None:
-        return pack_bits(rows >= 0)
-    out = None if layout is None else layout.memo(("nonnegative-bits", array.shape), lambda: np.empty(array.shape, dtype=bool))
-    return torch.from_numpy(np.packbits(np.greater_equal(array, 0, out=out), axis=1, bitorder="little"))
-
-
-_BLAS_ASUM: Dict[np.dtype, Callable] = {}
-_ASUM_MIN = 1 << 14  # below this, numpy's abs().sum() costs less than a BLAS call per row
-
-
-def _l1_norms(rows: Tensor, divide_by: int = 1) -> Tensor:
-    """``(W,)``: the sum of |v| over every row of ``(W, d)`` divided by ``divide_by``, in the dtype of ``rows``.
-
-    On the CPU, long rows use BLAS asum: one pass that reads the row once (``vector_norm`` was ~15x
-    slower single-threaded, ``abs().sum()`` writes a temporary); short rows use numpy, whose per-call
-    cost is a fraction of torch's."""
-    array = _numpy(rows) if rows.is_floating_point() else None
-    if array is None:
-        return torch.linalg.vector_norm(rows, 1, dim=1) / divide_by
-    return torch.from_numpy(_l1_norms_array(array, divide_by))
-
-
-def _l1_norms_array(array: np.ndarray, divide_by: int = 1) -> np.ndarray:
-    asum = _blas_asum(array.dtype) if array.shape[1] >= _ASUM_MIN else None
-    if asum is None:
-        norms = np.abs(array).sum(axis=1)
-    else:
-        norms = np.array([asum(row) for row in array], dtype=array.dtype)
-    return np.divide(norms, divide_by, dtype=array.dtype)
-
-
-def _blas_asum(dtype: np.dtype):
-    if dtype not in _BLAS_ASUM:
-        try:
-            from scipy.linalg import blas
-            _BLAS_ASUM[dtype] = blas.sasum if dtype == np.float32 else blas.dasum
-        except ImportError:  # scipy is a dependency; without it numpy does the same job, slower
-            _BLAS_ASUM[dtype] = None
-    return _BLAS_ASUM[dtype]
-
-
-_SIGN_TABLES: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _sign_lookup(packed: Tensor, scales: Tensor, table_of_byte, out: Tensor = None) -> Tensor:
-    """Decode packed signs with lookup tables: ``(W, n)`` bytes -> ``(W, 8 n)`` values +-scale.
-
-    ``scales`` is ``(W, T)``: T tables per row, each mapping a byte to its 8 values; byte j of a row uses
-    table ``t`` where ``table_of_byte[j] = 256 t`` (an int, or a ``(n,)`` int64 tensor). One gather writes the output once;
-    unpacking to booleans and then selecting took three passes. With ``out`` (``(W, m)``, m <= 8 n), the
-    first m values of each row are written into it instead, and ``out`` is returned."""
-    rows, nbytes = packed.shape
-    key = (packed.device, scales.dtype)
-    signs = _SIGN_TABLES.get(key)
-    if signs is None:  # +-1 for the 8 bits of every byte value
-        bits = unpack_bits(torch.arange(256, dtype=torch.uint8, device=packed.device).view(256, 1), 8)
-        signs = _SIGN_TABLES[key] = bits.to(scales.dtype) * 2 - 1
-    tables = scales.reshape(-1, 1, 1) * signs  # (W * T, 256, 8)
-    if rows == 1 and isinstance(table_of_byte, int) and table_of_byte == 0:
-        index = packed  # one table: the byte is the index
-    else:
-        index = packed.long() + table_of_byte  # table_of_byte: first row of each byte's table (a multiple of 256)
-        if rows > 1:  # row w's tables start at w * T * 256
-            index += (torch.arange(rows, device=packed.device) * (scales.shape[1] * 256)).unsqueeze(1)
-    tables = tables.view(-1, 8)
-    array = _numpy(tables)
-    if out is not None and array is not None and out.stride(-1) == 1 and out.dtype == tables.dtype:
-        # Straight into out, row by row: whole bytes by take, the last byte's first few values apart.
-        m = out.shape[1]
-        whole, target, index = m // 8, out.numpy(), index.numpy()
-        for r in range(rows):
-            np.take(array, index[r, :whole], axis=0, out=target[r, : 8 * whole].reshape(whole, 8), mode="clip")
-            if m > 8 * whole:
-                target[r, 8 * whole :] = array[index[r, whole]][: m - 8 * whole]
-        return out
-    if array is not None:  # numpy's take copies the 32-byte rows ~1.7x faster than index_select
-        values = torch.from_numpy(np.take(array, index.reshape(-1).numpy(), axis=0, mode="clip")).view(rows, nbytes * 8)
-    else:
-        values = tables.index_select(0, index.reshape(-1).long()).view(rows, nbytes * 8)
-    return values if out is None else out.copy_(values[:, : out.shape[1]])
 
 
 class Layout:
@@ -353,18 +223,18 @@ class ScaledSign(Compressor):
 
     def _scale(self, rows: Tensor) -> Tensor:
         # ||v||_1 / d. An empty tensor gets scale 0 (nothing to scale; the mean of nothing would be NaN).
-        return _l1_norms(rows, divide_by=max(rows.shape[1], 1))
+        return l1_norms(rows, divide_by=max(rows.shape[1], 1))
 
     def encode_rows(self, rows: Tensor) -> Payload:
-        array = _numpy(rows) if rows.is_floating_point() else None
+        array = numpy_view(rows) if rows.is_floating_point() else None
         if array is not None:  # all in numpy (at small sizes the per-call cost of torch dominates)
             packed = np.packbits(np.greater_equal(array, 0), axis=1, bitorder="little")
-            return torch.from_numpy(packed), torch.from_numpy(_l1_norms_array(array, max(array.shape[1], 1)))
+            return torch.from_numpy(packed), torch.from_numpy(l1_norms_array(array, max(array.shape[1], 1)))
         return pack_bits(rows >= 0), self._scale(rows)
 
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         packed, scale = payload
-        return _sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
+        return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
 
     def compress_rows(self, rows: Tensor) -> Tensor:
         scale = self._scale(rows).unsqueeze(1)
@@ -395,7 +265,7 @@ class ScaledSign(Compressor):
                 torch.arange(len(layout)), torch.tensor(layout.sizes)))
             sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
         else:  # large: a plain reduction per layer streams the memory once (index_add does not)
-            sums = torch.stack([_l1_norms(rows[:, s]) for s in layout.slices], dim=1)
+            sums = torch.stack([l1_norms(rows[:, s]) for s in layout.slices], dim=1)
         return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
@@ -404,11 +274,11 @@ class ScaledSign(Compressor):
         scales = self._layer_scales(rows, layout)
         nbytes = [-(-d // 8) for d in layout.sizes]
         if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
-            packed = _pack_nonnegative(rows, layout)
+            packed = pack_nonnegative(rows, layout.memo)
         else:  # move each layer to a byte boundary first; the filler -1 packs as bit 0
             source = layout.cached("sign-source", rows.device, lambda: self._source_index(layout))
             padded = torch.cat([rows, rows.new_full((rows.shape[0], 1), -1.0)], dim=1).index_select(1, source)
-            packed = _pack_nonnegative(padded)
+            packed = pack_nonnegative(padded, layout.memo)
         out, start = [], 0
         for i, n in enumerate(nbytes):
             out.append((packed[:, start : start + n], scales[:, i]))
@@ -428,9 +298,9 @@ class ScaledSign(Compressor):
             torch.arange(len(layout.sizes)) * 256, torch.tensor([-(-d // 8) for d in layout.sizes])))
         if all(d % 8 == 0 for d in layout.sizes[:-1]):
             if out is not None:
-                return _sign_lookup(packed, scales, table_of_byte, out=out)
-            return _sign_lookup(packed, scales, table_of_byte)[:, : layout.total]
-        values = _sign_lookup(packed, scales, table_of_byte)
+                return sign_lookup(packed, scales, table_of_byte, out=out)
+            return sign_lookup(packed, scales, table_of_byte)[:, : layout.total]
+        values = sign_lookup(packed, scales, table_of_byte)
         padded = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
         return values.index_select(1, padded) if out is None else torch.index_select(values, 1, padded, out=out)
 
@@ -462,93 +332,6 @@ class ScaledSign(Compressor):
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
         buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
         return target.sub_(self._decode_layers(payloads, layout, out=buffer))
-
-
-_SAMPLE_EVERY = 32  # the threshold of `largest` is estimated from every 32nd element
-
-
-def largest(magnitude: Tensor, k: int) -> Tensor:
-    """Indices ``(W, k)`` of the k largest entries of each row of ``magnitude`` (>= 0), in no order.
-
-    ``torch.topk`` is slow on long rows on CPU (~100 ms for 1 % of 5M elements). For long rows this first
-    picks a threshold t from every 32nd element, low enough that some 1.5 k + 256 entries of the row are
-    expected at or above it, and runs ``topk`` on those candidates only. The result is exact: whenever at
-    least k entries are >= t, the k largest are all among them; otherwise (a rare unlucky sample) the row
-    falls back to the full ``topk``. Rows that are mostly exact zeros are handled without a full ``topk``.
-    On the CPU the same is done with numpy (``argpartition`` and ``flatnonzero``). Which of several equal
-    entries is kept may differ from ``torch.topk``'s choice, but it is deterministic. NaN entries are not
-    ranked consistently; in training, steps with a NaN gradient are skipped before anything is compressed.
-    """
-    rows, d = magnitude.shape
-    sample_k = -(-3 * k // (2 * _SAMPLE_EVERY)) + 8
-    short = d < 1 << 16 or sample_k * 4 > d // _SAMPLE_EVERY  # short rows, or k too large for sampling to pay
-    array = _numpy(magnitude) if k else None
-    if array is not None:
-        return torch.from_numpy(_largest_array(array, k))
-    if short:
-        return magnitude.topk(k, dim=1, sorted=False).indices
-    out = []
-    for row in magnitude:
-        sample = row[::_SAMPLE_EVERY]
-        threshold = sample.topk(sample_k, sorted=False).values.min()
-        # A zero threshold (rows with many exact zeros: dead ReLU units) would admit the whole row; then
-        # the candidates are the positive entries, topped up with zeros if there are fewer than k.
-        candidates = (row >= threshold if threshold > 0 else row > 0).nonzero().squeeze(1)
-        if candidates.numel() >= k:
-            out.append(candidates[row[candidates].topk(k, sorted=False).indices])
-        elif threshold == 0 and bool((row >= 0).all()):
-            zeros = (row == 0).nonzero().squeeze(1)[: k - candidates.numel()]
-            out.append(torch.cat([candidates, zeros]))
-        else:  # an unlucky sample: the full topk
-            out.append(row.topk(k, sorted=False).indices)
-    return torch.stack(out)
-
-
-def _largest_array(magnitude: np.ndarray, k: int) -> np.ndarray:
-    """:func:`largest` with numpy (its partition beats torch.topk at every size on the CPU: 1.3x at 1e3,
-    3x at 1e5; k >= 1)."""
-    d = magnitude.shape[1]
-    sample_k = -(-3 * k // (2 * _SAMPLE_EVERY)) + 8
-    if d < 1 << 16 or sample_k * 4 > d // _SAMPLE_EVERY:
-        return np.argpartition(magnitude, d - k, axis=1)[:, d - k :]
-    return np.stack([_largest_numpy(row, k, sample_k) for row in magnitude])
-
-
-def _largest_numpy(row: np.ndarray, k: int, sample_k: int) -> np.ndarray:
-    """:func:`largest` of one long row, with numpy: its nonzero and partition are ~3x faster than torch's
-    nonzero and topk on one thread. Same candidates and fallbacks; int64 indices."""
-    sample = row[::_SAMPLE_EVERY]
-    threshold = np.partition(sample, sample.size - sample_k)[sample.size - sample_k]
-    candidates = np.flatnonzero(row >= threshold if threshold > 0 else row > 0)
-    if candidates.size >= k:
-        values = row[candidates]
-        return candidates[np.argpartition(values, values.size - k)[values.size - k :]]
-    if threshold == 0 and bool((row >= 0).all()):
-        zeros = np.flatnonzero(row == 0)[: k - candidates.size]
-        return np.concatenate([candidates, zeros])
-    return np.argpartition(row, row.size - k)[row.size - k :]  # an unlucky sample: the full selection
-
-
-# Index packing with numpy: an index's low b bits are the first b bits of its little-endian 32-bit form,
-# so unpackbits/packbits move all of them at once (the torch path works bit by bit).
-def _pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
-    """``(W, k)`` indices < 2^b -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
-    w, k = idx.shape
-    bits = np.unpackbits(idx.astype("<u4").view(np.uint8).reshape(w, k, 4), axis=2, bitorder="little")[:, :, :b]
-    return np.packbits(bits.reshape(w, k * b), axis=1, bitorder="little")
-
-
-def _unpack_index_bits(packed: np.ndarray, k: int, b: int) -> np.ndarray:
-    """Inverse of :func:`_pack_index_bits`: ``(W, bytes)`` -> ``(W, k)`` int64."""
-    w = packed.shape[0]
-    words = np.zeros((w, k, 32), dtype=np.uint8)
-    words[:, :, :b] = np.unpackbits(packed, axis=1, count=k * b, bitorder="little").reshape(w, k, b)
-    return np.packbits(words, axis=2, bitorder="little").view("<u4").reshape(w, k).astype(np.int64)
-
-
-def index_bits(d: int) -> int:
-    """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
-    return max(d - 1, 0).bit_length()
 
 
 class TopK(Compressor):
@@ -583,16 +366,16 @@ class TopK(Compressor):
 
     def encode_rows(self, rows: Tensor) -> Payload:
         d = rows.shape[1]
-        b, array = index_bits(d), _numpy(rows) if rows.is_floating_point() and d else None
+        b, array = index_bits(d), numpy_view(rows) if rows.is_floating_point() and d else None
         if array is not None:  # all in numpy: a handful of calls, no torch dispatch per step
-            idx = _largest_array(np.abs(array), self.k(d))
-            packed = _pack_index_bits(idx, b) if b else np.zeros((rows.shape[0], 0), dtype=np.uint8)
+            idx = largest_array(np.abs(array), self.k(d))
+            packed = pack_index_bits(idx, b) if b else np.zeros((rows.shape[0], 0), dtype=np.uint8)
             return torch.from_numpy(np.take_along_axis(array, idx, axis=1)), torch.from_numpy(packed)
         values, idx = self._select(rows)
         if b == 0:
             packed = torch.empty(rows.shape[0], 0, dtype=torch.uint8, device=rows.device)
-        elif _numpy(idx) is not None:
-            packed = torch.from_numpy(_pack_index_bits(idx.numpy(), b))
+        elif numpy_view(idx) is not None:
+            packed = torch.from_numpy(pack_index_bits(idx.numpy(), b))
         else:
             shifts = torch.arange(b, device=rows.device)
             bits = ((idx.unsqueeze(-1) >> shifts) & 1).bool().view(rows.shape[0], -1)
@@ -605,8 +388,8 @@ class TopK(Compressor):
         b = index_bits(d)
         if b == 0:
             idx = torch.zeros(rows, k, dtype=torch.int64, device=values.device)
-        elif _numpy(packed) is not None:
-            idx = torch.from_numpy(_unpack_index_bits(packed.numpy(), k, b))
+        elif numpy_view(packed) is not None:
+            idx = torch.from_numpy(unpack_index_bits(packed.numpy(), k, b))
         else:
             bits = unpack_bits(packed, k * b).view(rows, k, b).to(torch.int64)
             idx = (bits << torch.arange(b, device=values.device)).sum(dim=-1)
@@ -670,7 +453,7 @@ class TopK(Compressor):
             return super().encode_layers(rows, layout)
         plan = self._plan(layout, rows.device)
         w = rows.shape[0]
-        array = _numpy(rows) if rows.is_floating_point() else None
+        array = numpy_view(rows) if rows.is_floating_point() else None
         if array is not None:  # |v| into a buffer kept by the layout (a fresh one costs page faults)
             buffer = layout.memo(("topk-magnitude", array.shape, array.dtype), lambda: np.empty_like(array))
             magnitude = torch.from_numpy(np.abs(array, out=buffer))
@@ -705,7 +488,7 @@ class TopK(Compressor):
     def _pack_indices(local: np.ndarray, plan: Dict[str, object]) -> np.ndarray:
         """``(W, total k)`` layer-local indices -> ``(W, bytes)``, the stream of encode_rows, layer after layer."""
         starts = plan["starts"]
-        parts = [_pack_index_bits(local[:, starts[i] : starts[i + 1]], b) for i, (k, b) in enumerate(zip(plan["ks"], plan["bits"])) if k and b]
+        parts = [pack_index_bits(local[:, starts[i] : starts[i + 1]], b) for i, (k, b) in enumerate(zip(plan["ks"], plan["bits"])) if k and b]
         return np.concatenate(parts, axis=1) if parts else np.zeros((local.shape[0], 0), dtype=np.uint8)
 
     @staticmethod
@@ -715,7 +498,7 @@ class TopK(Compressor):
         local = np.zeros((packed.shape[0], starts[-1]), dtype=np.int64)
         for i, (k, b) in enumerate(zip(plan["ks"], plan["bits"])):
             if k and b:
-                local[:, starts[i] : starts[i + 1]] = _unpack_index_bits(packed[:, byte_start[i] : byte_start[i + 1]], k, b)
+                local[:, starts[i] : starts[i + 1]] = unpack_index_bits(packed[:, byte_start[i] : byte_start[i + 1]], k, b)
         return local
 
     def _kept(self, payloads: Sequence[Payload], layout: Layout) -> Tuple[Tensor, Tensor]:
@@ -723,7 +506,7 @@ class TopK(Compressor):
         plan = self._plan(layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
         w = values.shape[0]
-        if plan["width"] and _numpy(payloads[0][1]) is not None:
+        if plan["width"] and numpy_view(payloads[0][1]) is not None:
             packed = torch.cat([p[1] for p in payloads], dim=1)
             local = torch.from_numpy(self._unpack_indices(packed.numpy(), plan))
         elif plan["width"]:
