@@ -247,8 +247,13 @@ class ErrorFeedback:
         payloads = self.uplink.encode_layers(delta, self.layout)  # what each worker sends
         # e_k <- D_k - C(D_k), while the payloads travel (a payload may be a view of D_k: the transport
         # has taken what it sends, or averaged it, before it runs this).
-        mean_sent, bits_up = self.transport.average_uplink(
-            payloads, self.uplink, self.layout, meanwhile=lambda: self.uplink.subtract_decoded(payloads, self.layout, e))
+        def settle_worker_error(decoded=None):
+            if decoded is not None:  # the transport decoded the rows already
+                e.sub_(decoded)
+            else:
+                self.uplink.subtract_decoded(payloads, self.layout, e)
+
+        mean_sent, bits_up = self.transport.average_uplink(payloads, self.uplink, self.layout, meanwhile=settle_worker_error)
 
         # The server's work, for the layers owned here (all of them in one process; maybe none on a rank).
         server_payloads, applied = [], mean_sent.new_zeros(0)

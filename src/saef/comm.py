@@ -49,7 +49,9 @@ class Transport:
             payloads: per layer, the payload of the W local workers (leading row axis W).
             compressor: the workers' compressor, to decode the payloads.
             layout: where each layer lies on the flat axis.
-            meanwhile: local work to run while the payloads travel (it must not change ``payloads``).
+            meanwhile: local work to run while the payloads travel (it must not change ``payloads``),
+                called as ``meanwhile(decoded)``: the ``(W, P)`` dense decode of the local rows when the
+                transport made one anyway (in one process), else ``None``.
 
         Returns:
             ``(mean, bits one worker sent)``; ``mean`` holds the owned layers end to end, in layer order.
@@ -97,15 +99,24 @@ class InProcessTransport(Transport):
             raise ValueError(f"workers must be an integer >= 1, got workers={workers!r}")
         self.num_workers = workers
         self.local_workers = workers
+        self._decoded: dict = {}  # (rows, P) -> the dense decode of the uplink, reused every step
 
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
 
     def average_uplink(self, payloads, compressor, layout, meanwhile=None):
         bits = sum(payload_bits(p) for p in payloads) // self.num_workers
-        mean = compressor.decode_mean_layers(payloads, layout)
+        # All K rows are here: decode them once, average, and hand the rows to the error update rather than
+        # have it decode them again. The first decode's tensor is kept and decoded into from then on.
+        key = (payloads[0][0].shape[0], layout.total) if payloads else None
+        buffer = self._decoded.get(key)
+        if buffer is None:  # (a clone: a decode may be a view of the payload)
+            decoded = self._decoded[key] = compressor.decode_layers(payloads, layout).clone()
+        else:
+            decoded = compressor.decode_layers_into(payloads, layout, buffer)
+        mean = decoded.mean(dim=0)
         if meanwhile is not None:
-            meanwhile()
+            meanwhile(decoded)
         return mean, bits
 
     def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):

@@ -133,7 +133,7 @@ class DistributedTransport(Transport):
         if self.server == "allreduce":
             mean = self._allreduce_mean(payloads, compressor, layout)
             if meanwhile is not None:
-                meanwhile()
+                meanwhile(None)
             return mean
         chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
         for i, payload in enumerate(payloads):
@@ -141,7 +141,7 @@ class DistributedTransport(Transport):
         mine = self._layers_of(self.rank, len(layout))
         # Every sender packs our layers in layer order, shaped like our own payload for them.
         expected = sum(payload_bits(payloads[i]) for i in mine) // 8
-        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile)
+        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile and (lambda: meanwhile(None)))
         if not mine:
             return torch.zeros(0, dtype=self.dtype, device=self.device), sum(payload_bits(p) for p in payloads)
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
