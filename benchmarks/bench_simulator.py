@@ -58,13 +58,13 @@ def main():
     parser.add_argument("--workers", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--compressors", nargs="+", default=["sign", "topk:0.01"])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default: 200 for the MNIST-1D models, 20 for the ResNets)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default: 200 for the MNIST-1D models, 40 for the ResNets)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, global batch {args.batch}, timed in interleaved blocks of 10 steps")
     print("| model | step | steps timed | median ms | vs SGD |")
     print("|---|---|---:|---:|---:|")
     for name in args.models:
-        steps = args.steps or (20 if name.startswith("resnet") else 200)
+        steps = args.steps or (40 if name.startswith("resnet") else 200)
         results = bench(name, args.workers, args.compressors, args.batch, steps)
         for key, seconds in results.items():
             label = "torch.optim.SGD, 1 model" if key == "sgd" else f"SAEF {key[1]}, K={key[0]}"

@@ -1,7 +1,7 @@
 """Run every benchmark, one after the other, and keep each one's table in benchmarks/results/.
 
     python benchmarks/run_all.py              # simulator, compressor kernels, bytes on the wire
-    sudo python benchmarks/run_all.py --network   # and the rate-limited network benchmarks (needs root, ~1 h)
+    sudo python benchmarks/run_all.py --network   # and the rate-limited network benchmarks (needs root, ~45 min)
 
 Each table is printed as it is produced and saved as benchmarks/results/<name>.md; BENCHMARKS.md records
 the tables with the machine and the date.

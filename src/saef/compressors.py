@@ -334,6 +334,11 @@ class ScaledSign(Compressor):
         return target.sub_(self._decode_layers(payloads, layout, out=buffer))
 
 
+# numpy packs indices one layer at a time; below this many kept entries in all, torch's few vectorised
+# kernels over all layers cost less than a loop over the layers.
+_NUMPY_INDICES_MIN = 1 << 12
+
+
 class TopK(Compressor):
     """Top-k sparsification: keep the k = max(1, floor(rho * d)) entries of largest magnitude.
 
@@ -472,7 +477,7 @@ class TopK(Compressor):
         local_all = torch.cat(local, dim=1)  # (W, total_k), layer order
         values = rows.gather(1, local_all + plan["layer_offset"])
         width = plan["width"]
-        if width and array is not None:
+        if width and array is not None and local_all.numel() >= _NUMPY_INDICES_MIN:
             packed = torch.from_numpy(self._pack_indices(local_all.numpy(), plan))
         elif width:
             table = ((local_all.unsqueeze(-1) >> plan["shifts"]) & 1).to(torch.uint8).view(w, -1)
@@ -506,7 +511,7 @@ class TopK(Compressor):
         plan = self._plan(layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
         w = values.shape[0]
-        if plan["width"] and numpy_view(payloads[0][1]) is not None:
+        if plan["width"] and numpy_view(payloads[0][1]) is not None and values.numel() >= _NUMPY_INDICES_MIN:
             packed = torch.cat([p[1] for p in payloads], dim=1)
             local = torch.from_numpy(self._unpack_indices(packed.numpy(), plan))
         elif plan["width"]:
