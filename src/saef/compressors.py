@@ -130,6 +130,9 @@ class Compressor:
     loops over layers, and a compressor may override them with a vectorised version that produces the
     same payload format. ``decode_mean_layers`` is the server's average of W rows' payloads (default: the
     mean of ``decode_layers``; top-k adds its sparse values without a dense ``(W, P)`` buffer).
+    ``decode_layers_into`` (decode into a given buffer) and ``subtract_decoded`` (the error update
+    ``target -= decode``) let the training step reuse its buffers; their defaults go through
+    ``decode_layers``, so a new compressor needs only the row methods.
     """
 
     name: str = "compressor"
