@@ -241,3 +241,21 @@ def test_compressor_whose_decode_aliases_its_input():
 
     x = saef.simulate(lambda k, x: [torch.ones(3)], [torch.zeros(3)], workers=1, steps=2, lr=0.1, compressor=Aliasing())
     assert torch.allclose(x[0], torch.full((3,), -0.2))
+
+
+@pytest.mark.parametrize("spec", ["identity", "sign", "topk:0.5"])
+def test_in_process_transport_shared_by_two_dtypes(spec):
+    """The in-process transport keeps its decode buffer between steps: a float64 run after a float32 run on
+    the same transport must give exactly what a fresh transport gives (no float32 rounding, no error)."""
+    def one_step(transport, dtype):
+        ef = ErrorFeedback([(3,)], ErrorFeedbackConfig(method="saef", compressor=spec, momentum=0.5), transport)
+        x = torch.tensor([1.0, -2.0, 3e-9], dtype=dtype)
+        state = ef.init_state(x)
+        ef.step(state, x, torch.tensor([[1 / 3, 0.1, 1e-9], [1 / 3, 0.2, -1e-9]], dtype=dtype), lr=1.0)
+        return x, state.worker_error
+
+    shared = InProcessTransport(2)
+    one_step(shared, torch.float32)
+    x, e = one_step(shared, torch.float64)
+    x_ref, e_ref = one_step(InProcessTransport(2), torch.float64)
+    assert x.dtype == torch.float64 and torch.equal(x, x_ref) and torch.equal(e, e_ref)

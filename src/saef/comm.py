@@ -21,7 +21,7 @@ Each moving method also returns how many bits *one worker* sent (uplink, averagi
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -41,7 +41,8 @@ class Transport:
         raise NotImplementedError
 
     def average_uplink(
-        self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout, meanwhile: Callable[[], None] = None
+        self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
+        meanwhile: Callable[[Optional[Tensor]], None] = None,
     ) -> Tuple[Tensor, int]:
         """Mean over all K workers of the decoded uplink payloads, for the layers owned here.
 
@@ -49,9 +50,10 @@ class Transport:
             payloads: per layer, the payload of the W local workers (leading row axis W).
             compressor: the workers' compressor, to decode the payloads.
             layout: where each layer lies on the flat axis.
-            meanwhile: local work to run while the payloads travel (it must not change ``payloads``),
-                called as ``meanwhile(decoded)``: the ``(W, P)`` dense decode of the local rows when the
-                transport made one anyway (in one process), else ``None``.
+            meanwhile: local work to run while the payloads travel, called as ``meanwhile(decoded)``:
+                the ``(W, P)`` dense decode of the local rows when the transport made one anyway (in one
+                process), else ``None``. It may overwrite tensors that ``payloads`` view (the error a
+                payload was made from): copy or consume the payloads before calling it.
 
         Returns:
             ``(mean, bits one worker sent)``; ``mean`` holds the owned layers end to end, in layer order.
@@ -68,8 +70,9 @@ class Transport:
         Args:
             payloads: the one-row server payloads of the layers owned here, in layer order.
             decoded: their dense values end to end (what this process applies for its own layers).
-            meanwhile: local work to run while the payloads travel (it must not change ``payloads`` or
-                ``decoded``).
+            meanwhile: local work to run while the payloads travel. It may overwrite tensors that
+                ``payloads`` view (the server error), but not ``decoded``: copy or consume the payloads
+                before calling it.
 
         Returns:
             ``(update (P,), bits one worker received)``.
@@ -99,7 +102,7 @@ class InProcessTransport(Transport):
             raise ValueError(f"workers must be an integer >= 1, got workers={workers!r}")
         self.num_workers = workers
         self.local_workers = workers
-        self._decoded: dict = {}  # (rows, P) -> the dense decode of the uplink, reused every step
+        self._decoded: dict = {}  # (rows, P, dtype, device) -> the dense decode of the uplink, reused every step
 
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
@@ -108,7 +111,9 @@ class InProcessTransport(Transport):
         bits = sum(payload_bits(p) for p in payloads) // self.num_workers
         # All K rows are here: decode them once, average, and hand the rows to the error update rather than
         # have it decode them again. The first decode's tensor is kept and decoded into from then on.
-        key = (payloads[0][0].shape[0], layout.total) if payloads else None
+        values = next((t for p in payloads for t in p if t.is_floating_point()), None)
+        key = (len(payloads) and payloads[0][0].shape[0], layout.total, values is not None and values.dtype,
+               values is not None and values.device)
         buffer = self._decoded.get(key)
         if buffer is None:  # (a clone: a decode may be a view of the payload)
             decoded = self._decoded[key] = compressor.decode_layers(payloads, layout).clone()

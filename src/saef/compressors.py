@@ -312,9 +312,9 @@ class ScaledSign(Compressor):
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The rows decoded with their scales divided by W and summed, in buffers kept by ``layout``: no
-        fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to rounding (exactly,
-        when W is a power of two). The result lives in a buffer: it is valid until the next call with
-        the same layout and number of rows."""
+        fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to rounding (the
+        additions may run in another order). The result lives in a buffer: it is valid until the next
+        call with the same layout and number of rows."""
         rows = payloads[0][0].shape[0] if payloads else 0
         if rows < 2 or payloads[0][1].device.type != "cpu":
             return super().decode_mean_layers(payloads, layout)

@@ -244,7 +244,7 @@ def pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
 
 
 def unpack_index_bits(packed: np.ndarray, k: int, b: int) -> np.ndarray:
-    """Inverse of :func:`_pack_index_bits`: ``(W, bytes)`` -> ``(W, k)`` int64."""
+    """Inverse of :func:`pack_index_bits`: ``(W, bytes)`` -> ``(W, k)`` int64."""
     w = packed.shape[0]
     words = np.zeros((w, k, 32), dtype=np.uint8)
     words[:, :, :b] = np.unpackbits(packed, axis=1, count=k * b, bitorder="little").reshape(w, k, b)
