@@ -153,7 +153,6 @@ class ErrorFeedback:
         self.owned_layout = self.layout if self.owns_all else self.layout.subset(self.owned)
         # When the owned layers lie side by side on the flat axis, e_s of them is one view (no gather).
         self.owned_range = self.layout.span(self.owned)
-        self._workspace: Dict[str, Tensor] = {}  # buffers reused every step (fresh ones cost page faults)
         self.uplink = config.compressor
         self.downlink = config.downlink_compressor
         if config.average_every == 1 and transport.num_workers == 1:
@@ -180,9 +179,14 @@ class ErrorFeedback:
     # --- the two halves of a step ------------------------------------------------------------------
     def gradient_points(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
         """z_k, (W, P): x - e_k for SAEF, x (an expanded view, no copy) for EF."""
+        return self._points(x, state.worker_error)
+
+    def _points(self, x: Tensor, error: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The rule for z_k on any stretch of the flat axis (x: (n,), error: (W, n)), into ``out`` if given."""
         if self.config.method == "saef":
-            return x.unsqueeze(0) - state.worker_error
-        return x.unsqueeze(0).expand(self.transport.local_workers, -1)
+            return torch.sub(x.unsqueeze(0), error, out=out)
+        points = x.unsqueeze(0).expand(self.transport.local_workers, -1)
+        return points if out is None else out.copy_(points)
 
     @torch.no_grad()
     def write_gradient_points(self, state: ErrorFeedbackState, x: Tensor, targets: Sequence[Tensor]) -> None:
@@ -190,12 +194,10 @@ class ErrorFeedback:
         W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
         w = self.transport.local_workers
         for target, s in zip(self._check_layers(targets, "targets"), self.layout.slices):
-            if not target.is_contiguous():  # (e.g. a channels-last parameter) no flat view to write into
-                target.copy_(self.gradient_points(state, x)[:, s].reshape(target.shape))
-            elif self.config.method == "saef":
-                torch.sub(x[s].unsqueeze(0), state.worker_error[:, s], out=target.view(w, -1))
-            else:
-                target.view(w, -1).copy_(x[s].unsqueeze(0))
+            if target.is_contiguous():
+                self._points(x[s], state.worker_error[:, s], out=target.view(w, -1))
+            else:  # (e.g. a channels-last parameter) no flat view to write into
+                target.copy_(self._points(x[s], state.worker_error[:, s]).reshape(target.shape))
 
     def _check_layers(self, tensors: Sequence[Tensor], name: str) -> Sequence[Tensor]:
         w = self.transport.local_workers
@@ -206,11 +208,9 @@ class ErrorFeedback:
         return tensors
 
     def _buffer(self, name: str, like: Tensor) -> Tensor:
-        """A tensor shaped like ``like``, allocated once and reused every step."""
-        buf = self._workspace.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._workspace[name] = torch.empty_like(like)
-        return buf
+        """A tensor shaped like ``like``, allocated once (kept by the layout) and reused every step."""
+        key = ("step-buffer", name, tuple(like.shape), like.dtype, like.device)
+        return self.layout.memo(key, lambda: torch.empty_like(like))
 
     def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: float) -> None:
         """Apply one step of Algorithm 1 in place to ``x`` and ``state``.

@@ -52,6 +52,7 @@ from .kernels import (
     pack_bits,
     pack_index_bits,
     pack_nonnegative,
+    pack_nonnegative_array,
     sign_lookup,
     unpack_bits,
     unpack_index_bits,
@@ -231,7 +232,7 @@ class ScaledSign(Compressor):
     def encode_rows(self, rows: Tensor) -> Payload:
         array = numpy_view(rows) if rows.is_floating_point() else None
         if array is not None:  # all in numpy (at small sizes the per-call cost of torch dominates)
-            packed = np.packbits(np.greater_equal(array, 0), axis=1, bitorder="little")
+            packed = pack_nonnegative_array(array)
             return torch.from_numpy(packed), torch.from_numpy(l1_norms_array(array, max(array.shape[1], 1)))
         return pack_bits(rows >= 0), self._scale(rows)
 

@@ -85,7 +85,12 @@ def pack_nonnegative(rows: Tensor, memo: Callable = None) -> Tensor:
     if array is None:
         return pack_bits(rows >= 0)
     out = None if memo is None else memo(("nonnegative-bits", array.shape), lambda: np.empty(array.shape, dtype=bool))
-    return torch.from_numpy(np.packbits(np.greater_equal(array, 0, out=out), axis=1, bitorder="little"))
+    return torch.from_numpy(pack_nonnegative_array(array, out))
+
+
+def pack_nonnegative_array(array: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+    """:func:`pack_nonnegative` of a numpy array, the booleans written into ``out`` if given."""
+    return np.packbits(np.greater_equal(array, 0, out=out), axis=1, bitorder="little")
 
 
 _BLAS_ASUM: Dict[np.dtype, Callable] = {}
