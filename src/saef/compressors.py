@@ -48,6 +48,12 @@ from .kernels import (
     l1_norms_array,
     largest,
     largest_array,
+    native_ready,
+    native_sign_encode,
+    native_topk_encode,
+    native_topk_indices,
+    NativeLayers,
+    one_layer,
     numpy_view,
     pack_bits,
     pack_index_bits,
@@ -230,6 +236,9 @@ class ScaledSign(Compressor):
         return l1_norms(rows, divide_by=max(rows.shape[1], 1))
 
     def encode_rows(self, rows: Tensor) -> Payload:
+        payload = native_sign_encode(rows)  # one compiled pass, where it is built
+        if payload is not None:
+            return payload
         array = numpy_view(rows) if rows.is_floating_point() else None
         if array is not None:  # all in numpy (at small sizes the per-call cost of torch dominates)
             packed = pack_nonnegative_array(array)
@@ -241,7 +250,8 @@ class ScaledSign(Compressor):
         return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
 
     def compress_rows(self, rows: Tensor) -> Tensor:
-        scale = self._scale(rows).unsqueeze(1)
+        # the encoder's own scale, so that C(v) is exactly decode(encode(v)) whichever kernel summed |v|
+        scale = self.encode_rows(rows)[1].unsqueeze(1)
         return torch.where(rows >= 0, scale, -scale)
 
     def delta(self, d: int) -> float:
@@ -273,21 +283,30 @@ class ScaledSign(Compressor):
         return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
-        if any(d == 0 for d in layout.sizes):
-            return super().encode_layers(rows, layout)
-        scales = self._layer_scales(rows, layout)
         nbytes = [-(-d // 8) for d in layout.sizes]
+        payload = native_sign_encode(rows, layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes)))
+        if payload is not None:  # one compiled pass over all layers
+            packed, scales = payload
+        elif any(d == 0 for d in layout.sizes):
+            return super().encode_layers(rows, layout)
+        else:
+            packed, scales = self._pack_layers(rows, layout)
+        out, start = [], 0
+        for i, n in enumerate(nbytes):
+            out.append((packed[:, start : start + n], scales[:, i]))
+            start += n
+        return out
+
+    def _pack_layers(self, rows: Tensor, layout: Layout) -> Tuple[Tensor, Tensor]:
+        """The packed signs ``(W, bytes)`` (each layer from a byte boundary) and scales ``(W, layers)``."""
+        scales = self._layer_scales(rows, layout)
         if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
             packed = pack_nonnegative(rows, layout.memo)
         else:  # move each layer to a byte boundary first; the filler -1 packs as bit 0
             source = layout.cached("sign-source", rows.device, lambda: self._source_index(layout))
             padded = torch.cat([rows, rows.new_full((rows.shape[0], 1), -1.0)], dim=1).index_select(1, source)
             packed = pack_nonnegative(padded, layout.memo)
-        out, start = [], 0
-        for i, n in enumerate(nbytes):
-            out.append((packed[:, start : start + n], scales[:, i]))
-            start += n
-        return out
+        return packed, scales
 
     def _decode_layers(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
         """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
@@ -370,11 +389,19 @@ class TopK(Compressor):
         return min(d, max(1, math.floor(self.rho * d * (1 + 1e-12))))
 
     def _select(self, rows: Tensor) -> Tuple[Tensor, Tensor]:
-        idx = largest(rows.abs(), self.k(rows.shape[1]))
+        """The kept values and their indices, both ``(W, k)``, chosen as the encoder chooses them."""
+        d = rows.shape[1]
+        kept = native_topk_encode(rows, k=self.k(d), indices=True) if d else None
+        if kept is not None:
+            return kept[0], kept[2]
+        idx = largest(rows.abs(), self.k(d))
         return rows.gather(1, idx), idx
 
     def encode_rows(self, rows: Tensor) -> Payload:
         d = rows.shape[1]
+        payload = native_topk_encode(rows, k=self.k(d)) if d else None  # one compiled pass, where it is built
+        if payload is not None:
+            return payload
         b, array = index_bits(d), numpy_view(rows) if rows.is_floating_point() and d else None
         if array is not None:  # all in numpy: a handful of calls, no torch dispatch per step
             idx = largest_array(np.abs(array), self.k(d))
@@ -399,6 +426,8 @@ class TopK(Compressor):
         b = index_bits(d)
         if b == 0:
             idx = torch.zeros(rows, k, dtype=torch.int64, device=values.device)
+        elif native_ready() and packed.device.type == "cpu":
+            idx = native_topk_indices(packed, one_layer(d, k))
         elif numpy_view(packed) is not None:
             idx = torch.from_numpy(unpack_index_bits(packed.numpy(), k, b))
         else:
@@ -459,7 +488,16 @@ class TopK(Compressor):
                     source=source.to(device), position=position.to(device), layer_offset=layer_offset.to(device),
                     shifts=torch.arange(max(width, 1), dtype=torch.int64, device=device))
 
+    def _native_layers(self, layout: Layout) -> NativeLayers:
+        return layout.memo(("native-topk", self.rho), lambda: NativeLayers(layout.sizes, [self.k(d) for d in layout.sizes]))
+
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
+        layers = self._native_layers(layout)
+        payload = native_topk_encode(rows, layers)
+        if payload is not None:  # one compiled pass over all layers
+            values, packed = payload
+            v, b = layers.value_starts, layers.byte_starts
+            return [(values[:, v[i] : v[i + 1]], packed[:, b[i] : b[i + 1]]) for i in range(len(layout))]
         if any(d == 0 for d in layout.sizes):
             return super().encode_layers(rows, layout)
         plan = self._plan(layout, rows.device)
@@ -517,7 +555,10 @@ class TopK(Compressor):
         plan = self._plan(layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
         w = values.shape[0]
-        if plan["width"] and numpy_view(payloads[0][1]) is not None and values.numel() >= _NUMPY_INDICES_MIN:
+        if plan["width"] and native_ready() and payloads[0][1].device.type == "cpu":
+            packed = torch.cat([p[1] for p in payloads], dim=1)
+            local = native_topk_indices(packed, self._native_layers(layout))
+        elif plan["width"] and numpy_view(payloads[0][1]) is not None and values.numel() >= _NUMPY_INDICES_MIN:
             packed = torch.cat([p[1] for p in payloads], dim=1)
             local = torch.from_numpy(self._unpack_indices(packed.numpy(), plan))
         elif plan["width"]:

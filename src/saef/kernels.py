@@ -1,15 +1,20 @@
 """The kernels behind the compressors: bit packing, sign tables, L1 norms, top-k selection, index packing.
 
-Each kernel has two paths. On the CPU (float32/64, bool, uint8, int64 tensors) it runs numpy and BLAS,
-whose single-threaded packbits, comparisons, take, argpartition and asum are several times faster than
-the equivalent torch kernels (see BENCHMARKS.md, table 2); elsewhere (a GPU) it runs torch. Both paths
-produce the same payloads: bit for bit for packing and signs, to rounding for sums, and the same kept set
-for top-k up to the choice among equal entries. ``USE_NUMPY = False`` forces the torch path, which is how
-the tests check one against the other on the CPU.
+Each kernel has up to three paths. On the CPU the sign and top-k *encoders* run compiled one-pass
+kernels (``saef._native``, C, built at install time when a compiler is there): one call reads a tensor
+once and writes its payload. The other CPU kernels, and the encoders where the compiled module is not
+built, run numpy and BLAS, whose single-threaded packbits, comparisons, take, argpartition and asum are
+several times faster than the equivalent torch kernels (see BENCHMARKS.md, table 2). Elsewhere (a GPU)
+everything runs torch. All paths produce the same payload format and decode to the same values: signs
+bit for bit, scales to rounding, and the same kept set for top-k up to the choice among equal entries
+(the order of the kept entries within a payload may differ). ``USE_NATIVE = False`` switches the
+compiled kernels off and ``USE_NUMPY = False`` forces the torch path everywhere, which is how the tests
+check the paths against each other on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Dict, Tuple
 
@@ -46,6 +51,128 @@ def numpy_view(t: Tensor):
 
 NUMPY_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64)
 USE_NUMPY = True  # False: the torch kernels everywhere (as on a GPU); the tests compare the two
+
+try:  # the compiled one-pass encoders (src/saef/_native.c), built at install time when a C compiler is there
+    from . import _native as NATIVE
+except ImportError:  # not built: the numpy kernels do the same work with a few more calls
+    NATIVE = None
+USE_NATIVE = True  # False: the numpy kernels even where the compiled ones are built (USE_NUMPY = False: torch)
+
+
+def native_stride(rows: Tensor) -> int:
+    """The row stride with which the compiled encoders can read ``rows`` (``(W, d)``) in place, or -1 if
+    they cannot: they read float32/64 on the CPU, each row contiguous, with indices that fit 32 bits."""
+    if NATIVE is None or not (USE_NATIVE and USE_NUMPY) or not rows.is_cpu or rows.dtype not in _NUMPY_OF or rows.dim() != 2:
+        return -1
+    d = rows.shape[1]
+    if d >= 1 << 31:
+        return -1
+    if rows.is_contiguous():
+        return d
+    return rows.stride(0) if d <= 1 or rows.stride(1) == 1 else -1
+
+
+# Payload tensors are made by numpy and wrapped (~0.5 µs less per tensor than torch.empty).
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _fresh(shape, dtype) -> Tensor:
+    return torch.from_numpy(np.empty(shape, dtype))
+
+
+def native_ready() -> bool:
+    """Whether the compiled kernels are built and switched on."""
+    return NATIVE is not None and USE_NATIVE and USE_NUMPY
+
+
+@functools.lru_cache(maxsize=4096)
+def one_layer(d: int, k: int = None) -> "NativeLayers":
+    """:class:`NativeLayers` of a single tensor of ``d`` elements (``k`` kept, for top-k), made once."""
+    return NativeLayers([d], None if k is None else [k])
+
+
+class NativeLayers:
+    """Layer sizes (and top-k's kept counts) as int64 arrays the compiled kernels read, with the payload
+    widths they imply. Made once per layout (or per tensor length) and reused every step."""
+
+    def __init__(self, sizes, ks=None):
+        sizes = [int(d) for d in sizes]
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.sizes_address = self.sizes.ctypes.data
+        self.count, self.total = len(sizes), sum(sizes)
+        self.sign_bytes = sum(-(-d // 8) for d in sizes)
+        if ks is not None:
+            ks = [int(k) for k in ks]
+            if len(ks) != len(sizes) or any(not 0 <= k <= d for d, k in zip(sizes, ks)):
+                raise ValueError(f"kept counts {ks} do not fit layer sizes {sizes}")
+            self.ks = np.asarray(ks, dtype=np.int64)
+            self.ks_address = self.ks.ctypes.data
+            self.total_k = sum(ks)
+            index_bytes = [-(-k * index_bits(d) // 8) for d, k in zip(sizes, ks)]
+            self.index_bytes = sum(index_bytes)
+            # where each layer's values and index bytes start in a row of the payload
+            self.value_starts = np.cumsum([0] + ks).tolist()
+            self.byte_starts = np.cumsum([0] + index_bytes).tolist()
+
+    def check(self, rows: Tensor) -> None:
+        # the compiled kernels trust these sizes: a mismatch would read past the tensor
+        if rows.shape[1] != self.total:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} do not hold layers of {self.total} elements")
+
+
+def native_sign_encode(rows: Tensor, layers: NativeLayers = None):
+    """Scaled-sign payload of every layer of every row in one compiled pass: ``(W, sign_bytes)`` packed
+    signs and ``(W, layers)`` scales ||v||_1 / d (0 for an empty layer). Without ``layers``, ``rows`` is
+    one layer and the scales are ``(W,)``. ``None`` when the kernels cannot read ``rows``
+    (:func:`native_stride`)."""
+    stride = native_stride(rows)
+    if stride < 0:
+        return None
+    w, d = rows.shape
+    if layers is None:
+        layers, scale_shape = one_layer(d), w
+    else:
+        layers.check(rows)
+        scale_shape = (w, layers.count)
+    dtype = rows.dtype
+    packed, scales = _fresh((w, layers.sign_bytes), np.uint8), _fresh(scale_shape, _NUMPY_OF[dtype])
+    NATIVE.sign_encode(rows.data_ptr(), dtype is torch.float64, w, stride, layers.sizes_address, layers.count,
+                       packed.data_ptr(), layers.sign_bytes, scales.data_ptr())
+    return packed, scales
+
+
+def native_topk_encode(rows: Tensor, layers: NativeLayers = None, k: int = 0, indices: bool = False):
+    """Top-k payload of every layer of every row in one compiled pass: ``(W, total_k)`` kept values and
+    ``(W, index_bytes)`` packed indices, layer after layer (and with ``indices``, a third tensor: the
+    ``(W, total_k)`` layer-local indices, int64). Without ``layers``, ``rows`` is one layer of which
+    ``k`` entries are kept. ``None`` when the kernels cannot read ``rows`` (:func:`native_stride`)."""
+    stride = native_stride(rows)
+    if stride < 0:
+        return None
+    w, d = rows.shape
+    if layers is None:
+        layers = one_layer(d, k)
+    else:
+        layers.check(rows)
+    dtype = rows.dtype
+    values, packed = _fresh((w, layers.total_k), _NUMPY_OF[dtype]), _fresh((w, layers.index_bytes), np.uint8)
+    local = _fresh((w, layers.total_k), np.int64) if indices else None
+    NATIVE.topk_encode(rows.data_ptr(), dtype is torch.float64, w, stride, layers.sizes_address, layers.ks_address,
+                       layers.count, values.data_ptr(), layers.total_k, packed.data_ptr(), layers.index_bytes,
+                       0 if local is None else local.data_ptr())
+    return (values, packed) if local is None else (values, packed, local)
+
+
+def native_topk_indices(packed: Tensor, layers: NativeLayers) -> Tensor:
+    """Inverse of the index packing of :func:`native_topk_encode`: ``(W, total_k)`` layer-local int64."""
+    if packed.dtype != torch.uint8 or packed.device.type != "cpu" or packed.dim() != 2 or packed.shape[1] != layers.index_bytes:
+        raise ValueError(f"packed indices of shape {tuple(packed.shape)} ({packed.dtype}) do not match "
+                         f"{layers.index_bytes} bytes per row")
+    packed = packed.contiguous()
+    local = _fresh((packed.shape[0], layers.total_k), np.int64)
+    NATIVE.topk_indices(packed.data_ptr(), packed.shape[0], layers.index_bytes, layers.sizes_address,
+                        layers.ks_address, layers.count, local.data_ptr(), layers.total_k)
+    return local
 
 
 def pack_bits(bits: Tensor) -> Tensor:

@@ -1,0 +1,466 @@
+/* saef._native: one-pass CPU kernels for the scaled-sign and top-k encoders.
+ *
+ * Each kernel reads a row of floats once and writes the payload directly: packed signs plus the L1
+ * scale, or the k kept values plus their indices packed in b bits each. The numpy path (saef/kernels.py)
+ * makes five to eight calls for the same work, which dominates below ~1e5 elements; these kernels make
+ * one. Arguments are raw addresses (Python ints from Tensor.data_ptr()) and sizes; the Python side
+ * (saef/kernels.py) checks device, dtype and contiguity before calling, so nothing here is reached with
+ * a tensor it cannot read. The GIL is released while a kernel runs.
+ *
+ * Payload formats are those of saef/compressors.py:
+ *   sign:  bit i of byte j of a layer is (x[8 j + i] >= 0); each layer starts on a byte boundary;
+ *          one scale per (row, layer) = sum |x| / d, in the dtype of x.
+ *   top-k: the k entries of largest |x| (NaN counts as largest, ties go to the larger index), their
+ *          values in the dtype of x, and their layer-local indices as a little-endian bit stream, b =
+ *          ceil(log2 d) bits each, entry e at stream bits [e b, e b + b); each layer's stream starts on
+ *          a byte boundary.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* ---------------------------------------------------------------------------------------------- */
+/* scaled sign                                                                                     */
+
+/* Pack the signs of x[0..d) (bit set where x >= 0) into ceil(d / 8) bytes; return sum |x|. */
+static double sign_pack_f32(const float *x, int64_t d, uint8_t *out)
+{
+    int64_t j = 0, whole = d / 8;
+    double total = 0.0;
+#if defined(__SSE2__)
+    const __m128 zero = _mm_setzero_ps();
+    const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    while (j < whole) {
+        /* float partial sums over blocks of at most 1024 elements, then added in double: the rounding
+           of a short float sum, not of one running over the whole row */
+        int64_t stop = j + 128 < whole ? j + 128 : whole;
+        __m128 s0 = _mm_setzero_ps(), s1 = _mm_setzero_ps(), s2 = _mm_setzero_ps(), s3 = _mm_setzero_ps();
+        for (; j + 2 <= stop; j += 2) { /* two bytes: four independent sums hide the add latency */
+            const float *v = x + 8 * j;
+            __m128 a = _mm_loadu_ps(v), b = _mm_loadu_ps(v + 4), c = _mm_loadu_ps(v + 8), e = _mm_loadu_ps(v + 12);
+            out[j] = (uint8_t)(_mm_movemask_ps(_mm_cmpge_ps(a, zero)) | (_mm_movemask_ps(_mm_cmpge_ps(b, zero)) << 4));
+            out[j + 1] = (uint8_t)(_mm_movemask_ps(_mm_cmpge_ps(c, zero)) | (_mm_movemask_ps(_mm_cmpge_ps(e, zero)) << 4));
+            s0 = _mm_add_ps(s0, _mm_and_ps(a, absmask));
+            s1 = _mm_add_ps(s1, _mm_and_ps(b, absmask));
+            s2 = _mm_add_ps(s2, _mm_and_ps(c, absmask));
+            s3 = _mm_add_ps(s3, _mm_and_ps(e, absmask));
+        }
+        if (j < stop) { /* an odd byte at the end of the block */
+            __m128 a = _mm_loadu_ps(x + 8 * j), b = _mm_loadu_ps(x + 8 * j + 4);
+            out[j] = (uint8_t)(_mm_movemask_ps(_mm_cmpge_ps(a, zero)) | (_mm_movemask_ps(_mm_cmpge_ps(b, zero)) << 4));
+            s0 = _mm_add_ps(s0, _mm_and_ps(a, absmask));
+            s1 = _mm_add_ps(s1, _mm_and_ps(b, absmask));
+            ++j;
+        }
+        float lanes[4];
+        _mm_storeu_ps(lanes, _mm_add_ps(_mm_add_ps(s0, s1), _mm_add_ps(s2, s3)));
+        total += ((double)lanes[0] + lanes[1]) + ((double)lanes[2] + lanes[3]);
+    }
+#else
+    while (j < whole) {
+        int64_t stop = j + 128 < whole ? j + 128 : whole;
+        float s = 0.0f;
+        for (; j < stop; ++j) {
+            const float *v = x + 8 * j;
+            uint8_t byte = 0;
+            for (int i = 0; i < 8; ++i) {
+                byte |= (uint8_t)((v[i] >= 0.0f) << i);
+                s += fabsf(v[i]);
+            }
+            out[j] = byte;
+        }
+        total += s;
+    }
+#endif
+    if (8 * whole < d) {
+        uint8_t byte = 0;
+        for (int64_t i = 8 * whole; i < d; ++i) {
+            byte |= (uint8_t)((x[i] >= 0.0f) << (i - 8 * whole));
+            total += fabsf(x[i]);
+        }
+        out[whole] = byte;
+    }
+    return total;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_AVX2_PATH 1
+#include <immintrin.h>
+/* The same with 8-wide AVX2 compares (one movemask per byte), chosen at import when the CPU has AVX2. */
+__attribute__((target("avx2"))) static double sign_pack_f32_avx2(const float *x, int64_t d, uint8_t *out)
+{
+    int64_t j = 0, whole = d / 8;
+    double total = 0.0;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    while (j < whole) {
+        int64_t stop = j + 128 < whole ? j + 128 : whole;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+        for (; j + 4 <= stop; j += 4) {
+            const float *v = x + 8 * j;
+            __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8), c = _mm256_loadu_ps(v + 16), e = _mm256_loadu_ps(v + 24);
+            out[j] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(a, zero, _CMP_GE_OQ));
+            out[j + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(b, zero, _CMP_GE_OQ));
+            out[j + 2] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(c, zero, _CMP_GE_OQ));
+            out[j + 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(e, zero, _CMP_GE_OQ));
+            s0 = _mm256_add_ps(s0, _mm256_and_ps(a, absmask));
+            s1 = _mm256_add_ps(s1, _mm256_and_ps(b, absmask));
+            s2 = _mm256_add_ps(s2, _mm256_and_ps(c, absmask));
+            s3 = _mm256_add_ps(s3, _mm256_and_ps(e, absmask));
+        }
+        for (; j < stop; ++j) {
+            __m256 a = _mm256_loadu_ps(x + 8 * j);
+            out[j] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(a, zero, _CMP_GE_OQ));
+            s0 = _mm256_add_ps(s0, _mm256_and_ps(a, absmask));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+        total += (((double)lanes[0] + lanes[1]) + ((double)lanes[2] + lanes[3])) +
+                 (((double)lanes[4] + lanes[5]) + ((double)lanes[6] + lanes[7]));
+    }
+    if (8 * whole < d) {
+        uint8_t byte = 0;
+        for (int64_t i = 8 * whole; i < d; ++i) {
+            byte |= (uint8_t)((x[i] >= 0.0f) << (i - 8 * whole));
+            total += fabsf(x[i]);
+        }
+        out[whole] = byte;
+    }
+    return total;
+}
+#endif
+
+static double (*sign_pack_f32_best)(const float *, int64_t, uint8_t *) = sign_pack_f32;
+
+static double sign_pack_f64(const double *x, int64_t d, uint8_t *out)
+{
+    double total = 0.0;
+    for (int64_t j = 0; 8 * j < d; ++j) {
+        uint8_t byte = 0;
+        for (int64_t i = 8 * j; i < d && i < 8 * j + 8; ++i) {
+            byte |= (uint8_t)((x[i] >= 0.0) << (i - 8 * j));
+            total += fabs(x[i]);
+        }
+        out[j] = byte;
+    }
+    return total;
+}
+
+/* sign_encode(src, is_double, rows, row_stride, sizes, nlayers, packed, packed_row_bytes, scales)
+ * src: rows row_stride elements apart, each holding the layers of sizes (int64[nlayers]) end to end
+ * from its start (sum sizes <= row_stride); packed: (rows,
+ * packed_row_bytes) uint8 with packed_row_bytes = sum ceil(size / 8); scales: (rows, nlayers). */
+static PyObject *sign_encode(PyObject *self, PyObject *args)
+{
+    unsigned long long src, sizes_p, packed_p, scales_p;
+    int is_double;
+    Py_ssize_t rows, row_stride, nlayers, row_bytes;
+    if (!PyArg_ParseTuple(args, "KpnnKnKnK", &src, &is_double, &rows, &row_stride, &sizes_p, &nlayers,
+                          &packed_p, &row_bytes, &scales_p))
+        return NULL;
+    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; ++r) {
+        uint8_t *out = (uint8_t *)(uintptr_t)packed_p + r * row_bytes;
+        int64_t offset = 0;
+        for (Py_ssize_t l = 0; l < nlayers; ++l) {
+            int64_t d = sizes[l];
+            if (is_double) {
+                const double *x = (const double *)(uintptr_t)src + r * row_stride + offset;
+                double total = sign_pack_f64(x, d, out);
+                ((double *)(uintptr_t)scales_p)[r * nlayers + l] = d ? total / (double)d : 0.0;
+            } else {
+                const float *x = (const float *)(uintptr_t)src + r * row_stride + offset;
+                float total = (float)sign_pack_f32_best(x, d, out);
+                ((float *)(uintptr_t)scales_p)[r * nlayers + l] = d ? total / (float)d : 0.0f;
+            }
+            out += (d + 7) / 8;
+            offset += d;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* top-k                                                                                           */
+
+/* |x| as an unsigned integer that orders like |x|: for non-negative IEEE floats the bit pattern is
+ * monotone in the value, and NaN patterns lie above infinity. Integer keys give a total order, so the
+ * selection below terminates whatever the data (float comparisons with NaN do not). */
+static inline uint32_t magnitude_f32(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u & 0x7fffffffu;
+}
+
+static inline uint64_t magnitude_f64(double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    return u & 0x7fffffffffffffffull;
+}
+
+/* An entry to rank: (key, index) compared lexicographically. For float32 both fit one uint64. */
+typedef struct {
+    uint64_t key;
+    uint64_t index;
+} Pair;
+
+#define PAIR_LESS(a, b) ((a).key < (b).key || ((a).key == (b).key && (a).index < (b).index))
+#define U64_LESS(a, b) ((a) < (b))
+
+/* SELECT_TOP(name, T, LESS): rearrange a[0..n) so that its k largest entries (by LESS) are a[n-k..n).
+ * Quickselect with a median-of-three pivot; after 2 log2(n) rounds without finishing, heapsort of the
+ * rest guarantees O(n log n). All entries are distinct (the index breaks ties). */
+#define SIFT_DOWN(T, LESS, a, start, n)                                                                  \
+    do {                                                                                               \
+        int64_t root_ = (start);                                                                       \
+        for (;;) {                                                                                     \
+            int64_t child_ = 2 * root_ + 1;                                                            \
+            if (child_ >= (n)) break;                                                                  \
+            if (child_ + 1 < (n) && LESS((a)[child_], (a)[child_ + 1])) ++child_;                      \
+            if (!LESS((a)[root_], (a)[child_])) break;                                                 \
+            T t_ = (a)[root_]; (a)[root_] = (a)[child_]; (a)[child_] = t_;                             \
+            root_ = child_;                                                                            \
+        }                                                                                              \
+    } while (0)
+
+#define DEFINE_SELECT_TOP(name, T, LESS)                                                               \
+    static void name##_heapsort(T *a, int64_t n)                                                       \
+    {                                                                                                  \
+        for (int64_t s = n / 2 - 1; s >= 0; --s) SIFT_DOWN(T, LESS, a, s, n);                          \
+        for (int64_t end = n - 1; end > 0; --end) {                                                    \
+            T t = a[0]; a[0] = a[end]; a[end] = t;                                                     \
+            SIFT_DOWN(T, LESS, a, 0, end);                                                             \
+        }                                                                                              \
+    }                                                                                                  \
+    static void name(T *a, int64_t n, int64_t k)                                                       \
+    {                                                                                                  \
+        int64_t lo = 0, hi = n - 1, target = n - k, budget = 2;                                        \
+        for (int64_t m = n; m > 1; m >>= 1) budget += 2;                                               \
+        if (k <= 0 || k >= n) return;                                                                  \
+        while (hi - lo > 16) {                                                                         \
+            if (--budget < 0) { name##_heapsort(a + lo, hi - lo + 1); return; }                        \
+            int64_t mid = lo + (hi - lo) / 2;                                                          \
+            T t;                                                                                       \
+            if (LESS(a[mid], a[lo])) { t = a[mid]; a[mid] = a[lo]; a[lo] = t; }                        \
+            if (LESS(a[hi], a[lo])) { t = a[hi]; a[hi] = a[lo]; a[lo] = t; }                           \
+            if (LESS(a[hi], a[mid])) { t = a[hi]; a[hi] = a[mid]; a[mid] = t; }                        \
+            T pivot = a[mid];                                                                          \
+            int64_t i = lo, j = hi;                                                                    \
+            for (;;) { /* Hoare: a[lo] <= pivot <= a[hi] bound both scans */                           \
+                while (LESS(a[i], pivot)) ++i;                                                         \
+                while (LESS(pivot, a[j])) --j;                                                         \
+                if (i >= j) break;                                                                     \
+                t = a[i]; a[i] = a[j]; a[j] = t;                                                       \
+                ++i; --j;                                                                              \
+            }                                                                                          \
+            /* now a[lo..j] <= pivot <= a[j+1..hi] */                                                  \
+            if (target <= j) hi = j; else lo = j + 1;                                                  \
+        }                                                                                              \
+        for (int64_t i = lo + 1; i <= hi; ++i) { /* insertion sort of the last few */                 \
+            T v = a[i]; int64_t j = i - 1;                                                             \
+            while (j >= lo && LESS(v, a[j])) { a[j + 1] = a[j]; --j; }                                 \
+            a[j + 1] = v;                                                                              \
+        }                                                                                              \
+    }
+
+DEFINE_SELECT_TOP(select_top_u64, uint64_t, U64_LESS)
+DEFINE_SELECT_TOP(select_top_u32, uint32_t, U64_LESS)
+DEFINE_SELECT_TOP(select_top_pair, Pair, PAIR_LESS)
+
+#define SAMPLE_EVERY 32
+#define CANDIDATE_BLOCK 256
+
+/* Indices of the k largest |x[i]| of one row (1 <= k <= d), written to idx in no particular order.
+ * Long rows first take a threshold t from every 32nd key, low enough that some 1.5 k + 256 keys are
+ * expected at or above it, and rank only those: whenever at least k keys are >= t, the k largest are all
+ * among them. Otherwise (an unlucky sample, or a row of zeros) the whole row is ranked. Returns -1 when
+ * out of memory. */
+static int top_indices(const void *row, int is_double, int64_t d, int64_t k, int64_t *idx)
+{
+    int64_t sample_k = (3 * k + 2 * SAMPLE_EVERY - 1) / (2 * SAMPLE_EVERY) + 8;
+    int64_t nsample = (d + SAMPLE_EVERY - 1) / SAMPLE_EVERY;
+    int sampled = d >= 2048 && sample_k * 4 <= d / SAMPLE_EVERY;
+    const float *xf = (const float *)row;
+    const double *xd = (const double *)row;
+    if (!is_double) {
+        uint64_t *items = NULL;
+        int64_t n = 0;
+        if (sampled) {
+            uint32_t *sample = malloc(nsample * sizeof *sample);
+            if (!sample) return -1;
+            for (int64_t s = 0; s < nsample; ++s) sample[s] = magnitude_f32(xf[s * SAMPLE_EVERY]);
+            select_top_u32(sample, nsample, sample_k);
+            uint32_t threshold = sample[nsample - sample_k]; /* the sample_k-th largest sampled key */
+            free(sample);
+            if (threshold > 0) {
+                /* Candidates are written without a branch (each entry is stored, and kept by advancing
+                   n only when it passes), in blocks; a block that might overflow the buffer means far
+                   more candidates than expected, and the whole row is ranked instead. */
+                int64_t cap = 8 * (sample_k * SAMPLE_EVERY) + 2 * CANDIDATE_BLOCK;
+                items = malloc(cap * sizeof *items);
+                if (!items) return -1;
+                for (int64_t start = 0; start < d && n >= 0; start += CANDIDATE_BLOCK) {
+                    int64_t stop = start + CANDIDATE_BLOCK < d ? start + CANDIDATE_BLOCK : d;
+                    if (n + CANDIDATE_BLOCK > cap) { n = -1; break; }
+                    for (int64_t i = start; i < stop; ++i) {
+                        uint32_t key = magnitude_f32(xf[i]);
+                        items[n] = ((uint64_t)key << 32) | (uint64_t)i;
+                        n += key >= threshold;
+                    }
+                }
+                if (n < k) { free(items); items = NULL; }
+            }
+        }
+        if (!items) {
+            items = malloc(d * sizeof *items);
+            if (!items) return -1;
+            for (int64_t i = 0; i < d; ++i) items[i] = ((uint64_t)magnitude_f32(xf[i]) << 32) | (uint64_t)i;
+            n = d;
+        }
+        select_top_u64(items, n, k);
+        for (int64_t e = 0; e < k; ++e) idx[e] = (int64_t)(items[n - k + e] & 0xffffffffu);
+        free(items);
+        return 0;
+    }
+    Pair *items = malloc(d * sizeof *items);
+    if (!items) return -1;
+    for (int64_t i = 0; i < d; ++i) { items[i].key = magnitude_f64(xd[i]); items[i].index = (uint64_t)i; }
+    select_top_pair(items, d, k);
+    for (int64_t e = 0; e < k; ++e) idx[e] = (int64_t)items[d - k + e].index;
+    free(items);
+    return 0;
+}
+
+static int index_width(int64_t d)
+{
+    int b = 0;
+    for (uint64_t m = d > 1 ? (uint64_t)(d - 1) : 0; m; m >>= 1) ++b;
+    return b;
+}
+
+/* idx[0..k) (each < 2^b) as a little-endian stream of b-bit fields: ceil(k b / 8) bytes. */
+static void pack_index_stream(const int64_t *idx, int64_t k, int b, uint8_t *out)
+{
+    uint64_t acc = 0;
+    int filled = 0;
+    for (int64_t e = 0; e < k; ++e) {
+        acc |= (uint64_t)idx[e] << filled;
+        filled += b;
+        while (filled >= 8) { *out++ = (uint8_t)acc; acc >>= 8; filled -= 8; }
+    }
+    if (filled > 0) *out = (uint8_t)acc;
+}
+
+static void unpack_index_stream(const uint8_t *in, int64_t k, int b, int64_t *idx)
+{
+    uint64_t acc = 0, mask = b ? (~0ull >> (64 - b)) : 0;
+    int filled = 0;
+    for (int64_t e = 0; e < k; ++e) {
+        while (filled < b) { acc |= (uint64_t)(*in++) << filled; filled += 8; }
+        idx[e] = (int64_t)(acc & mask);
+        acc = b ? acc >> b : acc;
+        filled -= b;
+    }
+}
+
+/* topk_encode(src, is_double, rows, row_stride, sizes, ks, nlayers, values, total_k, packed, row_bytes,
+ *             local)
+ * src and sizes as for sign_encode; ks: int64[nlayers], each in [0, size]; values: (rows, total_k) in the dtype of src, total_k = sum ks; packed:
+ * (rows, row_bytes) uint8, row_bytes = sum ceil(k b / 8); local: (rows, total_k) int64 receives the
+ * layer-local indices too (0 to skip). Raises MemoryError if a work buffer cannot be allocated. */
+static PyObject *topk_encode(PyObject *self, PyObject *args)
+{
+    unsigned long long src, sizes_p, ks_p, values_p, packed_p, local_p;
+    int is_double, failed = 0;
+    Py_ssize_t rows, row_stride, nlayers, total_k, row_bytes;
+    if (!PyArg_ParseTuple(args, "KpnnKKnKnKnK", &src, &is_double, &rows, &row_stride, &sizes_p, &ks_p,
+                          &nlayers, &values_p, &total_k, &packed_p, &row_bytes, &local_p))
+        return NULL;
+    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p, *ks = (const int64_t *)(uintptr_t)ks_p;
+    size_t width = is_double ? 8 : 4;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t *scratch = local_p ? NULL : malloc((total_k > 0 ? total_k : 1) * sizeof(int64_t));
+    if (!local_p && !scratch) failed = 1;
+    for (Py_ssize_t r = 0; r < rows && !failed; ++r) {
+        const char *x = (const char *)(uintptr_t)src + r * row_stride * width;
+        char *values = (char *)(uintptr_t)values_p + r * total_k * width;
+        uint8_t *packed = (uint8_t *)(uintptr_t)packed_p + r * row_bytes;
+        int64_t *local = local_p ? (int64_t *)(uintptr_t)local_p + r * total_k : scratch;
+        for (Py_ssize_t l = 0; l < nlayers && !failed; ++l) {
+            int64_t d = sizes[l], k = ks[l];
+            int b = index_width(d);
+            if (k > 0) {
+                if (top_indices(x, is_double, d, k, local) != 0) { failed = 1; break; }
+                if (is_double)
+                    for (int64_t e = 0; e < k; ++e) ((double *)values)[e] = ((const double *)x)[local[e]];
+                else
+                    for (int64_t e = 0; e < k; ++e) ((float *)values)[e] = ((const float *)x)[local[e]];
+                pack_index_stream(local, k, b, packed);
+            }
+            x += d * width;
+            values += k * width;
+            packed += (k * b + 7) / 8;
+            if (local_p) local += k;
+        }
+    }
+    free(scratch);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* topk_indices(packed, rows, row_bytes, sizes, ks, nlayers, local, total_k): the inverse of the index
+ * packing of topk_encode, into local (rows, total_k) int64 layer-local indices. */
+static PyObject *topk_indices(PyObject *self, PyObject *args)
+{
+    unsigned long long packed_p, sizes_p, ks_p, local_p;
+    Py_ssize_t rows, row_bytes, nlayers, total_k;
+    if (!PyArg_ParseTuple(args, "KnnKKnKn", &packed_p, &rows, &row_bytes, &sizes_p, &ks_p, &nlayers,
+                          &local_p, &total_k))
+        return NULL;
+    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p, *ks = (const int64_t *)(uintptr_t)ks_p;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; ++r) {
+        const uint8_t *packed = (const uint8_t *)(uintptr_t)packed_p + r * row_bytes;
+        int64_t *local = (int64_t *)(uintptr_t)local_p + r * total_k;
+        for (Py_ssize_t l = 0; l < nlayers; ++l) {
+            int64_t k = ks[l];
+            int b = index_width(sizes[l]);
+            unpack_index_stream(packed, k, b, local);
+            packed += (k * b + 7) / 8;
+            local += k;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"sign_encode", sign_encode, METH_VARARGS, "Packed signs and L1 scales of every layer of every row."},
+    {"topk_encode", topk_encode, METH_VARARGS, "Kept values and packed indices of every layer of every row."},
+    {"topk_indices", topk_indices, METH_VARARGS, "Layer-local indices from packed top-k index streams."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "saef._native",
+                                    "One-pass CPU kernels for the sign and top-k encoders.", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+#ifdef HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) sign_pack_f32_best = sign_pack_f32_avx2;
+#endif
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,179 @@
+"""The compiled encoders (saef._native) against the numpy and torch kernels, and their edge cases."""
+
+import numpy as np
+import pytest
+import torch
+
+import saef
+from saef import kernels
+from saef.compressors import Layout
+
+pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef._native was not built (no C compiler at install)")
+
+
+def encode_with(path, c, v, layout, monkeypatch):
+    """c.encode_layers(v, layout) on one kernel path: native, numpy or torch."""
+    monkeypatch.setattr(kernels, "USE_NATIVE", path == "native")
+    monkeypatch.setattr(kernels, "USE_NUMPY", path != "torch")
+    try:
+        return c.encode_layers(v, layout)
+    finally:
+        monkeypatch.setattr(kernels, "USE_NATIVE", True)
+        monkeypatch.setattr(kernels, "USE_NUMPY", True)
+
+
+def decode_with(path, c, payloads, layout, monkeypatch):
+    monkeypatch.setattr(kernels, "USE_NATIVE", path == "native")
+    monkeypatch.setattr(kernels, "USE_NUMPY", path != "torch")
+    try:
+        return c.decode_layers(payloads, layout)
+    finally:
+        monkeypatch.setattr(kernels, "USE_NATIVE", True)
+        monkeypatch.setattr(kernels, "USE_NUMPY", True)
+
+
+LAYOUTS = [[1000], [125, 25, 3125, 1, 7, 8, 9], [0, 16, 0, 3], [70000, 13], [200003, 2048, 5]]
+
+
+@pytest.mark.parametrize("sizes", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_sign_equals_numpy_and_torch(sizes, dtype, rows, monkeypatch):
+    """Same bytes for the signs (sign(0) = sign(-0) = +1), scales equal to rounding, and every decoder
+    reads the compiled payload. The compiled scale is within 1e-6 of the float64 mean of |v|; the
+    layer-wise float32 sums of the numpy and torch paths (index_add_, one running sum per layer) drift
+    by ~3e-6 on 70,000 entries and ~1e-5 on 200,003."""
+    c, layout = saef.make_compressor("sign"), Layout(sizes)
+    v = torch.randn(rows, layout.total, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    v[0, : min(4, layout.total)] = torch.tensor([0.0, -0.0, 1e-30, -1e-30], dtype=dtype)[: min(4, layout.total)]
+    exact = [v[:, s].double().abs().mean(dim=1) if s.stop > s.start else torch.zeros(rows, dtype=torch.float64)
+             for s in layout.slices]
+    native = encode_with("native", c, v, layout, monkeypatch)
+    for (_, scale), reference in zip(native, exact):
+        assert scale.dtype == dtype and torch.allclose(scale.double(), reference, rtol=1e-6, atol=0)
+    for path in ("numpy", "torch"):
+        other = encode_with(path, c, v, layout, monkeypatch)
+        for (bits, scale), (bits_o, scale_o) in zip(native, other):
+            assert torch.equal(bits, bits_o)
+            assert scale.shape == scale_o.shape and scale_o.dtype == dtype
+            assert torch.allclose(scale, scale_o, rtol=1e-4, atol=0)
+        dense = decode_with(path, c, native, layout, monkeypatch)
+        assert torch.allclose(dense, decode_with(path, c, other, layout, monkeypatch), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("sizes", LAYOUTS)
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.3", "topk:1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_topk_equals_numpy_and_torch(sizes, spec, dtype, monkeypatch):
+    """The same kept entries (distinct magnitudes, so the set is unique), read back exactly by every
+    decoder; payload sizes equal."""
+    c, layout = saef.make_compressor(spec), Layout(sizes)
+    v = torch.randn(2, layout.total, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    native = encode_with("native", c, v, layout, monkeypatch)
+    expected = decode_with("torch", c, encode_with("torch", c, v, layout, monkeypatch), layout, monkeypatch)
+    for path in ("native", "numpy", "torch"):
+        other = encode_with(path, c, v, layout, monkeypatch)
+        assert [[t.shape for t in p] for p in native] == [[t.shape for t in p] for p in other]
+        assert torch.equal(decode_with(path, c, native, layout, monkeypatch), expected)
+
+
+def kept_set(c, v):
+    values, idx = c._select(v.reshape(1, -1))
+    assert torch.equal(values[0], v[idx[0]])  # the values are those at the indices
+    dense = c.decode(c.encode(v), v.shape)  # the wire format carries the same choice
+    assert torch.equal(dense, torch.zeros_like(v).index_put_((idx[0],), values[0]))
+    return set(idx[0].tolist())
+
+
+def true_top(v, k):
+    return set(v.abs().topk(k).indices.tolist())
+
+
+@pytest.mark.parametrize("d", [1000, 5000, 100_000, 1_000_003])
+def test_native_topk_selects_the_largest(d):
+    v = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    c = saef.make_compressor("topk:0.01")
+    assert kept_set(c, v) == true_top(v, c.k(d))
+
+
+def test_native_topk_unlucky_sample_falls_back_to_the_whole_row():
+    """Every 32nd entry (the sample) is large: the sample's threshold admits fewer than k entries, so the
+    whole row is ranked."""
+    d = 200_000
+    v = torch.rand(d, generator=torch.Generator().manual_seed(5))
+    v[::32] += 10.0
+    c = saef.make_compressor("topk:0.1")  # k = 20000 > the 6250 sampled entries
+    assert kept_set(c, v) == true_top(v, c.k(d))
+
+
+def test_native_topk_candidate_overflow_falls_back_to_the_whole_row():
+    """The sample is small while the rest is large: nearly every entry passes the threshold, more than
+    the candidate buffer holds."""
+    d = 200_000
+    v = torch.rand(d, generator=torch.Generator().manual_seed(6)) + 10.0
+    v[::32] = torch.rand(len(v[::32]), generator=torch.Generator().manual_seed(7))
+    c = saef.make_compressor("topk:0.01")
+    assert kept_set(c, v) == true_top(v, c.k(d))
+
+
+def test_native_topk_mostly_zero_row():
+    """A zero threshold (dead units) ranks the whole row: every nonzero is kept, then zeros."""
+    d = 100_000
+    v = torch.zeros(d)
+    nonzero = torch.randperm(d, generator=torch.Generator().manual_seed(8))[:300]
+    v[nonzero] = torch.randn(300, generator=torch.Generator().manual_seed(9))
+    c = saef.make_compressor("topk:0.01")  # k = 1000
+    kept = kept_set(c, v)
+    assert len(kept) == 1000 and set(nonzero.tolist()) <= kept
+
+
+def test_native_topk_ties_and_nan():
+    """Equal magnitudes: any k of them, distinct. NaN ranks above everything (as in numpy and torch), and
+    the selection terminates."""
+    d = 5000
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(10)).float() * 2 - 1
+    c = saef.make_compressor("topk:0.01")
+    kept = kept_set(c, signs)
+    assert len(kept) == 50
+    v = torch.randn(d, generator=torch.Generator().manual_seed(11))
+    v[[3, 700, 4999]] = float("nan")
+    values, idx = c._select(v.reshape(1, -1))
+    assert {3, 700, 4999} <= set(idx[0].tolist()) and len(set(idx[0].tolist())) == 50
+
+
+@pytest.mark.parametrize("spec", ["sign", "topk:0.05"])
+def test_native_reads_strided_rows(spec):
+    """A column block of a wider tensor (rows not adjacent) encodes as its contiguous copy does."""
+    c = saef.make_compressor(spec)
+    wide = torch.randn(3, 5000, generator=torch.Generator().manual_seed(12))
+    block = wide[:, 100:3100]
+    assert not block.is_contiguous() and kernels.native_stride(block) == 5000
+    for a, b in zip(c.encode_rows(block), c.encode_rows(block.contiguous())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [2, 3, 255, 256, 257, 65537, 1 << 20])
+def test_native_index_stream_round_trip(d):
+    """The packed indices unpack to the kept indices, by the compiled and by the numpy unpacker."""
+    c = saef.make_compressor("topk:0.3")
+    v = torch.randn(2, d, generator=torch.Generator().manual_seed(d))
+    values, packed, local = kernels.native_topk_encode(v, k=c.k(d), indices=True)
+    layers = kernels.one_layer(d, c.k(d))
+    assert torch.equal(kernels.native_topk_indices(packed, layers), local)
+    b = kernels.index_bits(d)
+    assert np.array_equal(kernels.unpack_index_bits(packed.numpy(), c.k(d), b), local.numpy())
+    assert packed.shape[1] == -(-c.k(d) * b // 8)
+
+
+def test_native_rejects_mismatched_sizes():
+    """The compiled kernels trust their sizes, so the wrappers check them first."""
+    v = torch.randn(2, 100)
+    with pytest.raises(ValueError, match="do not hold layers of 101 elements"):
+        kernels.native_sign_encode(v, kernels.NativeLayers([50, 51]))
+    with pytest.raises(ValueError, match="kept counts"):
+        kernels.NativeLayers([10, 20], [11, 1])
+    layers = kernels.NativeLayers([100], [10])
+    with pytest.raises(ValueError, match="bytes per row"):
+        kernels.native_topk_indices(torch.zeros(2, 3, dtype=torch.uint8), layers)
+    assert kernels.native_sign_encode(torch.randn(2, 100, dtype=torch.float16)) is None  # not readable: None
+    assert kernels.native_sign_encode(torch.randn(100, 2).t()) is None
