@@ -177,3 +177,56 @@ def test_native_rejects_mismatched_sizes():
         kernels.native_topk_indices(torch.zeros(2, 3, dtype=torch.uint8), layers)
     assert kernels.native_sign_encode(torch.randn(2, 100, dtype=torch.float16)) is None  # not readable: None
     assert kernels.native_sign_encode(torch.randn(100, 2).t()) is None
+
+
+def decode_all(c, payloads, layout, rows, dtype):
+    """decode_layers, decode_layers_into, subtract_decoded and decode_mean_layers on the current path."""
+    into = torch.full((rows, layout.total), float("nan"), dtype=dtype)
+    c.decode_layers_into(payloads, layout, into)
+    target = torch.linspace(-1, 1, rows * layout.total, dtype=dtype).view(rows, layout.total)
+    c.subtract_decoded(payloads, layout, target)
+    return c.decode_layers(payloads, layout), into, target, c.decode_mean_layers(payloads, layout).clone()
+
+
+@pytest.mark.parametrize("sizes", LAYOUTS)
+@pytest.mark.parametrize("spec", ["sign", "topk:0.01", "topk:0.3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_decoders_equal_the_torch_decoders(sizes, spec, dtype, rows, monkeypatch):
+    """Decode, decode into a buffer, subtract (the error update) and the server mean give exactly what the
+    torch kernels give (the mean to rounding: its additions may run in another order)."""
+    c, layout = saef.make_compressor(spec), Layout(sizes)
+    v = torch.randn(rows, layout.total, dtype=dtype, generator=torch.Generator().manual_seed(13))
+    payloads = c.encode_layers(v, layout)
+    native = decode_all(c, payloads, layout, rows, dtype)
+    monkeypatch.setattr(kernels, "USE_NUMPY", False)
+    reference = decode_all(c, payloads, layout, rows, dtype)
+    monkeypatch.setattr(kernels, "USE_NUMPY", True)
+    for a, b in zip(native[:3], reference[:3]):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert torch.allclose(native[3], reference[3], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(native[3], reference[0].mean(dim=0), rtol=1e-6, atol=1e-6)
+    if spec != "sign":  # the scatter of the numpy path adds the rows in the same order: bit-identical
+        monkeypatch.setattr(kernels, "USE_NATIVE", False)
+        assert torch.equal(native[3], c.decode_mean_layers(payloads, layout))
+
+
+def test_native_decoders_write_into_a_row_of_a_larger_buffer():
+    """The distributed downlink decodes straight into a slice of its update vector."""
+    c, layout = saef.make_compressor("topk:0.1"), Layout([300, 20])
+    v = torch.randn(1, layout.total, generator=torch.Generator().manual_seed(14))
+    update = torch.full((1000,), 7.0)
+    c.decode_layers_into(c.encode_layers(v, layout), layout, update[100:420].unsqueeze(0))
+    assert torch.equal(update[100:400], c.compress_rows(v[:, :300])[0])
+    assert torch.equal(update[400:420], c.compress_rows(v[:, 300:])[0])
+    assert bool((update[:100] == 7).all() and (update[420:] == 7).all())
+
+
+def test_native_topk_decode_rejects_an_index_beyond_its_layer_and_writes_nothing():
+    c = saef.make_compressor("topk:0.05")  # d = 100: 5 indices of 7 bits each
+    values = torch.ones(1, 5)
+    packed = torch.from_numpy(kernels.pack_index_bits(np.array([[1, 2, 3, 4, 120]]), 7))
+    target = torch.zeros(1, 100)
+    with pytest.raises(ValueError, match="beyond its layer size"):
+        c.subtract_decoded([(values, packed)], Layout([100]), target)
+    assert bool((target == 0).all())

@@ -445,10 +445,164 @@ static PyObject *topk_indices(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* decoding                                                                                        */
+
+enum { WRITE = 0, ADD = 1, SUBTRACT = -1 };
+
+/* out[i] = v, out[i] += v or out[i] -= v. The same float operations as the dense torch ops they stand
+ * for (a copy, an add of the decoded value, a subtraction), so the results are identical to them. */
+#define APPLY(out, i, v, mode)                                                                         \
+    do {                                                                                               \
+        if ((mode) == WRITE) (out)[i] = (v);                                                           \
+        else if ((mode) == ADD) (out)[i] += (v);                                                       \
+        else (out)[i] -= (v);                                                                          \
+    } while (0)
+
+#define DEFINE_SIGN_DECODE(name, T)                                                                    \
+    static void name(const uint8_t *packed, T scale, int64_t d, T *out, int mode)                      \
+    {                                                                                                  \
+        T table[2] = {-scale, scale};                                                                  \
+        if (mode == WRITE)                                                                             \
+            for (int64_t i = 0; i < d; ++i) out[i] = table[(packed[i >> 3] >> (i & 7)) & 1];           \
+        else if (mode == ADD)                                                                          \
+            for (int64_t i = 0; i < d; ++i) out[i] += table[(packed[i >> 3] >> (i & 7)) & 1];          \
+        else                                                                                           \
+            for (int64_t i = 0; i < d; ++i) out[i] -= table[(packed[i >> 3] >> (i & 7)) & 1];         \
+    }
+
+DEFINE_SIGN_DECODE(sign_decode_f32, float)
+DEFINE_SIGN_DECODE(sign_decode_f64, double)
+
+static void (*sign_decode_f32_best)(const uint8_t *, float, int64_t, float *, int) = sign_decode_f32;
+
+#ifdef HAVE_AVX2_PATH
+/* Eight values per byte at once: the byte broadcast, each lane testing its own bit, a blend between
+ * -scale and +scale. The tail (d not a multiple of 8) goes through the scalar loop. */
+__attribute__((target("avx2"))) static void sign_decode_f32_avx2(const uint8_t *packed, float scale, int64_t d,
+                                                                 float *out, int mode)
+{
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 pos = _mm256_set1_ps(scale), neg = _mm256_set1_ps(-scale);
+    int64_t whole = d / 8;
+    for (int64_t j = 0; j < whole; ++j) {
+        __m256i lane = _mm256_and_si256(_mm256_set1_epi32(packed[j]), bits);
+        __m256 v = _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, bits)));
+        float *o = out + 8 * j;
+        if (mode == WRITE) _mm256_storeu_ps(o, v);
+        else if (mode == ADD) _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+        else _mm256_storeu_ps(o, _mm256_sub_ps(_mm256_loadu_ps(o), v));
+    }
+    if (8 * whole < d) sign_decode_f32(packed + whole, scale, d - 8 * whole, out + 8 * whole, mode);
+}
+#endif
+
+/* sign_decode(packed, rows, row_bytes, scales, sizes, nlayers, out, out_stride, is_double, mode, divisor)
+ * packed: (rows, row_bytes) as sign_encode writes it; scales: (rows, nlayers); out: rows out_stride
+ * elements apart (0: every row onto the same one), each receiving the layers end to end. mode: 0 writes
+ * +-scale, 1 adds +-(scale / divisor), -1 subtracts +-scale. */
+static PyObject *sign_decode(PyObject *self, PyObject *args)
+{
+    unsigned long long packed_p, scales_p, sizes_p, out_p;
+    Py_ssize_t rows, row_bytes, nlayers, out_stride, divisor;
+    int is_double, mode;
+    if (!PyArg_ParseTuple(args, "KnnKKnKnpin", &packed_p, &rows, &row_bytes, &scales_p, &sizes_p, &nlayers,
+                          &out_p, &out_stride, &is_double, &mode, &divisor))
+        return NULL;
+    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; ++r) {
+        const uint8_t *packed = (const uint8_t *)(uintptr_t)packed_p + r * row_bytes;
+        int64_t offset = 0;
+        for (Py_ssize_t l = 0; l < nlayers; ++l) {
+            int64_t d = sizes[l];
+            if (is_double) {
+                double scale = ((const double *)(uintptr_t)scales_p)[r * nlayers + l];
+                if (mode == ADD) scale /= (double)divisor;
+                sign_decode_f64(packed, scale, d, (double *)(uintptr_t)out_p + r * out_stride + offset, mode);
+            } else {
+                float scale = ((const float *)(uintptr_t)scales_p)[r * nlayers + l];
+                if (mode == ADD) scale /= (float)divisor;
+                sign_decode_f32_best(packed, scale, d, (float *)(uintptr_t)out_p + r * out_stride + offset, mode);
+            }
+            packed += (d + 7) / 8;
+            offset += d;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* topk_decode(values, packed, rows, total_k, row_bytes, sizes, ks, nlayers, out, out_stride, is_double,
+ *             mode, divisor)
+ * values: (rows, total_k); packed: (rows, row_bytes), as topk_encode writes them; out as for
+ * sign_decode. mode: 0 zeroes each out row and writes the kept values, 1 adds value / divisor, -1
+ * subtracts the value. The kept indices of a layer are distinct, so the order of the writes does not
+ * matter; with out_stride 0 the rows are added in row order. All indices are unpacked and checked
+ * against their layer size before anything is written: a corrupt payload raises ValueError and leaves
+ * out untouched. */
+static PyObject *topk_decode(PyObject *self, PyObject *args)
+{
+    unsigned long long values_p, packed_p, sizes_p, ks_p, out_p;
+    Py_ssize_t rows, total_k, row_bytes, nlayers, out_stride, divisor;
+    int is_double, mode, bad = 0;
+    if (!PyArg_ParseTuple(args, "KKnnnKKnKnpin", &values_p, &packed_p, &rows, &total_k, &row_bytes, &sizes_p,
+                          &ks_p, &nlayers, &out_p, &out_stride, &is_double, &mode, &divisor))
+        return NULL;
+    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p, *ks = (const int64_t *)(uintptr_t)ks_p;
+    int64_t row_length = 0;
+    for (Py_ssize_t l = 0; l < nlayers; ++l) row_length += sizes[l];
+    /* flat indices (layer offset added) of every row */
+    int64_t *index = malloc((rows * total_k > 0 ? rows * total_k : 1) * sizeof *index);
+    if (!index) return PyErr_NoMemory();
+    size_t width = is_double ? 8 : 4;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows && !bad; ++r) {
+        const uint8_t *packed = (const uint8_t *)(uintptr_t)packed_p + r * row_bytes;
+        int64_t *local = index + r * total_k, offset = 0;
+        for (Py_ssize_t l = 0; l < nlayers; ++l) {
+            int64_t d = sizes[l], k = ks[l];
+            int b = index_width(d);
+            unpack_index_stream(packed, k, b, local);
+            for (int64_t e = 0; e < k; ++e) {
+                bad |= local[e] >= d;
+                local[e] += offset;
+            }
+            packed += (k * b + 7) / 8;
+            local += k;
+            offset += d;
+        }
+    }
+    for (Py_ssize_t r = 0; r < rows && !bad; ++r) {
+        const int64_t *at = index + r * total_k;
+        const char *values = (const char *)(uintptr_t)values_p + r * total_k * width;
+        char *out_row = (char *)(uintptr_t)out_p + r * out_stride * width;
+        if (mode == WRITE) memset(out_row, 0, row_length * width);
+        if (is_double) {
+            double *out = (double *)out_row;
+            const double *v = (const double *)values;
+            for (int64_t e = 0; e < total_k; ++e) APPLY(out, at[e], mode == ADD ? v[e] / (double)divisor : v[e], mode);
+        } else {
+            float *out = (float *)out_row;
+            const float *v = (const float *)values;
+            for (int64_t e = 0; e < total_k; ++e) APPLY(out, at[e], mode == ADD ? v[e] / (float)divisor : v[e], mode);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(index);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "top-k payload holds an index beyond its layer size");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sign_encode", sign_encode, METH_VARARGS, "Packed signs and L1 scales of every layer of every row."},
     {"topk_encode", topk_encode, METH_VARARGS, "Kept values and packed indices of every layer of every row."},
     {"topk_indices", topk_indices, METH_VARARGS, "Layer-local indices from packed top-k index streams."},
+    {"sign_decode", sign_decode, METH_VARARGS, "Write, add or subtract the values of sign payloads."},
+    {"topk_decode", topk_decode, METH_VARARGS, "Write, add or subtract the values of top-k payloads."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -460,7 +614,10 @@ PyMODINIT_FUNC PyInit__native(void)
 {
 #ifdef HAVE_AVX2_PATH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) sign_pack_f32_best = sign_pack_f32_avx2;
+    if (__builtin_cpu_supports("avx2")) {
+        sign_pack_f32_best = sign_pack_f32_avx2;
+        sign_decode_f32_best = sign_decode_f32_avx2;
+    }
 #endif
     return PyModule_Create(&module);
 }

@@ -49,7 +49,9 @@ from .kernels import (
     largest,
     largest_array,
     native_ready,
+    native_sign_decode,
     native_sign_encode,
+    native_topk_decode,
     native_topk_encode,
     native_topk_indices,
     NativeLayers,
@@ -247,6 +249,10 @@ class ScaledSign(Compressor):
 
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         packed, scale = payload
+        if native_ready() and scale.is_cpu:
+            out = torch.empty(packed.shape[0], d, dtype=scale.dtype)
+            if native_sign_decode(packed, scale, one_layer(d), out):
+                return out
         return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
 
     def compress_rows(self, rows: Tensor) -> Tensor:
@@ -308,9 +314,23 @@ class ScaledSign(Compressor):
             packed = pack_nonnegative(padded, layout.memo)
         return packed, scales
 
+    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1) -> bool:
+        """The compiled decoder writing into, subtracting from or adding to ``out``; False if it cannot."""
+        if not native_ready() or not payloads or not payloads[0][1].is_cpu:
+            return False
+        packed = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
+        scales = torch.stack([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1]
+        layers = layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes))
+        return native_sign_decode(packed, scales, layers, out, mode, divisor)
+
     def _decode_layers(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
         """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
-        one gather that writes the output once (unpacking to booleans first took three passes)."""
+        one gather that writes the output once (unpacking to booleans first took three passes). On the
+        CPU the compiled decoder does the same in one pass."""
+        if native_ready() and payloads and payloads[0][1].is_cpu:
+            target = out if out is not None else torch.empty(payloads[0][0].shape[0], layout.total, dtype=payloads[0][1].dtype)
+            if self._native_decode(payloads, layout, target, "write"):
+                return target
         if any(d == 0 for d in layout.sizes):
             dense = super().decode_layers(payloads, layout)
             return dense if out is None else out.copy_(dense)
@@ -336,6 +356,11 @@ class ScaledSign(Compressor):
         additions may run in another order). The result lives in a buffer: it is valid until the next
         call with the same layout and number of rows."""
         rows = payloads[0][0].shape[0] if payloads else 0
+        if rows and native_ready() and payloads[0][1].is_cpu:  # compiled: each row added onto one buffer
+            dtype = payloads[0][1].dtype
+            total = layout.memo(("sign-mean", dtype), lambda: torch.empty(layout.total, dtype=dtype)).zero_()
+            if self._native_decode(payloads, layout, total, "add", rows):
+                return total
         if rows < 2 or payloads[0][1].device.type != "cpu":
             return super().decode_mean_layers(payloads, layout)
         share = [(packed, scale / rows) for packed, scale in payloads]
@@ -353,6 +378,8 @@ class ScaledSign(Compressor):
         return self._decode_layers(payloads, layout, out)
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        if self._native_decode(payloads, layout, target, "subtract"):
+            return target
         buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
         return target.sub_(self._decode_layers(payloads, layout, out=buffer))
 
@@ -423,6 +450,10 @@ class TopK(Compressor):
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         values, packed = payload
         rows, k = values.shape
+        if native_ready() and values.is_cpu and k <= d:
+            out = torch.empty(rows, d, dtype=values.dtype)
+            if native_topk_decode(values, packed, one_layer(d, k), out):
+                return out
         b = index_bits(d)
         if b == 0:
             idx = torch.zeros(rows, k, dtype=torch.int64, device=values.device)
@@ -571,13 +602,27 @@ class TopK(Compressor):
             local = torch.zeros_like(values, dtype=torch.int64)
         return values, local + plan["layer_offset"]
 
+    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1) -> bool:
+        """The compiled decoder writing into, subtracting from or adding to ``out``; False if it cannot."""
+        if not native_ready() or not payloads or not payloads[0][0].is_cpu:
+            return False
+        values = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
+        packed = torch.cat([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1]
+        return native_topk_decode(values, packed, self._native_layers(layout), out, mode, divisor)
+
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        if native_ready() and payloads and payloads[0][0].is_cpu:
+            out = torch.empty(payloads[0][0].shape[0], layout.total, dtype=payloads[0][0].dtype)
+            if self._native_decode(payloads, layout, out, "write"):
+                return out
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers(payloads, layout)
         values, index = self._kept(payloads, layout)
         return values.new_zeros(values.shape[0], layout.total).scatter_(1, index, values)
 
     def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+        if self._native_decode(payloads, layout, out, "write"):
+            return out
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers_into(payloads, layout, out)
         values, index = self._kept(payloads, layout)
@@ -585,6 +630,8 @@ class TopK(Compressor):
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
         """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
+        if self._native_decode(payloads, layout, target, "subtract"):
+            return target
         if any(d == 0 for d in layout.sizes):
             return super().subtract_decoded(payloads, layout, target)
         values, index = self._kept(payloads, layout)
@@ -597,8 +644,11 @@ class TopK(Compressor):
         if any(d == 0 for d in layout.sizes) or payloads[0][0].device.type != "cpu":
             # (scatter_add_ on a GPU adds in no fixed order; the dense mean is deterministic)
             return super().decode_mean_layers(payloads, layout)
+        dtype = payloads[0][0].dtype
+        total = layout.memo(("topk-mean-buffer", dtype), lambda: torch.empty(layout.total, dtype=dtype))
+        if self._native_decode(payloads, layout, total.zero_(), "add", payloads[0][0].shape[0]):
+            return total  # the compiled decoder adds the rows in the same order as the scatter below
         values, index = self._kept(payloads, layout)
-        total = layout.memo(("topk-mean-buffer", values.dtype), lambda: values.new_empty(layout.total))
         # each value divided by W before adding: k values per row instead of P (exact when W is a power of 2)
         return total.zero_().scatter_add_(0, index.view(-1), values.view(-1) / values.shape[0])
 

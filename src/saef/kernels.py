@@ -175,6 +175,59 @@ def native_topk_indices(packed: Tensor, layers: NativeLayers) -> Tensor:
     return local
 
 
+_MODES = {"write": 0, "add": 1, "subtract": -1}
+
+
+def _native_target(out: Tensor, rows: int, total: int, dtype: torch.dtype) -> int:
+    """The row stride with which the compiled decoders can write ``rows`` rows of ``total`` values into
+    ``out`` (``(rows, total)``, or ``(total,)`` which every row lands on), or -1 if they cannot."""
+    if not out.is_cpu or out.dtype is not dtype or dtype not in _NUMPY_OF:
+        return -1
+    if out.dim() == 1:
+        return 0 if out.shape[0] == total and out.is_contiguous() else -1
+    if out.dim() != 2 or tuple(out.shape) != (rows, total):
+        return -1
+    return out.stride(0) if total <= 1 or out.stride(1) == 1 else -1
+
+
+def native_sign_decode(packed: Tensor, scales: Tensor, layers: NativeLayers, out: Tensor, mode: str = "write",
+                       divisor: int = 1) -> bool:
+    """The values of sign payloads (``(W, sign_bytes)`` packed signs, ``W x layers`` scales) written into
+    ``out`` (``mode="write"``), subtracted from it (``"subtract"``: the error update), or added to it with
+    each scale divided by ``divisor`` (``"add"``; with a ``(total,)`` out, the rows' mean). False, with
+    nothing done, where the compiled kernels cannot take these tensors."""
+    if not native_ready() or packed.dtype is not torch.uint8 or not packed.is_cpu or packed.dim() != 2:
+        return False
+    w = packed.shape[0]
+    stride = _native_target(out, w, layers.total, scales.dtype)
+    if (stride < 0 or (stride == 0 and w > 1 and mode != "add") or packed.shape[1] != layers.sign_bytes
+            or scales.numel() != w * layers.count or not scales.is_cpu):
+        return False
+    packed, scales = packed.contiguous(), scales.contiguous()
+    NATIVE.sign_decode(packed.data_ptr(), w, layers.sign_bytes, scales.data_ptr(), layers.sizes_address, layers.count,
+                       out.data_ptr(), stride, scales.dtype is torch.float64, _MODES[mode], divisor)
+    return True
+
+
+def native_topk_decode(values: Tensor, packed: Tensor, layers: NativeLayers, out: Tensor, mode: str = "write",
+                       divisor: int = 1) -> bool:
+    """:func:`native_sign_decode` for top-k payloads (``(W, total_k)`` values, ``(W, index_bytes)``
+    packed indices). ``"write"`` zeroes ``out`` first. Raises ValueError, with ``out`` untouched, when an
+    index lies beyond its layer."""
+    if not native_ready() or packed.dtype is not torch.uint8 or not packed.is_cpu or not values.is_cpu:
+        return False
+    w = values.shape[0]
+    stride = _native_target(out, w, layers.total, values.dtype)
+    if (stride < 0 or (stride == 0 and w > 1 and mode != "add") or tuple(values.shape) != (w, layers.total_k)
+            or tuple(packed.shape) != (w, layers.index_bytes)):
+        return False
+    values, packed = values.contiguous(), packed.contiguous()
+    NATIVE.topk_decode(values.data_ptr(), packed.data_ptr(), w, layers.total_k, layers.index_bytes, layers.sizes_address,
+                       layers.ks_address, layers.count, out.data_ptr(), stride, values.dtype is torch.float64,
+                       _MODES[mode], divisor)
+    return True
+
+
 def pack_bits(bits: Tensor) -> Tensor:
     """Pack a ``(W, n)`` bool tensor into ``(W, ceil(n / 8))`` uint8, bit i of byte j = element 8 j + i."""
     rows, n = bits.shape
