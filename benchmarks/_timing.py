@@ -4,6 +4,12 @@ import statistics
 import time
 
 
+def kernels_in_use() -> str:
+    """Which CPU kernels the compressors run: the compiled ones, or numpy where they were not built."""
+    import saef.kernels
+    return "compiled kernels (saef._native)" if saef.kernels.NATIVE is not None else "numpy kernels (saef._native not built)"
+
+
 def median_time(fn, repeats: int, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
     return interleaved_medians({"fn": fn}, repeats, warmup, block=repeats)["fn"]

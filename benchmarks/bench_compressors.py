@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import saef
-from _timing import interleaved_medians
+from _timing import interleaved_medians, kernels_in_use
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", type=int, default=[10**3, 10**4, 10**5, 10**6, 10**7])
     parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {args.repeats} "
+    print(f"torch {torch.__version__}, {kernels_in_use()}, {torch.get_num_threads()} threads, float32, median of {args.repeats} "
           "(all kernels of one size timed in turns of 10 calls)")
     print("| elements | copy µs | sign encode µs (x copy) | sign decode µs (x copy) | torch.topk 1% µs | topk:0.01 encode µs (x torch.topk) | topk:0.01 decode µs (x copy) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _timing import kernels_in_use
+
 NAMESPACE = "saefbench"
 VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
@@ -122,6 +124,7 @@ def main():
         delete_namespace()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"saef: {kernels_in_use()}")
     print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
     print("|---|---|---:|---|---:|---:|")
     for r in results:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import saef
-from _timing import interleaved_medians
+from _timing import interleaved_medians, kernels_in_use
 from saef.models import build_model
 
 SHAPES = {"cnn1d": ((1, 40), 10), "mlp": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default: 200 for the MNIST-1D models, 40 for the ResNets)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, global batch {args.batch}, timed in interleaved blocks of 10 steps")
+    print(f"torch {torch.__version__}, {kernels_in_use()}, {torch.get_num_threads()} threads, global batch {args.batch}, timed in interleaved blocks of 10 steps")
     print("| model | step | steps timed | median ms | vs SGD |")
     print("|---|---|---:|---:|---:|")
     for name in args.models:

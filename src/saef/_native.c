@@ -283,8 +283,9 @@ DEFINE_SELECT_TOP(select_top_pair, Pair, PAIR_LESS)
 /* Indices of the k largest |x[i]| of one row (1 <= k <= d), written to idx in no particular order.
  * Long rows first take a threshold t from every 32nd key, low enough that some 1.5 k + 256 keys are
  * expected at or above it, and rank only those: whenever at least k keys are >= t, the k largest are all
- * among them. Otherwise (an unlucky sample, or a row of zeros) the whole row is ranked. Returns -1 when
- * out of memory. */
+ * among them. A zero t admits the nonzero keys, and when fewer than k are nonzero the first zeros make
+ * up the rest. Otherwise (an unlucky sample, or far more candidates than expected) the whole row is
+ * ranked. Returns -1 when out of memory. */
 static int top_indices(const void *row, int is_double, int64_t d, int64_t k, int64_t *idx)
 {
     int64_t sample_k = (3 * k + 2 * SAMPLE_EVERY - 1) / (2 * SAMPLE_EVERY) + 8;
@@ -302,24 +303,29 @@ static int top_indices(const void *row, int is_double, int64_t d, int64_t k, int
             select_top_u32(sample, nsample, sample_k);
             uint32_t threshold = sample[nsample - sample_k]; /* the sample_k-th largest sampled key */
             free(sample);
-            if (threshold > 0) {
-                /* Candidates are written without a branch (each entry is stored, and kept by advancing
-                   n only when it passes), in blocks; a block that might overflow the buffer means far
-                   more candidates than expected, and the whole row is ranked instead. */
-                int64_t cap = 8 * (sample_k * SAMPLE_EVERY) + 2 * CANDIDATE_BLOCK;
-                items = malloc(cap * sizeof *items);
-                if (!items) return -1;
-                for (int64_t start = 0; start < d && n >= 0; start += CANDIDATE_BLOCK) {
-                    int64_t stop = start + CANDIDATE_BLOCK < d ? start + CANDIDATE_BLOCK : d;
-                    if (n + CANDIDATE_BLOCK > cap) { n = -1; break; }
-                    for (int64_t i = start; i < stop; ++i) {
-                        uint32_t key = magnitude_f32(xf[i]);
-                        items[n] = ((uint64_t)key << 32) | (uint64_t)i;
-                        n += key >= threshold;
-                    }
+            /* Candidates are written without a branch (each entry is stored, and kept by advancing n
+               only when it passes), in blocks; a block that might overflow the buffer means far more
+               candidates than expected, and the whole row is ranked instead. A zero threshold (a row
+               of mostly exact zeros: dead units, a fresh server error) admits the nonzero entries. */
+            uint32_t admit = threshold > 0 ? threshold : 1;
+            int64_t cap = 8 * (sample_k * SAMPLE_EVERY) + 2 * CANDIDATE_BLOCK; /* > 12 k */
+            items = malloc(cap * sizeof *items);
+            if (!items) return -1;
+            for (int64_t start = 0; start < d; start += CANDIDATE_BLOCK) {
+                int64_t stop = start + CANDIDATE_BLOCK < d ? start + CANDIDATE_BLOCK : d;
+                if (n + CANDIDATE_BLOCK > cap) { n = -1; break; }
+                for (int64_t i = start; i < stop; ++i) {
+                    uint32_t key = magnitude_f32(xf[i]);
+                    items[n] = ((uint64_t)key << 32) | (uint64_t)i;
+                    n += key >= admit;
                 }
-                if (n < k) { free(items); items = NULL; }
             }
+            if (n >= 0 && n < k && threshold == 0) {
+                /* fewer than k nonzero entries: all of them are kept, and the first zeros make up k */
+                for (int64_t i = 0; i < d && n < k; ++i)
+                    if (magnitude_f32(xf[i]) == 0) items[n++] = (uint64_t)i;
+            }
+            if (n < k) { free(items); items = NULL; n = 0; }
         }
         if (!items) {
             items = malloc(d * sizeof *items);
