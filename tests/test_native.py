@@ -11,25 +11,23 @@ from saef.compressors import Layout
 pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef._native was not built (no C compiler at install)")
 
 
-def encode_with(path, c, v, layout, monkeypatch):
-    """c.encode_layers(v, layout) on one kernel path: native, numpy or torch."""
+def on_path(path, monkeypatch, method, *args):
+    """``method(*args)`` on one kernel path: native, numpy or torch."""
     monkeypatch.setattr(kernels, "USE_NATIVE", path == "native")
     monkeypatch.setattr(kernels, "USE_NUMPY", path != "torch")
     try:
-        return c.encode_layers(v, layout)
+        return method(*args)
     finally:
         monkeypatch.setattr(kernels, "USE_NATIVE", True)
         monkeypatch.setattr(kernels, "USE_NUMPY", True)
+
+
+def encode_with(path, c, v, layout, monkeypatch):
+    return on_path(path, monkeypatch, c.encode_layers, v, layout)
 
 
 def decode_with(path, c, payloads, layout, monkeypatch):
-    monkeypatch.setattr(kernels, "USE_NATIVE", path == "native")
-    monkeypatch.setattr(kernels, "USE_NUMPY", path != "torch")
-    try:
-        return c.decode_layers(payloads, layout)
-    finally:
-        monkeypatch.setattr(kernels, "USE_NATIVE", True)
-        monkeypatch.setattr(kernels, "USE_NUMPY", True)
+    return on_path(path, monkeypatch, c.decode_layers, payloads, layout)
 
 
 LAYOUTS = [[1000], [125, 25, 3125, 1, 7, 8, 9], [0, 16, 0, 3], [70000, 13], [200003, 2048, 5]]
@@ -236,3 +234,42 @@ def test_native_topk_decode_rejects_an_index_beyond_its_layer_and_writes_nothing
     with pytest.raises(ValueError, match="beyond its layer size"):
         c.subtract_decoded([(values, packed)], Layout([100]), target)
     assert bool((target == 0).all())
+
+
+def test_native_decoders_refuse_rows_that_share_memory():
+    """An expanded buffer (rows on the same memory) is left to torch, which refuses to write it."""
+    layers = kernels.NativeLayers([100])
+    packed, scales = kernels.native_sign_encode(torch.randn(2, 100), layers)
+    shared = torch.zeros(1, 100).expand(2, 100)
+    assert not kernels.native_sign_decode(packed, scales, layers, shared, "subtract")
+    assert bool((shared == 0).all())
+
+
+def test_native_guards_found_by_review():
+    """Negative layer sizes are refused before any kernel walks them; a lazily negated view encodes by its
+    values, not its memory; buffers that autograd guards are left to torch's checked in-place ops."""
+    with pytest.raises(ValueError, match="layer sizes must be >= 0"):
+        Layout([-8, 16])
+    with pytest.raises(ValueError, match="layer sizes must be >= 0"):
+        kernels.NativeLayers([-8, 16])
+    c = saef.make_compressor("sign")
+    negated = torch.tensor([[1 + 2j], [3 - 4j], [5 + 0.5j]]).conj().imag  # [[-2], [4], [-0.5]], negative bit set
+    assert negated.is_neg()
+    assert torch.equal(c.encode_rows(negated)[0], c.encode_rows(negated.resolve_neg())[0])
+    layout = Layout([6])
+    y = torch.randn(1, 6, requires_grad=True) * 2
+    loss = (y**2).sum()  # saves y for backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.subtract_decoded(c.encode_layers(y.detach(), layout), layout, y)
+        loss.backward()
+
+
+def test_native_topk_plan_is_per_compressor_class():
+    class KeepTwo(saef.compressors.TopK):
+        def k(self, d):
+            return 2
+
+    layout = Layout([10, 10])
+    v = torch.randn(1, 20, generator=torch.Generator().manual_seed(15))
+    saef.compressors.TopK(0.1).encode_layers(v, layout)  # same rho, same layout, cached first
+    assert [p[0].shape[1] for p in KeepTwo(0.1).encode_layers(v, layout)] == [2, 2]

@@ -28,6 +28,21 @@
 /* ---------------------------------------------------------------------------------------------- */
 /* scaled sign                                                                                     */
 
+/* The last d % 8 signs, after the first `whole` bytes, into byte `whole`; returns their sum |x|. */
+static double sign_pack_tail_f32(const float *x, int64_t whole, int64_t d, uint8_t *out)
+{
+    double total = 0.0;
+    if (8 * whole < d) {
+        uint8_t byte = 0;
+        for (int64_t i = 8 * whole; i < d; ++i) {
+            byte |= (uint8_t)((x[i] >= 0.0f) << (i - 8 * whole));
+            total += fabsf(x[i]);
+        }
+        out[whole] = byte;
+    }
+    return total;
+}
+
 /* Pack the signs of x[0..d) (bit set where x >= 0) into ceil(d / 8) bytes; return sum |x|. */
 static double sign_pack_f32(const float *x, int64_t d, uint8_t *out)
 {
@@ -78,15 +93,7 @@ static double sign_pack_f32(const float *x, int64_t d, uint8_t *out)
         total += s;
     }
 #endif
-    if (8 * whole < d) {
-        uint8_t byte = 0;
-        for (int64_t i = 8 * whole; i < d; ++i) {
-            byte |= (uint8_t)((x[i] >= 0.0f) << (i - 8 * whole));
-            total += fabsf(x[i]);
-        }
-        out[whole] = byte;
-    }
-    return total;
+    return total + sign_pack_tail_f32(x, whole, d, out);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -124,15 +131,7 @@ __attribute__((target("avx2"))) static double sign_pack_f32_avx2(const float *x,
         total += (((double)lanes[0] + lanes[1]) + ((double)lanes[2] + lanes[3])) +
                  (((double)lanes[4] + lanes[5]) + ((double)lanes[6] + lanes[7]));
     }
-    if (8 * whole < d) {
-        uint8_t byte = 0;
-        for (int64_t i = 8 * whole; i < d; ++i) {
-            byte |= (uint8_t)((x[i] >= 0.0f) << (i - 8 * whole));
-            total += fabsf(x[i]);
-        }
-        out[whole] = byte;
-    }
-    return total;
+    return total + sign_pack_tail_f32(x, whole, d, out);
 }
 #endif
 

@@ -98,6 +98,8 @@ class Layout:
 
     def __init__(self, sizes: Sequence[int]):
         self.sizes = [int(d) for d in sizes]
+        if any(d < 0 for d in self.sizes):
+            raise ValueError(f"layer sizes must be >= 0, got {self.sizes}")
         self.offsets = [0]
         for d in self.sizes:
             self.offsets.append(self.offsets[-1] + d)
@@ -520,7 +522,7 @@ class TopK(Compressor):
                     shifts=torch.arange(max(width, 1), dtype=torch.int64, device=device))
 
     def _native_layers(self, layout: Layout) -> NativeLayers:
-        return layout.memo(("native-topk", self.rho), lambda: NativeLayers(layout.sizes, [self.k(d) for d in layout.sizes]))
+        return layout.memo(("native-topk", type(self), self.rho), lambda: NativeLayers(layout.sizes, [self.k(d) for d in layout.sizes]))
 
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
         layers = self._native_layers(layout)

@@ -44,7 +44,7 @@ def numpy_view(t: Tensor):
     """A numpy view of ``t`` (no copy) when numpy can stand in for torch: on the CPU, for bool, uint8,
     int64 and float32/64. numpy's packbits, unpackbits, comparisons and take run single-threaded at several times
     the speed of the equivalent torch kernels (measured in benchmarks/bench_compressors.py)."""
-    if not USE_NUMPY or t.device.type != "cpu" or t.dtype not in NUMPY_DTYPES:
+    if not USE_NUMPY or t.device.type != "cpu" or t.dtype not in NUMPY_DTYPES or t.is_neg():
         return None
     return (t.detach() if t.requires_grad else t).numpy()
 
@@ -62,7 +62,8 @@ USE_NATIVE = True  # False: the numpy kernels even where the compiled ones are b
 def native_stride(rows: Tensor) -> int:
     """The row stride with which the compiled encoders can read ``rows`` (``(W, d)``) in place, or -1 if
     they cannot: they read float32/64 on the CPU, each row contiguous, with indices that fit 32 bits."""
-    if NATIVE is None or not (USE_NATIVE and USE_NUMPY) or not rows.is_cpu or rows.dtype not in _NUMPY_OF or rows.dim() != 2:
+    if (NATIVE is None or not (USE_NATIVE and USE_NUMPY) or not rows.is_cpu or rows.dtype not in _NUMPY_OF
+            or rows.dim() != 2 or rows.is_neg()):  # (a lazily negated view: its memory holds -v)
         return -1
     d = rows.shape[1]
     if d >= 1 << 31:
@@ -97,6 +98,8 @@ class NativeLayers:
 
     def __init__(self, sizes, ks=None):
         sizes = [int(d) for d in sizes]
+        if any(d < 0 for d in sizes):  # the kernels walk the layers by these sizes: never let one be negative
+            raise ValueError(f"layer sizes must be >= 0, got {sizes}")
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.sizes_address = self.sizes.ctypes.data
         self.count, self.total = len(sizes), sum(sizes)
@@ -180,12 +183,17 @@ _MODES = {"write": 0, "add": 1, "subtract": -1}
 
 def _native_target(out: Tensor, rows: int, total: int, dtype: torch.dtype) -> int:
     """The row stride with which the compiled decoders can write ``rows`` rows of ``total`` values into
-    ``out`` (``(rows, total)``, or ``(total,)`` which every row lands on), or -1 if they cannot."""
-    if not out.is_cpu or out.dtype is not dtype or dtype not in _NUMPY_OF:
+    ``out`` (``(rows, total)``, or ``(total,)`` which every row lands on), or -1 if they cannot. Tensors
+    that autograd guards (requiring grad, inference tensors) and negated views are left to torch, whose
+    in-place ops check them."""
+    if (not out.is_cpu or out.dtype is not dtype or dtype not in _NUMPY_OF or out.requires_grad or out.is_neg()
+            or out.is_inference()):
         return -1
     if out.dim() == 1:
         return 0 if out.shape[0] == total and out.is_contiguous() else -1
     if out.dim() != 2 or tuple(out.shape) != (rows, total):
+        return -1
+    if rows > 1 and out.stride(0) < total:  # rows that overlap (an expanded tensor): torch refuses to write these too
         return -1
     return out.stride(0) if total <= 1 or out.stride(1) == 1 else -1
 
@@ -206,6 +214,7 @@ def native_sign_decode(packed: Tensor, scales: Tensor, layers: NativeLayers, out
     packed, scales = packed.contiguous(), scales.contiguous()
     NATIVE.sign_decode(packed.data_ptr(), w, layers.sign_bytes, scales.data_ptr(), layers.sizes_address, layers.count,
                        out.data_ptr(), stride, scales.dtype is torch.float64, _MODES[mode], divisor)
+    torch.autograd.graph.increment_version(out)  # written in place, as an in-place torch op would record
     return True
 
 
@@ -225,6 +234,7 @@ def native_topk_decode(values: Tensor, packed: Tensor, layers: NativeLayers, out
     NATIVE.topk_decode(values.data_ptr(), packed.data_ptr(), w, layers.total_k, layers.index_bytes, layers.sizes_address,
                        layers.ks_address, layers.count, out.data_ptr(), stride, values.dtype is torch.float64,
                        _MODES[mode], divisor)
+    torch.autograd.graph.increment_version(out)
     return True
 
 
