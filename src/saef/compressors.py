@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .kernels import (
+    cpu_empty,
     index_bits,
     l1_norms,
     l1_norms_array,
@@ -252,7 +253,7 @@ class ScaledSign(Compressor):
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         packed, scale = payload
         if native_ready() and scale.is_cpu:
-            out = torch.empty(packed.shape[0], d, dtype=scale.dtype)
+            out = cpu_empty((packed.shape[0], d), scale.dtype)
             if native_sign_decode(packed, scale, one_layer(d), out):
                 return out
         return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
@@ -330,7 +331,7 @@ class ScaledSign(Compressor):
         one gather that writes the output once (unpacking to booleans first took three passes). On the
         CPU the compiled decoder does the same in one pass."""
         if native_ready() and payloads and payloads[0][1].is_cpu:
-            target = out if out is not None else torch.empty(payloads[0][0].shape[0], layout.total, dtype=payloads[0][1].dtype)
+            target = out if out is not None else cpu_empty((payloads[0][0].shape[0], layout.total), payloads[0][1].dtype)
             if self._native_decode(payloads, layout, target, "write"):
                 return target
         if any(d == 0 for d in layout.sizes):
@@ -453,7 +454,7 @@ class TopK(Compressor):
         values, packed = payload
         rows, k = values.shape
         if native_ready() and values.is_cpu and k <= d:
-            out = torch.empty(rows, d, dtype=values.dtype)
+            out = cpu_empty((rows, d), values.dtype)
             if native_topk_decode(values, packed, one_layer(d, k), out):
                 return out
         b = index_bits(d)
@@ -614,7 +615,7 @@ class TopK(Compressor):
 
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         if native_ready() and payloads and payloads[0][0].is_cpu:
-            out = torch.empty(payloads[0][0].shape[0], layout.total, dtype=payloads[0][0].dtype)
+            out = cpu_empty((payloads[0][0].shape[0], layout.total), payloads[0][0].dtype)
             if self._native_decode(payloads, layout, out, "write"):
                 return out
         if any(d == 0 for d in layout.sizes):
