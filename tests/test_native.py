@@ -245,7 +245,7 @@ def test_native_decoders_refuse_rows_that_share_memory():
     assert bool((shared == 0).all())
 
 
-def test_native_guards_found_by_review():
+def test_native_leaves_unsafe_inputs_to_the_checked_paths():
     """Negative layer sizes are refused before any kernel walks them; a lazily negated view encodes by its
     values, not its memory; buffers that autograd guards are left to torch's checked in-place ops."""
     with pytest.raises(ValueError, match="layer sizes must be >= 0"):

@@ -1,16 +1,18 @@
-/* saef._native: one-pass CPU kernels for the scaled-sign and top-k encoders.
+/* saef._native: one-pass CPU kernels for the scaled-sign and top-k encoders and decoders.
  *
- * Each kernel reads a row of floats once and writes the payload directly: packed signs plus the L1
+ * Each encoder reads a row of floats once and writes the payload directly: packed signs plus the L1
  * scale, or the k kept values plus their indices packed in b bits each. The numpy path (saef/kernels.py)
  * makes five to eight calls for the same work, which dominates below ~1e5 elements; these kernels make
- * one. Arguments are raw addresses (Python ints from Tensor.data_ptr()) and sizes; the Python side
- * (saef/kernels.py) checks device, dtype and contiguity before calling, so nothing here is reached with
- * a tensor it cannot read. The GIL is released while a kernel runs.
+ * one. Each decoder writes, adds or subtracts the payload's values straight into a caller's buffer.
+ * Arguments are raw addresses (Python ints from Tensor.data_ptr()) and sizes; the Python side
+ * (saef/kernels.py) checks device, dtype, shapes, sizes and strides before calling, so nothing here is
+ * reached with a tensor it cannot read or write. The GIL is released while a kernel runs.
  *
  * Payload formats are those of saef/compressors.py:
  *   sign:  bit i of byte j of a layer is (x[8 j + i] >= 0); each layer starts on a byte boundary;
  *          one scale per (row, layer) = sum |x| / d, in the dtype of x.
- *   top-k: the k entries of largest |x| (NaN counts as largest, ties go to the larger index), their
+ *   top-k: the k entries of largest |x| (NaN counts as largest, ties go to the larger index;
+ *          a long row with fewer than k nonzero entries keeps them all, then its first zeros), their
  *          values in the dtype of x, and their layer-local indices as a little-endian bit stream, b =
  *          ceil(log2 d) bits each, entry e at stream bits [e b, e b + b); each layer's stream starts on
  *          a byte boundary.
