@@ -1,15 +1,15 @@
 """The kernels behind the compressors: bit packing, sign tables, L1 norms, top-k selection, index packing.
 
-Each kernel has up to three paths. On the CPU the sign and top-k *encoders* run compiled one-pass
-kernels (``saef._native``, C, built at install time when a compiler is there): one call reads a tensor
-once and writes its payload. The other CPU kernels, and the encoders where the compiled module is not
-built, run numpy and BLAS, whose single-threaded packbits, comparisons, take, argpartition and asum are
-several times faster than the equivalent torch kernels (see BENCHMARKS.md, table 2). Elsewhere (a GPU)
-everything runs torch. All paths produce the same payload format and decode to the same values: signs
-bit for bit, scales to rounding, and the same kept set for top-k up to the choice among equal entries
-(the order of the kept entries within a payload may differ). ``USE_NATIVE = False`` switches the
-compiled kernels off and ``USE_NUMPY = False`` forces the torch path everywhere, which is how the tests
-check the paths against each other on the CPU.
+Each kernel has up to three paths. On the CPU the sign and top-k *encoders and decoders* run compiled
+one-pass kernels (``saef._native``, C, built at install time when a compiler is there): one call reads a
+tensor once and writes its payload, or writes, adds or subtracts a payload's values into a buffer. The
+other CPU kernels, and all of them where the compiled module is not built, run numpy and BLAS, whose
+single-threaded packbits, comparisons, take, argpartition and asum are several times faster than the
+equivalent torch kernels (see BENCHMARKS.md, table 2). Elsewhere (a GPU) everything runs torch. All paths
+produce the same payload format and decode to the same values: signs bit for bit, scales to rounding, and
+the same kept set for top-k up to the choice among equal entries (the order of the kept entries within a
+payload may differ). ``USE_NATIVE = False`` switches the compiled kernels off and ``USE_NUMPY = False``
+forces the torch path everywhere, which is how the tests check the paths against each other on the CPU.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def numpy_view(t: Tensor):
 NUMPY_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64)
 USE_NUMPY = True  # False: the torch kernels everywhere (as on a GPU); the tests compare the two
 
-try:  # the compiled one-pass encoders (src/saef/_native.c), built at install time when a C compiler is there
+try:  # the compiled one-pass encoders and decoders (src/saef/_native.c), built at install time when a C compiler is there
     from . import _native as NATIVE
-except ImportError:  # not built: the numpy kernels do the same work with a few more calls
+except ImportError:  # not built: the numpy kernels do the same work in a few more calls
     NATIVE = None
 USE_NATIVE = True  # False: the numpy kernels even where the compiled ones are built (USE_NUMPY = False: torch)
 
@@ -355,7 +355,8 @@ def sign_lookup(packed: Tensor, scales: Tensor, table_of_byte, out: Tensor = Non
             index += (torch.arange(rows, device=packed.device) * (scales.shape[1] * 256)).unsqueeze(1)
     tables = tables.view(-1, 8)
     array = numpy_view(tables)
-    if out is not None and array is not None and out.stride(-1) == 1 and out.dtype == tables.dtype:
+    if (out is not None and array is not None and out.stride(-1) == 1 and out.dtype == tables.dtype
+            and not out.requires_grad and not out.is_inference()):  # (those are left to copy_, which checks them)
         # Straight into out, row by row: whole bytes by take, the last byte's first few values apart.
         m = out.shape[1]
         whole, target, index = m // 8, out.numpy(), index.numpy()
