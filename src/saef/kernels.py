@@ -131,10 +131,10 @@ class NativeLayers:
             self.value_starts = np.cumsum([0] + ks).tolist()
             self.byte_starts = np.cumsum([0] + index_bytes).tolist()
 
-    def check(self, rows: Tensor) -> None:
+    def check(self, d: int) -> None:
         # the compiled kernels trust these sizes: a mismatch would read past the tensor
-        if rows.shape[1] != self.total:
-            raise ValueError(f"rows of shape {tuple(rows.shape)} do not hold layers of {self.total} elements")
+        if d != self.total:
+            raise ValueError(f"rows of {d} elements do not hold layers of {self.total} elements")
 
 
 def native_sign_encode(rows: Tensor, layers: NativeLayers = None):
@@ -149,7 +149,7 @@ def native_sign_encode(rows: Tensor, layers: NativeLayers = None):
     if layers is None:
         layers, scale_shape = one_layer(d), w
     else:
-        layers.check(rows)
+        layers.check(d)
         scale_shape = (w, layers.count)
     packed, scales = _fresh((w, layers.sign_bytes), np.uint8), _fresh(scale_shape, dtype)
     NATIVE.sign_encode(rows.data_ptr(), dtype is np.float64, w, stride, layers.sizes_address, layers.count,
@@ -169,7 +169,7 @@ def native_topk_encode(rows: Tensor, layers: NativeLayers = None, k: int = 0, in
     if layers is None:
         layers = one_layer(d, k)
     else:
-        layers.check(rows)
+        layers.check(d)
     values, packed = _fresh((w, layers.total_k), dtype), _fresh((w, layers.index_bytes), np.uint8)
     local = _fresh((w, layers.total_k), np.int64) if indices else None
     NATIVE.topk_encode(rows.data_ptr(), dtype is np.float64, w, stride, layers.sizes_address, layers.ks_address,

@@ -121,23 +121,25 @@ class ScaledSign(Compressor):
             packed = pack_nonnegative(padded, layout.memo)
         return packed, scales
 
-    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1) -> bool:
-        """The compiled decoder writing into, subtracting from or adding to ``out``; False if it cannot."""
+    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1):
+        """The compiled decoder writing into (a fresh ``(W, P)`` tensor if ``out`` is None), subtracting
+        from or adding to ``out``; returns the tensor written, or None if the compiled kernels cannot."""
         if not native_ready() or not payloads or not payloads[0][1].is_cpu:
-            return False
+            return None
         packed = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
         scales = torch.stack([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1]
+        if out is None:
+            out = cpu_empty((packed.shape[0], layout.total), scales.dtype)
         layers = layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes))
-        return native_sign_decode(packed, scales, layers, out, mode, divisor)
+        return out if native_sign_decode(packed, scales, layers, out, mode, divisor) else None
 
     def _decode_layers(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
         """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
         one gather that writes the output once (unpacking to booleans first took three passes). On the
         CPU the compiled decoder does the same in one pass."""
-        if native_ready() and payloads and payloads[0][1].is_cpu:
-            target = out if out is not None else cpu_empty((payloads[0][0].shape[0], layout.total), payloads[0][1].dtype)
-            if self._native_decode(payloads, layout, target, "write"):
-                return target
+        written = self._native_decode(payloads, layout, out, "write")
+        if written is not None:
+            return written
         if any(d == 0 for d in layout.sizes):
             dense = super().decode_layers(payloads, layout)
             return dense if out is None else out.copy_(dense)
@@ -166,7 +168,7 @@ class ScaledSign(Compressor):
         if rows and native_ready() and payloads[0][1].is_cpu:  # compiled: each row added onto one buffer
             dtype = payloads[0][1].dtype
             total = layout.memo(("sign-mean", dtype), lambda: torch.empty(layout.total, dtype=dtype)).zero_()
-            if self._native_decode(payloads, layout, total, "add", rows):
+            if self._native_decode(payloads, layout, total, "add", rows) is not None:
                 return total
         if rows < 2 or payloads[0][1].device.type != "cpu":
             return super().decode_mean_layers(payloads, layout)
@@ -185,7 +187,7 @@ class ScaledSign(Compressor):
         return self._decode_layers(payloads, layout, out)
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
-        if self._native_decode(payloads, layout, target, "subtract"):
+        if self._native_decode(payloads, layout, target, "subtract") is not None:
             return target
         buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
         return target.sub_(self._decode_layers(payloads, layout, out=buffer))

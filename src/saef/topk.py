@@ -255,26 +255,28 @@ class TopK(Compressor):
             local = torch.zeros_like(values, dtype=torch.int64)
         return values, local + plan["layer_offset"]
 
-    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1) -> bool:
-        """The compiled decoder writing into, subtracting from or adding to ``out``; False if it cannot."""
+    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1):
+        """The compiled decoder writing into (a fresh ``(W, P)`` tensor if ``out`` is None), subtracting
+        from or adding to ``out``; returns the tensor written, or None if the compiled kernels cannot."""
         if not native_ready() or not payloads or not payloads[0][0].is_cpu:
-            return False
+            return None
         values = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
         packed = torch.cat([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1]
-        return native_topk_decode(values, packed, self._native_layers(layout), out, mode, divisor)
+        if out is None:
+            out = cpu_empty((values.shape[0], layout.total), values.dtype)
+        return out if native_topk_decode(values, packed, self._native_layers(layout), out, mode, divisor) else None
 
     def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        if native_ready() and payloads and payloads[0][0].is_cpu:
-            out = cpu_empty((payloads[0][0].shape[0], layout.total), payloads[0][0].dtype)
-            if self._native_decode(payloads, layout, out, "write"):
-                return out
+        written = self._native_decode(payloads, layout, None, "write")
+        if written is not None:
+            return written
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers(payloads, layout)
         values, index = self._kept(payloads, layout)
         return values.new_zeros(values.shape[0], layout.total).scatter_(1, index, values)
 
     def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
-        if self._native_decode(payloads, layout, out, "write"):
+        if self._native_decode(payloads, layout, out, "write") is not None:
             return out
         if any(d == 0 for d in layout.sizes):
             return super().decode_layers_into(payloads, layout, out)
@@ -283,7 +285,7 @@ class TopK(Compressor):
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
         """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
-        if self._native_decode(payloads, layout, target, "subtract"):
+        if self._native_decode(payloads, layout, target, "subtract") is not None:
             return target
         if any(d == 0 for d in layout.sizes):
             return super().subtract_decoded(payloads, layout, target)
@@ -299,7 +301,7 @@ class TopK(Compressor):
             return super().decode_mean_layers(payloads, layout)
         dtype = payloads[0][0].dtype
         total = layout.memo(("topk-mean-buffer", dtype), lambda: torch.empty(layout.total, dtype=dtype))
-        if self._native_decode(payloads, layout, total.zero_(), "add", payloads[0][0].shape[0]):
+        if self._native_decode(payloads, layout, total.zero_(), "add", payloads[0][0].shape[0]) is not None:
             return total  # the compiled decoder adds the rows in the same order as the scatter below
         values, index = self._kept(payloads, layout)
         # each value divided by W before adding: k values per row instead of P (exact when W is a power of 2)
