@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from saef.data import epoch_batches, load_dataset
-from saef.distributed import DistributedWorker
-from saef.models import build_model
+from saef.zoo.data import epoch_batches, load_dataset
+from saef.backends.distributed import DistributedWorker
+from saef.zoo.models import build_model
 
 
 def make_trainer(variant, model, lr):

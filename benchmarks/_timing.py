@@ -6,8 +6,8 @@ import time
 
 def kernels_in_use() -> str:
     """Which CPU kernels the compressors run: the compiled ones, or numpy where they were not built."""
-    import saef.kernels
-    return "compiled kernels (saef._native)" if saef.kernels.NATIVE is not None else "numpy kernels (saef._native not built)"
+    import saef.compress.kernels
+    return "compiled kernels (saef.compress._native)" if saef.compress.kernels.NATIVE is not None else "numpy kernels (saef.compress._native not built)"
 
 
 def median_time(fn, repeats: int, warmup: int = 3) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import saef
 from _timing import interleaved_medians, kernels_in_use
-from saef.models import build_model
+from saef.zoo.models import build_model
 
 SHAPES = {"cnn1d": ((1, 40), 10), "mlp": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
 

@@ -18,15 +18,15 @@ from types import SimpleNamespace
 import torch
 
 import saef
-from saef.models import build_model
+from saef.zoo.models import build_model
 
 MODELS = {"cnn1d": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
 
 
 def floor_bits(compressor, d: int) -> int:
-    if isinstance(compressor, saef.compressors.ScaledSign):
+    if isinstance(compressor, saef.compress.ScaledSign):
         return d
-    if isinstance(compressor, saef.compressors.TopK):
+    if isinstance(compressor, saef.compress.TopK):
         return compressor.k(d) * (32 + math.ceil(math.log2(d)) if d > 1 else 32)
     return 32 * d
 

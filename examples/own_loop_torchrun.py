@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import saef
-from saef.data import epoch_batches, load_dataset
-from saef.models import build_model
+from saef.zoo.data import epoch_batches, load_dataset
+from saef.zoo.models import build_model
 
 
 def main():
@@ -46,7 +46,7 @@ def main():
         with torch.no_grad(), opt.evaluation_point("x"):
             acc = (model(data.test.inputs).argmax(1) == data.test.targets).float().mean().item()
         if rank == 0:
-            bits = opt.ef_state.bits_up / 8e6
+            bits = opt.bits["bits_up"] / 8e6
             print(f"epoch {epoch + 1}: test accuracy {100 * acc:.2f}%  ({bits:.2f} MB sent per worker so far)")
     if dist.is_initialized():
         dist.destroy_process_group()

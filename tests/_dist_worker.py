@@ -6,12 +6,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-from saef.distributed import DistributedWorker, init_distributed
+from saef.backends.distributed import DistributedWorker, init_distributed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _dist_cases import CASES, STEPS, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
+
+
+def wire(worker):
+    """The bytes handed to torch.distributed, per direction, from the transport's ledger."""
+    return {k[len("wire_"):]: v for k, v in worker.transport.ledger.counts.items() if k.startswith("wire_")}
 
 
 def run_case(case, world):
@@ -20,11 +25,11 @@ def run_case(case, world):
                                double_way=double_way, average_every=average_every, server=server)
     wire_errors = []
     for step in range(STEPS):
-        before_bits, before_wire = dict(worker.bits), dict(worker.transport.wire)
+        before_bits, before_wire = dict(worker.bits), wire(worker)
         inputs, targets = shard(*batch(step, world), worker.rank, world)
         worker.step(inputs, targets, lr=0.05)
         worker.mismatch()  # diagnostics traffic must not be counted as error averaging
-        sent = {k: worker.transport.wire[k] - before_wire[k] for k in before_wire}
+        sent = {k: wire(worker)[k] - before_wire[k] for k in before_wire}
         bits = {k: worker.bits[k] - before_bits[k] for k in BITS}
         if (sent["uplink_sent"] * 8, sent["downlink_received"] * 8, sent["averaging_sent"] * 8) != (bits["bits_up"], bits["bits_down"], bits["bits_averaging"]) \
                 or sent["diagnostics_sent"] == 0:
@@ -45,7 +50,7 @@ def run_facade(world):
         opt.zero_grad()
         F.cross_entropy(model(inputs), targets).backward()
         opt.step()
-    return {"x": opt.x.clone(), "bits_up": opt.ef_state.bits_up}
+    return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
 
 
 def resnet20_wire():
@@ -53,7 +58,7 @@ def resnet20_wire():
     all-reduce payload (4 bytes per parameter)."""
     from types import SimpleNamespace
 
-    from saef.models import build_model
+    from saef.zoo.models import build_model
 
     out = {}
     for compressor, server in (("sign", "sharded"), ("topk:0.01", "sharded"), ("identity", "allreduce")):
@@ -62,7 +67,7 @@ def resnet20_wire():
         worker = DistributedWorker(model, compressor=compressor, double_way=compressor != "identity", server=server, momentum=0.9)
         g = torch.Generator().manual_seed(dist.get_rank())
         worker.step(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g), lr=0.1)
-        out[compressor] = {"uplink": worker.transport.wire["uplink_sent"], "downlink": worker.transport.wire["downlink_received"],
+        out[compressor] = {"uplink": worker.transport.ledger.counts["wire_uplink_sent"], "downlink": worker.transport.ledger.counts["wire_downlink_received"],
                            "fp32": 4 * worker.x.numel(), "bits_up": worker.bits["bits_up"]}
     return out
 

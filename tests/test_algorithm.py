@@ -32,12 +32,12 @@ def test_delta_equals_compressed_plus_error(method, compressor, double_way):
     grad_fn, x0 = quadratic_problem(3, shapes)
     cfg = ErrorFeedbackConfig(method=method, momentum=0.9, weight_decay=0.01, compressor=compressor, double_way=double_way, average_every=3)
     alg = ErrorFeedback(shapes, cfg, InProcessTransport(3))
-    x = saef.simulator.flatten(x0).clone()
+    x = saef.core.flatten(x0).clone()
     state = alg.init_state(x)
     comp, server_comp = cfg.compressor, cfg.downlink_compressor
     for t in range(10):
         z = alg.gradient_points(state, x).clone()  # EF's point is a view of x, which the step moves
-        grads = torch.stack([saef.simulator.flatten(grad_fn(k, saef.simulator.unflatten(z[k], shapes))) for k in range(3)])
+        grads = torch.stack([saef.core.flatten(grad_fn(k, saef.core.unflatten(z[k], shapes))) for k in range(3)])
         e_old, m_old, es_old, x_old = state.worker_error.clone(), state.worker_momentum.clone(), state.server_error.clone(), x.clone()
         lr = 0.1 / (1 + t)
         alg.step(state, x, grads, lr)
@@ -106,7 +106,7 @@ def test_average_every_step_makes_errors_equal(method):
         assert torch.count_nonzero(state.worker_error) > 0
         assert torch.equal(state.worker_error[0], state.worker_error[1])
         assert torch.equal(state.worker_error[0], state.worker_error[2])
-    assert state.bits_averaging == 5 * 10 * 64
+    assert alg.transport.ledger.per_worker()["bits_averaging"] == 5 * 10 * 64
 
 
 # Hand-computed example: 2 workers, x0 = (1, -2, 1/2, 0), grad_k(z) = a_k z + b_k with a = (1, 2),
@@ -235,7 +235,7 @@ def test_compressor_whose_decode_aliases_its_input():
     """A (custom) compressor may return views of what it was given: encode returns D itself and decode
     returns the payload. The update must still be x - C(D), with e = D - C(D) = 0 afterwards."""
 
-    class Aliasing(saef.compressors.Identity):
+    class Aliasing(saef.compress.Identity):
         def decode_layers(self, payloads, layout):
             return payloads[0][0] if len(payloads) == 1 else super().decode_layers(payloads, layout)
 

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import saef
-from saef import checkpoint
-from saef.cli import main
-from saef.simulator import NonFiniteStep
+from saef.app import checkpoint
+from saef.app.cli import main
+from saef.core import NonFiniteStep
 
 SRC = str(Path(__file__).parent.parent / "src")
+FAULTS = str(Path(__file__).parent / "_faults.py")  # saef with a fault injected where SAEF_FAULT says
 # synthetic: 512 samples, batch 32 -> 16 steps per epoch, 64 steps; checkpoints every 5 steps and per epoch
 RUN = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--epochs", "4", "--checkpoint-every", "5",
        "--compressor", "topk:0.1", "--average-every", "3", "--quiet"]
@@ -30,7 +31,7 @@ def saef_cli(args, fault=None, timeout=120):
     env.pop("SAEF_FAULT", None)
     if fault:
         env["SAEF_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "saef", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, FAULTS, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def records(run_dir):
@@ -47,7 +48,7 @@ def assert_identical(a, b):
     sa, sb = final_state(a), final_state(b)
     assert torch.equal(sa["x"], sb["x"])
     for key in ("worker_momentum", "worker_error", "server_error"):
-        assert torch.equal(sa["algorithm"][key], sb["algorithm"][key]), key
+        assert torch.equal(sa["algorithm"]["tensors"][key], sb["algorithm"]["tensors"][key]), key
     assert json.loads((Path(a) / "summary.json").read_text())["final_test_acc"] == json.loads((Path(b) / "summary.json").read_text())["final_test_acc"]
 
 
@@ -202,7 +203,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("saef.records.os.fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr("saef.files.os.fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match="No space"):
         checkpoint.save(folder, 2, {"x": torch.zeros(3)})
     monkeypatch.undo()
@@ -212,14 +213,14 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
 
 def test_disk_full_exits_nonzero_with_message(tmp_path, monkeypatch, capsys):
     """saef train on a full disk exits 1 with a message, without a summary that marks the run complete."""
-    real = saef.records.write_atomically
+    real = saef.files.write_atomically
 
     def failing(path, data):
         if "checkpoints" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr("saef.checkpoint.write_atomically", failing)
+    monkeypatch.setattr("saef.app.checkpoint.write_atomically", failing)
     out = tmp_path / "run"
     assert main(["train", *RUN, "--output", str(out)]) == 1
     assert "No space left on device" in capsys.readouterr().err
@@ -237,7 +238,7 @@ def _dist(argv, out, fault=None, world=2):
     from test_distributed import launch, wait_all
 
     extra = {"SAEF_FAULT": fault} if fault else {"SAEF_FAULT": ""}
-    procs = launch(["-m", "saef", "train", *argv, "--output", str(out)], world, extra_env=extra,
+    procs = launch([FAULTS, "train", *argv, "--output", str(out)], world, extra_env=extra,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     codes = wait_all(procs, timeout=180)
     return codes, [p.stderr.read() for p in procs]
@@ -261,7 +262,7 @@ def _assert_ranks_identical(a, b, world=2):
         sb = checkpoint.load_latest(Path(b) / "checkpoints", rank=rank, world=world)["trainer"]
         assert torch.equal(sa["x"], sb["x"])
         for key in ("worker_momentum", "worker_error", "server_error"):
-            assert torch.equal(sa["algorithm"][key], sb["algorithm"][key]), (rank, key)
+            assert torch.equal(sa["algorithm"]["tensors"][key], sb["algorithm"]["tensors"][key]), (rank, key)
 
 
 def test_distributed_sigkill_then_resume_is_bit_identical(dist_reference, tmp_path):
@@ -284,7 +285,7 @@ def test_torchrun_restart_resumes_automatically(dist_reference, tmp_path):
     from test_distributed import free_port
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "saef", "train", *DIST,
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), FAULTS, "train", *DIST,
                              "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "events.jsonl").read_text().splitlines()[-1])["event"] == "resume"

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from saef.cli import main
-from saef.records import METRIC_COLUMNS
+from saef.app.cli import main
+from saef.app.records import METRIC_COLUMNS
 
 FAST = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--quiet"]
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saef
-from saef.compressors import TopK, index_bits, pack_bits, payload_bits, unpack_bits
+from saef.compress import TopK, index_bits, pack_bits, payload_bits, unpack_bits
 
 SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]  # topk:1 warns (pointless) but must work
 
@@ -125,7 +125,7 @@ def test_bad_compressor_specs_raise(spec):
 def test_registry_accepts_user_compressors():
     """A user-registered compressor is built from its name and used by the algorithm."""
 
-    class Halve(saef.compressors.Compressor):
+    class Halve(saef.compress.Compressor):
         name = "halve"
 
         def encode_rows(self, rows):
@@ -151,7 +151,7 @@ def test_layer_batched_path_equals_per_layer(spec, sizes):
     """Compressing all layers of a flat (W, P) tensor at once gives each layer's payload exactly as
     encode_rows does (scales to rounding), and decodes to the same dense values."""
     c = saef.make_compressor(spec)
-    layout = saef.compressors.Layout(sizes)
+    layout = saef.compress.Layout(sizes)
     rows = torch.randn(3, layout.total, generator=torch.Generator().manual_seed(0))
     payloads = c.encode_layers(rows, layout)
     for payload, s in zip(payloads, layout.slices):
@@ -186,7 +186,7 @@ def test_pointless_settings_warn():
 def test_largest_on_long_rows_equals_topk():
     """The sampled-threshold selection for long rows keeps exactly the k largest entries of every row, both
     when the sampled threshold admits enough candidates and when it does not (the fallback)."""
-    from saef.compressors import largest
+    from saef.compress import largest
 
     g = torch.Generator().manual_seed(0)
     d, k = 1 << 17, 1000
@@ -201,7 +201,7 @@ def test_largest_on_long_rows_equals_topk():
 def test_largest_on_long_mostly_zero_rows():
     """Rows that are mostly exact zeros (dead ReLU units): the k largest are kept, with zeros filling up
     when fewer than k entries are positive."""
-    from saef.compressors import largest
+    from saef.compress import largest
 
     g = torch.Generator().manual_seed(0)
     d, k = 1 << 17, 1000
@@ -219,7 +219,7 @@ def test_largest_on_long_mostly_zero_rows():
 def test_decode_mean_equals_mean_of_decode(spec):
     """decode_mean_layers (the server's average) equals the mean over rows of decode_layers."""
     c = saef.make_compressor(spec)
-    layout = saef.compressors.Layout([25, 300, 25, 1, 7])
+    layout = saef.compress.Layout([25, 300, 25, 1, 7])
     payloads = c.encode_layers(torch.randn(3, layout.total, generator=torch.Generator().manual_seed(0)), layout)
     assert torch.allclose(c.decode_mean_layers(payloads, layout), c.decode_layers(payloads, layout).mean(dim=0), rtol=1e-6, atol=1e-7)
 
@@ -231,7 +231,7 @@ def test_decode_into_and_subtract_equal_the_dense_decode(spec, sizes, rows):
     """decode_layers_into writes exactly decode_layers into the given buffer; subtract_decoded (the error
     update) is exactly target - decode_layers; decode_mean_layers is the mean of the rows to rounding."""
     c = saef.make_compressor(spec)
-    layout = saef.compressors.Layout(sizes)
+    layout = saef.compress.Layout(sizes)
     v = torch.randn(rows, layout.total, generator=torch.Generator().manual_seed(1))
     payloads = c.encode_layers(v, layout)
     dense = c.decode_layers(payloads, layout)
@@ -250,16 +250,16 @@ def test_numpy_kernels_equal_the_torch_kernels(spec, d, monkeypatch):
     """On the CPU the compressors run numpy/BLAS kernels; the torch kernels (a GPU's path) give the same
     payload sizes and decode to the same values (sign bits exactly; scales and kept sets to rounding)."""
     c = saef.make_compressor(spec)
-    layout = saef.compressors.Layout([d, 37, 8])
+    layout = saef.compress.Layout([d, 37, 8])
     v = torch.randn(2, layout.total, generator=torch.Generator().manual_seed(2))
     v[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.0])  # sign(0) = sign(-0) = +1 on both paths
     fast = c.encode_layers(v, layout)
-    monkeypatch.setattr(saef.kernels, "USE_NUMPY", False)
+    monkeypatch.setattr(saef.compress.kernels, "USE_NUMPY", False)
     slow = c.encode_layers(v, layout)
     for a, b in zip(fast, slow):
         assert [t.shape for t in a] == [t.shape for t in b]
     if spec == "sign":
         assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, slow))
     dense_slow = c.decode_layers(slow, layout)
-    monkeypatch.setattr(saef.kernels, "USE_NUMPY", True)
+    monkeypatch.setattr(saef.compress.kernels, "USE_NUMPY", True)
     assert torch.allclose(c.decode_layers(fast, layout), dense_slow, rtol=1e-5, atol=0)

@@ -1,4 +1,4 @@
-"""Tests for saef.data: readers, the safe unpickler, augmentation, MNIST-1D generation and caching, batching."""
+"""Tests for saef.zoo.data: readers, the safe unpickler, augmentation, MNIST-1D generation and caching, batching."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saef import data as data_module
-from saef.data import (
+from saef.zoo import data as data_module
+from saef.zoo.data import (
     CIFAR_STATS,
     DATASETS,
     RestrictedUnpickler,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import saef
-from saef.distributed import assign_layers
+from saef.backends.distributed import assign_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_cases import CASES, STEPS, batch, tiny_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests for saef.models: parameter counts, output shapes, vmap over workers, error messages."""
+"""Tests for saef.zoo.models: parameter counts, output shapes, vmap over workers, error messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from saef.models import MODELS, build_model
+from saef.zoo.models import MODELS, build_model
 
 MNIST1D = SimpleNamespace(num_classes=10, input_shape=(1, 40))
 CIFAR10 = SimpleNamespace(num_classes=10, input_shape=(3, 32, 32))

@@ -1,14 +1,14 @@
-"""The compiled encoders (saef._native) against the numpy and torch kernels, and their edge cases."""
+"""The compiled encoders (saef.compress._native) against the numpy and torch kernels, and their edge cases."""
 
 import numpy as np
 import pytest
 import torch
 
 import saef
-from saef import kernels
-from saef.compressors import Layout
+from saef.compress import kernels
+from saef.compress import Layout
 
-pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef._native was not built (no C compiler at install)")
+pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef.compress._native was not built (no C compiler at install)")
 
 
 def on_path(path, monkeypatch, method, *args):
@@ -272,11 +272,11 @@ def test_native_leaves_unsafe_inputs_to_the_checked_paths():
 
 
 def test_native_topk_plan_is_per_compressor_class():
-    class KeepTwo(saef.compressors.TopK):
+    class KeepTwo(saef.compress.TopK):
         def k(self, d):
             return 2
 
     layout = Layout([10, 10])
     v = torch.randn(1, 20, generator=torch.Generator().manual_seed(15))
-    saef.compressors.TopK(0.1).encode_layers(v, layout)  # same rho, same layout, cached first
+    saef.compress.TopK(0.1).encode_layers(v, layout)  # same rho, same layout, cached first
     assert [p[0].shape[1] for p in KeepTwo(0.1).encode_layers(v, layout)] == [2, 2]

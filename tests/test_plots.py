@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from saef.plots import group_runs, plot_run, plot_runs, read_run, run_label, runs_figure
+from saef.app.plots import group_runs, plot_run, plot_runs, read_run, run_label, runs_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""The stacked-layer interpreter (saef.stacked) against a plain loop over workers and against vmap."""
+"""The stacked-layer interpreter (saef.backends.stacked) against a plain loop over workers and against vmap."""
 
 import warnings
 from types import SimpleNamespace
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import saef
-from saef.models import build_model
-from saef.stacked import stack_model
+from saef.zoo.models import build_model
+from saef.backends.stacked import stack_model
 
 
 def model_zoo(name, seed=0):
@@ -121,7 +121,7 @@ def test_reduction_over_all_dimensions_is_not_stacked():
 
 def test_im2col_backward_matches_autograd():
     """The hand-written backward of the 1-D im2col equals the numerical gradient (float64 gradcheck)."""
-    from saef.stacked import _Im2Col1d
+    from saef.backends.stacked import _Im2Col1d
 
     x = torch.randn(2, 3, 4, 11, dtype=torch.float64, requires_grad=True)
     for width, stride in ((5, 2), (3, 1), (2, 3)):
@@ -155,7 +155,7 @@ def test_flatten_without_start_dim_keeps_workers_apart():
 def test_runtime_failure_falls_back_to_vmap_with_statistics_intact(monkeypatch):
     """If the stacked run fails after BatchNorm has run (here: the final Linear raises), the simulator
     warns, uses vmap from then on, and ends with exactly the statistics and parameters of a vmap run."""
-    import saef.stacked as stacked_module
+    import saef.backends.stacked as stacked_module
 
     def model():
         torch.manual_seed(0)

@@ -2,20 +2,26 @@
 
 Public API:
 
-* :func:`simulate` -- Algorithm 1 on a toy problem given per-worker gradient functions;
+* :func:`simulate` -- the algorithm on a toy problem given per-worker gradient functions;
 * :class:`Simulator` -- K workers training a ``torch.nn.Module`` in one process;
 * :class:`SAEF` -- a ``torch.optim``-style optimizer for one's own training loop;
 * :func:`make_compressor`, :func:`register_compressor` -- the compressor registry;
 * :class:`ErrorFeedback`, :class:`ErrorFeedbackConfig` -- the algorithm itself, over a transport.
+
+The package is in layers, each importing only those below it: :mod:`saef.compress` (compressors),
+:mod:`saef.core` (feedback rules, local optimizers, the transport interface), :mod:`saef.backends`
+(simulator, torch.distributed), :mod:`saef.app` (loop, CLI, records); :mod:`saef.zoo` holds datasets and
+models (see docs/architecture.md).
 """
 
-from .algorithm import ErrorFeedback, ErrorFeedbackConfig, ErrorFeedbackState
-from .comm import InProcessTransport, Transport
-from .compressors import Compressor, available_compressors, make_compressor, register_compressor
-from .optim import SAEF
-from .simulator import Simulator, simulate
+from .app.optim import SAEF
+from .backends.inprocess import InProcessTransport
+from .backends.simulator import Simulator, simulate
+from .compress import Compressor, available_compressors, make_compressor, register_compressor
+from .core import ErrorFeedback, ErrorFeedbackConfig, ErrorFeedbackState, Transport
+from .core.rules import available_rules, register_rule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ErrorFeedback",
@@ -27,6 +33,8 @@ __all__ = [
     "available_compressors",
     "make_compressor",
     "register_compressor",
+    "available_rules",
+    "register_rule",
     "SAEF",
     "Simulator",
     "simulate",

@@ -7,7 +7,7 @@ A run directory holds
 * ``metrics.csv`` and ``metrics.jsonl``  one row per epoch (see :data:`METRIC_COLUMNS`), appended and
   flushed as each epoch ends, so a crash loses at most the epoch in progress;
 * ``curves.png``       the figure of the run's curves;
-* ``checkpoints/``     see :mod:`saef.checkpoint`;
+* ``checkpoints/``     see :mod:`saef.app.checkpoint`;
 * ``events.jsonl``     resumes (with what changed, and whether errors were reset);
 * ``summary.json``     written last: a run directory without it is incomplete.
 
@@ -23,11 +23,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METRIC_COLUMNS", "RunRecord", "write_atomically", "environment"]
+from ..files import write_atomically
+
+__all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment"]
 
 METRIC_COLUMNS = (
     "epoch",  # 1-based
@@ -49,20 +51,34 @@ METRIC_COLUMNS = (
 )
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl``, one per epoch, sorted by epoch (the one metrics reader).
+
+    A resumed run may have written an epoch twice: the later line wins. An unterminated last line that
+    does not parse is a write in progress (or cut by a crash) and is skipped with a warning; any other
+    malformed line raises ``ValueError`` naming the file and line; a missing file ``FileNotFoundError``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        lines = path.read_text().split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+    by_epoch: Dict[int, Dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: the writer has not finished this line
+                warnings.warn(f"{path}:{number}: skipping unfinished last line", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise ValueError(f"{path}:{number} must be a JSON object with an integer 'epoch'")
+        by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -74,7 +90,7 @@ def environment(device: str) -> Dict[str, Any]:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     try:
         revision = subprocess.run(
@@ -132,7 +148,7 @@ class RunRecord:
             os.fsync(handle.fileno())
 
     def rows(self) -> List[Dict[str, Any]]:
-        return [json.loads(line) for line in (self.directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return read_metrics(self.directory)
 
     def append(self, row: Dict[str, Any]) -> None:
         """Append one epoch's row to both metric files and push it to disk."""

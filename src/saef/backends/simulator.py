@@ -1,7 +1,7 @@
 """K workers in one process: an exact simulator of Algorithm 1 for ``torch.nn.Module`` and for toy problems.
 
-Both entry points run the same :class:`~saef.algorithm.ErrorFeedback` code as a real distributed run, with the
-:class:`~saef.comm.InProcessTransport`.
+Both entry points run the same :class:`~saef.core.ErrorFeedback` code as a real distributed run, with the
+:class:`~saef.backends.inprocess.InProcessTransport`.
 
 BatchNorm policy. Each worker normalises its own slice of the global batch with that slice's statistics,
 as ordinary (non-synchronised) BatchNorm does on a real rank, and keeps its own running statistics. The
@@ -26,75 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .algorithm import ErrorFeedback, ErrorFeedbackConfig
-from .comm import InProcessTransport
+from ..core import ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, flatten, unflatten, write_flat
+from .base import Backend, resolve_device
+from .inprocess import InProcessTransport
 from .stacked import stack_model
 
-__all__ = ["Simulator", "TrainerBase", "simulate", "flatten", "unflatten", "NonFiniteStep", "all_finite"]
+__all__ = ["Simulator", "simulate", "SimulatorBackend"]
 
 
-class NonFiniteStep(FloatingPointError):
-    """A step's loss or gradient had a NaN or Inf; nothing was changed (parameters, momentum and errors
-    are as before the step)."""
-
-
-def all_finite(*tensors: Tensor) -> Tensor:
-    """A 0-d bool: no NaN or Inf in any of ``tensors``.
-
-    A NaN or an Inf anywhere makes a tensor's sum non-finite, so a finite sum proves the tensor finite in
-    one pass (``isfinite(t).all()`` takes four). Only a non-finite sum -- a NaN, an Inf, or an overflow
-    of finite values -- is checked element by element."""
-    sums = torch.stack([t.sum() for t in tensors])
-    if bool(sums.isfinite().all()):
-        return torch.ones((), dtype=torch.bool, device=sums.device)
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors into one flat vector (a copy)."""
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
-
-
-def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> List[Tensor]:
-    """Views of ``flat`` (last axis) with the given shapes; a leading batch axis is kept."""
-    lead = flat.shape[:-1]
-    out, offset = [], 0
-    for shape in shapes:
-        d = math.prod(shape)
-        out.append(flat[..., offset : offset + d].view(*lead, *shape))
-        offset += d
-    return out
-
-
-@torch.no_grad()
-def write_flat(params: Sequence[Tensor], flat: Tensor, shapes: Sequence[Sequence[int]]) -> None:
-    """Copy the flat vector ``flat`` into the tensors ``params`` (laid end to end with ``shapes``)."""
-    for p, value in zip(params, unflatten(flat, shapes)):
-        p.copy_(value)
-
-
-class TrainerBase:
-    """What the simulator and one distributed rank share: the flat parameters ``x``, the algorithm and its
-    state, and the read-outs of them. Subclasses set ``x``, ``algorithm`` and ``state``."""
-
-    x: Tensor
-    algorithm: ErrorFeedback
-
-    def parameters_at(self, point: str = "x") -> Tensor:
-        """Flat parameters at x (what the workers hold) or at the auxiliary iterate x~."""
-        return self.algorithm.point(self.state, self.x, point)
-
-    def mismatch(self) -> Dict[str, float]:
-        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`)."""
-        return self.algorithm.mismatch(self.state)
-
-    @property
-    def bits(self) -> Dict[str, int]:
-        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
-        return self.state.counters()
-
-
-class Simulator(TrainerBase):
+class Simulator(WorkerBase):
     """Train ``model`` with K simulated workers exchanging compressed updates (Algorithm 1).
 
     Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
@@ -105,8 +45,9 @@ class Simulator(TrainerBase):
         model: the module; its trainable parameters are x_0. The simulator owns the parameters from then
             on: call :meth:`load_into` to put x or x~ into a module for evaluation.
         workers: K >= 1.
-        method, compressor, server_compressor, momentum, weight_decay, double_way, average_every:
-            see :class:`~saef.algorithm.ErrorFeedbackConfig`.
+        config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`); or give its settings as keywords
+            (``method``, ``compressor``, ``server_compressor``, ``momentum``, ``weight_decay``,
+            ``double_way``, ``average_every``).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
         vectorize: ``"auto"`` (stacked layers or vmap, falling back to a loop with a warning), ``True``
             (stacked layers or vmap, errors are raised), ``"vmap"`` (vmap only, errors are raised) or
@@ -118,25 +59,12 @@ class Simulator(TrainerBase):
         model: nn.Module,
         *,
         workers: int,
-        method: str = "saef",
-        compressor="sign",
-        server_compressor=None,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        double_way: bool = True,
-        average_every: Optional[int] = None,
+        config: Optional[ErrorFeedbackConfig] = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         vectorize: Union[str, bool] = "auto",
+        **algorithm,
     ):
-        config = ErrorFeedbackConfig(
-            method=method,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            compressor=compressor,
-            server_compressor=server_compressor,
-            double_way=double_way,
-            average_every=average_every,
-        )
+        config = ErrorFeedbackConfig.build(config, **algorithm)
         if vectorize not in ("auto", True, False, "vmap"):
             raise ValueError(f"vectorize must be 'auto', True, 'vmap' or False, got vectorize={vectorize!r}")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -148,9 +76,11 @@ class Simulator(TrainerBase):
         self.names = [n for n, _ in trainable]
         self.shapes = [tuple(p.shape) for _, p in trainable]
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        self.algorithm = ErrorFeedback(self.shapes, config, InProcessTransport(workers))
-        self.workers = workers
-        self.local_workers = list(range(workers))  # the workers whose shards this trainer is fed
+        self.transport = InProcessTransport(workers)
+        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
+        self.workers = self.num_workers = workers
+        self.rank = 0
+        self.worker_ids = list(range(workers))  # the workers whose shards this trainer is fed
         self.is_main = True  # writes records (the distributed trainer: rank 0 only)
         self.x = flatten([p.detach() for _, p in trainable]).clone()
         self.state = self.algorithm.init_state(self.x)
@@ -282,31 +212,17 @@ class Simulator(TrainerBase):
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        return {
-            "x": self.x.clone(),
-            "algorithm": self.state.state_dict(),
-            "buffers": {n: b.clone() for n, b in self.buffers.items()},
-            "workers": self.workers,
-        }
+        return {**self._algorithm_state(), "buffers": {n: b.clone() for n, b in self.buffers.items()}, "workers": self.workers}
 
     def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
         """Restore a saved state exactly; with ``reset_errors``, keep only x, the mean running statistics
-        and the counters, and start momentum and errors from zero (allows another number of workers)."""
-        if state["x"].shape != self.x.shape:
-            raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
-        if reset_errors:
-            self.x.copy_(state["x"])
-            for key in ("step", "bits_up", "bits_down", "bits_averaging"):
-                setattr(self.state, key, int(state["algorithm"][key]))
-            for name, value in state["buffers"].items():
-                mean = value.mean(0) if value.is_floating_point() else value[0]
-                self.buffers[name].copy_(mean.unsqueeze(0).expand_as(self.buffers[name]))
-            return
-        if state["workers"] != self.workers:
+        and the counters, and start the algorithm's state from x (allows another number of workers)."""
+        if not reset_errors and state["workers"] != self.workers:
             raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.workers}")
-        self.x.copy_(state["x"])
-        self.state.load_state_dict(state["algorithm"])
+        self._load_algorithm_state(state, reset_errors)
         for name, value in state["buffers"].items():
+            if reset_errors:  # the mean of the saved workers' statistics, for every worker
+                value = (value.mean(0) if value.is_floating_point() else value[0]).unsqueeze(0).expand_as(self.buffers[name])
             self.buffers[name].copy_(value)
 
 
@@ -317,18 +233,16 @@ def simulate(
     workers: int,
     steps: int,
     lr: Union[float, Callable[[int], float]],
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    method: str = "saef",
-    compressor="sign",
-    double_way: bool = True,
-    average_every: Optional[int] = None,
+    config: Optional[ErrorFeedbackConfig] = None,
+    **algorithm,
 ) -> List[Tensor]:
-    """Run Algorithm 1 on a toy problem and return the final parameters x_T.
+    """Run the algorithm on a toy problem and return the final parameters x_T (the model iterate).
 
     ``grad_fn(k, x)`` returns worker k's (stochastic) gradient at the point ``x`` (a list of tensors shaped
     like ``x0``). Computation is in the dtype of ``x0`` (float64 works). ``lr`` is a number or a function of
-    the step index t. The other arguments are those of :class:`~saef.algorithm.ErrorFeedbackConfig`.
+    the step index t. The algorithm is ``config`` (:class:`~saef.core.ErrorFeedbackConfig`), or its settings
+    as keywords: ``method`` ("saef", "ef", "ef21", "direct"), ``compressor``, ``server_compressor``,
+    ``momentum``, ``weight_decay``, ``double_way``, ``average_every``.
 
     Example (two workers, each pulling towards its own target, sign compression)::
 
@@ -336,6 +250,7 @@ def simulate(
         >>> x = saef.simulate(lambda k, x: [x[0] - targets[k]], [torch.zeros(2)],
         ...                   workers=2, steps=200, lr=0.1, method="saef")
     """
+    config = ErrorFeedbackConfig.build(config, **algorithm)
     x0 = list(x0)
     if not x0 or not all(isinstance(t, Tensor) for t in x0):
         raise ValueError("x0 must be a non-empty list of tensors")
@@ -346,14 +261,6 @@ def simulate(
     lr_at = lr if callable(lr) else (lambda t: lr)
     if not callable(lr) and (not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr)):
         raise ValueError(f"lr must be a finite number >= 0 or a function of the step, got lr={lr!r}")
-    config = ErrorFeedbackConfig(
-        method=method,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        compressor=compressor,
-        double_way=double_way,
-        average_every=average_every,
-    )
     shapes = [tuple(t.shape) for t in x0]
     algorithm = ErrorFeedback(shapes, config, InProcessTransport(workers))
     x = flatten([t.detach() for t in x0]).clone()
@@ -362,10 +269,27 @@ def simulate(
     for t in range(steps):
         points = algorithm.gradient_points(state, x)
         for k in range(workers):
-            g = list(grad_fn(k, unflatten(points[k], shapes)))
-            if len(g) != len(shapes) or any(tuple(gi.shape) != s for gi, s in zip(g, shapes)):
-                got = [tuple(getattr(gi, "shape", ())) for gi in g]
-                raise ValueError(f"grad_fn({k}, x) returned gradients of shapes {got}, expected {shapes}")
-            grads[k] = flatten(g)
+            grads[k] = flatten(_checked_gradient(grad_fn, k, unflatten(points[k], shapes), shapes))
         algorithm.step(state, x, grads, float(lr_at(t)))
-    return [v.clone() for v in unflatten(x, shapes)]
+    return [v.clone() for v in unflatten(algorithm.point(state, x, "x"), shapes)]
+
+
+def _checked_gradient(grad_fn, k: int, point: List[Tensor], shapes) -> List[Tensor]:
+    g = list(grad_fn(k, point))
+    if len(g) != len(shapes) or any(tuple(gi.shape) != s for gi, s in zip(g, shapes)):
+        got = [tuple(getattr(gi, "shape", ())) for gi in g]
+        raise ValueError(f"grad_fn({k}, x) returned gradients of shapes {got}, expected {shapes}")
+    return g
+
+
+class SimulatorBackend(Backend):
+    """``--backend sim``: K workers in this process (:class:`Simulator`)."""
+
+    name = "sim"
+
+    def start(self, workers: int):
+        self.workers = workers
+        return resolve_device(self.device_name), workers
+
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> Simulator:
+        return Simulator(model, workers=self.workers, config=config)

@@ -159,7 +159,9 @@ def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Option
 
 
 def _rows(run_dir: Path) -> List[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from .records import read_metrics
+
+    return read_metrics(run_dir)
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -219,7 +221,7 @@ def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     from .plots import run_label
-    from .records import write_atomically
+    from ..files import write_atomically
     import io
 
     fig = Figure(figsize=(12, 4.2), dpi=120)
@@ -288,7 +290,7 @@ def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
-    from .records import write_atomically
+    from ..files import write_atomically
 
     parser = argparse.ArgumentParser(prog="saef reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiments", nargs="+", choices=sorted(EXPERIMENTS))

@@ -1,7 +1,7 @@
 """The scaled-sign compressor: C(v) = (||v||_1 / d) sign(v), one bit per entry and one scale per tensor.
 
-Its payload format and bit count are in the table of :mod:`saef.compressors`; the kernels it runs (compiled,
-numpy or torch) are in :mod:`saef.kernels`.
+Its payload format and bit count are in the table of :mod:`saef.compress.base`; the kernels it runs (compiled,
+numpy or torch) are in :mod:`saef.compress.kernels`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .compressors import Compressor, Layout, Payload
+from .base import Compressor, Layout, Payload
 from .kernels import (
     NativeLayers,
     cpu_empty,
@@ -160,9 +160,9 @@ class ScaledSign(Compressor):
         return self._decode_layers(payloads, layout)
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        """The rows decoded with their scales divided by W and summed, in buffers kept by ``layout``: no
-        fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to rounding (the
-        additions may run in another order). The result lives in a buffer: it is valid until the next
+        """The rows decoded with their scales divided by W and added in row order, in buffers kept by
+        ``layout``: no fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to
+        rounding. The result lives in a buffer: it is valid until the next
         call with the same layout and number of rows."""
         rows = payloads[0][0].shape[0] if payloads else 0
         if rows and native_ready() and payloads[0][1].is_cpu:  # compiled: each row added onto one buffer
@@ -176,9 +176,9 @@ class ScaledSign(Compressor):
         dtype = share[0][1].dtype
         decoded = layout.memo(("sign-mean-rows", rows, dtype), lambda: torch.empty(rows, layout.total, dtype=dtype))
         self._decode_layers(share, layout, out=decoded)
-        if decoded.numel() <= 1 << 20:  # small: one reduction kernel
-            return decoded.sum(dim=0)
-        total = decoded[0]  # large: added up in place, row after row (a sum over dim 0 was 2.5x slower)
+        # added up in place, row after row, element by element: the same value whichever layers are
+        # averaged together (a sum over dim 0 promises no order, and was 2.5x slower on large rows)
+        total = decoded[0]
         for r in range(1, rows):
             total.add_(decoded[r])
         return total
@@ -187,7 +187,15 @@ class ScaledSign(Compressor):
         return self._decode_layers(payloads, layout, out)
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
-        if self._native_decode(payloads, layout, target, "subtract") is not None:
+        return self._combine(payloads, layout, target, "subtract")
+
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        return self._combine(payloads, layout, target, "add")
+
+    def _combine(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, mode: str) -> Tensor:
+        """``target -= decode`` or ``target += decode``: compiled in one pass, else through a reused buffer."""
+        if self._native_decode(payloads, layout, target, mode) is not None:
             return target
         buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
-        return target.sub_(self._decode_layers(payloads, layout, out=buffer))
+        decoded = self._decode_layers(payloads, layout, out=buffer)
+        return target.sub_(decoded) if mode == "subtract" else target.add_(decoded)

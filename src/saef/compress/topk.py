@@ -1,8 +1,8 @@
 """The top-k compressor: keep the k = max(1, floor(rho d)) entries of largest magnitude, with their indices
 packed in ceil(log2 d) bits each.
 
-Its payload format and bit count are in the table of :mod:`saef.compressors`; the kernels it runs (compiled,
-numpy or torch) are in :mod:`saef.kernels`.
+Its payload format and bit count are in the table of :mod:`saef.compress.base`; the kernels it runs (compiled,
+numpy or torch) are in :mod:`saef.compress.kernels`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .compressors import Compressor, Layout, Payload
+from .base import Compressor, Layout, Payload
 from .kernels import (
     NativeLayers,
     cpu_empty,
@@ -285,12 +285,20 @@ class TopK(Compressor):
 
     def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
         """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
-        if self._native_decode(payloads, layout, target, "subtract") is not None:
+        return self._combine(payloads, layout, target, "subtract")
+
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        """Only the kept entries change: no dense decode."""
+        return self._combine(payloads, layout, target, "add")
+
+    def _combine(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, mode: str) -> Tensor:
+        if self._native_decode(payloads, layout, target, mode) is not None:
             return target
         if any(d == 0 for d in layout.sizes):
-            return super().subtract_decoded(payloads, layout, target)
+            dense = self.decode_layers(payloads, layout)
+            return target.sub_(dense) if mode == "subtract" else target.add_(dense)
         values, index = self._kept(payloads, layout)
-        return target.scatter_add_(1, index, values.neg())
+        return target.scatter_add_(1, index, values.neg() if mode == "subtract" else values)
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
         """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to

@@ -10,7 +10,7 @@ A run directory's checkpoints live in ``RUN_DIR/checkpoints/``:
 Loading takes the newest listed checkpoint whose files all match their checksums, and falls back to an
 older one, with a warning, when a file is truncated or corrupted.
 
-What a checkpoint holds is decided by the training loop (:mod:`saef.train`): parameters, every worker's
+What a checkpoint holds is decided by the training loop (:mod:`saef.app.loop`): parameters, every worker's
 momentum and error, the server error (per owner rank), BatchNorm buffers, step, epoch and the epoch's
 accumulators, the data-order generator and every RNG (torch, numpy, python), and the bit counters. Only
 tensors, numbers, strings, lists and dicts are stored, so ``torch.load(..., weights_only=True)`` reads it.
@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,27 +29,13 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .records import write_atomically
+from ..files import write_atomically
+from . import hooks
 
-__all__ = ["CheckpointError", "save", "load_latest", "capture_rng", "restore_rng", "FORMAT_VERSION", "fault_point"]
+__all__ = ["CheckpointError", "save", "load_latest", "capture_rng", "restore_rng", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the algorithm's state as named tensors, and the bit ledger
 MANIFEST = "manifest.json"
-
-
-def fault_point(kind: str, step: int, rank: int = 0) -> bool:
-    """Testing hook: True when the environment variable ``SAEF_FAULT`` asks for a fault of ``kind`` at
-    ``step`` on ``rank`` (``SAEF_FAULT=kill-at-step:37`` or ``kill-in-checkpoint:40@1``). Unset: never."""
-    spec = os.environ.get("SAEF_FAULT", "")
-    if not spec.startswith(kind + ":") or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # first attempt only
-        return False
-    where, _, on_rank = spec[len(kind) + 1 :].partition("@")
-    return int(where) == step and (not on_rank or int(on_rank) == rank)
-
-
-def kill_self() -> None:
-    """Die as abruptly as a power cut allows (no cleanup, no flushing)."""
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(RuntimeError):
@@ -87,11 +71,7 @@ def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world
     torch.save({"format_version": FORMAT_VERSION, "step": step, "rank": rank, "world": world, "state": state}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    if fault_point("kill-in-checkpoint", step, rank):  # a torn write: half the bytes, then death
-        with open(folder / f".{_file_name(step, rank)}.torn.tmp", "wb") as handle:
-            handle.write(data[: len(data) // 2])
-            handle.flush()
-        kill_self()
+    hooks.call(hooks.before_checkpoint_write, folder, _file_name(step, rank), data, step, rank)
     write_atomically(folder / _file_name(step, rank), data)
     digests = [None] * world
     if barrier is not None:

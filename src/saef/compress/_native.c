@@ -1,14 +1,14 @@
-/* saef._native: one-pass CPU kernels for the scaled-sign and top-k encoders and decoders.
+/* saef.compress._native: one-pass CPU kernels for the scaled-sign and top-k encoders and decoders.
  *
  * Each encoder reads a row of floats once and writes the payload directly: packed signs plus the L1
- * scale, or the k kept values plus their indices packed in b bits each. The numpy path (saef/kernels.py)
+ * scale, or the k kept values plus their indices packed in b bits each. The numpy path (saef/compress/kernels.py)
  * makes five to eight calls for the same work, which dominates below ~1e5 elements; these kernels make
  * one. Each decoder writes, adds or subtracts the payload's values straight into a caller's buffer.
  * Arguments are raw addresses (Python ints from Tensor.data_ptr()) and sizes; the Python side
- * (saef/kernels.py) checks device, dtype, shapes, sizes and strides before calling, so nothing here is
+ * (saef/compress/kernels.py) checks device, dtype, shapes, sizes and strides before calling, so nothing here is
  * reached with a tensor it cannot read or write. The GIL is released while a kernel runs.
  *
- * Payload formats are those of saef/compressors.py:
+ * Payload formats are those of saef/compress/base.py:
  *   sign:  bit i of byte j of a layer is (x[8 j + i] >= 0); each layer starts on a byte boundary;
  *          one scale per (row, layer) = sum |x| / d, in the dtype of x.
  *   top-k: the k entries of largest |x| (NaN counts as largest, ties go to the larger index;
@@ -613,7 +613,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "saef._native",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "saef.compress._native",
                                     "One-pass CPU kernels for the sign and top-k encoders.", -1, methods,
                                     NULL, NULL, NULL, NULL};
 

@@ -28,18 +28,24 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .compressors import make_compressor
-from .data import DATASETS
-from .models import MODELS
+from ..backends.registry import available_backends
+from ..core import ErrorFeedbackConfig
+from ..core.rules import available_rules
+from ..zoo.data import DATASETS
+from ..zoo.models import MODELS
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "TRAIN_METHODS", "resume_config"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume_config"]
 
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
 ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way")
 FIXED_KEYS = ("dataset", "dataset_size", "model", "batch_size", "seed", "backend")
 
-TRAIN_METHODS = ("sgd", "ef", "saef")
+
+
+def train_methods():
+    """``sgd`` (the full-precision baseline) and every registered feedback rule."""
+    return ("sgd",) + available_rules()
 
 
 class ConfigError(ValueError):
@@ -50,7 +56,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything that defines a training run (see ``saef train --help`` for each key)."""
 
-    method: str = "saef"  # sgd (full-precision baseline), ef, saef
+    method: str = "saef"  # sgd (full-precision baseline), or a feedback rule: ef, saef, ef21, direct
     compressor: Optional[str] = None  # identity | sign | topk:RHO; default topk:0.01 (identity for sgd)
     server_compressor: Optional[str] = None  # the server's compressor; default: the workers'
     workers: int = 4
@@ -86,27 +92,14 @@ class TrainConfig:
         def bad(key, value, allowed):
             raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
-        if self.method not in TRAIN_METHODS:
-            bad("method", self.method, f"choose one of {', '.join(TRAIN_METHODS)}")
-        for key in ("compressor", "server_compressor"):
-            spec = getattr(self, key)
-            if spec is not None:
-                try:
-                    make_compressor(spec)
-                except ValueError as error:
-                    raise ConfigError(f"{key} = {spec!r}: {error}") from None
+        if self.method not in train_methods():
+            bad("method", self.method, f"choose one of {', '.join(train_methods())}")
         if self.method == "sgd" and self.compressor not in (None, "identity"):
             bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
         if self.workers < 1:
             bad("workers", self.workers, "must be >= 1")
-        if self.average_every is not None and self.average_every < 1:
-            bad("average_every", self.average_every, "must be >= 1 (omit it for never)")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", self.momentum, "must be in [0, 1)")
-        for key in ("weight_decay", "lr"):
-            value = getattr(self, key)
-            if not (value >= 0) or math.isinf(value):
-                bad(key, value, "must be a finite number >= 0")
+        if not (self.lr >= 0) or math.isinf(self.lr):
+            bad("lr", self.lr, "must be a finite number >= 0")
         if not 0 < self.lr_decay <= 1:
             bad("lr_decay", self.lr_decay, "must be in (0, 1]")
         if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(set(self.lr_milestones)):
@@ -125,8 +118,8 @@ class TrainConfig:
             bad("model", self.model, f"choose one of {', '.join(MODELS)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
-        if self.backend not in ("sim", "dist"):
-            bad("backend", self.backend, "choose sim or dist")
+        if self.backend not in available_backends():
+            bad("backend", self.backend, f"choose one of {', '.join(available_backends())}")
         for key in ("checkpoint_every", "max_nonfinite_skips"):
             if getattr(self, key) < 0:
                 bad(key, getattr(self, key), "must be >= 0")
@@ -136,6 +129,10 @@ class TrainConfig:
             bad("timeout", self.timeout, "must be > 0 seconds")
         if self.server not in ("sharded", "rank0"):
             bad("server", self.server, "choose sharded or rank0")
+        try:  # the algorithm's own settings are validated where they are defined, once
+            self.algorithm()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     # --- derived values ---------------------------------------------------------------------------
     @property
@@ -144,10 +141,25 @@ class TrainConfig:
             return self.compressor
         return "identity" if self.method == "sgd" else "topk:0.01"
 
+    def algorithm(self) -> ErrorFeedbackConfig:
+        """The algorithm this run trains with, resolved once: ``sgd`` is EF with the identity compressor,
+        single-way and without error averaging (exactly momentum SGD)."""
+        sgd = self.method == "sgd"
+        return ErrorFeedbackConfig(
+            method="ef" if sgd else self.method,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            compressor=self.worker_compressor,
+            server_compressor=self.server_compressor,
+            double_way=self.double_way and not sgd,
+            average_every=None if sgd else self.average_every,
+        )
+
     @property
-    def algorithm_method(self) -> str:
-        """sgd runs as EF with identity compression (which is exactly momentum SGD)."""
-        return "ef" if self.method == "sgd" else self.method
+    def description(self) -> str:
+        """The method as the summary prints it, e.g. ``saef (topk:0.01, double-way, K=4)``."""
+        way = "double" if self.algorithm().double_way else "single"
+        return f"{self.method} ({self.worker_compressor}, {way}-way, K={self.workers})"
 
     def lr_at_epoch(self, epoch: int) -> float:
         """Learning rate during 0-based ``epoch``: lr * lr_decay^(milestones passed)."""

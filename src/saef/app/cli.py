@@ -16,17 +16,18 @@ import dataclasses
 import sys
 from typing import List, Optional
 
-from .config import TRAIN_METHODS, ConfigError, TrainConfig, load_config, resume_config
+from .config import ConfigError, TrainConfig, load_config, resume_config, train_methods
 
 __all__ = ["main"]
 
 HELP = {
-    "method": f"{', '.join(TRAIN_METHODS)} (sgd = full-precision momentum SGD baseline)",
+    "method": f"{', '.join(train_methods())} (sgd = full-precision momentum SGD baseline; ef21 = EF21-SGDM with "
+              "an EF21-P downlink; direct = compressed SGD without feedback)",
     "compressor": "identity, sign or topk:RHO (default topk:0.01; identity for sgd)",
     "server_compressor": "the server's compressor in double-way mode (default: the workers')",
     "workers": "number of workers K",
     "double_way": "compress what the server sends back (--single-way: send the dense average)",
-    "average_every": "error-averaging period p in steps, or 'never'",
+    "average_every": "error-averaging period p in steps, or 'never' (ef and saef only)",
     "momentum": "momentum mu in [0, 1)",
     "weight_decay": "weight decay",
     "lr": "learning rate",
@@ -152,7 +153,7 @@ def _read_saved_config(run_dir: str) -> dict:
 
 def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_errors: bool = False, changed=None) -> int:
     from .checkpoint import CheckpointError
-    from .train import train
+    from .loop import TrainingFailed, train
 
     try:
         train(config, progress=progress, resume=resume, reset_errors=reset_errors, changed=changed)
@@ -162,29 +163,13 @@ def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_erro
     except KeyboardInterrupt:
         print("saef: interrupted; the run directory is incomplete (no summary.json)", file=sys.stderr)
         return 130
-    except FloatingPointError as error:
+    except (FloatingPointError, TrainingFailed) as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # e.g. the disk is full: the last complete checkpoint and records stay valid
         print(f"saef: error: could not write the run's files: {error}; the newest complete checkpoint is intact "
               "(resume with --resume once there is room)", file=sys.stderr)
         return 1
-    except RuntimeError as error:
-        if config.backend != "dist":
-            raise
-        # A rank died, hung past --timeout, or the network broke: stop this rank with a clear message.
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"saef: error: rank {rank}: distributed training failed, another rank may have died or hung "
-              f"({type(error).__name__}: {first})", file=sys.stderr)
-        return 1
-    if config.backend == "dist":
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +28,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..files import write_atomically
 
 DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "synthetic")
 
@@ -233,20 +234,8 @@ def _read_mnist1d_cache(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # Write-then-rename in the same directory: a crash or a concurrent reader (several ranks starting at once)
-    # sees either no file or a complete one, never a partial archive.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a shared cache must be readable by others
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    # A crash or a concurrent reader (several ranks starting at once) sees either no file or a complete one.
+    write_atomically(path, lambda handle: np.savez(handle, **arrays), make_parent=True)
 
 
 # ------------------------------------------------------------------------------------------ synthetic, digits

@@ -23,17 +23,17 @@ from typing import Dict, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .algorithm import ErrorFeedback, ErrorFeedbackConfig
-from .comm import InProcessTransport, Transport
-from .simulator import flatten, write_flat
+from ..backends.registry import optimizer_transport
+from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, flatten, write_flat
 
 __all__ = ["SAEF"]
 
 
 class SAEF(torch.optim.Optimizer):
-    r"""Momentum SGD with compressed communication and (step-ahead) error feedback -- Algorithm 1.
+    r"""Momentum SGD with compressed communication and a feedback rule (SAEF by default: Algorithm 1).
 
-    Update rule at step t for this worker k (per parameter tensor; C = compressor, C_s = server's)::
+    Update rule of SAEF/EF at step t for this worker k (per parameter tensor; C = compressor, C_s =
+    server's); ``method="ef21"`` and ``"direct"`` are stated in :mod:`saef.core.rules`::
 
         m_k <- mu m_k + grad f(z_k) + wd z_k          z_k = x - e_k (SAEF) or x (EF)
         D_k  = e_k + lr m_k;   e_k <- D_k - C(D_k);   send C(D_k)
@@ -41,18 +41,21 @@ class SAEF(torch.optim.Optimizer):
         every p steps: e_k <- mean_j e_j
 
     Between steps the module's parameters hold the gradient point z_k, so ``loss.backward()`` computes
-    exactly the gradient Algorithm 1 asks for. The iterate x itself (and x~) is available through
-    :meth:`evaluation_point`. With ``compressor="identity"`` this is exactly ``torch.optim.SGD``.
+    exactly the gradient the rule asks for. The model iterate x (and x~, where the rule defines it) is
+    available through :meth:`evaluation_point`. With ``compressor="identity"`` every rule is exactly
+    ``torch.optim.SGD``.
 
     Args:
         params: the parameters (one parameter group).
         lr: learning rate >= 0 (read from ``param_groups[0]["lr"]`` every step, so schedulers work).
         momentum: mu in [0, 1). weight_decay: >= 0.
-        method: ``"saef"`` or ``"ef"``. compressor / server_compressor: compressor specs.
+        method: ``"saef"``, ``"ef"``, ``"ef21"`` or ``"direct"``. compressor / server_compressor: specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
+        config: instead of the settings above, a whole :class:`~saef.core.ErrorFeedbackConfig` (then its
+            momentum and weight decay are the optimizer's).
         transport: where the other workers are. Default: when ``torch.distributed`` is initialised, a
-            :class:`~saef.distributed.DistributedTransport` (each rank is one worker; the parameters are
-            broadcast from rank 0 here); otherwise a single in-process worker.
+            :class:`~saef.backends.distributed.DistributedTransport` (each rank is one worker; the
+            parameters are broadcast from rank 0 here); otherwise a single in-process worker.
         server: with the default distributed transport, ``"sharded"`` or ``"rank0"``.
     """
 
@@ -60,55 +63,30 @@ class SAEF(torch.optim.Optimizer):
         self,
         params,
         lr: float,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        momentum: Optional[float] = None,
+        weight_decay: Optional[float] = None,
         *,
-        method: str = "saef",
-        compressor="sign",
-        server_compressor=None,
-        double_way: bool = True,
-        average_every: Optional[int] = None,
+        config: Optional[ErrorFeedbackConfig] = None,
         transport: Optional[Transport] = None,
         server: str = "sharded",
+        **algorithm,
     ):
         if not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
-        config = ErrorFeedbackConfig(
-            method=method,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            compressor=compressor,
-            server_compressor=server_compressor,
-            double_way=double_way,
-            average_every=average_every,
-        )
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay)) if v is not None}
+        config = ErrorFeedbackConfig.build(config, **given, **algorithm)
+        super().__init__(params, dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError(f"SAEF takes one parameter group, got {len(self.param_groups)}")
         params = self.param_groups[0]["params"]
-        if transport is None:
-            transport = self._default_transport(params, server)
-        self.transport = transport
-        if self.transport.local_workers != 1:
+        self.transport = transport if transport is not None else optimizer_transport(params, server)
+        if self.transport.num_local != 1:
             raise ValueError("the SAEF optimizer is one worker per process; use saef.Simulator for K in one process")
         self.shapes = [tuple(p.shape) for p in params]
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
-
-    @staticmethod
-    def _default_transport(params, server: str) -> Transport:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return InProcessTransport(1)
-        from .distributed import DistributedTransport
-
-        with torch.no_grad():
-            for p in params:  # every rank starts from rank 0's x_0
-                dist.broadcast(p, src=0)
-        return DistributedTransport([p.numel() for p in params], server, dtype=params[0].dtype, device=params[0].device)
 
     def _params(self):
         return self.param_groups[0]["params"]
@@ -131,19 +109,23 @@ class SAEF(torch.optim.Optimizer):
     @contextlib.contextmanager
     def evaluation_point(self, point: str = "x") -> Iterator[None]:
         """Temporarily put x (``"x"``) or the auxiliary iterate x~ (``"auxiliary"``) into the parameters."""
-        self._write(self.algorithm.point(self.ef_state, self.x, point))
+        self._write(self.algorithm.point(self.ef_state, self.x, point))  # collective where distributed
         try:
             yield
         finally:
             self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
 
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits this worker sent (up), received (down) and sent for error averaging."""
+        return self.transport.ledger.per_worker()
+
     def mismatch(self) -> Dict[str, float]:
-        """The two gradient-mismatch terms (see :meth:`saef.algorithm.ErrorFeedback.mismatch`)."""
+        """The two gradient-mismatch terms (see :meth:`saef.core.ErrorFeedback.mismatch`; EF and SAEF)."""
         return self.algorithm.mismatch(self.ef_state)
 
     def state_dict(self) -> Dict[str, object]:
-        state = self.ef_state.state_dict()
-        state["x"] = self.x.clone()
+        state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": state, "param_groups": groups}
 
@@ -152,8 +134,9 @@ class SAEF(torch.optim.Optimizer):
         state = state_dict["state"]
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the optimizer has {self.x.numel()}")
+        self.ef_state.load_state_dict(state["algorithm"])
+        self.transport.ledger.load_state_dict(state["ledger"])
         self.x.copy_(state["x"])
-        self.ef_state.load_state_dict(state)
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from ..files import write_atomically
+from .records import read_metrics
 
 __all__ = ["run_label", "read_run", "RunGroup", "group_runs", "run_figure", "runs_figure", "plot_run", "plot_runs"]
 
@@ -93,23 +95,7 @@ def read_run(run_dir: PathLike) -> Tuple[Dict[str, object], List[Row]]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
 
-    text = metrics_path.read_text()
-    lines = text.split("\n")
-    by_epoch: Dict[int, Row] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):  # no newline after it: the writer has not finished this line
-                warnings.warn(f"{metrics_path}:{number}: skipping unfinished last line", stacklevel=2)
-                continue
-            raise ValueError(f"{metrics_path}:{number} is not valid JSON: {error}") from error
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise ValueError(f"{metrics_path}:{number} must be a JSON object with an integer 'epoch'")
-        by_epoch[row["epoch"]] = row
-    return config, [by_epoch[e] for e in sorted(by_epoch)]
+    return config, read_metrics(run_dir)
 
 
 @dataclass
@@ -346,21 +332,8 @@ def runs_figure(run_dirs: Sequence[PathLike], labels: Optional[Sequence[str]] = 
 
 
 def _save_atomically(fig: Figure, out_png: PathLike) -> Path:
-    """Save ``fig`` as PNG at ``out_png`` via a temporary file in the same directory and a rename."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=DPI)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_png
+    """Save ``fig`` as PNG at ``out_png``, whole or not at all."""
+    return write_atomically(out_png, lambda handle: fig.savefig(handle, format="png", dpi=DPI), make_parent=True)
 
 
 def plot_run(run_dir: PathLike, out_png: Optional[PathLike] = None) -> Path:

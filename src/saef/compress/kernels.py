@@ -1,7 +1,7 @@
 """The kernels behind the compressors: bit packing, sign tables, L1 norms, top-k selection, index packing.
 
 Each kernel has up to three paths. On the CPU the sign and top-k *encoders and decoders* run compiled
-one-pass kernels (``saef._native``, C, built at install time when a compiler is there): one call reads a
+one-pass kernels (``saef.compress._native``, C, built at install time when a compiler is there): one call reads a
 tensor once and writes its payload, or writes, adds or subtracts a payload's values into a buffer. The
 other CPU kernels, and all of them where the compiled module is not built, run numpy and BLAS, whose
 single-threaded packbits, comparisons, take, argpartition and asum are several times faster than the
@@ -52,7 +52,7 @@ def numpy_view(t: Tensor):
 NUMPY_DTYPES = (torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64)
 USE_NUMPY = True  # False: the torch kernels everywhere (as on a GPU); the tests compare the two
 
-try:  # the compiled one-pass encoders and decoders (src/saef/_native.c), built at install time when a C compiler is there
+try:  # the compiled one-pass encoders and decoders (src/saef/compress/_native.c), built at install time when a C compiler is there
     from . import _native as NATIVE
 except ImportError:  # not built: the numpy kernels do the same work in a few more calls
     NATIVE = None

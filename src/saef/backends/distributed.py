@@ -15,10 +15,18 @@ What crosses the network, per step (all of it payloads of :mod:`saef.compressors
   dense average in single-way mode).
 * every p steps, one ``all_reduce`` of the dense worker error (error averaging).
 
-Bytes are counted from the buffers handed to ``torch.distributed`` (:attr:`DistributedTransport.wire`):
-the uplink input buffer is exactly this worker's payload, the downlink output buffer exactly what this
-worker receives, so the counts equal the simulator's. The all-reduces of the read-outs (mismatch terms,
-x~) are counted apart, as ``diagnostics_sent``.
+Bytes are counted from the buffers handed to ``torch.distributed``, in the transport's ledger
+(``wire_<direction>_<sent|received>``): the uplink input buffer is exactly this worker's payload, the
+downlink output buffer exactly what this worker receives, so the per-worker bit counts equal the
+simulator's. The collectives of the read-outs (mismatch terms, x~) are counted apart, as
+``wire_diagnostics_sent``.
+
+Every mean is computed with the simulator's arithmetic: the owner of a layer adds the K rows in rank
+order (``decode_mean_layers``), and dense means (error averaging, the uncompressed baseline) go through
+:meth:`DistributedTransport.exact_mean` -- an ``all_to_all_single`` that gives each rank 1/K of the
+columns of every rank, a sum in rank order, and an ``all_gather`` -- which moves as many bytes as a ring
+all-reduce but, unlike it, adds in a fixed order. So, given the same gradients, a distributed run and
+the simulator produce the same parameters bit for bit.
 """
 
 from __future__ import annotations
@@ -31,14 +39,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .algorithm import ErrorFeedback, ErrorFeedbackConfig
-from .comm import Transport
-from .compressors import Compressor, Identity, Layout, Payload, payload_bits
-from .simulator import NonFiniteStep, TrainerBase, all_finite, flatten, write_flat
+from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
+from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, flatten, write_flat
+from .base import Backend
 
-__all__ = ["DistributedTransport", "DistributedWorker", "init_distributed", "assign_layers", "SERVERS"]
+__all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
 
-SERVERS = ("sharded", "rank0", "allreduce")  # allreduce: the full-precision baseline (identity only)
+SERVERS = ("sharded", "rank0", "allreduce")  # allreduce: nothing compressed either way (the full-precision baseline)
 
 
 def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
@@ -51,6 +58,10 @@ def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
         owner[i] = r
         load[r] += sizes[i]
     return owner
+
+
+# all_gather_into_tensor was renamed all_gather_single (torch 2.13 warns on the old name)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -79,20 +90,21 @@ class DistributedTransport(Transport):
 
     def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu"):
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised; call saef.distributed.init_distributed() first")
+            raise RuntimeError("torch.distributed is not initialised; call saef.backends.distributed.init_distributed() first")
         if server not in SERVERS:
             raise ValueError(f"server must be one of {SERVERS}, got server={server!r}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_workers = dist.get_world_size(group)
-        self.local_workers = 1
+        self.num_local = 1
         self.server = server
         self.owner = assign_layers(sizes, self.num_workers) if server == "sharded" else [0] * len(sizes)
         self.dtype, self.device = dtype, torch.device(device)  # of the parameters and payloads
-        # Bytes handed to (sent) and returned by (received) torch.distributed, cumulative, per direction.
-        # diagnostics_sent: the read-outs' all-reduces (mismatch terms, x~), apart from Algorithm 1's traffic.
-        self.wire = {"uplink_sent": 0, "uplink_received": 0, "downlink_sent": 0, "downlink_received": 0,
-                     "averaging_sent": 0, "diagnostics_sent": 0}
+        # Bits per worker, and the bytes handed to (sent) and returned by (received) torch.distributed per
+        # direction; wire_diagnostics_sent: the read-outs' collectives, apart from the algorithm's traffic.
+        self.ledger = BitLedger()
+        for key in ("uplink_sent", "uplink_received", "downlink_sent", "downlink_received", "averaging_sent", "diagnostics_sent"):
+            self.ledger.add(f"wire_{key}", 0)
 
     def owns(self, layer: int, num_layers: int) -> bool:
         return self.server == "allreduce" or self.owner[layer] == self.rank
@@ -110,8 +122,8 @@ class DistributedTransport(Transport):
         if meanwhile is not None:  # the send buffer is a copy: meanwhile may change what it was made from
             meanwhile()
         work.wait()
-        self.wire[f"{direction}_sent"] += send.numel()
-        self.wire[f"{direction}_received"] += recv.numel()
+        self.ledger.add(f"wire_{direction}_sent", send.numel())
+        self.ledger.add(f"wire_{direction}_received", recv.numel())
         return list(torch.split(recv, recv_sizes))
 
     @staticmethod
@@ -130,10 +142,11 @@ class DistributedTransport(Transport):
         return out
 
     def average_uplink(self, payloads, compressor, layout, meanwhile=None):
+        self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads))
         if self.server == "allreduce":
             mean = self._allreduce_mean(payloads, compressor, layout)
             if meanwhile is not None:
-                meanwhile(None)
+                meanwhile()
             return mean
         chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
         for i, payload in enumerate(payloads):
@@ -141,21 +154,21 @@ class DistributedTransport(Transport):
         mine = self._layers_of(self.rank, len(layout))
         # Every sender packs our layers in layer order, shaped like our own payload for them.
         expected = sum(payload_bits(payloads[i]) for i in mine) // 8
-        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile and (lambda: meanwhile(None)))
+        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile)
         if not mine:
-            return torch.zeros(0, dtype=self.dtype, device=self.device), sum(payload_bits(p) for p in payloads)
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
         # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
         stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
-        mean = compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank))
-        return mean, sum(payload_bits(p) for p in payloads)
+        return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank))
 
     def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
-            self.wire["downlink_received"] += self._allreduce_bytes
+            self.ledger.add("wire_downlink_received", self._allreduce_bytes)
+            self.ledger.add("bits_down", self._allreduce_bytes * 8)
             if meanwhile is not None:
                 meanwhile()
-            return decoded, self._allreduce_bytes * 8
+            return decoded
         templates = self._downlink_layouts(compressor, layout)
         own = [t for payload in payloads for t in payload]
         by_owner = [self._layers_of(r, len(layout)) for r in range(self.num_workers)]
@@ -178,7 +191,8 @@ class DistributedTransport(Transport):
                 dense = compressor.decode_layers(payloads, sub)[0]
             for i, s in zip(layers, sub.slices):  # one copy per layer: index_copy_ was ~5x slower
                 update[layout.slices[i]] = dense[s]
-        return update, sum(recv_sizes) * 8
+        self.ledger.add("bits_down", sum(recv_sizes) * 8)
+        return update
 
     def _layers_of(self, rank: int, num_layers: int) -> List[int]:
         return [i for i in range(num_layers) if self.owner[i] == rank]
@@ -191,14 +205,31 @@ class DistributedTransport(Transport):
         return cache[rank]
 
     def _allreduce_mean(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout):
-        """Full-precision baseline: one all-reduce of the dense values, as DDP does."""
+        """Nothing compressed: the mean of the dense values over all ranks (:meth:`exact_mean`), as DDP's
+        all-reduce moves them; every rank then does the (trivial) server work itself."""
         if not isinstance(compressor, Identity):
             raise ValueError("server='allreduce' is for the identity compressor only (it sends dense values)")
-        total = compressor.decode_layers(payloads, layout).sum(dim=0)
-        dist.all_reduce(total, group=self.group)
-        self._allreduce_bytes = total.numel() * total.element_size()
-        self.wire["uplink_sent"] += self._allreduce_bytes
-        return total / self.num_workers, self._allreduce_bytes * 8
+        dense = compressor.decode_layers(payloads, layout)
+        self._allreduce_bytes = dense.numel() * dense.element_size()
+        return self.exact_mean(dense, "uplink")
+
+    def exact_mean(self, rows: Tensor, direction: str) -> Tensor:
+        """The mean over ranks of this rank's one row ``(1, n)``, added in rank order as the simulator adds
+        its rows (:func:`~saef.compress.mean_of_rows`): an ``all_to_all_single`` hands rank r the r-th
+        1/K of every rank's columns, rank r adds them in rank order and divides, and an
+        ``all_gather_single`` returns the whole. Counted under ``direction``: the row's bytes, as for
+        the input of an all-reduce (both move 2 (K - 1) / K of them per rank over the network)."""
+        k, n = self.num_workers, rows.shape[1]
+        chunk = -(-n // k)
+        padded = rows.new_zeros(k * chunk)
+        padded[:n] = rows[0]
+        received = torch.empty_like(padded)
+        dist.all_to_all_single(received, padded, group=self.group)
+        mine = mean_of_rows(received.view(k, chunk))
+        whole = torch.empty_like(padded)
+        _all_gather(whole, mine, group=self.group)
+        self.ledger.add(f"wire_{direction}_sent", n * rows.element_size())
+        return whole[:n]
 
     def _downlink_layouts(self, compressor: Compressor, layout: Layout) -> List[Payload]:
         """Shapes and dtypes of every layer's server payload, from encoding a zero row once (meta tensors
@@ -211,16 +242,20 @@ class DistributedTransport(Transport):
         return self._layouts
 
     def mean_over_workers(self, rows, purpose="averaging"):
-        total = rows.sum(dim=0)
-        dist.all_reduce(total, group=self.group)
-        self.wire[f"{purpose}_sent"] += total.numel() * total.element_size()
-        return total / self.num_workers, rows.shape[1] * rows.element_size() * 8
+        if purpose == "averaging":
+            self.ledger.add("bits_averaging", rows.shape[1] * rows.element_size() * 8)
+        return self.exact_mean(rows, purpose)
 
     def sum_over_processes(self, values):
         values = values.clone()
         dist.all_reduce(values, group=self.group)
-        self.wire["diagnostics_sent"] += values.numel() * values.element_size()
+        self.ledger.add("wire_diagnostics_sent", values.numel() * values.element_size())
         return values
+
+    def server_total(self, values):
+        if self.server == "allreduce":  # every rank holds the whole server state
+            return values
+        return self.sum_over_processes(values)
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
@@ -261,8 +296,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
     return this
 
 
-class DistributedWorker(TrainerBase):
-    """One rank of a distributed run: the counterpart of :class:`~saef.simulator.Simulator` for W = 1.
+class DistributedWorker(WorkerBase):
+    """One rank of a distributed run: the counterpart of :class:`~saef.backends.simulator.Simulator` for W = 1.
 
     Rank r is worker r. The model is broadcast from rank 0 at construction; the rank computes the gradient
     of its own shard at its gradient point z_r with ordinary autograd, and :class:`ErrorFeedback` does the
@@ -271,18 +306,20 @@ class DistributedWorker(TrainerBase):
 
     Args:
         model: this rank's copy of the model (on this rank's device).
-        server: ``"sharded"`` or ``"rank0"``.
-        Others: see :class:`~saef.algorithm.ErrorFeedbackConfig`.
+        config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`), or its settings as keywords.
+        server: ``"sharded"`` or ``"rank0"``. Where nothing is compressed either way, the mean travels as
+            in an all-reduce instead (``"allreduce"``), whatever is asked.
     """
 
     cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch
 
-    def __init__(self, model: nn.Module, *, method="saef", compressor="sign", server_compressor=None, momentum=0.0,
-                 weight_decay=0.0, double_way=True, average_every=None, server="sharded", loss_fn=None):
+    def __init__(self, model: nn.Module, *, config: ErrorFeedbackConfig = None, server: str = "sharded", loss_fn=None,
+                 **algorithm):
         import torch.nn.functional as F
 
-        config = ErrorFeedbackConfig(method=method, momentum=momentum, weight_decay=weight_decay, compressor=compressor,
-                                     server_compressor=server_compressor, double_way=double_way, average_every=average_every)
+        config = ErrorFeedbackConfig.build(config, **algorithm)
+        if config.lossless:  # nothing to serve: a dense mean, as DDP moves it
+            server = "allreduce"
         self.model = model
         self.loss_fn = loss_fn or F.cross_entropy
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -295,7 +332,8 @@ class DistributedWorker(TrainerBase):
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         self.state = self.algorithm.init_state(self.x)
         self.rank, self.workers = self.transport.rank, self.transport.num_workers
-        self.local_workers = [self.rank]
+        self.num_workers = self.workers
+        self.worker_ids = [self.rank]
         self.is_main = self.rank == 0
 
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
@@ -342,12 +380,11 @@ class DistributedWorker(TrainerBase):
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        """This rank's share: x, its momentum and error, its layers' server error, its BatchNorm buffers."""
+        """This rank's share: x, its momentum and error, its layers' server state, its BatchNorm buffers,
+        its ledger."""
         return {
-            "x": self.x.clone(),
-            "algorithm": self.state.state_dict(),
+            **self._algorithm_state(),
             "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
-            "wire": dict(self.transport.wire),
             "workers": self.workers,
             "rank": self.rank,
             "server": self.transport.server,
@@ -356,18 +393,52 @@ class DistributedWorker(TrainerBase):
     @torch.no_grad()
     def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
         """Restore this rank's saved share exactly; with ``reset_errors``, keep only x, the counters and
-        the running statistics (from rank 0's file), with momentum and errors from zero."""
-        if state["x"].shape != self.x.shape:
-            raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
+        the running statistics (from rank 0's file), with the algorithm's state started from x."""
+        if not reset_errors and (state["workers"], state["rank"], state["server"]) != (self.workers, self.rank, self.transport.server):
+            raise ValueError("state was saved by another rank, number of workers or server placement")
+        self._load_algorithm_state(state, reset_errors)
         buffers = dict(self.model.named_buffers())
         for name, value in state["buffers"].items():
             buffers[name].copy_(value)
-        self.x.copy_(state["x"])
-        if reset_errors:
-            for key in ("step", "bits_up", "bits_down", "bits_averaging"):
-                setattr(self.state, key, int(state["algorithm"][key]))
-            return
-        if (state["workers"], state["rank"], state["server"]) != (self.workers, self.rank, self.transport.server):
-            raise ValueError("state was saved by another rank, number of workers or server placement")
-        self.state.load_state_dict(state["algorithm"])
-        self.transport.wire.update(state["wire"])
+
+
+class DistributedBackend(Backend):
+    """``--backend dist``: this process is one rank, one worker, of a torch.distributed job (torchrun)."""
+
+    name = "dist"
+
+    def start(self, workers: int):
+        device = init_distributed(self.device_name, self.timeout)
+        self.rank, self.processes = dist.get_rank(), dist.get_world_size()
+        return device, self.processes  # one worker per rank, whatever was asked
+
+    def main_first(self, work):
+        result = work() if self.rank == 0 else None
+        dist.barrier()
+        return result if self.rank == 0 else work()
+
+    def gather(self):
+        def every_rank(value):
+            values = [None] * self.processes
+            dist.all_gather_object(values, value)
+            return values
+
+        return every_rank
+
+    def restarted(self) -> bool:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> DistributedWorker:
+        return DistributedWorker(model, config=config, server=self.server)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def failure_message(self, error: BaseException):
+        if not isinstance(error, RuntimeError):
+            return None
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"rank {rank}: distributed training failed, another rank may have died or hung "
+                f"({type(error).__name__}: {first})")

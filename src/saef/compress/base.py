@@ -8,8 +8,13 @@ set of kernels. The single-tensor methods are thin wrappers over the row methods
 A payload is a tuple of tensors whose leading axis is the row (worker) axis. Its size in bits is the size of
 those tensors, nothing nominal: :func:`payload_bits` reads ``numel * element_size``.
 
-The base classes and the registry are here; the built-in compressors live in :mod:`saef.sign`
-(``ScaledSign``) and :mod:`saef.topk` (``TopK``) and are importable from here too.
+The base classes are here; the built-in compressors live in :mod:`saef.compress.sign` (``ScaledSign``)
+and :mod:`saef.compress.topk` (``TopK``), the registry in :mod:`saef.compress.registry`.
+
+The server's mean of K rows (:meth:`Compressor.decode_mean_layers`) must give each element the same value
+whichever other layers are decoded with it: a sharded server averages a subset of the layers, one process
+averages all of them, and the two must agree bit for bit. The built-in compressors add the rows' values in
+row order, element by element (:func:`mean_of_rows` for dense rows).
 
 Registered compressors, with the delta of the delta-approximation ``||C(v) - v||^2 <= (1 - delta) ||v||^2``
 (Assumption 4 of the paper) for a tensor of ``d`` elements:
@@ -43,25 +48,19 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-# re-exported, so that saef.compressors.pack_bits and friends keep working
-from .kernels import index_bits, largest, pack_bits, unpack_bits  # noqa: F401
-
 Payload = Tuple[Tensor, ...]
 
-__all__ = [
-    "Layout",
-    "Compressor",
-    "Identity",
-    "ScaledSign",
-    "TopK",
-    "Payload",
-    "payload_bits",
-    "make_compressor",
-    "register_compressor",
-    "available_compressors",
-    "pack_bits",
-    "unpack_bits",
-]
+__all__ = ["Layout", "Compressor", "Identity", "Payload", "payload_bits", "mean_of_rows"]
+
+
+def mean_of_rows(rows: Tensor) -> Tensor:
+    """The mean of the ``(W, n)`` rows, ``(n,)``: added in row order, then divided by W. Element by element,
+    so the value of a column does not depend on which other columns are averaged with it (a sharded server
+    and one process get the same bits); ``rows.mean(0)`` gives no such promise."""
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total.add_(row)
+    return total.div_(rows.shape[0])
 
 
 def payload_bits(payload: Payload) -> int:
@@ -121,9 +120,10 @@ class Compressor:
     loops over layers, and a compressor may override them with a vectorised version that produces the
     same payload format. ``decode_mean_layers`` is the server's average of W rows' payloads (default: the
     mean of ``decode_layers``; top-k adds its sparse values without a dense ``(W, P)`` buffer).
-    ``decode_layers_into`` (decode into a given buffer) and ``subtract_decoded`` (the error update
-    ``target -= decode``) let the training step reuse its buffers; their defaults go through
-    ``decode_layers``, so a new compressor needs only the row methods.
+    ``decode_layers_into`` (decode into a given buffer), ``subtract_decoded`` (the error update
+    ``target -= decode``) and ``add_decoded`` (``target += decode``, EF21's estimate) let the training step
+    reuse its buffers; their defaults go through ``decode_layers``, so a new compressor needs only the row
+    methods.
     """
 
     name: str = "compressor"
@@ -161,9 +161,14 @@ class Compressor:
         Algorithm 1), returned. Top-k subtracts its kept values only; sign decodes into a reused buffer."""
         return target.sub_(self.decode_layers(payloads, layout))
 
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        """``target += decode_layers(payloads, layout)`` in place (``(W, P)``), returned."""
+        return target.add_(self.decode_layers(payloads, layout))
+
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        """The mean over rows of :meth:`decode_layers`, ``(P,)`` (what the server averages)."""
-        return self.decode_layers(payloads, layout).mean(dim=0)
+        """The mean over rows of :meth:`decode_layers`, ``(P,)`` (what the server averages), element by
+        element as :func:`mean_of_rows` adds them (see the module docstring)."""
+        return mean_of_rows(self.decode_layers(payloads, layout))
 
     # --- single-tensor API -------------------------------------------------------------------------
     def encode(self, v: Tensor) -> Payload:
@@ -204,65 +209,3 @@ class Identity(Compressor):
 
     def delta(self, d: int) -> float:
         return 1.0
-
-
-# --- registry ---------------------------------------------------------------------------------------
-
-_REGISTRY: Dict[str, Callable[..., Compressor]] = {}
-
-
-def register_compressor(name: str, factory: Callable[..., Compressor], *, overwrite: bool = False) -> None:
-    """Make ``factory`` available as ``make_compressor(name)`` / ``make_compressor("name:ARG")``.
-
-    ``factory`` is called with no argument, or with the text after the colon as one string argument.
-
-    Example::
-
-        >>> class Half(saef.compressors.Identity):
-        ...     name = "half"
-        >>> saef.register_compressor("half", Half)
-    """
-    if not name or ":" in name:
-        raise ValueError(f"compressor name must be non-empty and contain no ':', got {name!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"compressor {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = factory
-
-
-def available_compressors() -> Tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def _parse_rho(arg: str) -> float:
-    try:
-        return float(arg)
-    except ValueError:
-        raise ValueError(f"topk: rho must be a number in (0, 1], got {arg!r}") from None
-
-
-# The built-in compressors live in their own modules, which import the base classes above.
-from .sign import ScaledSign  # noqa: E402
-from .topk import TopK  # noqa: E402
-
-register_compressor("identity", Identity)
-register_compressor("sign", ScaledSign)
-register_compressor("topk", lambda arg=None: TopK(_parse_rho(arg) if arg is not None else 0.01))
-
-
-def make_compressor(spec) -> Compressor:
-    """Build a compressor from a spec string (``"identity"``, ``"sign"``, ``"topk:0.01"``) or pass one
-    through. Unknown names raise ``ValueError`` listing the registered ones."""
-    if isinstance(spec, Compressor):
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"compressor must be a string like 'sign' or 'topk:0.01', got {spec!r}")
-    name, sep, arg = spec.partition(":")
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(f"unknown compressor {spec!r}; registered: {', '.join(available_compressors())}")
-    if not sep:
-        return factory()
-    try:
-        return factory(arg)
-    except TypeError:
-        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r}") from None

@@ -1,0 +1,319 @@
+"""The training loop behind ``saef train``: data, model, worker, evaluation and the run record.
+
+No algorithm math here, and no question of which backend or rule runs: the backend comes from the
+registry (:mod:`saef.backends.registry`) and builds a :class:`~saef.core.Worker`, which takes global
+batches and does the algorithm; this module feeds it, evaluates x (and x~ where the rule defines it)
+after every epoch, writes the records and checkpoints. In a distributed run every rank runs this loop;
+rank 0 writes the records, every rank its checkpoint shard.
+
+Example::
+
+    >>> from saef.app.config import TrainConfig
+    >>> summary = train(TrainConfig(dataset="synthetic", epochs=2, output="runs/try"))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..backends.registry import make_backend
+from ..core import NonFiniteStep, Worker
+from ..zoo.data import Data, DatasetSplit, epoch_batches, load_dataset
+from ..zoo.models import build_model
+from . import checkpoint, hooks
+from .config import TrainConfig, default_output
+from .feed import evaluate, local_batch
+from .records import RunRecord, environment
+
+__all__ = ["train", "LoopState", "TrainingFailed", "format_summary"]
+
+
+class TrainingFailed(RuntimeError):
+    """The backend failed under the run (a peer died or hung, the network broke); the message says how."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; all of it goes into checkpoints, so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps taken (skipped ones included)
+    step_in_epoch: int = 0  # steps taken in the current epoch
+    epoch_order: Optional[torch.Tensor] = None  # the data-order generator's state when this epoch began
+    losses: List[float] = field(default_factory=list)  # this epoch's step losses
+    mismatch_ef: float = 0.0  # this epoch's running mean of the mismatch terms (every-step diagnostics)
+    mismatch_saef: float = 0.0
+    skipped: int = 0  # steps skipped for a NaN or Inf, cumulative
+    consecutive_skips: int = 0
+    elapsed: float = 0.0  # seconds of the run before this process started (resume)
+    epoch_elapsed: float = 0.0  # seconds of the current epoch before this process started
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Dict[str, Any]) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            raise checkpoint.CheckpointError(f"the checkpoint's loop state holds {sorted(saved) if isinstance(saved, dict) else saved!r}, "
+                                             f"expected {sorted(names)}")
+        return cls(**saved)
+
+
+@dataclass
+class Run:
+    """One training run in this process: what the loop's parts share."""
+
+    config: TrainConfig
+    backend: Any
+    worker: Worker
+    data: Data
+    device: torch.device
+    eval_model: nn.Module
+    output: Path
+    loop: LoopState
+    order: torch.Generator  # the data order, one permutation per epoch
+    record: Optional[RunRecord]  # rank 0 only
+    rows: List[Dict[str, Any]]
+    log: Callable[[str], None]
+    progress: bool
+    started: float = 0.0  # perf_counter at the run's start, minus the time of earlier processes
+    epoch_started: float = 0.0  # the same for the current epoch
+
+    @property
+    def folder(self) -> Path:
+        return self.output / "checkpoints"
+
+
+def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print, resume: bool = False,
+          reset_errors: bool = False, changed: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run ``config`` to the end and return the summary (also written to ``summary.json``; ``{}`` on
+    processes other than the main one).
+
+    ``resume`` continues the run in ``config.output`` from its newest complete checkpoint (exactly: same
+    batches, same random numbers, same records); ``reset_errors`` starts the algorithm's state (momentum,
+    errors, estimates) from the saved parameters instead (required when the number of workers, method or
+    compressor changed).
+    """
+    backend = make_backend(config.backend, device=config.device, timeout=config.timeout, server=config.server)
+    try:
+        run = _start(config, backend, log, progress, resume, reset_errors, changed)
+        while run.loop.epoch < run.config.epochs:
+            _run_epoch(run)
+            _end_epoch(run)
+        summary = _finish(run)
+    except RuntimeError as error:
+        message = None if isinstance(error, checkpoint.CheckpointError) else backend.failure_message(error)
+        if message is None:
+            raise
+        raise TrainingFailed(message) from error
+    backend.close()
+    return summary
+
+
+def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run:
+    """Join the job, load the data, build model and worker, and open (or reopen) the run directory."""
+    device, workers = backend.start(config.workers)
+    if workers != config.workers:
+        config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
+    data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed))
+    if len(data.train) < config.batch_size:
+        raise ValueError(f"batch_size = {config.batch_size} is larger than the training set ({len(data.train)} samples)")
+    if isinstance(data.train, DatasetSplit) and data.augment is None:
+        data.train, data.test = data.train.to(device), data.test.to(device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data).to(device)
+    worker = backend.make_worker(model, config.algorithm())
+    output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
+    if backend.restarted() and config.output:  # a launcher restarted the job: continue from the last checkpoint
+        resume = resume or (output / "checkpoints" / "manifest.json").exists()
+    order = torch.Generator().manual_seed(config.seed)
+    run = Run(config, backend, worker, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
+              order, None, [], log if worker.is_main else (lambda message: None), progress)
+    if resume:
+        _resume(run, reset_errors, changed)
+    elif worker.is_main:
+        run.record = RunRecord(output, config.to_dict(), environment(str(device)))
+    run.rows = run.record.rows() if run.record is not None else []
+    run.started = time.perf_counter() - run.loop.elapsed
+    run.log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
+            f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "
+            f"records in {output}")
+    return run
+
+
+def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> None:
+    """Load the newest complete checkpoint into the worker, the loop, the RNGs and the records."""
+    rank, processes = run.backend.rank, run.backend.processes
+    saved = checkpoint.load_latest(run.folder, rank=0 if reset_errors else rank, world=None if reset_errors else processes)
+    if saved is None:
+        raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from")
+    if not reset_errors and saved["config"] != _state_config(run.config):
+        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved['config']}, not {_state_config(run.config)}")
+    run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
+    run.loop = LoopState.from_dict(saved["loop"])
+    checkpoint.restore_rng(saved["rng"])
+    run.order.set_state(run.loop.epoch_order)
+    event = {"step": run.loop.step, "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
+    if run.worker.is_main:
+        run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=run.loop.epoch, event=event)
+    run.log(f"saef: resuming {run.output} at epoch {run.loop.epoch + 1}, step {run.loop.step}"
+            + (" with errors reset" if reset_errors else ""))
+
+
+def _state_config(config: TrainConfig) -> Dict[str, Any]:
+    """The settings a checkpoint must agree with to be resumed without --reset-errors."""
+    d = config.to_dict()
+    return {k: d[k] for k in ("workers", "method", "compressor", "server_compressor", "double_way", "model", "dataset", "batch_size", "seed")}
+
+
+def _save_checkpoint(run: Run) -> None:
+    now = time.perf_counter()
+    run.loop.elapsed = now - run.started
+    state = {"config": _state_config(run.config), "trainer": run.worker.state_dict(), "loop": run.loop.to_dict(),
+             "rng": checkpoint.capture_rng()}
+    checkpoint.save(run.folder, run.loop.step, state, rank=run.backend.rank, world=run.backend.processes,
+                    keep=run.config.keep_checkpoints, barrier=run.backend.gather())
+
+
+def _run_epoch(run: Run) -> None:
+    """The remaining steps of the current epoch (all of them, unless resumed mid-epoch)."""
+    from tqdm.auto import tqdm
+
+    config, loop = run.config, run.loop
+    run.epoch_started = time.perf_counter() - loop.epoch_elapsed
+    lr = config.lr_at_epoch(loop.epoch)
+    run.order.set_state(loop.epoch_order)  # the order generator as it was when this epoch began
+    batches = list(epoch_batches(len(run.data.train), config.batch_size, run.order))
+    bar = tqdm(total=len(batches), initial=loop.step_in_epoch, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False,
+               disable=None if (run.progress and run.worker.is_main) else True)  # None: bars on a terminal only
+    for indices in batches[loop.step_in_epoch:]:
+        _take_step(run, indices, lr, len(batches))
+        bar.update()
+        if config.checkpoint_every and loop.step % config.checkpoint_every == 0 and loop.step_in_epoch < len(batches):
+            loop.epoch_elapsed = time.perf_counter() - run.epoch_started
+            _save_checkpoint(run)
+    bar.close()
+
+
+def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int) -> None:
+    """One step of the worker; a step with a NaN or Inf is skipped (and too many in a row stop the run)."""
+    config, loop, worker = run.config, run.loop, run.worker
+    inputs, targets = local_batch(run.data, indices, config.workers, worker.worker_ids, config.seed, loop.step, run.device)
+    try:
+        loop.losses.append(float(worker.step(inputs, targets, lr)))
+        loop.consecutive_skips = 0
+    except NonFiniteStep as error:
+        loop.skipped += 1
+        loop.consecutive_skips += 1
+        if loop.consecutive_skips > config.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{loop.consecutive_skips} step(s) in a row had a NaN or Inf loss or gradient (last at step {loop.step}: "
+                f"{error}); stopped with parameters, momentum and errors from before them. Lower --lr or check the data"
+            ) from None
+        run.log(f"saef: step {loop.step} skipped: {error}")
+    loop.step += 1
+    loop.step_in_epoch += 1
+    hooks.call(hooks.after_step, loop.step, run.backend.rank)
+    if worker.has_diagnostics and worker.cheap_diagnostics and loop.consecutive_skips == 0:
+        for key, value in worker.mismatch().items():
+            setattr(loop, key, getattr(loop, key) + value / steps_per_epoch)
+
+
+def _end_epoch(run: Run) -> None:
+    """Evaluate, append the epoch's row to the records, log it, and checkpoint."""
+    loop, worker = run.loop, run.worker
+    if not loop.losses:
+        raise FloatingPointError(f"every step of epoch {loop.epoch + 1} had a NaN or Inf loss or gradient")
+    if worker.has_diagnostics and not worker.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
+        for key, value in worker.mismatch().items():
+            setattr(loop, key, value)
+    row = _epoch_row(run)
+    run.rows.append(row)
+    if run.record is not None:
+        run.record.append(row)
+    aux = "" if row["test_acc_aux"] is None else f"  test acc at x~ {100 * row['test_acc_aux']:.2f}%"
+    run.log(f"epoch {row['epoch']:3d}/{run.config.epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f}  "
+            f"test loss {row['test_loss']:.4f}  test acc {100 * row['test_acc']:.2f}%{aux}  ({row['epoch_time']:.1f} s)")
+    loop.epoch, loop.step_in_epoch, loop.losses = loop.epoch + 1, 0, []
+    loop.mismatch_ef = loop.mismatch_saef = 0.0
+    loop.epoch_order, loop.epoch_elapsed = run.order.get_state(), 0.0
+    _save_checkpoint(run)
+
+
+def _epoch_row(run: Run) -> Dict[str, Any]:
+    """The metrics of the epoch just trained (the columns of :data:`saef.app.records.METRIC_COLUMNS`)."""
+    loop, worker, config = run.loop, run.worker, run.config
+    train_loss = worker.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
+    at_x = evaluate(worker.load_into(run.eval_model, point="x"), run.data.test, run.device)
+    diagnostics = worker.has_diagnostics
+    at_aux = evaluate(worker.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
+    return {
+        "epoch": loop.epoch + 1,
+        "step": loop.step,
+        "lr": config.lr_at_epoch(loop.epoch),
+        "train_loss": train_loss,
+        "test_loss": at_x["loss"],
+        "test_acc": at_x["acc"],
+        "test_loss_aux": at_aux and at_aux["loss"],
+        "test_acc_aux": at_aux and at_aux["acc"],
+        **worker.bits,
+        "mismatch_ef": loop.mismatch_ef if diagnostics else None,
+        "mismatch_saef": loop.mismatch_saef if diagnostics else None,
+        "skipped_steps": loop.skipped,
+        "epoch_time": time.perf_counter() - run.epoch_started,
+        "wall_time": time.perf_counter() - run.started,
+    }
+
+
+def _finish(run: Run) -> Dict[str, Any]:
+    """The summary, the figure and ``summary.json`` (main process only), and the final table."""
+    if run.record is None:  # the main process writes the records and the summary
+        return {}
+    rows, last = run.rows, run.rows[-1]
+    summary = {
+        "run_dir": str(run.output),
+        "epochs": run.config.epochs,
+        "steps": run.loop.step,
+        "final_test_acc": last["test_acc"],
+        "final_test_acc_aux": last["test_acc_aux"],
+        "best_test_acc": max(r["test_acc"] for r in rows),
+        "final_train_loss": last["train_loss"],
+        **{key: last[key] for key in ("bits_up", "bits_down", "bits_averaging", "skipped_steps", "wall_time")},
+    }
+    from .plots import plot_run
+
+    plot_run(run.output)
+    run.record.finish(summary)
+    run.log(format_summary(run.config, summary))
+    return summary
+
+
+def format_summary(config: TrainConfig, summary: Dict[str, Any]) -> str:
+    """The final table printed at the end of a run."""
+    def megabytes(bits):
+        return f"{bits / 8e6:.2f} MB"
+
+    lines = [("method", config.description), ("final test accuracy at x", f"{100 * summary['final_test_acc']:.2f}%")]
+    if summary["final_test_acc_aux"] is not None:
+        lines.append(("final test accuracy at x~", f"{100 * summary['final_test_acc_aux']:.2f}%"))
+    lines += [
+        ("best test accuracy at x", f"{100 * summary['best_test_acc']:.2f}%"),
+        ("final train loss", f"{summary['final_train_loss']:.4f}"),
+        ("sent per worker (up)", megabytes(summary["bits_up"])),
+        ("received per worker (down)", megabytes(summary["bits_down"])),
+        ("error averaging per worker", megabytes(summary["bits_averaging"])),
+        ("wall time", f"{summary['wall_time']:.1f} s"),
+        ("records", summary["run_dir"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    rule = "-" * (width + 2 + max(len(v) for _, v in lines))
+    return "\n".join([rule] + [f"{k.ljust(width)}  {v}" for k, v in lines] + [rule])

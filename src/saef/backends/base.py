@@ -1,0 +1,73 @@
+"""The backend interface: how a training run reaches its workers.
+
+A backend starts (joins a job, picks the device), says how many workers there are and which process this
+is, builds the :class:`~saef.core.Worker` the loop trains with, and offers the few collective services the
+loop needs (run something on the main process first, a barrier for checkpoints). The loop
+(:mod:`saef.app.loop`) gets a backend by name from :mod:`saef.backends.registry` and never asks which one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
+
+import torch
+from torch import nn
+
+from ..core import ErrorFeedbackConfig, Worker
+
+__all__ = ["Backend", "resolve_device"]
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device = {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+class Backend:
+    """Base class of the backends. Construct with the run's backend options; then :meth:`start`.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        timeout: seconds any wait on another process may take (where there are others).
+        server: where the server's work runs (``sharded`` or ``rank0``; where it means something).
+    """
+
+    name = "backend"
+    rank = 0  # this process's index
+    processes = 1  # processes in the job
+
+    def __init__(self, *, device: str = "auto", timeout: float = 300.0, server: str = "sharded"):
+        self.device_name, self.timeout, self.server = device, timeout, server
+
+    def start(self, workers: int) -> Tuple[torch.device, int]:
+        """Join the job; returns this process's device and the number of workers K (``workers`` asked)."""
+        raise NotImplementedError
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """``work()`` on the main process, then on the others (e.g. generating a dataset cache once)."""
+        return work()
+
+    def gather(self) -> Optional[Callable[[Any], List[Any]]]:
+        """A function that gathers one value from every process once all have called it (a barrier for
+        checkpoints), or None with one process."""
+        return None
+
+    def restarted(self) -> bool:
+        """Whether a launcher restarted this job after a failure (then the run resumes)."""
+        return False
+
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> Worker:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the job (after a run that ended normally)."""
+
+    def failure_message(self, error: BaseException) -> Optional[str]:
+        """One line for a failure of the backend itself (a peer died, the network broke), or None."""
+        return None

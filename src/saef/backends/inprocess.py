@@ -1,0 +1,51 @@
+"""The in-process transport: all K workers and the server in one process (the simulator's)."""
+
+from __future__ import annotations
+
+from ..compress import mean_of_rows, payload_bits
+from ..core import BitLedger, Transport
+
+__all__ = ["InProcessTransport"]
+
+
+class InProcessTransport(Transport):
+    """All K workers and the server in one process.
+
+    Payloads do not travel, but they are still produced, decoded and measured exactly as a real transport
+    would, so the bit counts are those of the real wire format, and the averages are computed with the
+    same arithmetic as the distributed transport's (so the two give the same parameters bit for bit).
+    """
+
+    def __init__(self, workers: int):
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got workers={workers!r}")
+        self.num_workers = workers
+        self.num_local = workers
+        self.ledger = BitLedger()
+
+    def owns(self, layer: int, num_layers: int) -> bool:
+        return True
+
+    def average_uplink(self, payloads, compressor, layout, meanwhile=None):
+        self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads) // self.num_workers)
+        mean = compressor.decode_mean_layers(payloads, layout)
+        if meanwhile is not None:
+            meanwhile()
+        return mean
+
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
+        if meanwhile is not None:
+            meanwhile()
+        self.ledger.add("bits_down", sum(payload_bits(p) for p in payloads))
+        return decoded
+
+    def mean_over_workers(self, rows, purpose="averaging"):
+        if purpose == "averaging":
+            self.ledger.add("bits_averaging", rows.shape[1] * rows.element_size() * 8)
+        return mean_of_rows(rows)
+
+    def sum_over_processes(self, values):
+        return values
+
+    def server_total(self, values):
+        return values

@@ -1,0 +1,18 @@
+"""Compressors: tensor -> payload (what goes on the wire) -> tensor, with exact bit counts.
+
+The lowest layer of saef: it imports nothing else of the package. :mod:`.base` holds the interface and the
+payload accounting, :mod:`.sign` and :mod:`.topk` the built-in compressors, :mod:`.kernels` (with the
+optional compiled :mod:`._native`) the kernels behind them, :mod:`.registry` the names.
+"""
+
+from .base import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
+from .kernels import index_bits, largest, pack_bits, unpack_bits
+from .registry import available_compressors, make_compressor, register_compressor
+from .sign import ScaledSign
+from .topk import TopK
+
+__all__ = [
+    "Compressor", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK",
+    "make_compressor", "register_compressor", "available_compressors", "pack_bits", "unpack_bits", "index_bits",
+    "largest",
+]

@@ -1,0 +1,16 @@
+"""The algorithm: feedback rules, local optimizers, the transport interface, the bit ledger.
+
+Imports :mod:`saef.compress` and nothing above it. :mod:`.algorithm` holds the step every rule shares,
+:mod:`.rules` the rules, :mod:`.local` the local optimizers, :mod:`.transport` the interface the backends
+implement, :mod:`.worker` the protocol the training loop uses.
+"""
+
+from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .config import ErrorFeedbackConfig
+from .flat import NonFiniteStep, all_finite, flatten, unflatten, write_flat
+from .ledger import BitLedger
+from .transport import Transport
+from .worker import Worker, WorkerBase
+
+__all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "flatten",
+           "unflatten", "write_flat", "BitLedger", "Transport", "Worker", "WorkerBase"]

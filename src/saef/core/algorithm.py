@@ -1,0 +1,203 @@
+"""The step of every feedback rule, written once: local optimizer, compression, transport, rule.
+
+It works on flat tensors: the parameters ``x`` of shape ``(P,)`` (all layers concatenated) and per-worker
+state of shape ``(W, P)``, where W is the number of workers whose state lives in this process (all K in the
+simulator, one on a real rank). Compression is layer-wise: each layer is a slice ``[offset, offset + d)``
+of the flat axis. What each worker and the server keep is the feedback rule's (:mod:`saef.core.rules`);
+the direction a worker compresses comes from the local optimizer (:mod:`saef.core.local`); communication
+goes through a :class:`~saef.core.transport.Transport`. One step::
+
+    m_k  <- local optimizer (gradient at the rule's point z_k)
+    u_k   = rule.uplink(m_k)             worker k sends C(u_k); the rule settles the worker's state
+    mean  = mean_k C(u_k)                (the transport: at the owner of each layer)
+    s     = rule.serve(mean)             the server sends C_s(s); the rule settles the server's state
+    rule.apply(C_s(s))                   every worker applies what the server sent
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..compress import Layout
+from .config import ErrorFeedbackConfig
+from .local import MomentumSGD
+from .rules import Plan, rule_class
+from .transport import Transport
+
+__all__ = ["ErrorFeedbackState", "ErrorFeedback"]
+
+
+class ErrorFeedbackState:
+    """Everything the algorithm remembers between steps (all of it goes into checkpoints): the step
+    counter t and named tensors -- the local optimizer's (``worker_momentum``) and the rule's (e.g.
+    ``worker_error``, ``server_error``), each readable as an attribute."""
+
+    def __init__(self, step: int, tensors: Dict[str, Tensor]):
+        self.step = step  # t: steps taken so far; decides when errors are averaged
+        self.tensors = tensors
+
+    def __getattr__(self, name: str) -> Tensor:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(f"the algorithm's state has no {name!r} (it holds {', '.join(tensors) or 'no tensors'})")
+
+    def state_dict(self) -> Dict[str, object]:
+        """Copies of every field (safe to keep while training goes on)."""
+        return {"step": self.step, "tensors": {name: t.clone() for name, t in self.tensors.items()}}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        saved = state.get("tensors") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or set(saved) != set(self.tensors):
+            names = sorted(saved) if isinstance(saved, dict) else None
+            raise ValueError(f"the saved state holds {names}, expected {sorted(self.tensors)} (another method?)")
+        for name, own in self.tensors.items():
+            new = saved[name]
+            if not isinstance(new, Tensor) or tuple(new.shape) != tuple(own.shape):
+                raise ValueError(f"{name} in the state has shape {tuple(getattr(new, 'shape', ()))}, expected "
+                                 f"{tuple(own.shape)} (different model or number of workers?)")
+        for name, own in self.tensors.items():
+            own.copy_(saved[name])
+        self.step = int(state["step"])
+
+
+class ErrorFeedback:
+    """The algorithm over a fixed list of layer shapes and a transport.
+
+    Example (one simulated step of 2 workers on a 3-element parameter)::
+
+        >>> ef = ErrorFeedback([(3,)], ErrorFeedbackConfig(method="saef", compressor="sign"),
+        ...                    InProcessTransport(2))
+        >>> x = torch.zeros(3); state = ef.init_state(x)
+        >>> z = ef.gradient_points(state, x)            # (2, 3): where each worker takes its gradient
+        >>> ef.step(state, x, grads=torch.ones(2, 3), lr=0.1)
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport):
+        self.config = config
+        self.transport = transport
+        self.shapes = [tuple(int(n) for n in s) for s in shapes]
+        self.layout = Layout([math.prod(s) for s in self.shapes])
+        self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
+        self.uplink, self.downlink = config.compressor, config.downlink_compressor
+        self.plan = Plan(self.layout, transport, self.uplink, self.downlink)
+        self.rule = rule_class(config.method)(config, self.plan)
+        self.optimizer = MomentumSGD(config.momentum, config.weight_decay)
+        # x~ and the mismatch terms: defined by the rule, and trivial (zero) when nothing is compressed.
+        self.has_diagnostics = self.rule.has_diagnostics and not config.lossless
+        if config.average_every == 1 and transport.num_workers == 1:
+            warnings.warn("average_every=1 with a single worker does nothing", stacklevel=2)
+
+    def layer(self, i: int) -> slice:
+        return self.layout.slices[i]
+
+    def init_state(self, x: Tensor) -> ErrorFeedbackState:
+        """The state at the start (zero momentum, errors, estimates) for ``x`` (P,) and this process's W workers."""
+        self._check_flat(x, "x")
+        return ErrorFeedbackState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
+
+    def _check_flat(self, x: Tensor, name: str) -> None:
+        if x.dim() != 1 or x.shape[0] != self.num_params:
+            raise ValueError(f"{name} must be a flat tensor of {self.num_params} elements, got shape {tuple(x.shape)}")
+
+    # --- where the gradients are taken -------------------------------------------------------------
+    def gradient_points(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+        """z_k, (W, P): e.g. x - e_k for SAEF, x (an expanded view, no copy) for EF."""
+        return self.rule.points(state, x)
+
+    @torch.no_grad()
+    def write_gradient_points(self, state: ErrorFeedbackState, x: Tensor, targets: Sequence[Tensor]) -> None:
+        """Write z_k of layer i into ``targets[i]`` (W d_i elements each, e.g. a model's parameters when
+        W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
+        w = self.transport.num_local
+        for target, s in zip(self._check_layers(targets, "targets"), self.layout.slices):
+            if target.is_contiguous():
+                self.rule.points(state, x, s, out=target.view(w, -1))
+            else:  # (e.g. a channels-last parameter) no flat view to write into
+                target.copy_(self.rule.points(state, x, s).reshape(target.shape))
+
+    def _check_layers(self, tensors: Sequence[Tensor], name: str) -> Sequence[Tensor]:
+        w = self.transport.num_local
+        if len(tensors) != len(self.sizes) or any(t.numel() != w * d for t, d in zip(tensors, self.sizes)):
+            got = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"{name} must be one tensor per layer with {w} x (layer size) elements, "
+                             f"layer sizes {self.sizes}, got shapes {got}")
+        return tensors
+
+    # --- one step ----------------------------------------------------------------------------------
+    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: float) -> None:
+        """Apply one step in place to ``x`` and ``state``.
+
+        Args:
+            x: the parameters every worker holds, (P,), updated in place.
+            grads: grad f(z_k; batch_k) for the W local workers, taken at :meth:`gradient_points` of the
+                current state: one (W, P) tensor, or one tensor per layer with W d_i elements (e.g. the
+                ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
+            lr: the learning rate of this step (>= 0).
+        """
+        pairs = self._gradient_pairs(grads)
+        if not (lr >= 0) or math.isinf(lr):
+            raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
+        rule = self.rule
+        direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
+        payloads = self.uplink.encode_layers(rule.uplink(state, x, direction, lr), self.layout)
+        mean = self.transport.average_uplink(payloads, self.uplink, self.layout,
+                                             meanwhile=lambda: rule.settle_worker(state, payloads))
+        served = rule.serve(state, x, mean, lr) if self.plan.owned else None
+        server_payloads, applied = self._server_payloads(served, mean)
+        update = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout,
+                                               meanwhile=lambda: served is not None and rule.settle_server(state, served, applied))
+        rule.apply(state, x, update, lr)
+        state.step += 1
+        rule.end_step(state)
+
+    def _gradient_pairs(self, grads):
+        w = self.transport.num_local
+        if isinstance(grads, Tensor):
+            if tuple(grads.shape) != (w, self.num_params):
+                raise ValueError(f"grads must have shape {(w, self.num_params)} (workers, parameters), got {tuple(grads.shape)}")
+            return [(grads, slice(None))]
+        return [(g.reshape(w, -1), s) for g, s in zip(self._check_layers(grads, "grads"), self.layout.slices)]
+
+    def _server_payloads(self, served: Optional[Tensor], mean: Tensor):
+        """The server's payloads of the layers owned here, and their dense values C_s(served)."""
+        if served is None:  # no layer served in this process
+            return [], mean.new_zeros(0)
+        owned = self.plan.owned_layout
+        payloads = self.downlink.encode_layers(served.unsqueeze(0), owned)
+        applied = self.downlink.decode_layers_into(payloads, owned, self.plan.buffer("applied", served.unsqueeze(0)))[0]
+        return payloads, applied
+
+    # --- read-outs ---------------------------------------------------------------------------------
+    def compression_error(self, state: ErrorFeedbackState) -> Tensor:
+        """e_s + mean_k e_k, (P,): the gap between x and the auxiliary iterate x~ (EF and SAEF)."""
+        return self.rule.compression_error(state)
+
+    def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+        """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3)."""
+        return x - self.compression_error(state)
+
+    def point(self, state: ErrorFeedbackState, x: Tensor, which: str = "x") -> Tensor:
+        """The parameters to evaluate: ``"x"`` (the model iterate; for EF21 double-way the server's x, which
+        is not what the workers hold) or ``"auxiliary"`` (x~, for the rules that define it)."""
+        if which == "x":
+            return self.rule.model(state, x)
+        if which == "auxiliary":
+            return self.auxiliary_iterate(state, x)
+        raise ValueError(f"point must be 'x' or 'auxiliary', got point={which!r}")
+
+    def mismatch(self, state: ErrorFeedbackState) -> Dict[str, float]:
+        """The gradient-mismatch terms of the paper, without the L^2 factor (EF and SAEF):
+
+        * ``mismatch_ef``   = ||e_s + mean_k e_k||^2           (bounds EF's mismatch, eq. 9)
+        * ``mismatch_saef`` = mean_k ||e_s + mean_j e_j - e_k||^2  (bounds SAEF's mismatch, eq. 10)
+        """
+        total = self.compression_error(state)
+        local = (total.unsqueeze(0) - state.worker_error).square().sum()
+        spread = self.transport.sum_over_processes(local.reshape(1))[0] / self.transport.num_workers
+        return {"mismatch_ef": float(total.square().sum()), "mismatch_saef": float(spread)}

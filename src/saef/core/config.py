@@ -1,0 +1,98 @@
+"""The algorithm's configuration: built once, validated once, passed whole to every backend.
+
+:class:`ErrorFeedbackConfig` is what ``saef.simulate``, ``saef.Simulator``, ``saef.SAEF`` and both backends
+take (or build from the same keyword arguments, through :meth:`ErrorFeedbackConfig.build`); the run
+configuration of ``saef train`` resolves its own settings into one (``TrainConfig.algorithm()``), so the
+full-precision baseline there is just ``method="ef"`` with the identity compressor, single-way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ..compress import Compressor, Identity, make_compressor
+from .rules.registry import available_rules, rule_class
+
+__all__ = ["ErrorFeedbackConfig"]
+
+_FIELDS = ("method", "momentum", "weight_decay", "compressor", "server_compressor", "double_way", "average_every")
+
+
+@dataclass(frozen=True)
+class ErrorFeedbackConfig:
+    """Hyper-parameters of the algorithm, validated at construction.
+
+    Args:
+        method: the feedback rule (:mod:`saef.core.rules`): ``"saef"`` (gradient at x - e_k), ``"ef"``
+            (gradient at x), ``"ef21"`` (EF21 / EF21-SGDM, EF21-P downlink) or ``"direct"`` (no feedback).
+        momentum: mu in [0, 1); 0 is plain SGD.
+        weight_decay: >= 0, added to the gradient as ``wd * z_k``.
+        compressor: the workers' compressor or its spec (``"identity"``, ``"sign"``, ``"topk:RHO"``).
+        server_compressor: the server's compressor in double-way mode; ``None`` = same as the workers'.
+        double_way: the server compresses what it sends back; otherwise it sends the dense average.
+        average_every: error-averaging period p >= 1, or ``None`` for never (rules with a worker error
+            only: ef and saef).
+    """
+
+    method: str = "saef"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    compressor: Union[str, Compressor] = "sign"
+    server_compressor: Union[str, Compressor, None] = None
+    double_way: bool = True
+    average_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method not in available_rules():
+            raise ValueError(f"method must be one of {available_rules()}, got method={self.method!r}")
+        mu = self.momentum
+        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not (0.0 <= mu < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r}")
+        wd = self.weight_decay
+        if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not (wd >= 0.0) or math.isinf(wd):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
+        p = self.average_every
+        if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
+            raise ValueError(f"average_every must be an integer >= 1 or None (never), got average_every={p!r}")
+        if p is not None and not rule_class(self.method).averages_errors:
+            raise ValueError(f"average_every applies to the rules that keep a worker error (ef, saef), "
+                             f"not to method={self.method!r}; leave it unset")
+        if not isinstance(self.double_way, bool):
+            raise ValueError(f"double_way must be True or False, got double_way={self.double_way!r}")
+        # Building the compressors here validates their specs (unknown names, rho out of range).
+        for key in ("compressor", "server_compressor"):
+            spec = getattr(self, key)
+            if spec is not None:
+                try:
+                    object.__setattr__(self, key, make_compressor(spec))
+                except ValueError as error:
+                    raise ValueError(f"{key} = {spec!r}: {error}") from None
+
+    @classmethod
+    def build(cls, config: Optional["ErrorFeedbackConfig"] = None, **settings) -> "ErrorFeedbackConfig":
+        """``config`` itself, or one made from keyword ``settings`` (the fields above); not both."""
+        unknown = sorted(set(settings) - set(_FIELDS))
+        if unknown:
+            raise TypeError(f"unexpected argument {unknown[0]!r}; the algorithm's settings are {', '.join(_FIELDS)}")
+        if config is None:
+            return cls(**settings)
+        if not isinstance(config, cls):
+            raise ValueError(f"config must be an ErrorFeedbackConfig, got {type(config).__name__}")
+        if settings:
+            raise ValueError(f"give either config or the settings ({', '.join(sorted(settings))}), not both")
+        return config
+
+    @property
+    def downlink_compressor(self) -> Compressor:
+        """What the server applies: identity in single-way mode."""
+        if not self.double_way:
+            return Identity()
+        return self.server_compressor if self.server_compressor is not None else self.compressor
+
+    @property
+    def lossless(self) -> bool:
+        """Nothing is compressed either way (then every rule is exactly momentum SGD and there is no
+        compression error to diagnose)."""
+        return isinstance(self.compressor, Identity) and isinstance(self.downlink_compressor, Identity)

@@ -1,0 +1,26 @@
+"""Compressed SGD without feedback ("direct"): the baseline for unbiased compressors.
+
+Algorithm 1 with the errors dropped. Per layer, worker k, step t; m_k is the local optimizer's direction
+(momentum SGD: m_k <- mu m_k + grad f(x; batch_k) + wd x)::
+
+    worker k sends C(lr_t m_k)
+    D = mean_k C(lr_t m_k);   x <- x - C_s(D)  (double-way)  |  x - D  (single-way)
+
+With C = C_s = identity it is exactly momentum SGD. Nothing is fed back, so there is no auxiliary iterate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import FeedbackRule
+
+__all__ = ["Direct"]
+
+
+class Direct(FeedbackRule):
+    name = "direct"
+
+    def uplink(self, state, x: Tensor, direction: Tensor, lr: float) -> Tensor:
+        return torch.mul(direction, lr, out=self.plan.buffer("direct-uplink", direction))  # lr m_k

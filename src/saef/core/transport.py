@@ -1,0 +1,92 @@
+"""The transport interface the algorithm talks to.
+
+The algorithm (:mod:`saef.core.algorithm`) never loops over workers and never calls ``torch.distributed``:
+it hands payloads to a :class:`Transport` and gets averages back. A transport hosts ``num_local`` (W) of the
+``num_workers`` (K) workers -- all K in the simulator, one per process in a real run -- and runs the
+server's work for the layers it :meth:`owns <Transport.owns>`. Implementations live in
+:mod:`saef.backends` (in-process, torch.distributed); they do not know which feedback rule runs.
+
+What moves, per step and per layer i (a layer is one parameter tensor of ``d_i`` elements):
+
+* uplink: each worker's payload for layer i goes to the owner of layer i, which averages the K decoded
+  rows (:meth:`Transport.average_uplink`);
+* downlink: the owner's (server-compressed) payload for layer i goes to every worker
+  (:meth:`Transport.share_downlink`);
+* error averaging and diagnostics: a mean of dense ``(W, n)`` rows over all K workers
+  (:meth:`Transport.mean_over_workers`), a sum of values over processes (:meth:`Transport.sum_over_processes`),
+  and the whole of a server-side tensor each owner holds a part of (:meth:`Transport.server_total`).
+
+Every transport records what moves in its :class:`~saef.core.ledger.BitLedger`, measured from the payload
+tensors handed over. Averages use one arithmetic everywhere (rows added in worker order, then divided; see
+:func:`saef.compress.mean_of_rows`), so that, given the same gradients, every transport produces the same
+parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+
+from ..compress import Compressor, Layout, Payload
+from .ledger import BitLedger
+
+__all__ = ["Transport"]
+
+
+class Transport:
+    """Interface between the algorithm and the wire. See the module docstring for what each method moves."""
+
+    num_workers: int  # K: workers in the whole job
+    num_local: int  # W: workers whose state lives in this process (rows of the algorithm's tensors)
+    ledger: BitLedger  # the bits this process's workers sent and received
+
+    def owns(self, layer: int, num_layers: int) -> bool:
+        """Whether the server's work for ``layer`` runs in this process."""
+        raise NotImplementedError
+
+    def average_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
+                       meanwhile: Optional[Callable[[], None]] = None) -> Tensor:
+        """Mean over all K workers of the decoded uplink payloads, for the layers owned here, computed by
+        ``compressor.decode_mean_layers`` (the same arithmetic in every transport).
+
+        Args:
+            payloads: per layer, the payload of the W local workers (leading row axis W).
+            compressor: the workers' compressor, to decode the payloads.
+            layout: where each layer lies on the flat axis.
+            meanwhile: local work to run while the payloads travel. It may overwrite tensors that
+                ``payloads`` view (the error a payload was made from): the transport has copied or
+                consumed the payloads before it calls it.
+
+        Returns:
+            the mean, the owned layers end to end in layer order. It may live in a buffer the compressor
+            reuses: use it before the next uplink.
+        """
+        raise NotImplementedError
+
+    def share_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
+                       meanwhile: Optional[Callable[[], None]] = None) -> Tensor:
+        """Give every worker the server's payload for every layer; returns the dense update ``(P,)``.
+
+        Args:
+            payloads: the one-row server payloads of the layers owned here, in layer order.
+            decoded: their dense values end to end (what this process applies for its own layers).
+            meanwhile: local work to run while the payloads travel. It may overwrite tensors that
+                ``payloads`` view (the server error), but not ``decoded``.
+        """
+        raise NotImplementedError
+
+    def mean_over_workers(self, rows: Tensor, purpose: str = "averaging") -> Tensor:
+        """Mean of ``(W, n)`` rows over all K workers, ``(n,)``, rows added in worker order. ``purpose`` is
+        ``"averaging"`` (error averaging, the algorithm's traffic, counted as ``bits_averaging``) or
+        ``"diagnostics"`` (read-outs), so that the two are counted apart."""
+        raise NotImplementedError
+
+    def sum_over_processes(self, values: Tensor) -> Tensor:
+        """Element-wise sum of ``values`` over processes (for diagnostics; not the algorithm's traffic)."""
+        raise NotImplementedError
+
+    def server_total(self, values: Tensor) -> Tensor:
+        """The whole of a server-side tensor ``(P,)`` (e.g. the server error) of which this process holds
+        the owned layers (zero elsewhere): a sum over the owners where the server is sharded."""
+        raise NotImplementedError

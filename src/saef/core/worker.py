@@ -1,0 +1,96 @@
+"""The worker protocol: what the training loop may ask of a backend's trainer, and what both share.
+
+A *worker* here is the object a process trains with: the simulator (all K workers in one process) or one
+rank of a distributed run (one worker). The loop (:mod:`saef.app.loop`) uses nothing else of it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor, nn
+
+from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .transport import Transport
+
+__all__ = ["Worker", "WorkerBase"]
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """What a backend's trainer offers the training loop."""
+
+    num_workers: int  # K, the workers of the whole job
+    rank: int  # this process's index (0 in the simulator)
+    worker_ids: Sequence[int]  # the workers hosted here, in order: their shards of each batch are fed to step
+    is_main: bool  # whether this process writes the records
+    cheap_diagnostics: bool  # whether the mismatch terms are cheap enough to compute every step
+    has_diagnostics: bool  # whether x~ and the mismatch terms are defined (by the rule, with compression)
+
+    def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """One step on the hosted workers' shards, concatenated in ``worker_ids`` order; the mean loss.
+        Raises :class:`~saef.core.flat.NonFiniteStep`, with nothing changed, on a NaN or Inf."""
+
+    def mismatch(self) -> Optional[Dict[str, float]]:
+        """The gradient-mismatch terms, or None where the rule defines none."""
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits per worker: up, down, averaging."""
+
+    def load_into(self, model: nn.Module, point: str = "x") -> nn.Module:
+        """Write x (or x~) and the mean running statistics into ``model`` (collective where distributed)."""
+
+    def average(self, value: float) -> float:
+        """The mean of a per-process number over processes."""
+
+    def state_dict(self) -> Dict[str, object]:
+        """Everything needed to continue exactly (this process's share)."""
+
+    def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
+        """Restore :meth:`state_dict`; ``reset_errors`` keeps the parameters and counters only."""
+
+
+class WorkerBase:
+    """What the simulator and one distributed rank share: the flat parameters ``x``, the algorithm, its
+    state and the transport's ledger, and the read-outs of them. Subclasses set ``x``, ``algorithm``,
+    ``state`` and ``transport``."""
+
+    x: Tensor
+    algorithm: ErrorFeedback
+    state: ErrorFeedbackState
+    transport: Transport
+
+    @property
+    def has_diagnostics(self) -> bool:
+        return self.algorithm.has_diagnostics
+
+    def parameters_at(self, point: str = "x") -> Tensor:
+        """Flat parameters at x (the model iterate) or at the auxiliary iterate x~."""
+        return self.algorithm.point(self.state, self.x, point)
+
+    def mismatch(self) -> Optional[Dict[str, float]]:
+        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`), or None where the rule
+        defines none (EF21, direct) or nothing is compressed."""
+        return self.algorithm.mismatch(self.state) if self.has_diagnostics else None
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        return self.transport.ledger.per_worker()
+
+    def _algorithm_state(self) -> Dict[str, object]:
+        return {"x": self.x.clone(), "algorithm": self.state.state_dict(), "ledger": self.transport.ledger.state_dict()}
+
+    def _load_algorithm_state(self, state: Dict[str, object], reset_errors: bool) -> None:
+        """x, the counters and (unless ``reset_errors``, which starts the rule's and the local optimizer's
+        state afresh from x) the algorithm's state."""
+        if tuple(state["x"].shape) != tuple(self.x.shape):
+            raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
+        self.x.copy_(state["x"])
+        self.transport.ledger.load_state_dict(state["ledger"])
+        if reset_errors:
+            self.state = self.algorithm.init_state(self.x)
+            self.state.step = int(state["algorithm"]["step"])
+        else:
+            self.state.load_state_dict(state["algorithm"])
