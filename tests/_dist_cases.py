@@ -7,6 +7,7 @@ from torch import nn
 
 STEPS = 20
 CASES = list(itertools.product(("ef", "saef"), ("sign", "topk:0.1"), (False, True), (None, 2), ("sharded", "rank0")))
+CASES += list(itertools.product(("ef21", "direct"), ("sign", "topk:0.1"), (False, True), (None,), ("sharded", "rank0")))
 
 
 def tiny_model():

@@ -1,6 +1,8 @@
 """Algorithm 1: invariants, reduction to momentum SGD, a hand-computed example, argument validation."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,20 +10,10 @@ import torch
 import saef
 from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _problems import quadratic_problem  # noqa: E402
+
 CASES = [(m, c, dw) for m in ("ef", "saef") for c in ("sign", "topk:0.3") for dw in (False, True)]
-
-
-def quadratic_problem(workers, shapes, seed=0, dtype=torch.float64):
-    """Worker k's gradient at x: A_k * x - b_k (element-wise), plus fixed per-step noise."""
-    g = torch.Generator().manual_seed(seed)
-    scale = [[torch.rand(s, generator=g, dtype=dtype) + 0.5 for s in shapes] for _ in range(workers)]
-    shift = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(workers)]
-
-    def grad_fn(k, x):
-        return [a * xi - b for a, xi, b in zip(scale[k], x, shift[k])]
-
-    x0 = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    return grad_fn, x0
 
 
 @pytest.mark.parametrize("method,compressor,double_way", CASES)
@@ -57,16 +49,18 @@ def test_delta_equals_compressed_plus_error(method, compressor, double_way):
             assert torch.count_nonzero(state.server_error) == 0
 
 
+@pytest.mark.parametrize("double_way", [False, True])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("method", ["ef", "saef"])
-def test_identity_equals_torch_sgd(method, momentum):
-    """With C = identity, 50 steps of Algorithm 1 equal torch.optim.SGD(momentum, weight_decay) fed the
-    mean of the workers' gradients (allclose 1e-6), with a learning rate that changes every step; mu = 0
-    is plain SGD."""
+@pytest.mark.parametrize("method", saef.available_rules())
+def test_identity_equals_torch_sgd(method, momentum, double_way):
+    """With C = identity, 50 steps of every rule (EF, SAEF, EF21, direct; single- and double-way) equal
+    torch.optim.SGD(momentum, weight_decay) fed the mean of the workers' gradients (allclose 1e-6), with a
+    learning rate that changes every step; mu = 0 is plain SGD."""
     shapes = [(5, 3), (3,)]
     grad_fn, x0 = quadratic_problem(4, shapes, dtype=torch.float32)
     lr = lambda t: 0.05 * (0.97**t)
-    got = saef.simulate(grad_fn, x0, workers=4, steps=50, lr=lr, momentum=momentum, weight_decay=5e-3, method=method, compressor="identity")
+    got = saef.simulate(grad_fn, x0, workers=4, steps=50, lr=lr, momentum=momentum, weight_decay=5e-3, method=method,
+                        compressor="identity", double_way=double_way)
     params = [t.clone().requires_grad_(True) for t in x0]
     opt = torch.optim.SGD(params, lr=lr(0), momentum=momentum, weight_decay=5e-3)
     for t in range(50):

@@ -46,7 +46,22 @@ def test_sgd_baseline_has_no_auxiliary_metrics(tmp_path):
     assert row["bits_up"] == row["bits_down"]
 
 
+@pytest.mark.parametrize("method", ["ef21", "direct"])
+def test_rules_without_auxiliary_iterate_leave_its_metrics_empty(tmp_path, capsys, method):
+    """EF21 and direct train from the command line; their records leave x~ and the mismatch terms empty
+    (not faked), count compressed bits, and the summary names the rule."""
+    out = tmp_path / method
+    assert main(["train", *FAST, "--epochs", "1", "--method", method, "--compressor", "sign", "--output", str(out)]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["test_acc_aux"] is None and row["mismatch_ef"] is None and row["mismatch_saef"] is None
+    assert 0 < row["bits_up"] < row["step"] * 32 * 1000 and row["bits_averaging"] == 0
+    assert json.loads((out / "config.json").read_text())["method"] == method
+    assert f"{method} (sign, double-way, K=4)" in capsys.readouterr().out
+
+
 BAD = [
+    (["--method", "ef21", "--average-every", "4"], "average_every applies to"),
+    (["--method", "direct", "--average-every", "1"], "average_every"),
     (["--compressor", "topk:2"], "rho"),
     (["--batch-size", "30"], "divisible by workers"),
     (["--momentum", "1.5"], "momentum"),

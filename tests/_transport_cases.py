@@ -1,0 +1,27 @@
+"""The cases of the transport-equivalence test: every rule, compressor, direction and server placement on a
+toy problem whose gradients are elementwise, so that a rank and the in-process run compute them alike."""
+
+import itertools
+
+import torch
+
+SHAPES = [(4, 5), (7,), (3, 3), (1,), (6,)]  # with K = 2 the sharded server owns layers that are not side by side
+STEPS = 12
+RULE_CASES = [(m, c, dw, p, s) for m, c, dw, s in itertools.product(("ef", "saef", "ef21", "direct"), ("sign", "topk:0.25", "identity"),
+                                                                    (False, True), ("sharded", "rank0"))
+              for p in ((None, 2) if m in ("ef", "saef") else (None,))]
+# nothing compressed: the dense mean travels as in an all-reduce (the full-precision baseline's path)
+ALLREDUCE_CASES = [(m, "identity", False, None, "allreduce") for m in ("ef", "saef", "ef21", "direct")]
+CASES = RULE_CASES + ALLREDUCE_CASES
+
+
+def start():
+    return torch.randn(sum(torch.Size(s).numel() for s in SHAPES), generator=torch.Generator().manual_seed(0))
+
+
+def gradient(worker, step, point):
+    """Worker ``worker``'s gradient at ``point`` (P,) in step ``step``: a_k * z - b_k plus fresh noise."""
+    g = torch.Generator().manual_seed(1000 * step + worker)
+    n = point.numel()
+    scale, shift, noise = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), torch.randn(n, generator=g)
+    return scale * point - shift + 0.1 * noise
