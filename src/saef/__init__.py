@@ -21,7 +21,7 @@ from .compress import Compressor, available_compressors, make_compressor, regist
 from .core import ErrorFeedback, ErrorFeedbackConfig, ErrorFeedbackState, Transport
 from .core.rules import available_rules, register_rule
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = [
     "ErrorFeedback",

@@ -90,7 +90,7 @@ def environment(device: str) -> Dict[str, Any]:
     import numpy
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     try:
         revision = subprocess.run(
