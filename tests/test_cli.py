@@ -62,6 +62,8 @@ def test_rules_without_auxiliary_iterate_leave_its_metrics_empty(tmp_path, capsy
 BAD = [
     (["--method", "ef21", "--average-every", "4"], "average_every applies to"),
     (["--method", "direct", "--average-every", "1"], "average_every"),
+    (["--method", "sgd", "--average-every", "3"], "no error to average"),
+    (["--average-every", "0"], "average_every"),
     (["--compressor", "topk:2"], "rho"),
     (["--batch-size", "30"], "divisible by workers"),
     (["--momentum", "1.5"], "momentum"),

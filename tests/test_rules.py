@@ -166,6 +166,20 @@ def test_simulator_state_round_trips_exactly(method, double_way):
     assert first.bits == second.bits and first.state.step == second.state.step == 6
 
 
+def test_reset_errors_restarts_from_the_model_iterate():
+    """--reset-errors after EF21 double-way starts the new run from the server's model x, not from the
+    workers' lagging copy w; the per-worker bit counts and the step carry over, the rule's state is fresh."""
+    ef21 = saef.Simulator(model(), workers=2, method="ef21", compressor="topk:0.3", momentum=0.9)
+    for inputs, targets in data(4):
+        ef21.step(inputs, targets, lr=0.1)
+    saved = ef21.state_dict()
+    assert not torch.equal(saved["model"], saved["x"])
+    fresh = saef.Simulator(model(), workers=4, method="saef", compressor="sign")
+    fresh.load_state_dict(saved, reset_errors=True)
+    assert torch.equal(fresh.x, ef21.parameters_at("x")) and fresh.bits == ef21.bits and fresh.state.step == 4
+    assert all(torch.count_nonzero(t) == 0 for t in fresh.state.tensors.values())
+
+
 def test_state_of_another_rule_is_refused():
     """Loading an EF21 state into an SAEF simulator names what differs instead of loading garbage."""
     ef21 = saef.Simulator(model(), workers=2, method="ef21", compressor="sign")

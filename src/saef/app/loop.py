@@ -100,7 +100,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
     ``resume`` continues the run in ``config.output`` from its newest complete checkpoint (exactly: same
     batches, same random numbers, same records); ``reset_errors`` starts the algorithm's state (momentum,
-    errors, estimates) from the saved parameters instead (required when the number of workers, method or
+    errors, estimates) afresh from the saved model iterate instead (required when the number of workers, method or
     compressor changed).
     """
     backend = make_backend(config.backend, device=config.device, timeout=config.timeout, server=config.server)

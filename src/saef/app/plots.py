@@ -6,7 +6,7 @@ cluster and on a run that is still writing.
 
 Example::
 
-    from saef.plots import plot_run, plot_runs
+    from saef.app.plots import plot_run, plot_runs
     plot_run("runs/saef_sign")                  # -> runs/saef_sign/curves.png
     plot_runs(["runs/ef_s0", "runs/ef_s1", "runs/saef_s0", "runs/saef_s1"], "compare.png")
 

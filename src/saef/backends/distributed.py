@@ -5,7 +5,7 @@ Launch (one process per worker; gloo on CPU, NCCL on GPU, chosen from the device
     torchrun --nproc_per_node 4 -m saef train --backend dist --compressor sign
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 -m saef train --backend dist ...
 
-What crosses the network, per step (all of it payloads of :mod:`saef.compressors`):
+What crosses the network, per step (all of it payloads of :mod:`saef.compress`):
 
 * uplink, one ``all_to_all_single``: each rank sends each layer's payload (packed signs and scale, or top-k
   values and packed indices) to the layer's owner. With ``server="sharded"`` every rank owns a balanced
@@ -13,7 +13,9 @@ What crosses the network, per step (all of it payloads of :mod:`saef.compressors
   with ``server="rank0"`` rank 0 owns every layer (the paper's literal architecture).
 * downlink, one ``all_to_all_single``: each owner sends its server-compressed payloads to every rank (the
   dense average in single-way mode).
-* every p steps, one ``all_reduce`` of the dense worker error (error averaging).
+* every p steps, the mean of the dense worker error (error averaging; :meth:`DistributedTransport.exact_mean`).
+* nothing compressed either way (e.g. the full-precision baseline): no server work, the dense mean of the
+  gradients' directions by :meth:`DistributedTransport.exact_mean`, as DDP's all-reduce moves it.
 
 Bytes are counted from the buffers handed to ``torch.distributed``, in the transport's ledger
 (``wire_<direction>_<sent|received>``): the uplink input buffer is exactly this worker's payload, the
@@ -78,7 +80,7 @@ def _from_bytes(buffer: Tensor, like: Tensor) -> Tensor:
 
 
 class DistributedTransport(Transport):
-    """The :class:`~saef.comm.Transport` of one rank of a ``torch.distributed`` job (one worker per rank).
+    """The :class:`~saef.core.Transport` of one rank of a ``torch.distributed`` job (one worker per rank).
 
     Args:
         sizes: number of elements of each layer (to assign owners).

@@ -39,7 +39,7 @@ class Simulator(WorkerBase):
 
     Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
     The K gradients are computed together: by running the traced model on stacked parameters when it is
-    built from common layers (:mod:`saef.stacked`), else with ``torch.func.vmap``, else in a loop.
+    built from common layers (:mod:`saef.backends.stacked`), else with ``torch.func.vmap``, else in a loop.
 
     Args:
         model: the module; its trainable parameters are x_0. The simulator owns the parameters from then

@@ -281,7 +281,7 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
 
 def pack_nonnegative(rows: Tensor, memo: Callable = None) -> Tensor:
     """``pack_bits(rows >= 0)``; on the CPU through numpy (its comparison is ~3x faster than torch's), the
-    booleans written into a buffer kept by ``memo`` (a :meth:`Layout.memo <saef.compressors.Layout.memo>`)
+    booleans written into a buffer kept by ``memo`` (a :meth:`Layout.memo <saef.compress.Layout.memo>`)
     if one is given."""
     array = numpy_view(rows)
     if array is None:

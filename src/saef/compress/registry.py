@@ -23,7 +23,7 @@ def register_compressor(name: str, factory: Callable[..., Compressor], *, overwr
 
     Example::
 
-        >>> class Half(saef.compressors.Identity):
+        >>> class Half(saef.compress.Identity):
         ...     name = "half"
         >>> saef.register_compressor("half", Half)
     """

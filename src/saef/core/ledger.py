@@ -33,6 +33,12 @@ class BitLedger:
     def state_dict(self) -> Dict[str, int]:
         return dict(self.counts)
 
+    def load_per_worker(self, state: Dict[str, int]) -> None:
+        """Take only the per-worker bit counts of ``state`` (another process's ledger, on --reset-errors)."""
+        if not isinstance(state, dict) or any(key not in state for key in PER_WORKER):
+            raise ValueError(f"a bit ledger's state must hold the counters {PER_WORKER}")
+        self.counts.update({key: int(state[key]) for key in PER_WORKER})
+
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if not isinstance(state, dict) or any(key not in state for key in PER_WORKER):
             raise ValueError(f"a bit ledger's state must hold the counters {PER_WORKER}")

@@ -80,17 +80,24 @@ class WorkerBase:
         return self.transport.ledger.per_worker()
 
     def _algorithm_state(self) -> Dict[str, object]:
-        return {"x": self.x.clone(), "algorithm": self.state.state_dict(), "ledger": self.transport.ledger.state_dict()}
+        """x (what the workers hold), the model iterate (what is evaluated: the same as x except for rules
+        whose server keeps its own, as EF21 double-way; assembling it is collective where distributed),
+        the algorithm's state and the ledger."""
+        return {"x": self.x.clone(), "model": self.parameters_at("x").clone(), "algorithm": self.state.state_dict(),
+                "ledger": self.transport.ledger.state_dict()}
 
     def _load_algorithm_state(self, state: Dict[str, object], reset_errors: bool) -> None:
-        """x, the counters and (unless ``reset_errors``, which starts the rule's and the local optimizer's
-        state afresh from x) the algorithm's state."""
+        """Restore x, the algorithm's state and the ledger exactly; or, with ``reset_errors``, start the
+        rule's and the local optimizer's state afresh from the saved *model iterate* (for EF21 double-way
+        the server's x, not the workers' copy), keeping the step and the per-worker bit counts."""
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
-        self.x.copy_(state["x"])
-        self.transport.ledger.load_state_dict(state["ledger"])
         if reset_errors:
+            self.x.copy_(state["model"])
             self.state = self.algorithm.init_state(self.x)
             self.state.step = int(state["algorithm"]["step"])
+            self.transport.ledger.load_per_worker(state["ledger"])  # this process's wire counters stay its own
         else:
+            self.x.copy_(state["x"])
             self.state.load_state_dict(state["algorithm"])
+            self.transport.ledger.load_state_dict(state["ledger"])

@@ -1,7 +1,7 @@
 """Model zoo: small MNIST-1D models, the CIFAR ResNets of He et al. (2016), and torchvision's ResNet-50.
 
 Every model except ``resnet50`` is written so that the simulator can train K copies at once: it traces
-with ``torch.fx`` and runs on stacked parameters (:mod:`saef.stacked`), and also runs under
+with ``torch.fx`` and runs on stacked parameters (:mod:`saef.backends.stacked`), and also runs under
 ``torch.func.functional_call`` + ``torch.func.vmap`` over a leading worker axis. So: no in-place ops on
 activations, no ``.item()`` or data-dependent control flow in ``forward``. BatchNorm keeps one copy of
 its running statistics per worker.
@@ -46,7 +46,7 @@ def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
     Args:
         name: one of :data:`MODELS`.
         data: anything with ``num_classes`` (int) and ``input_shape`` (one sample's shape, channels first),
-            e.g. a :class:`saef.data.Data`.
+            e.g. a :class:`saef.zoo.data.Data`.
         width: hidden units of ``mlp`` (default 100) and ``mlp5m`` (2208), channels of ``cnn1d`` (25), channels
             of the first stage of the CIFAR ResNets (16; stages use width, 2 width, 4 width). Not for resnet50.
 

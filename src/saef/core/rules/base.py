@@ -14,7 +14,9 @@ not know which rule runs. A rule's methods, in the order a step calls them::
     end_step(state)               after the step counter moved (e.g. error averaging)
 
 State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
-tensors span all P parameters and hold the owned layers (zero elsewhere) where the server is sharded.
+tensors span all P parameters. A server-side tensor that only the server updates holds the owned layers
+(zero elsewhere) where the server is sharded; one that every worker updates from what the server sends
+(EF21's g, single-way) is whole on every process.
 """
 
 from __future__ import annotations
