@@ -76,7 +76,7 @@ def test_native_topk_equals_numpy_and_torch(sizes, spec, dtype, monkeypatch):
 
 
 def kept_set(c, v):
-    values, idx = c._select(v.reshape(1, -1))
+    values, idx = c.select(v.reshape(1, -1))
     assert torch.equal(values[0], v[idx[0]])  # the values are those at the indices
     dense = c.decode(c.encode(v), v.shape)  # the wire format carries the same choice
     assert torch.equal(dense, torch.zeros_like(v).index_put_((idx[0],), values[0]))
@@ -141,7 +141,7 @@ def test_native_topk_ties_and_nan():
     assert len(kept) == 50
     v = torch.randn(d, generator=torch.Generator().manual_seed(11))
     v[[3, 700, 4999]] = float("nan")
-    values, idx = c._select(v.reshape(1, -1))
+    values, idx = c.select(v.reshape(1, -1))
     assert {3, 700, 4999} <= set(idx[0].tolist()) and len(set(idx[0].tolist())) == 50
 
 

@@ -1,15 +1,23 @@
-"""The kernels behind the compressors: bit packing, sign tables, L1 norms, top-k selection, index packing.
+"""The kernels behind the compressors: the choice of path, and the helpers the paths share.
 
-Each kernel has up to three paths. On the CPU the sign and top-k *encoders and decoders* run compiled
-one-pass kernels (``saef.compress._native``, C, built at install time when a compiler is there): one call reads a
-tensor once and writes its payload, or writes, adds or subtracts a payload's values into a buffer. The
-other CPU kernels, and all of them where the compiled module is not built, run numpy and BLAS, whose
-single-threaded packbits, comparisons, take, argpartition and asum are several times faster than the
-equivalent torch kernels (see BENCHMARKS.md, table 2). Elsewhere (a GPU) everything runs torch. All paths
-produce the same payload format and decode to the same values: signs bit for bit, scales to rounding, and
-the same kept set for top-k up to the choice among equal entries (the order of the kept entries within a
-payload may differ). ``USE_NATIVE = False`` switches the compiled kernels off and ``USE_NUMPY = False``
-forces the torch path everywhere, which is how the tests check the paths against each other on the CPU.
+Each compressor's kernels come in three implementations, one per *path*, behind one small interface
+(:class:`KernelSet`; e.g. ``encode_rows``, ``encode_layers``, ``decode``, ``mean`` in :mod:`.sign`):
+
+* ``native`` -- on the CPU, the compiled one-pass kernels (``saef.compress._native``, C, built at install
+  time when a compiler is there): one call reads a tensor once and writes its payload, or writes, adds or
+  subtracts a payload's values into a buffer;
+* ``numpy`` -- on the CPU without them: numpy and BLAS, whose single-threaded packbits, comparisons, take,
+  argpartition and asum are several times faster than the equivalent torch kernels (BENCHMARKS.md, table 2);
+* ``torch`` -- anywhere else (a GPU).
+
+:func:`path` is the one place that chooses, from the tensor's device and the switches ``USE_NATIVE`` and
+``USE_NUMPY`` (``USE_NATIVE = False``: numpy even where the compiled module is built; ``USE_NUMPY = False``:
+torch everywhere, which is how the tests check the paths against each other on the CPU). The compiled path
+hands inputs it cannot read (another dtype, strides it cannot walk) to the numpy one. All paths produce
+the same payload format and decode to the same values: signs bit for bit, scales to rounding, and the same
+kept set for top-k up to the choice among equal entries (the order of the kept entries within a payload
+may differ). The helpers below (bit packing, sign tables, L1 norms, top-k selection, index packing) take
+numpy's route themselves only where :func:`numpy_view` allows it, i.e. on a CPU path.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["pack_bits", "unpack_bits", "index_bits", "largest"]
+__all__ = ["pack_bits", "unpack_bits", "index_bits", "largest", "path", "KernelSet"]
 
 _BIT_WEIGHTS: Dict[torch.device, Tensor] = {}
 
@@ -57,6 +65,33 @@ try:  # the compiled one-pass encoders and decoders (src/saef/compress/_native.c
 except ImportError:  # not built: the numpy kernels do the same work in a few more calls
     NATIVE = None
 USE_NATIVE = True  # False: the numpy kernels even where the compiled ones are built (USE_NUMPY = False: torch)
+
+
+def path(device: torch.device) -> str:
+    """Which kernels run on tensors of ``device`` -- decided here and nowhere else: ``"native"`` (the compiled
+    module: on the CPU, where it is built and ``USE_NATIVE`` is on), ``"numpy"`` (the CPU otherwise), or
+    ``"torch"`` (any other device, or ``USE_NUMPY`` off)."""
+    if device.type != "cpu" or not USE_NUMPY:
+        return "torch"
+    return "native" if NATIVE is not None and USE_NATIVE else "numpy"
+
+
+class KernelSet:
+    """A compressor's kernels, one implementation per path: ``kernels(tensor)`` is the one for the tensor's
+    device (:func:`path`). The torch implementation is the base class of the numpy one, which is the base of
+    the compiled one, so each overrides only what it does faster and hands the rest (and inputs it cannot
+    read) to the one below."""
+
+    def __init__(self, torch_kernels, numpy_kernels, native_kernels):
+        self.by_path = {"torch": torch_kernels, "numpy": numpy_kernels, "native": native_kernels}
+        self.torch, self.numpy, self.native = torch_kernels, numpy_kernels, native_kernels
+
+    def __call__(self, tensor: Tensor):
+        # path(tensor.device), written out: this runs on every encode and decode, and at 10^3 elements
+        # building a device object cost a sizeable part of a sign encode
+        if tensor.is_cpu and USE_NUMPY:
+            return self.native if NATIVE is not None and USE_NATIVE else self.numpy
+        return self.torch
 
 
 def native_stride(rows: Tensor) -> int:

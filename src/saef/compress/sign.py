@@ -11,13 +11,13 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Compressor, Layout, Payload
+from .base import Compressor, Layout, Payload, mean_of_rows
 from .kernels import (
+    KernelSet,
     NativeLayers,
     cpu_empty,
     l1_norms,
     l1_norms_array,
-    native_ready,
     native_sign_decode,
     native_sign_encode,
     numpy_view,
@@ -36,31 +36,18 @@ class ScaledSign(Compressor):
 
     Payload per row: the signs packed 8 per byte (uint8) and one scale in the dtype of ``v``.
     delta = 1 / d: ||C(v) - v||^2 = ||v||^2 - ||v||_1^2 / d <= (1 - 1/d) ||v||^2.
+
+    The work is done by the kernels of the tensor's path (:func:`saef.compress.kernels.path`): torch, numpy
+    or compiled, below.
     """
 
     name = "sign"
 
-    def _scale(self, rows: Tensor) -> Tensor:
-        # ||v||_1 / d. An empty tensor gets scale 0 (nothing to scale; the mean of nothing would be NaN).
-        return l1_norms(rows, divide_by=max(rows.shape[1], 1))
-
     def encode_rows(self, rows: Tensor) -> Payload:
-        payload = native_sign_encode(rows)  # one compiled pass, where it is built
-        if payload is not None:
-            return payload
-        array = numpy_view(rows) if rows.is_floating_point() else None
-        if array is not None:  # all in numpy (at small sizes the per-call cost of torch dominates)
-            packed = pack_nonnegative_array(array)
-            return torch.from_numpy(packed), torch.from_numpy(l1_norms_array(array, max(array.shape[1], 1)))
-        return pack_bits(rows >= 0), self._scale(rows)
+        return _KERNELS(rows).encode_rows(rows)
 
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
-        packed, scale = payload
-        if native_ready() and scale.is_cpu:
-            out = cpu_empty((packed.shape[0], d), scale.dtype)
-            if native_sign_decode(packed, scale, one_layer(d), out):
-                return out
-        return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
+        return _KERNELS(payload[1]).decode_rows(payload[0], payload[1], d)
 
     def compress_rows(self, rows: Tensor) -> Tensor:
         # the encoder's own scale, so that C(v) is exactly decode(encode(v)) whichever kernel summed |v|
@@ -72,80 +59,91 @@ class ScaledSign(Compressor):
 
     # Vectorised over layers: the same payloads, made with a handful of kernels instead of a dozen per
     # layer (the simulator's step is dominated by per-layer kernel launches otherwise).
-    def _padded_index(self, layout: Layout) -> Tensor:
-        """Position of each element in the concatenation of layers each padded to a multiple of 8."""
-        padded = Layout([8 * -(-d // 8) for d in layout.sizes]).offsets
-        return torch.cat([torch.arange(d) + start for d, start in zip(layout.sizes, padded)])
-
-    def _source_index(self, layout: Layout) -> Tensor:
-        """For each position of the byte-aligned layers, the element it holds, or P (a filler) for padding."""
-        nbits = 8 * sum(-(-d // 8) for d in layout.sizes)
-        source = torch.full((nbits,), layout.total, dtype=torch.int64)
-        source[self._padded_index(layout)] = torch.arange(layout.total)
-        return source
-
-    def _layer_scales(self, rows: Tensor, layout: Layout) -> Tensor:
-        """(W, layers): ||v||_1 / d of every layer of every row."""
-        if rows.numel() <= 1 << 20 and rows.device.type == "cpu":  # small: one kernel beats a loop of launches
-            # (CPU only: index_add_ on a GPU adds in no fixed order, and runs must be bit-identical)
-            layer = layout.cached("layer-of-element", rows.device, lambda: torch.repeat_interleave(
-                torch.arange(len(layout)), torch.tensor(layout.sizes)))
-            sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
-        else:  # large: a plain reduction per layer streams the memory once (index_add does not)
-            sums = torch.stack([l1_norms(rows[:, s]) for s in layout.slices], dim=1)
-        return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
-
     def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
-        nbytes = [-(-d // 8) for d in layout.sizes]
-        payload = native_sign_encode(rows, layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes)))
-        if payload is not None:  # one compiled pass over all layers
-            packed, scales = payload
-        elif any(d == 0 for d in layout.sizes):
+        encoded = _KERNELS(rows).encode_layers(rows, layout)
+        if encoded is None:  # a layer of no elements: one layer at a time
             return super().encode_layers(rows, layout)
-        else:
-            packed, scales = self._pack_layers(rows, layout)
+        packed, scales = encoded
         out, start = [], 0
-        for i, n in enumerate(nbytes):
+        for i, d in enumerate(layout.sizes):
+            n = -(-d // 8)
             out.append((packed[:, start : start + n], scales[:, i]))
             start += n
         return out
 
-    def _pack_layers(self, rows: Tensor, layout: Layout) -> Tuple[Tensor, Tensor]:
-        """The packed signs ``(W, bytes)`` (each layer from a byte boundary) and scales ``(W, layers)``."""
-        scales = self._layer_scales(rows, layout)
+    def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
+        return _KERNELS(payloads[0][1]).decode(payloads, layout, out, mode)
+
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        return self._decode(payloads, layout)
+
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+        return self._decode(payloads, layout, out)
+
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        return self._decode(payloads, layout, target, "subtract")
+
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+        return self._decode(payloads, layout, target, "add")
+
+    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        """The rows decoded with their scales divided by W and added in row order, in buffers kept by
+        ``layout``: no fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to
+        rounding. The result lives in a buffer: it is valid until the next call with the same layout and
+        number of rows."""
+        if not payloads:
+            return super().decode_mean_layers(payloads, layout)
+        return _KERNELS(payloads[0][1]).mean(payloads, layout)
+
+
+def _joined(payloads: Sequence[Payload]) -> Tuple[Tensor, Tensor]:
+    """All layers' packed signs ``(W, bytes)`` and scales ``(W, layers)``, end to end."""
+    packed = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
+    scales = torch.stack([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1].unsqueeze(1)
+    return packed, scales
+
+
+class TorchSignKernels:
+    """The scaled-sign kernels in torch, on any device (the helpers of :mod:`.kernels` take numpy's faster
+    route themselves where the tensor allows it)."""
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        # ||v||_1 / d. An empty tensor gets scale 0 (nothing to scale; the mean of nothing would be NaN).
+        return pack_bits(rows >= 0), l1_norms(rows, divide_by=max(rows.shape[1], 1))
+
+    def decode_rows(self, packed: Tensor, scale: Tensor, d: int) -> Tensor:
+        return sign_lookup(packed, scale.unsqueeze(1), 0)[:, :d]
+
+    def encode_layers(self, rows: Tensor, layout: Layout):
+        """The packed signs ``(W, bytes)`` (each layer from a byte boundary) and scales ``(W, layers)``, or
+        None when a layer is empty."""
+        if any(d == 0 for d in layout.sizes):
+            return None
+        scales = _layer_scales(rows, layout)
         if all(d % 8 == 0 for d in layout.sizes[:-1]):  # layers already byte-aligned: pack in one go
             packed = pack_nonnegative(rows, layout.memo)
         else:  # move each layer to a byte boundary first; the filler -1 packs as bit 0
-            source = layout.cached("sign-source", rows.device, lambda: self._source_index(layout))
+            source = layout.cached("sign-source", rows.device, lambda: _source_index(layout))
             padded = torch.cat([rows, rows.new_full((rows.shape[0], 1), -1.0)], dim=1).index_select(1, source)
             packed = pack_nonnegative(padded, layout.memo)
         return packed, scales
 
-    def _native_decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1):
-        """The compiled decoder writing into (a fresh ``(W, P)`` tensor if ``out`` is None), subtracting
-        from or adding to ``out``; returns the tensor written, or None if the compiled kernels cannot."""
-        if not native_ready() or not payloads or not payloads[0][1].is_cpu:
-            return None
-        packed = torch.cat([p[0] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][0]
-        scales = torch.stack([p[1] for p in payloads], dim=1) if len(payloads) > 1 else payloads[0][1]
-        if out is None:
-            out = cpu_empty((packed.shape[0], layout.total), scales.dtype)
-        layers = layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes))
-        return out if native_sign_decode(packed, scales, layers, out, mode, divisor) else None
+    def decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str) -> Tensor:
+        """Write (into ``out``, or a fresh tensor), subtract from or add to ``out`` the decoded payloads."""
+        if mode == "write":
+            return self._lookup(payloads, layout, out)
+        buffer = layout.memo(("sign-decoded", tuple(out.shape), out.dtype, out.device), lambda: torch.empty_like(out))
+        decoded = self._lookup(payloads, layout, buffer)
+        return out.sub_(decoded) if mode == "subtract" else out.add_(decoded)
 
-    def _decode_layers(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
+    def _lookup(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None) -> Tensor:
         """A lookup table per (row, layer) maps each byte straight to its 8 values +-scale, so decoding is
-        one gather that writes the output once (unpacking to booleans first took three passes). On the
-        CPU the compiled decoder does the same in one pass."""
-        written = self._native_decode(payloads, layout, out, "write")
-        if written is not None:
-            return written
-        if any(d == 0 for d in layout.sizes):
-            dense = super().decode_layers(payloads, layout)
+        one gather that writes the output once (unpacking to booleans first took three passes)."""
+        if any(d == 0 for d in layout.sizes):  # a layer of no elements: one layer at a time
+            dense = torch.cat([self.decode_rows(p[0], p[1], d) for p, d in zip(payloads, layout.sizes)], dim=1)
             return dense if out is None else out.copy_(dense)
         device = payloads[0][0].device
-        packed = torch.cat([p[0] for p in payloads], dim=1)  # (W, bytes)
-        scales = torch.stack([p[1] for p in payloads], dim=1)  # (W, layers)
+        packed, scales = _joined(payloads)
         table_of_byte = layout.cached("sign-table-of-byte", device, lambda: torch.repeat_interleave(
             torch.arange(len(layout.sizes)) * 256, torch.tensor([-(-d // 8) for d in layout.sizes])))
         if all(d % 8 == 0 for d in layout.sizes[:-1]):
@@ -153,29 +151,18 @@ class ScaledSign(Compressor):
                 return sign_lookup(packed, scales, table_of_byte, out=out)
             return sign_lookup(packed, scales, table_of_byte)[:, : layout.total]
         values = sign_lookup(packed, scales, table_of_byte)
-        padded = layout.cached("sign-padded", device, lambda: self._padded_index(layout))
+        padded = layout.cached("sign-padded", device, lambda: _padded_index(layout))
         return values.index_select(1, padded) if out is None else torch.index_select(values, 1, padded, out=out)
 
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        return self._decode_layers(payloads, layout)
-
-    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
-        """The rows decoded with their scales divided by W and added in row order, in buffers kept by
-        ``layout``: no fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to
-        rounding. The result lives in a buffer: it is valid until the next
-        call with the same layout and number of rows."""
-        rows = payloads[0][0].shape[0] if payloads else 0
-        if rows and native_ready() and payloads[0][1].is_cpu:  # compiled: each row added onto one buffer
-            dtype = payloads[0][1].dtype
-            total = layout.memo(("sign-mean", dtype), lambda: torch.empty(layout.total, dtype=dtype)).zero_()
-            if self._native_decode(payloads, layout, total, "add", rows) is not None:
-                return total
+    def mean(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        """On the CPU, each row decoded with its scale divided by W, then the rows added in order."""
+        rows = payloads[0][0].shape[0]
         if rows < 2 or payloads[0][1].device.type != "cpu":
-            return super().decode_mean_layers(payloads, layout)
+            return mean_of_rows(self.decode(payloads, layout, None, "write"))
         share = [(packed, scale / rows) for packed, scale in payloads]
-        dtype = share[0][1].dtype
-        decoded = layout.memo(("sign-mean-rows", rows, dtype), lambda: torch.empty(rows, layout.total, dtype=dtype))
-        self._decode_layers(share, layout, out=decoded)
+        dtype, device = share[0][1].dtype, share[0][1].device
+        decoded = layout.memo(("sign-mean-rows", rows, dtype, device), lambda: torch.empty(rows, layout.total, dtype=dtype, device=device))
+        self._lookup(share, layout, out=decoded)
         # added up in place, row after row, element by element: the same value whichever layers are
         # averaged together (a sum over dim 0 promises no order, and was 2.5x slower on large rows)
         total = decoded[0]
@@ -183,19 +170,84 @@ class ScaledSign(Compressor):
             total.add_(decoded[r])
         return total
 
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
-        return self._decode_layers(payloads, layout, out)
 
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
-        return self._combine(payloads, layout, target, "subtract")
+class NumpySignKernels(TorchSignKernels):
+    """On the CPU without the compiled module: one tensor's payload all in numpy (at small sizes the
+    per-call cost of torch dominates)."""
 
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
-        return self._combine(payloads, layout, target, "add")
+    def encode_rows(self, rows: Tensor) -> Payload:
+        array = numpy_view(rows) if rows.is_floating_point() else None
+        if array is None:
+            return super().encode_rows(rows)
+        packed = pack_nonnegative_array(array)
+        return torch.from_numpy(packed), torch.from_numpy(l1_norms_array(array, max(array.shape[1], 1)))
 
-    def _combine(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, mode: str) -> Tensor:
-        """``target -= decode`` or ``target += decode``: compiled in one pass, else through a reused buffer."""
-        if self._native_decode(payloads, layout, target, mode) is not None:
-            return target
-        buffer = layout.memo(("sign-decoded", tuple(target.shape), target.dtype, target.device), lambda: torch.empty_like(target))
-        decoded = self._decode_layers(payloads, layout, out=buffer)
-        return target.sub_(decoded) if mode == "subtract" else target.add_(decoded)
+
+class NativeSignKernels(NumpySignKernels):
+    """The compiled one-pass encoders and decoders; inputs they cannot read (another dtype, a layout in
+    memory they cannot walk, buffers autograd guards) go to the numpy kernels."""
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        payload = native_sign_encode(rows)
+        return payload if payload is not None else super().encode_rows(rows)
+
+    def decode_rows(self, packed: Tensor, scale: Tensor, d: int) -> Tensor:
+        out = cpu_empty((packed.shape[0], d), scale.dtype)
+        return out if native_sign_decode(packed, scale, one_layer(d), out) else super().decode_rows(packed, scale, d)
+
+    def encode_layers(self, rows: Tensor, layout: Layout):
+        payload = native_sign_encode(rows, _native_layers(layout))
+        return payload if payload is not None else super().encode_layers(rows, layout)
+
+    def decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str) -> Tensor:
+        written = self._native(payloads, layout, out, mode)
+        return written if written is not None else super().decode(payloads, layout, out, mode)
+
+    def mean(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+        """Each row added onto one buffer, its scale divided by W, in one compiled pass."""
+        dtype = payloads[0][1].dtype
+        total = layout.memo(("sign-mean", dtype), lambda: torch.empty(layout.total, dtype=dtype)).zero_()
+        written = self._native(payloads, layout, total, "add", payloads[0][0].shape[0])
+        return written if written is not None else super().mean(payloads, layout)
+
+    @staticmethod
+    def _native(payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str, divisor: int = 1):
+        """The compiled decoder writing into (a fresh ``(W, P)`` tensor if ``out`` is None), subtracting
+        from or adding to ``out``; returns the tensor written, or None if it cannot."""
+        packed, scales = _joined(payloads)
+        if out is None:
+            out = cpu_empty((packed.shape[0], layout.total), scales.dtype)
+        return out if native_sign_decode(packed, scales, _native_layers(layout), out, mode, divisor) else None
+
+
+_KERNELS = KernelSet(TorchSignKernels(), NumpySignKernels(), NativeSignKernels())
+
+
+def _native_layers(layout: Layout) -> NativeLayers:
+    return layout.memo(("native-layers",), lambda: NativeLayers(layout.sizes))
+
+
+def _layer_scales(rows: Tensor, layout: Layout) -> Tensor:
+    """(W, layers): ||v||_1 / d of every layer of every row."""
+    if rows.numel() <= 1 << 20 and rows.device.type == "cpu":  # small: one kernel beats a loop of launches
+        # (CPU only: index_add_ on a GPU adds in no fixed order, and runs must be bit-identical)
+        layer = layout.cached("layer-of-element", rows.device, lambda: torch.repeat_interleave(
+            torch.arange(len(layout)), torch.tensor(layout.sizes)))
+        sums = rows.new_zeros(rows.shape[0], len(layout)).index_add_(1, layer, rows.abs())
+    else:  # large: a plain reduction per layer streams the memory once (index_add does not)
+        sums = torch.stack([l1_norms(rows[:, s]) for s in layout.slices], dim=1)
+    return sums / layout.cached("lengths", rows.device, lambda: torch.tensor(layout.sizes)).to(rows.dtype)
+
+
+def _padded_index(layout: Layout) -> Tensor:
+    """Position of each element in the concatenation of layers each padded to a multiple of 8."""
+    padded = Layout([8 * -(-d // 8) for d in layout.sizes]).offsets
+    return torch.cat([torch.arange(d) + start for d, start in zip(layout.sizes, padded)])
+
+
+def _source_index(layout: Layout) -> Tensor:
+    """For each position of the byte-aligned layers, the element it holds, or P (a filler) for padding."""
+    nbits = 8 * sum(-(-d // 8) for d in layout.sizes)
+    source = torch.full((nbits,), layout.total, dtype=torch.int64)
+    source[_padded_index(layout)] = torch.arange(layout.total)
+    return source
