@@ -96,8 +96,6 @@ class TrainConfig:
             bad("method", self.method, f"choose one of {', '.join(train_methods())}")
         if self.method == "sgd" and self.compressor not in (None, "identity"):
             bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
-        if self.average_every is not None and self.average_every < 1:
-            bad("average_every", self.average_every, "must be >= 1 (omit it for never)")
         if self.method == "sgd" and self.average_every is not None:
             bad("average_every", self.average_every, "method sgd has no error to average; leave it unset")
         if self.workers < 1:
