@@ -43,7 +43,7 @@ HELP = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
-    "timeout": "dist only: seconds a collective waits for a dead or hung rank before failing",
+    "timeout": "dist only: seconds any wait on another rank (the rendezvous included) may take before failing; finite",
     "checkpoint_every": "also checkpoint every N steps (0: only at the end of each epoch)",
     "keep_checkpoints": "how many recent checkpoints to keep",
     "max_nonfinite_skips": "steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (0: at once)",
@@ -111,18 +111,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plot":
         return _plot(args)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    never = overrides.get("average_every") == "never"
-    if never:
-        overrides["average_every"] = None
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}  # average_every may be 'never'
     changed = None
     try:
         if args.resume:
             if args.config:
                 raise ConfigError("--resume takes the run's own config.json; give changes as flags, not --config")
             saved = _read_saved_config(args.resume)
-            if never:  # 'never' cannot be told apart from 'not given' once it is None
-                saved["average_every"] = None
             overrides["output"] = args.resume
             config, changed = resume_config(saved, overrides, args.reset_errors)
         else:

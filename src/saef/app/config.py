@@ -92,43 +92,36 @@ class TrainConfig:
         def bad(key, value, allowed):
             raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
+        for key, (low, high) in _INTEGER_RANGES.items():  # every integer key has a range, named when broken
+            value = getattr(self, key)
+            values = value if isinstance(value, list) else [value]
+            if any(v is not None and not low <= v <= high for v in values):
+                bad(key, value, f"must be {'integers' if isinstance(value, list) else 'an integer'} from {low} to {high}")
+
         if self.method not in train_methods():
             bad("method", self.method, f"choose one of {', '.join(train_methods())}")
         if self.method == "sgd" and self.compressor not in (None, "identity"):
             bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
         if self.method == "sgd" and self.average_every is not None:
             bad("average_every", self.average_every, "method sgd has no error to average; leave it unset")
-        if self.workers < 1:
-            bad("workers", self.workers, "must be >= 1")
         if not (self.lr >= 0) or math.isinf(self.lr):
             bad("lr", self.lr, "must be a finite number >= 0")
         if not 0 < self.lr_decay <= 1:
             bad("lr_decay", self.lr_decay, "must be in (0, 1]")
-        if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
             bad("lr_milestones", self.lr_milestones, "must be increasing epochs >= 1")
-        if self.epochs < 1:
-            bad("epochs", self.epochs, "must be >= 1")
-        if self.batch_size < 1:
-            bad("batch_size", self.batch_size, "must be >= 1")
         if self.batch_size % self.workers:
             bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"choose one of {', '.join(DATASETS)}")
-        if self.dataset_size is not None and self.dataset_size < 1:
-            bad("dataset_size", self.dataset_size, "must be >= 1")
         if self.model not in MODELS:
             bad("model", self.model, f"choose one of {', '.join(MODELS)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
         if self.backend not in available_backends():
             bad("backend", self.backend, f"choose one of {', '.join(available_backends())}")
-        for key in ("checkpoint_every", "max_nonfinite_skips"):
-            if getattr(self, key) < 0:
-                bad(key, getattr(self, key), "must be >= 0")
-        if self.keep_checkpoints < 1:
-            bad("keep_checkpoints", self.keep_checkpoints, "must be >= 1")
-        if not self.timeout > 0:
-            bad("timeout", self.timeout, "must be > 0 seconds")
+        if not 0 < self.timeout <= MAX_TIMEOUT:  # every wait is bounded by it, so it must be finite
+            bad("timeout", self.timeout, f"must be a finite number of seconds, > 0 and <= {MAX_TIMEOUT:g}")
         if self.server not in ("sharded", "rank0"):
             bad("server", self.server, "choose sharded or rank0")
         try:  # the algorithm's own settings are validated where they are defined, once
@@ -178,6 +171,15 @@ class TrainConfig:
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer than any wait a run should make
+_INT_MAX = (1 << 31) - 1
+# The range of every integer key, checked before anything uses it (numpy's seed takes 0 .. 2^63 - 1).
+_INTEGER_RANGES = {
+    "workers": (1, 1 << 16), "average_every": (1, _INT_MAX), "lr_milestones": (1, _INT_MAX), "epochs": (1, _INT_MAX),
+    "batch_size": (1, _INT_MAX), "seed": (0, (1 << 63) - 1), "dataset_size": (1, _INT_MAX),
+    "checkpoint_every": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
+}
+
 
 def _check_type(key: str, value: Any, annotation: str) -> None:
     optional = annotation.startswith("Optional[")
@@ -212,8 +214,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-        values = {key: (None if value == "never" and key == "average_every" else value) for key, value in values.items()}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = _never_as_none(values)
     unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
@@ -221,6 +223,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         return TrainConfig(**values)
     except TypeError as error:  # pragma: no cover - guarded by the unknown-key check
         raise ConfigError(str(error)) from None
+
+
+def _never_as_none(values: Dict[str, Any]) -> Dict[str, Any]:
+    """``average_every = "never"`` (a flag or a TOML value) is None, which no flag can say."""
+    return {key: (None if key == "average_every" and value == "never" else value) for key, value in values.items()}
 
 
 def default_output(config: TrainConfig, stamp: str) -> Path:
@@ -239,7 +246,7 @@ def resume_config(saved: Dict[str, Any], overrides: Dict[str, Any], reset_errors
     depends on: worker count, method or compressors (unless ``reset_errors``), or the data and model.
     """
     known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
-    given = {k: v for k, v in overrides.items() if v is not None and k in _FIELD_TYPES}
+    given = _never_as_none({k: v for k, v in overrides.items() if v is not None and k in _FIELD_TYPES})
     base = TrainConfig(**known)
     changed = {k: (getattr(base, k) if k != "compressor" else base.worker_compressor, v) for k, v in given.items()
                if (getattr(base, k) if k != "compressor" else base.worker_compressor) != v}

@@ -87,6 +87,7 @@ class Run:
     progress: bool
     started: float = 0.0  # perf_counter at the run's start, minus the time of earlier processes
     epoch_started: float = 0.0  # the same for the current epoch
+    last_checkpoint: Optional[int] = None  # the step of the newest checkpoint on disk (None: none yet)
 
     @property
     def folder(self) -> Path:
@@ -115,6 +116,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         if message is None:
             raise
         raise TrainingFailed(message) from error
+    except (ValueError, FloatingPointError):  # bad input or a diverged run: the job itself is healthy, leave it
+        backend.close()
+        raise
     backend.close()
     return summary
 
@@ -131,6 +135,7 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
         data.train, data.test = data.train.to(device), data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(device)
+    backend.agree(_identity(config, model))  # ranks that disagree stop here, before any training collective
     worker = backend.make_worker(model, config.algorithm())
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
     if backend.restarted() and config.output:  # a launcher restarted the job: continue from the last checkpoint
@@ -150,16 +155,28 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     return run
 
 
+def _identity(config: TrainConfig, model: nn.Module) -> Dict[str, Any]:
+    """What every process of a run must agree on: the resolved settings (all but the device and the data
+    folder, which are the host's own) and the model's tensors."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_dir")}
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers())]
+    return {**settings, "model tensors": tensors}
+
+
 def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> None:
     """Load the newest complete checkpoint into the worker, the loop, the RNGs and the records."""
     rank, processes = run.backend.rank, run.backend.processes
     saved = checkpoint.load_latest(run.folder, rank=0 if reset_errors else rank, world=None if reset_errors else processes)
-    if saved is None:
-        raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from")
+    if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
+        _restart_from_scratch(run, changed)
+        return
     if not reset_errors and saved["config"] != _state_config(run.config):
         raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved['config']}, not {_state_config(run.config)}")
     run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
     run.loop = LoopState.from_dict(saved["loop"])
+    run.last_checkpoint = run.loop.step
+    if run.config.epochs < run.loop.epoch:  # a summary would contradict the rows already written
+        raise ValueError(f"{run.output} has already trained {run.loop.epoch} epochs; --epochs must be at least that")
     checkpoint.restore_rng(saved["rng"])
     run.order.set_state(run.loop.epoch_order)
     event = {"step": run.loop.step, "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
@@ -169,19 +186,37 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
             + (" with errors reset" if reset_errors else ""))
 
 
+def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
+    """--resume of a run directory that has no checkpoint yet: the run starts again from its beginning, in
+    the same directory (the worker and the loop are as a new run's), and says so."""
+    if not (run.output / "config.json").is_file():
+        raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from, and no config.json: "
+                                         "it is not a run directory saef train made")
+    event = {"step": 0, "changed": {k: list(v) for k, v in (changed or {}).items()}, "from_scratch": True}
+    if run.worker.is_main:
+        run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=0, event=event)
+    run.log(f"saef: {run.output} stopped before its first checkpoint; starting it again from the beginning")
+
+
 def _state_config(config: TrainConfig) -> Dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed without --reset-errors."""
     d = config.to_dict()
-    return {k: d[k] for k in ("workers", "method", "compressor", "server_compressor", "double_way", "model", "dataset", "batch_size", "seed")}
+    return {k: d[k] for k in ("workers", "method", "compressor", "server_compressor", "double_way", "model", "dataset",
+                              "dataset_size", "batch_size", "seed")}
 
 
 def _save_checkpoint(run: Run) -> None:
+    """Checkpoint the run -- unless it is skipping non-finite steps: then nothing may replace (or, through
+    the retention policy, evict) the healthy checkpoints from before the trouble."""
+    if run.loop.consecutive_skips:
+        return
     now = time.perf_counter()
     run.loop.elapsed = now - run.started
     state = {"config": _state_config(run.config), "trainer": run.worker.state_dict(), "loop": run.loop.to_dict(),
              "rng": checkpoint.capture_rng()}
     checkpoint.save(run.folder, run.loop.step, state, rank=run.backend.rank, world=run.backend.processes,
                     keep=run.config.keep_checkpoints, barrier=run.backend.gather())
+    run.last_checkpoint = run.loop.step
 
 
 def _run_epoch(run: Run) -> None:
@@ -215,10 +250,12 @@ def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int)
         loop.skipped += 1
         loop.consecutive_skips += 1
         if loop.consecutive_skips > config.max_nonfinite_skips:
+            where = ("no checkpoint was written before them: start again with a lower --lr" if run.last_checkpoint is None else
+                     f"the newest checkpoint (step {run.last_checkpoint}) is from before them: "
+                     f"saef train --resume {run.output} --lr LOWER")
             raise FloatingPointError(
                 f"{loop.consecutive_skips} step(s) in a row had a NaN or Inf loss or gradient (last at step {loop.step}: "
-                f"{error}); stopped with parameters, momentum and errors from before them. Lower --lr or check the data"
-            ) from None
+                f"{error}); stopped. Lower --lr or check the data; {where}") from None
         run.log(f"saef: step {loop.step} skipped: {error}")
     loop.step += 1
     loop.step_in_epoch += 1

@@ -8,16 +8,20 @@ loop needs (run something on the main process first, a barrier for checkpoints).
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
 
 from ..core import ErrorFeedbackConfig, Worker
 
-__all__ = ["Backend", "resolve_device"]
+__all__ = ["Backend", "RanksDisagree", "resolve_device"]
 
 T = TypeVar("T")
+
+
+class RanksDisagree(ValueError):
+    """The processes of one job were started with different settings."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,6 +61,11 @@ class Backend:
         """A function that gathers one value from every process once all have called it (a barrier for
         checkpoints), or None with one process."""
         return None
+
+    def agree(self, values: Dict[str, Any]) -> None:
+        """Check that every process has the same ``values`` (e.g. its resolved configuration and its
+        model's shapes); raise :class:`RanksDisagree` on every process, naming the first key that differs
+        and the processes, if not. One process agrees with itself."""
 
     def restarted(self) -> bool:
         """Whether a launcher restarted this job after a failure (then the run resumes)."""

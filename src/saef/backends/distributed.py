@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from typing import Dict, List, Sequence
 
 import torch
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
 from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, flatten, write_flat
-from .base import Backend
+from .base import Backend, RanksDisagree
 
 __all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -264,8 +265,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
     """Join the job torchrun (or the caller's environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     describes; NCCL when this rank gets a GPU, gloo otherwise. Returns this rank's device.
 
-    ``timeout_s`` bounds every collective: a rank that dies or hangs makes the others fail after at most
-    that long instead of waiting for ever.
+    ``timeout_s`` bounds every wait: the rendezvous (also when whatever answers on MASTER_PORT is not a
+    peer, or no peer comes) and every collective after it. A rank that dies or hangs makes the others fail
+    after at most that long instead of waiting for ever.
     """
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing and not dist.is_initialized():
@@ -281,21 +283,53 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
     else:
         this = torch.device("cpu")
     if not dist.is_initialized():
-        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if restart == "0":
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            # After a torchrun restart the rendezvous store still holds the dead round's addresses under
-            # the same keys, and a rank may connect to a peer that no longer exists. A per-round prefix
-            # keeps each round's keys apart.
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                 is_master=rank == 0 and not hosted, timeout=timeout)
-            store = dist.PrefixStore(f"saef/restart-{restart}/", base)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        _within(timeout_s, lambda: _rendezvous("nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)),
+                f"the rendezvous at {where} did not complete within --timeout {timeout_s:g} s (a rank missing, or "
+                "something other than a saef rank on that port)")
     return this
+
+
+class RendezvousTimeout(RuntimeError):
+    """The ranks did not all meet within the timeout."""
+
+
+def _within(seconds: float, work, message: str):
+    """``work()``, or :class:`RendezvousTimeout` with ``message`` once ``seconds`` have passed. torch's own
+    timeouts do not bound every wait of the rendezvous (a peer that accepts the connection and never
+    answers holds it for ever), so the work runs in a daemon thread that is left behind if it hangs."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="saef-rendezvous", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise RendezvousTimeout(message)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _rendezvous(backend: str, timeout: datetime.timedelta) -> None:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # After a torchrun restart the rendezvous store still holds the dead round's addresses under the same
+    # keys, and a rank may connect to a peer that no longer exists. A per-round prefix keeps each round's
+    # keys apart.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=rank == 0 and not hosted, timeout=timeout)
+    store = dist.PrefixStore(f"saef/restart-{restart}/", base)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 class DistributedWorker(WorkerBase):
@@ -427,6 +461,18 @@ class DistributedBackend(Backend):
 
         return every_rank
 
+    def agree(self, values):
+        everyone = [None] * self.processes
+        dist.all_gather_object(everyone, values)
+        keys = list(values) + [k for other in everyone for k in other if k not in values]
+        for key in keys:
+            differing = [r for r, other in enumerate(everyone) if other.get(key) != everyone[0].get(key)]
+            if differing:
+                first = differing[0]
+                raise RanksDisagree(f"the ranks disagree on {key}: rank 0 has {everyone[0].get(key)!r}, rank {first} has "
+                                    f"{everyone[first].get(key)!r}" + (f" (and {len(differing) - 1} more ranks differ)" if len(differing) > 1 else "")
+                                    + "; start every rank with the same settings")
+
     def restarted(self) -> bool:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
@@ -440,7 +486,9 @@ class DistributedBackend(Backend):
     def failure_message(self, error: BaseException):
         if not isinstance(error, RuntimeError):
             return None
-        rank = dist.get_rank() if dist.is_initialized() else "?"
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        if isinstance(error, RendezvousTimeout):
+            return f"rank {rank}: {error}"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return (f"rank {rank}: distributed training failed, another rank may have died or hung "
                 f"({type(error).__name__}: {first})")

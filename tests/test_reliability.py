@@ -1,0 +1,191 @@
+"""Reliability, round two: ranks that disagree, waits that must be bounded, integers out of range, a
+diverging run keeping its healthy checkpoint, a run killed before its first checkpoint, and changes on
+resume. Each test states the principle it checks; every process it starts is bounded in time."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import saef
+from saef.app import checkpoint
+from saef.app.cli import main
+from saef.app.config import TrainConfig
+from saef.app.loop import train
+from saef.core import NonFiniteStep
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from test_distributed import free_port, wait_all  # noqa: E402
+
+SRC = str(HERE.parent / "src")
+FAST = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--quiet"]
+
+
+def rank_env(rank, world, port):
+    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def ranks_with(per_rank_flags, out, timeout=60):
+    """Start one `saef train --backend dist` per entry of ``per_rank_flags`` (its own extra flags)."""
+    port, world = free_port(), len(per_rank_flags)
+    procs = [subprocess.Popen([sys.executable, "-m", "saef", "train", "--backend", "dist", *FAST, "--epochs", "1",
+                               "--timeout", "20", "--output", str(out), *flags], env=rank_env(r, world, port),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r, flags in enumerate(per_rank_flags)]
+    codes = wait_all(procs, timeout)
+    return codes, [p.stderr.read() for p in procs]
+
+
+@pytest.mark.parametrize("flags,key", [(["--seed", "1"], "seed"), (["--compressor", "sign"], "compressor")])
+def test_ranks_that_disagree_all_stop_with_one_line(tmp_path, flags, key):
+    """Two ranks started with different settings (a seed: would run silently; a compressor: would abort
+    inside gloo) both stop before training, exit 2, and say in one line which key differs on which ranks."""
+    codes, errs = ranks_with([[], flags], tmp_path / "run")
+    assert codes == [2, 2], errs
+    for err in errs:
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"saef: error: the ranks disagree on {key}: rank 0 has") and "rank 1 has" in last, err
+
+
+def test_timeout_must_be_finite(capsys):
+    """--timeout bounds every wait, so it must be finite: inf is refused with one line naming the key."""
+    assert main(["train", *FAST, "--timeout", "inf"]) == 2
+    assert "timeout = inf is not allowed" in capsys.readouterr().err
+
+
+class SilentServer:
+    """Something that is not a saef rank on the rendezvous port: it accepts connections and never answers."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.port = self.socket.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for c in self.connections:
+            c.close()
+        self.socket.close()
+
+
+@pytest.mark.parametrize("peer", ["silent server", "nobody"])
+def test_rendezvous_is_bounded_by_the_timeout(tmp_path, peer):
+    """A rank whose rendezvous finds a server that never answers, or no rank 0 at all, stops within
+    --timeout (3 s here, plus start-up) with exit 1 and a line saying the rendezvous did not complete."""
+    server = SilentServer() if peer == "silent server" else None
+    port = server.port if server else free_port()
+    try:
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "saef", "train", "--backend", "dist", *FAST, "--epochs", "1",
+                                 "--timeout", "3", "--output", str(tmp_path / "run")], env=rank_env(1, 2, port),
+                                capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if server:
+            server.close()
+    assert result.returncode == 1, result.stderr
+    assert "rank 1: the rendezvous at 127.0.0.1" in result.stderr and "within --timeout 3 s" in result.stderr
+    assert elapsed < 3 + 12, elapsed  # start-up (imports, data) plus the timeout
+
+
+@pytest.mark.parametrize("flags,key", [
+    (["--seed", "-1"], "seed"),
+    (["--seed", str(2**70)], "seed"),
+    (["--workers", str(2**20)], "workers"),
+    (["--keep-checkpoints", str(10**12)], "keep_checkpoints"),
+    (["--epochs", str(2**40)], "epochs"),
+    (["--lr-milestones", f"5,{2**40}"], "lr_milestones"),
+    (["--average-every", str(2**40)], "average_every"),
+    (["--dataset-size", "0"], "dataset_size"),
+])
+def test_integers_out_of_range_name_their_key(tmp_path, capsys, flags, key):
+    """Every integer key has a range: a value outside it stops the command with exit 2 and one line naming
+    the key (not an overflow deep inside numpy or torch), before anything is written."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--output", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"saef: error: {key} = "), err
+    assert not out.exists()
+
+
+def test_a_diverging_run_keeps_its_healthy_checkpoint(tmp_path, monkeypatch):
+    """From step 10 on every step is non-finite: while the run skips steps, no checkpoint replaces (or,
+    through --keep-checkpoints 1, evicts) the one of step 10; the stop names it; and resuming from it with
+    the trouble gone finishes the run."""
+    config = TrainConfig(dataset="synthetic", model="mlp", batch_size=32, epochs=2, checkpoint_every=1,
+                         keep_checkpoints=1, max_nonfinite_skips=8, output=str(tmp_path / "run"))
+    real_step = saef.Simulator.step
+
+    def diverging(self, inputs, targets, lr):
+        if self.state.step >= 10:
+            raise NonFiniteStep("loss nan (injected)")
+        return real_step(self, inputs, targets, lr)
+
+    monkeypatch.setattr(saef.Simulator, "step", diverging)
+    with pytest.raises(FloatingPointError, match=r"the newest checkpoint \(step 10\) is from before them"):
+        train(config, progress=False, log=lambda m: None)
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "manifest.json").read_text())
+    assert [entry["step"] for entry in manifest] == [10]
+    monkeypatch.setattr(saef.Simulator, "step", real_step)
+    summary = train(config, progress=False, log=lambda m: None, resume=True)
+    assert summary["steps"] == 32 and summary["skipped_steps"] == 0
+
+
+def cli(args, fault=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("SAEF_FAULT", None)
+    if fault:
+        env["SAEF_FAULT"] = fault
+    return subprocess.run([sys.executable, str(HERE / "_faults.py"), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_killed_before_its_first_checkpoint_resume_starts_again(tmp_path):
+    """A run killed before its first checkpoint is not a dead end: --resume starts it again from the
+    beginning in the same directory, says so, and ends with the records of an uninterrupted run."""
+    run = [*FAST, "--epochs", "2"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert cli(["train", *run, "--output", str(reference)]).returncode == 0
+    assert cli(["train", *run, "--output", str(out)], fault="kill-at-step:3").returncode == -9
+    resumed = cli(["train", "--resume", str(out), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped before its first checkpoint; starting it again from the beginning" in resumed.stdout
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "wall_time")}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(out) == rows(reference)
+    event = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
+    assert event["from_scratch"] is True
+
+
+def test_resume_refuses_fewer_epochs_and_logs_every_change(tmp_path, capsys):
+    """Resuming with fewer --epochs than already trained is refused (a summary would contradict the rows);
+    an accepted change -- even to 'never' -- is logged in events.jsonl; the checkpoint's identity includes
+    the dataset size."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "2", "--average-every", "5", "--output", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "1"]) == 2
+    assert "already trained 2 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--average-every", "never", "--quiet"]) == 0
+    event = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
+    assert event["changed"]["average_every"] == [5, None]
+    state = checkpoint.load_latest(out / "checkpoints")
+    assert "dataset_size" in state["config"]
