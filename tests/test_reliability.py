@@ -189,3 +189,58 @@ def test_resume_refuses_fewer_epochs_and_logs_every_change(tmp_path, capsys):
     assert event["changed"]["average_every"] == [5, None]
     state = checkpoint.load_latest(out / "checkpoints")
     assert "dataset_size" in state["config"]
+
+
+def wait_for(predicate, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """While a run trains, a second `saef train --resume` of its directory is refused (exit 2, naming the
+    holder's pid) and writes nothing; after the holder is SIGKILLed the lock is gone with it (no stale
+    lock) and the resume works."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen([sys.executable, "-m", "saef", "train", *FAST, "--dataset-size", "4096", "--epochs", "50",
+                               "--checkpoint-every", "10", "--output", str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (out / "checkpoints" / "manifest.json").exists())
+        rows_before = (out / "metrics.jsonl").read_text()
+        second = subprocess.run([sys.executable, "-m", "saef", "train", "--resume", str(out), "--quiet"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"is being written by process {holder.pid}" in second.stderr
+        assert (out / "metrics.jsonl").read_text().startswith(rows_before) and not (out / "events.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = subprocess.run([sys.executable, "-m", "saef", "train", "--resume", str(out), "--epochs", "1", "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode in (0, 2), resumed.stderr  # 2 only if the holder finished epoch 1 (then --epochs 1 is too few)
+    assert "is being written" not in resumed.stderr
+
+
+def test_reproduce_stops_its_children_on_sigterm(tmp_path):
+    """SIGTERM to `saef reproduce` reaches its `saef train` children, which it waits for: none is left
+    running after it exits."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = tmp_path / "runs"
+    parent = subprocess.Popen([sys.executable, "-m", "saef", "reproduce", "fig3", "--seeds", "1", "--runs", str(runs),
+                               "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        locks = lambda: list(runs.rglob(".lock"))  # noqa: E731 -- a child that has claimed its run directory
+        assert wait_for(lambda: locks() and locks()[0].read_text().strip())
+        child = int(locks()[0].read_text())
+        parent.send_signal(15)
+        assert parent.wait(timeout=90) == 128 + 15
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

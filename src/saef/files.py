@@ -5,12 +5,48 @@ Imports nothing else of saef, so every layer may use it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Dict, Union
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "claim", "release", "DirectoryBusy", "LOCK_NAME"]
+
+LOCK_NAME = ".lock"
+_CLAIMED: Dict[Path, int] = {}  # directory -> the descriptor whose lock this process holds
+
+
+class DirectoryBusy(FileExistsError):
+    """Another process is writing the directory."""
+
+
+def claim(directory: Union[str, Path]) -> None:
+    """Make this process the one writer of ``directory`` (created if missing): an exclusive OS lock on
+    ``directory/.lock``, which holds this process's pid. The lock dies with the process, so a crash never
+    leaves a stale one. Claiming again from the same process is a no-op; another process gets
+    :class:`DirectoryBusy` naming the holder's pid."""
+    directory = Path(directory).resolve()
+    if directory in _CLAIMED:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DirectoryBusy(f"{directory} is being written by process {holder}; wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _CLAIMED[directory] = fd
+
+
+def release(directory: Union[str, Path]) -> None:
+    """Give up the claim on ``directory`` (if this process holds it)."""
+    fd = _CLAIMED.pop(Path(directory).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def write_atomically(path: Union[str, Path], data: Union[bytes, Callable[[BinaryIO], None]], *, make_parent: bool = False) -> Path:

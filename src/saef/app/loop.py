@@ -105,6 +105,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     compressor changed).
     """
     backend = make_backend(config.backend, device=config.device, timeout=config.timeout, server=config.server)
+    run = None
     try:
         run = _start(config, backend, log, progress, resume, reset_errors, changed)
         while run.loop.epoch < run.config.epochs:
@@ -119,6 +120,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     except (ValueError, FloatingPointError):  # bad input or a diverged run: the job itself is healthy, leave it
         backend.close()
         raise
+    finally:
+        if run is not None and run.record is not None:
+            run.record.close()  # no longer this directory's writer
     backend.close()
     return summary
 
@@ -143,11 +147,16 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     order = torch.Generator().manual_seed(config.seed)
     run = Run(config, backend, worker, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
               order, None, [], log if worker.is_main else (lambda message: None), progress)
-    if resume:
-        _resume(run, reset_errors, changed)
-    elif worker.is_main:
-        run.record = RunRecord(output, config.to_dict(), environment(str(device)))
-    run.rows = run.record.rows() if run.record is not None else []
+    try:  # the record claims the run directory for this process (refused if another process holds it)
+        if resume:
+            _resume(run, reset_errors, changed)
+        elif worker.is_main:
+            run.record = RunRecord(output, config.to_dict(), environment(str(device)))
+        run.rows = run.record.rows() if run.record is not None else []
+    except BaseException:
+        if run.record is not None:
+            run.record.close()
+        raise
     run.started = time.perf_counter() - run.loop.elapsed
     run.log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
             f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..files import write_atomically
+from ..files import LOCK_NAME, claim, release, write_atomically
 
 __all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment"]
 
@@ -122,11 +122,12 @@ class RunRecord:
                  event: Optional[Dict[str, Any]] = None):
         self.directory = Path(directory)
         if resume_rows is not None:
+            claim(self.directory)  # the one writer of the directory from here on, until close()
             self._reopen(resume_rows, config, env, event or {})
             return
-        if self.directory.exists() and any(self.directory.iterdir()):
+        if self.directory.exists() and any(p.name != LOCK_NAME for p in self.directory.iterdir()):
             raise FileExistsError(f"run directory {self.directory} already exists and is not empty; choose another --output")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        claim(self.directory)
         write_atomically(self.directory / "config.json", _json_bytes(config))
         write_atomically(self.directory / "environment.json", _json_bytes(env))
         header = ",".join(METRIC_COLUMNS) + "\n"
@@ -166,3 +167,7 @@ class RunRecord:
     def finish(self, summary: Dict[str, Any]) -> None:
         """Mark the run complete."""
         write_atomically(self.directory / "summary.json", _json_bytes(summary))
+
+    def close(self) -> None:
+        """Stop being the directory's writer (another process may resume it from now on)."""
+        release(self.directory)

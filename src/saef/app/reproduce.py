@@ -12,11 +12,14 @@ PNG figures are then rebuilt from the run directories into ``--out`` (default ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -123,6 +126,60 @@ def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
     return argv
 
 
+class _Children:
+    """The ``saef train`` processes of a reproduce run. SIGINT and SIGTERM sent to ``saef reproduce`` go on
+    to every child, which it then waits for (those still alive after a minute are killed): stopping
+    reproduce never leaves runs training behind it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: set = set()
+        self.stopping = False
+
+    def run(self, argv: List[str], **popen) -> int:
+        with self.lock:
+            if self.stopping:
+                return -1
+            process = subprocess.Popen(argv, **popen)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    @contextlib.contextmanager
+    def forwarding_signals(self, pool):
+        def forward(signum, frame):
+            with self.lock:
+                self.stopping = True
+                children = list(self.running)
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in children:
+                child.send_signal(signum)
+            for child in children:
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            raise SystemExit(128 + signum)
+
+        self.stopping = False
+        if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+            yield
+            return
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+_CHILDREN = _Children()
+
+
 def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Optional[str] = None, log=print) -> Dict[Run, bool]:
     """Run every run that is not finished yet, ``jobs`` at a time; returns which runs succeeded."""
     runs = list({run.name: run for run in runs}.values())  # experiments share runs (same name, same run)
@@ -139,10 +196,10 @@ def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Option
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log_path = runs_dir / f"{run.name}.log"
         with open(log_path, "w") as handle:
-            code = subprocess.call(_command(run, run_dir, data_dir), stdout=handle, stderr=subprocess.STDOUT, env=env)
+            code = _CHILDREN.run(_command(run, run_dir, data_dir), stdout=handle, stderr=subprocess.STDOUT, env=env)
         return code == 0 and is_done(run_dir)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool, _CHILDREN.forwarding_signals(pool):
         pending = {pool.submit(one, run): run for run in todo}
         finished = 0
         while pending:
