@@ -244,3 +244,106 @@ def test_reproduce_stops_its_children_on_sigterm(tmp_path):
             parent.kill()
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("saef: error: ") and needle in err, err
+
+
+def test_unreadable_config_files_get_one_line(tmp_path, capsys):
+    """A TOML file that is not UTF-8, or is a directory: exit 2 and one line naming the file."""
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"lr = 0.1\n\xff\xfe = 1\n")
+    assert main(["train", *FAST, "--config", str(bad)]) == 2
+    one_line_error(capsys, "bad.toml is not valid TOML")
+    (tmp_path / "dir.toml").mkdir()
+    assert main(["train", *FAST, "--config", str(tmp_path / "dir.toml")]) == 2
+    one_line_error(capsys, "dir.toml cannot be read")
+
+
+def test_resume_of_a_file_and_plot_into_a_directory(tmp_path, capsys):
+    """--resume of a file and `saef plot -o` a directory: exit 2 and one line saying what is wrong."""
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    assert main(["train", "--resume", str(afile)]) == 2
+    one_line_error(capsys, "is not a directory")
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(out), "-o", str(tmp_path)]) == 2
+    one_line_error(capsys, "is a directory")
+
+
+@pytest.mark.parametrize("dataset,size", [("synthetic", 10**8), ("mnist1d", 10**6)])
+def test_dataset_size_beyond_what_is_generated(tmp_path, capsys, dataset, size):
+    """A --dataset-size the generator cannot make in reasonable time and memory is refused at once (it used
+    to run for ever), naming the limit; no run directory is made."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", dataset, "--model", "mlp", "--quiet", "--dataset-size", str(size),
+                 "--data-dir", str(tmp_path / "data"), "--output", str(out)]) == 2
+    one_line_error(capsys, f"more than {dataset} generates here")
+    assert not out.exists()
+
+
+def make_cache(tmp_path, damage):
+    """An MNIST-1D cache of 100 samples under tmp_path/data, damaged as asked."""
+    import numpy as np
+
+    from saef.zoo.data import _generate_mnist1d
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = data_dir / "mnist1d-100-0.npz"
+    arrays = _generate_mnist1d(100, 0)
+    if damage == "labels":
+        arrays["y"][3] = 12
+    np.savez(path, **arrays)
+    blob = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flipped":
+        path.write_bytes(blob[:600] + bytes(b ^ 0xFF for b in blob[600:700]) + blob[700:])
+    return data_dir
+
+
+@pytest.mark.parametrize("damage,needle", [("truncated", "malformed MNIST-1D cache"), ("flipped", "malformed MNIST-1D cache"),
+                                           ("labels", "train labels range over [0, 12]")])
+def test_a_damaged_dataset_file_gets_one_line(tmp_path, capsys, damage, needle):
+    """A truncated or damaged MNIST-1D cache, or labels outside the classes: exit 2 and one line naming the
+    file (the labels are checked for every dataset as it is loaded)."""
+    data_dir = make_cache(tmp_path, damage)
+    assert main(["train", "--dataset", "mnist1d", "--dataset-size", "100", "--model", "mlp", "--batch-size", "16",
+                 "--quiet", "--data-dir", str(data_dir), "--output", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, needle)
+
+
+def test_checkpoints_of_the_wrong_structure_are_refused(tmp_path, capsys):
+    """A checkpoint that passes its checksum but holds the wrong structure (an RNG state of the wrong size),
+    and a manifest that is JSON but not a list of entries: --resume exits 2 with one line naming the
+    checkpoint folder, and changes nothing."""
+    import hashlib
+    import io
+
+    import torch
+
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "1", "--output", str(out)]) == 0
+    folder = out / "checkpoints"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name = next(iter(manifest[-1]["files"]))
+    saved = torch.load(folder / name, weights_only=True)
+    saved["state"]["rng"]["torch"] = torch.zeros(7, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    (folder / name).write_bytes(buffer.getvalue())
+    manifest[-1]["files"][name] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    rows = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 2
+    one_line_error(capsys, "does not hold this run's state")
+    assert (out / "metrics.jsonl").read_text() == rows
+    (folder / "manifest.json").write_text("[1, 2]")
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 2
+    one_line_error(capsys, "is not a valid checkpoint manifest")

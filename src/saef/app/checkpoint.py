@@ -52,10 +52,18 @@ def _read_manifest(folder: Path) -> List[Dict[str, Any]]:
         return []
     try:
         entries = json.loads(path.read_text())
-        assert isinstance(entries, list)
-        return entries
-    except (ValueError, AssertionError) as error:
+    except (ValueError, OSError) as error:
         raise CheckpointError(f"{path} is not a valid checkpoint manifest ({error})") from None
+    if not isinstance(entries, list) or not all(_valid_entry(e) for e in entries):
+        raise CheckpointError(f"{path} is not a valid checkpoint manifest (expected a list of "
+                              "{step, world, files} entries)")
+    return entries
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("step"), int) and isinstance(entry.get("world"), int)
+            and isinstance(entry.get("files"), dict)
+            and all(isinstance(k, str) and isinstance(v, (str, type(None))) for k, v in entry["files"].items()))
 
 
 def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world: int = 1, keep: int = 3,
@@ -114,6 +122,9 @@ def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1) -> Opt
             saved = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as error:  # unpickling refused or failed
             problems.append(f"{name} cannot be read ({type(error).__name__}: {error})")
+            continue
+        if not isinstance(saved, dict) or not {"format_version", "step", "state"} <= set(saved):
+            problems.append(f"{name} is not a saef checkpoint (no format_version, step and state)")
             continue
         if saved.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{name} has checkpoint format {saved.get('format_version')}, this saef reads {FORMAT_VERSION}")

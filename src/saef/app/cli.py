@@ -134,13 +134,16 @@ def _read_saved_config(run_dir: str) -> dict:
     import json
     from pathlib import Path
 
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"--resume needs a run directory made by saef train; {run_dir} is "
+                          + ("not a directory" if Path(run_dir).exists() else "missing"))
     path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist: --resume needs a run directory made by saef train") from None
-    except ValueError as error:
-        raise ConfigError(f"{path} is not valid JSON ({error})") from None
+    except (ValueError, OSError) as error:  # (UnicodeDecodeError is a ValueError)
+        raise ConfigError(f"{path} cannot be read as JSON ({error})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} does not hold a config object")
     return saved
@@ -171,11 +174,19 @@ def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_erro
 def _plot(args) -> int:
     from .plots import plot_runs
 
+    from pathlib import Path
+
+    if Path(args.output).is_dir():
+        print(f"saef: error: -o {args.output} is a directory; give the PNG file to write", file=sys.stderr)
+        return 2
     try:
         path = plot_runs(args.runs, args.output)
     except (FileNotFoundError, ValueError) as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the figure could not be written (permissions, a full disk): nothing half-written is left
+        print(f"saef: error: could not write {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 1
     print(f"saef: wrote {path}")
     return 0
 

@@ -212,8 +212,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
                 values = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        except OSError as error:  # a directory, no permission, ...
+            raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values = _never_as_none(values)
     unknown = sorted(set(values) - set(_FIELD_TYPES))

@@ -179,15 +179,19 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
     if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
         _restart_from_scratch(run, changed)
         return
-    if not reset_errors and saved["config"] != _state_config(run.config):
-        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved['config']}, not {_state_config(run.config)}")
-    run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
-    run.loop = LoopState.from_dict(saved["loop"])
+    if not reset_errors and saved.get("config") != _state_config(run.config):
+        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved.get('config')}, not {_state_config(run.config)}")
+    try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
+        run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
+        run.loop = LoopState.from_dict(saved["loop"])
+        checkpoint.restore_rng(saved["rng"])
+        run.order.set_state(run.loop.epoch_order)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        raise checkpoint.CheckpointError(f"the newest checkpoint in {run.folder} does not hold this run's state "
+                                         f"({type(error).__name__}: {error})") from None
     run.last_checkpoint = run.loop.step
     if run.config.epochs < run.loop.epoch:  # a summary would contradict the rows already written
         raise ValueError(f"{run.output} has already trained {run.loop.epoch} epochs; --epochs must be at least that")
-    checkpoint.restore_rng(saved["rng"])
-    run.order.set_state(run.loop.epoch_order)
     event = {"step": run.loop.step, "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
     if run.worker.is_main:
         run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=run.loop.epoch, event=event)
