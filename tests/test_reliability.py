@@ -347,3 +347,45 @@ def test_checkpoints_of_the_wrong_structure_are_refused(tmp_path, capsys):
     (folder / "manifest.json").write_text("[1, 2]")
     assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 2
     one_line_error(capsys, "is not a valid checkpoint manifest")
+
+
+class _CallsNdarray:
+    """A pickle that asks numpy.ndarray itself for a 64 x 3072 array: uninitialised memory, sized by the file."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        return (np.ndarray, ((64, 3072), "u1"))
+
+
+class _HugeReconstruct:
+    """A pickle that asks numpy's reconstruction for a 1 TiB array before any data."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (1 << 40,), b"b"))
+
+
+@pytest.mark.parametrize("payload", [_CallsNdarray(), _HugeReconstruct()], ids=["ndarray-call", "1TiB-reconstruct"])
+def test_cifar_reader_never_allocates_what_a_file_only_declares(tmp_path, payload):
+    """A few hundred bytes of pickle cannot make the CIFAR reader allocate an array they do not hold: the
+    file is refused as malformed, naming it (a real batch still reads)."""
+    import pickle
+
+    import numpy as np
+
+    from saef.zoo.data import _read_cifar_batch
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": payload, b"labels": [0] * 64}, protocol=2))
+    assert path.stat().st_size < 400
+    with pytest.raises(ValueError, match="malformed CIFAR file .*data_batch_1"):
+        _read_cifar_batch(path, b"labels")
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}, protocol=2))
+    pixels, labels = _read_cifar_batch(path, b"labels")
+    assert pixels.shape == (2, 3072) and labels.tolist() == [3, 4]

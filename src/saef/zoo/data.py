@@ -302,6 +302,11 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
+class _ArrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: it may be named (as the type :func:`_empty_array` builds)
+    but not called, since ``ndarray(shape)`` allocates whatever shape a file asks for, uninitialised."""
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     # Map names to the objects themselves rather than importing by name: numpy 1 pickles say numpy.core,
     # numpy 2 says numpy._core, and importing numpy.core on numpy 2 warns.
@@ -309,10 +314,19 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
+
+    def _empty_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') -- an empty array -- and then sets
+        # its state, whose size numpy checks against the bytes the file really holds. Any other call
+        # would allocate a size the file merely declares.
+        if subtype is not _ArrayType or tuple(shape) != (0,):
+            raise pickle.UnpicklingError(f"refusing to build an array of shape {shape!r} before its data is read")
+        return _reconstruct(np.ndarray, (0,), dtype)
+
     return {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy", "ndarray"): _ArrayType,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
@@ -323,7 +337,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     A pickle can call any importable function while it loads, so reading a downloaded file with plain
     ``pickle.load`` runs whatever its author chose. CIFAR's python files need only numpy's array
-    reconstruction; every other global is refused with ``pickle.UnpicklingError`` before it is called.
+    reconstruction; every other global is refused with ``pickle.UnpicklingError`` before it is called. An
+    array is only ever built empty and then filled from the file's own bytes (numpy checks their size), so a
+    small file cannot make the reader allocate what it merely declares.
 
     Example:
         >>> import io
