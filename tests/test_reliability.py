@@ -389,3 +389,99 @@ def test_cifar_reader_never_allocates_what_a_file_only_declares(tmp_path, payloa
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}, protocol=2))
     pixels, labels = _read_cifar_batch(path, b"labels")
     assert pixels.shape == (2, 3072) and labels.tolist() == [3, 4]
+
+
+def _tiny():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _backward(model, seed, nan=False):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    loss = F.cross_entropy(model(torch.randn(8, 4, generator=g)), torch.randint(0, 3, (8,), generator=g))
+    loss.backward()
+    if nan:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+
+def test_the_optimizer_skips_a_non_finite_step_before_it_touches_state():
+    """saef.SAEF.step with a NaN in a gradient changes neither the parameters nor any state tensor, warns,
+    and counts the skip; the next finite step proceeds."""
+    import torch
+
+    model = _tiny()
+    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
+    _backward(model, 1)
+    opt.step()
+    before = opt.state_dict()
+    opt.zero_grad()
+    _backward(model, 2, nan=True)
+    with pytest.warns(UserWarning, match="step skipped"):
+        opt.step()
+    after = opt.state_dict()
+    assert opt.skipped_steps == 1 and torch.equal(after["state"]["x"], before["state"]["x"])
+    for name, tensor in before["state"]["algorithm"]["tensors"].items():
+        assert torch.equal(after["state"]["algorithm"]["tensors"][name], tensor), name
+    opt.zero_grad()
+    _backward(model, 3)
+    opt.step()
+    assert opt.ef_state.step == 2 and bool(torch.isfinite(opt.x).all())
+
+
+def test_simulate_skips_non_finite_steps():
+    """A NaN gradient in saef.simulate skips that step (with a warning): the result is that of the run
+    without the step, and finite."""
+    import torch
+
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    calls = {"n": 0}
+
+    def grad(k, x):
+        calls["n"] += 1
+        g = x[0] - target
+        return [g * float("nan") if calls["n"] in (5, 6) else g]  # both workers of step 2
+
+    with pytest.warns(UserWarning, match="1 of 10 steps skipped"):
+        got = saef.simulate(grad, [torch.zeros(3, dtype=torch.float64)], workers=2, steps=10, lr=0.1, momentum=0.5,
+                            compressor="sign")
+    want = saef.simulate(lambda k, x: [x[0] - target], [torch.zeros(3, dtype=torch.float64)], workers=2, steps=9,
+                         lr=0.1, momentum=0.5, compressor="sign")
+    assert torch.equal(got[0], want[0])
+
+
+def test_sparse_gradients_are_refused():
+    """A sparse gradient (nn.Embedding(sparse=True)) is refused with a message saying what to change."""
+    import torch
+    from torch import nn
+
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = saef.SAEF(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match=r"sparse=False"):
+        opt.step()
+
+
+def test_optimizer_state_of_another_compressor_needs_reset_errors():
+    """Loading a top-k optimizer's state into a sign optimizer is refused, naming the setting; with
+    reset_errors=True the parameters and step carry over and momentum and errors start from zero."""
+    import torch
+
+    model = _tiny()
+    topk = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
+    for seed in range(3):
+        topk.zero_grad()
+        _backward(model, seed)
+        topk.step()
+    saved = topk.state_dict()
+    sign = saef.SAEF(_tiny().parameters(), lr=0.1, momentum=0.9, compressor="sign")
+    with pytest.raises(ValueError, match="saved with compressor = 'topk:0.3'.*reset_errors=True"):
+        sign.load_state_dict(saved)
+    sign.load_state_dict(saved, reset_errors=True)
+    assert torch.equal(sign.x, topk.x) and sign.ef_state.step == 3
+    assert all(torch.count_nonzero(t) == 0 for t in sign.ef_state.tensors.values())

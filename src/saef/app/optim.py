@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from ..backends.registry import optimizer_transport
-from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, flatten, write_flat
+from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, flatten, write_flat
 
 __all__ = ["SAEF"]
 
@@ -87,6 +88,11 @@ class SAEF(torch.optim.Optimizer):
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
+        self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
+        c = config
+        # what a saved state must have been made with to be loaded as it is
+        self._settings = {"method": c.method, "compressor": c.compressor.name, "double_way": c.double_way,
+                          "server_compressor": c.downlink_compressor.name}
 
     def _params(self):
         return self.param_groups[0]["params"]
@@ -96,12 +102,22 @@ class SAEF(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step from the parameters' ``.grad``. A step whose gradients hold a NaN or an Inf (on any
+        process) is skipped before it touches any state, counted in :attr:`skipped_steps`, with a warning."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise ValueError("SAEF needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
+                             "build it with sparse=False")
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).unsqueeze(0)
+        if not self.transport.all_finite(bool(all_finite(grads))):
+            self.skipped_steps += 1
+            warnings.warn(f"SAEF: step skipped, a gradient holds a NaN or Inf (on some process); "
+                          f"{self.skipped_steps} skipped so far", stacklevel=2)
+            return loss
         self.algorithm.step(self.ef_state, self.x, grads, float(self.param_groups[0]["lr"]))
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
         return loss
@@ -125,18 +141,33 @@ class SAEF(torch.optim.Optimizer):
         return self.algorithm.mismatch(self.ef_state)
 
     def state_dict(self) -> Dict[str, object]:
-        state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict()}
+        state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict(),
+                 "settings": dict(self._settings), "skipped_steps": self.skipped_steps}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
-    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, object], reset_errors: bool = False) -> None:
+        """Restore a saved state exactly. A state saved with another method or compressor is refused (its
+        errors mean something else); ``reset_errors=True`` then keeps the parameters, the step and the bit
+        counts only, with momentum and errors from zero."""
         state = state_dict["state"]
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the optimizer has {self.x.numel()}")
-        self.ef_state.load_state_dict(state["algorithm"])
-        self.transport.ledger.load_state_dict(state["ledger"])
+        saved = state.get("settings", {})
+        if saved != self._settings and not reset_errors:
+            key = next((k for k in self._settings if saved.get(k) != self._settings[k]), "settings")
+            raise ValueError(f"the state was saved with {key} = {saved.get(key)!r}, this optimizer has {self._settings[key]!r}: "
+                             "its errors cannot be carried over; pass reset_errors=True to keep only the parameters")
         self.x.copy_(state["x"])
+        if reset_errors:
+            self.ef_state = self.algorithm.init_state(self.x)
+            self.ef_state.step = int(state["algorithm"]["step"])
+            self.transport.ledger.load_per_worker(state["ledger"])
+        else:
+            self.ef_state.load_state_dict(state["algorithm"])
+            self.transport.ledger.load_state_dict(state["ledger"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])

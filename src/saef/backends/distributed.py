@@ -255,6 +255,11 @@ class DistributedTransport(Transport):
         self.ledger.add("wire_diagnostics_sent", values.numel() * values.element_size())
         return values
 
+    def all_finite(self, finite):
+        vote = torch.tensor([1 if finite else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)  # one int: a rank with a NaN vetoes the step
+        return bool(vote.item())
+
     def server_total(self, values):
         if self.server == "allreduce":  # every rank holds the whole server state
             return values
@@ -383,10 +388,11 @@ class DistributedWorker(WorkerBase):
             loss.backward()
         # Per layer, straight from .grad: a flat copy of 5M gradients cost more than the optimizer's arithmetic.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        # Every rank must skip together: one int, min-reduced (a rank with a NaN vetoes the step).
-        finite = all_finite(*grads, loss.detach()).to(torch.int32).reshape(1)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
+        if any(g.is_sparse for g in grads):
+            raise ValueError("saef needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
+                             "build it with sparse=False")
+        # Every rank must skip together: a vote (a rank with a NaN vetoes the step).
+        if not self.transport.all_finite(bool(all_finite(*grads, loss.detach()))):
             raise NonFiniteStep(f"non-finite loss or gradient on some rank (this rank's loss {loss.item()})")
         self.algorithm.step(self.state, self.x, grads, lr)
         return loss.detach()

@@ -103,6 +103,9 @@ class Simulator(WorkerBase):
         targets = targets.reshape(k, -1, *targets.shape[1:])
         points = self.algorithm.gradient_points(self.state, self.x)
         grads, losses = self._gradients(points, inputs, targets)
+        if any(g.is_sparse for g in ([grads] if isinstance(grads, Tensor) else grads)):
+            raise ValueError("the simulator needs dense gradients; a parameter has a sparse one (e.g. "
+                             "nn.Embedding(sparse=True)): build it with sparse=False")
         if not bool(all_finite(*([grads] if isinstance(grads, Tensor) else grads), losses)):
             raise NonFiniteStep(f"non-finite loss or gradient (losses {losses.tolist()})")
         self.algorithm.step(self.state, self.x, grads, lr)
@@ -266,11 +269,17 @@ def simulate(
     x = flatten([t.detach() for t in x0]).clone()
     state = algorithm.init_state(x)
     grads = x.new_empty(workers, x.numel())
+    skipped = 0
     for t in range(steps):
         points = algorithm.gradient_points(state, x)
         for k in range(workers):
             grads[k] = flatten(_checked_gradient(grad_fn, k, unflatten(points[k], shapes), shapes))
+        if not bool(all_finite(grads)):  # a NaN or Inf never enters the state: the step is skipped
+            skipped += 1
+            continue
         algorithm.step(state, x, grads, float(lr_at(t)))
+    if skipped:
+        warnings.warn(f"simulate: {skipped} of {steps} steps skipped (a gradient held a NaN or Inf)", stacklevel=2)
     return [v.clone() for v in unflatten(algorithm.point(state, x, "x"), shapes)]
 
 

@@ -86,6 +86,11 @@ class Transport:
         """Element-wise sum of ``values`` over processes (for diagnostics; not the algorithm's traffic)."""
         raise NotImplementedError
 
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every process found its gradients finite (a vote: one NaN anywhere and every process
+        skips the step together)."""
+        raise NotImplementedError
+
     def server_total(self, values: Tensor) -> Tensor:
         """The whole of a server-side tensor ``(P,)`` (e.g. the server error) of which this process holds
         the owned layers (zero elsewhere): a sum over the owners where the server is sharded."""
