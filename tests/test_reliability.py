@@ -485,3 +485,27 @@ def test_optimizer_state_of_another_compressor_needs_reset_errors():
     sign.load_state_dict(saved, reset_errors=True)
     assert torch.equal(sign.x, topk.x) and sign.ef_state.step == 3
     assert all(torch.count_nonzero(t) == 0 for t in sign.ef_state.tensors.values())
+
+
+def test_the_optimizer_reads_momentum_and_weight_decay_every_step():
+    """Like torch.optim.SGD, saef.SAEF reads momentum and weight decay from its parameter group every step,
+    so a scheduler that changes them (OneCycleLR cycles the momentum) takes effect: with the identity
+    compressor, 20 steps under OneCycleLR equal torch.optim.SGD's (allclose 1e-6)."""
+    import torch
+
+    a, b = _tiny(), _tiny()
+    ours = saef.SAEF(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, compressor="identity")
+    ref = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    schedules = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=20, base_momentum=0.5, max_momentum=0.95)
+                 for o in (ours, ref)]
+    for step in range(20):
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            _backward(model, step)
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
+        ours.param_groups[0]["weight_decay"] = ref.param_groups[0]["weight_decay"] = 1e-3 * (1 + step)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
+    assert ours.param_groups[0]["momentum"] != 0.9  # the schedule did change it

@@ -94,6 +94,16 @@ class SAEF(torch.optim.Optimizer):
         self._settings = {"method": c.method, "compressor": c.compressor.name, "double_way": c.double_way,
                           "server_compressor": c.downlink_compressor.name}
 
+    def _local_hyperparameters(self, group: Dict[str, object]) -> None:
+        """The group's momentum and weight decay, checked, into the local optimizer (e.g. OneCycleLR cycles
+        the momentum)."""
+        mu, wd = group["momentum"], group["weight_decay"]
+        if not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r} in the parameter group")
+        if not isinstance(wd, (int, float)) or not (wd >= 0.0) or math.isinf(wd):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r} in the parameter group")
+        self.algorithm.optimizer.momentum, self.algorithm.optimizer.weight_decay = float(mu), float(wd)
+
     def _params(self):
         return self.param_groups[0]["params"]
 
@@ -118,7 +128,9 @@ class SAEF(torch.optim.Optimizer):
             warnings.warn(f"SAEF: step skipped, a gradient holds a NaN or Inf (on some process); "
                           f"{self.skipped_steps} skipped so far", stacklevel=2)
             return loss
-        self.algorithm.step(self.ef_state, self.x, grads, float(self.param_groups[0]["lr"]))
+        group = self.param_groups[0]  # read every step, as torch.optim.SGD does: schedulers may change any of them
+        self._local_hyperparameters(group)
+        self.algorithm.step(self.ef_state, self.x, grads, float(group["lr"]))
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
         return loss
 
