@@ -509,3 +509,33 @@ def test_the_optimizer_reads_momentum_and_weight_decay_every_step():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
     assert ours.param_groups[0]["momentum"] != 0.9  # the schedule did change it
+
+
+def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
+    """A parameter unused in forward gets a zero gradient instead of an error (which used to switch the
+    simulator's fast paths off for good and then raise): no warning, the stacked path stays, and without
+    momentum or weight decay the unused parameter does not move."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Partial()
+    start = model.unused.weight.detach().clone()
+    sim = saef.Simulator(model, workers=2, compressor="identity")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            sim.step(torch.randn(8, 4), torch.randint(0, 3, (8,)), lr=0.1)
+    assert sim.stacked is not None
+    sim.load_into(model)
+    assert torch.equal(model.unused.weight, start) and not torch.equal(model.used.weight, Partial().used.weight)

@@ -149,7 +149,7 @@ class Simulator(WorkerBase):
                     leaves = self._leaves(points)
                     outputs = torch.func.vmap(self._forward, randomness="different")(leaves, self.buffers, inputs)
                     losses = torch.func.vmap(self.loss_fn)(outputs, targets)
-                    grads = torch.autograd.grad(losses.sum(), leaves)
+                    grads = _gradients_of(losses.sum(), leaves)
                 return grads, losses.detach()
             except Exception as error:  # a model vmap cannot batch: fall back to the loop for good
                 if self.vectorize in (True, "vmap"):
@@ -162,7 +162,7 @@ class Simulator(WorkerBase):
                 leaves = self._leaves(points[k : k + 1])
                 worker = tuple(leaf[0] for leaf in leaves)
                 loss = self.loss_fn(self._forward(worker, {n: b[k] for n, b in self.buffers.items()}, inputs[k]), targets[k])
-                grads.append(torch.cat([g.reshape(1, -1) for g in torch.autograd.grad(loss, leaves)], dim=1))
+                grads.append(torch.cat([g.reshape(1, -1) for g in _gradients_of(loss, leaves)], dim=1))
             losses.append(loss.detach())
         return torch.cat(grads), torch.stack(losses)
 
@@ -191,7 +191,7 @@ class Simulator(WorkerBase):
                     losses = per_sample.sum(1) / (targets.reshape(k, -1) != -100).sum(1)
             else:
                 losses = torch.func.vmap(self.loss_fn)(outputs, targets)
-            grads = torch.autograd.grad(losses.sum(), leaves)
+            grads = _gradients_of(losses.sum(), leaves)
         return grads, losses.detach()
 
     # --- evaluation and diagnostics ---------------------------------------------------------------
@@ -227,6 +227,12 @@ class Simulator(WorkerBase):
             if reset_errors:  # the mean of the saved workers' statistics, for every worker
                 value = (value.mean(0) if value.is_floating_point() else value[0]).unsqueeze(0).expand_as(self.buffers[name])
             self.buffers[name].copy_(value)
+
+
+def _gradients_of(loss: Tensor, leaves) -> tuple:
+    """d loss / d leaves; a parameter the forward does not use gets a zero gradient (as a real rank would
+    send zeros for it) instead of an error."""
+    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
 
 
 def simulate(
