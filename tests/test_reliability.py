@@ -282,7 +282,7 @@ def test_dataset_size_beyond_what_is_generated(tmp_path, capsys, dataset, size):
     out = tmp_path / "run"
     assert main(["train", "--dataset", dataset, "--model", "mlp", "--quiet", "--dataset-size", str(size),
                  "--data-dir", str(tmp_path / "data"), "--output", str(out)]) == 2
-    one_line_error(capsys, f"more than {dataset} generates here")
+    one_line_error(capsys, f"dataset_size = {size} is not allowed: {dataset} generates at most")
     assert not out.exists()
 
 
@@ -371,7 +371,22 @@ class _HugeReconstruct:
         return (_reconstruct, (np.ndarray, (1 << 40,), b"b"))
 
 
-@pytest.mark.parametrize("payload", [_CallsNdarray(), _HugeReconstruct()], ids=["ndarray-call", "1TiB-reconstruct"])
+class _ObjectArray:
+    """A pickle of an object array declaring a million entries and holding three (numpy would allocate
+    the declared size, then read past the list)."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (1 << 20,), np.dtype("O"), False, [1, 2, 3]))
+
+
+@pytest.mark.parametrize("payload", [_CallsNdarray(), _HugeReconstruct(), _ObjectArray()],
+                         ids=["ndarray-call", "1TiB-reconstruct", "object-array"])
 def test_cifar_reader_never_allocates_what_a_file_only_declares(tmp_path, payload):
     """A few hundred bytes of pickle cannot make the CIFAR reader allocate an array they do not hold: the
     file is refused as malformed, naming it (a real batch still reads)."""
@@ -539,3 +554,17 @@ def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
     assert sim.stacked is not None
     sim.load_into(model)
     assert torch.equal(model.unused.weight, start) and not torch.equal(model.used.weight, Partial().used.weight)
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone opens the run directory; when it cannot (here it exists and is not empty) every rank
+    stops at once with exit 2 -- rank 0 with its own message, the others naming rank 0's -- instead of
+    the others waiting out --timeout at the next collective."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    start = time.monotonic()
+    codes, errs = ranks_with([[], []], out)
+    assert codes == [2, 2], errs
+    assert "already exists and is not empty" in errs[0]
+    assert "rank 0 failed: FileExistsError" in errs[1] and time.monotonic() - start < 20

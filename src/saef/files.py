@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Union
 
@@ -37,8 +38,16 @@ def claim(directory: Union[str, Path]) -> None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise DirectoryBusy(f"{directory} is being written by process {holder}; wait for it to finish or stop it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as error:  # a file system without locks (some network mounts): say so, and go on unguarded
+        os.close(fd)
+        warnings.warn(f"cannot lock {directory / LOCK_NAME} ({error.strerror}): nothing stops a second writer of {directory}")
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     _CLAIMED[directory] = fd
 
 

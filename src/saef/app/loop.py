@@ -147,16 +147,22 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     order = torch.Generator().manual_seed(config.seed)
     run = Run(config, backend, worker, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
               order, None, [], log if worker.is_main else (lambda message: None), progress)
+    error = None
     try:  # the record claims the run directory for this process (refused if another process holds it)
         if resume:
             _resume(run, reset_errors, changed)
         elif worker.is_main:
             run.record = RunRecord(output, config.to_dict(), environment(str(device)))
         run.rows = run.record.rows() if run.record is not None else []
+    except (ValueError, OSError, checkpoint.CheckpointError) as failure:  # on some processes only, maybe
+        error = failure
     except BaseException:
         if run.record is not None:
             run.record.close()
         raise
+    if error is not None and run.record is not None:
+        run.record.close()
+    backend.settle(error)  # every process stops together if one failed here
     run.started = time.perf_counter() - run.loop.elapsed
     run.log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
             f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "
@@ -179,9 +185,10 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
     if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
         _restart_from_scratch(run, changed)
         return
-    if not reset_errors and saved.get("config") != _state_config(run.config):
-        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved.get('config')}, not {_state_config(run.config)}")
     try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
+        if not reset_errors and saved["config"] != _state_config(run.config):
+            raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved['config']}, "
+                                             f"not {_state_config(run.config)}")
         run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
         run.loop = LoopState.from_dict(saved["loop"])
         checkpoint.restore_rng(saved["rng"])
@@ -205,6 +212,10 @@ def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
     if not (run.output / "config.json").is_file():
         raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from, and no config.json: "
                                          "it is not a run directory saef train made")
+    if any(run.folder.glob("step-*.pt")) or (run.folder / checkpoint.MANIFEST).exists():
+        # checkpoint files but none listed: something is wrong with them, and starting again would lose the records
+        raise checkpoint.CheckpointError(f"{run.folder} holds checkpoint files but no usable manifest; "
+                                         "nothing was changed (move them away to start the run again)")
     event = {"step": 0, "changed": {k: list(v) for k, v in (changed or {}).items()}, "from_scratch": True}
     if run.worker.is_main:
         run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=0, event=event)
@@ -220,8 +231,9 @@ def _state_config(config: TrainConfig) -> Dict[str, Any]:
 
 def _save_checkpoint(run: Run) -> None:
     """Checkpoint the run -- unless it is skipping non-finite steps: then nothing may replace (or, through
-    the retention policy, evict) the healthy checkpoints from before the trouble."""
-    if run.loop.consecutive_skips:
+    the retention policy, evict) the healthy checkpoints from before the trouble. A run that reaches its
+    end is always checkpointed (its state is as healthy as the skipped steps left it: they changed nothing)."""
+    if run.loop.consecutive_skips and run.loop.epoch < run.config.epochs:
         return
     now = time.perf_counter()
     run.loop.elapsed = now - run.started

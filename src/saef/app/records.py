@@ -120,14 +120,20 @@ class RunRecord:
 
     def __init__(self, directory: Path, config: Dict[str, Any], env: Dict[str, Any], resume_rows: Optional[int] = None,
                  event: Optional[Dict[str, Any]] = None):
-        self.directory = Path(directory)
-        if resume_rows is not None:
-            claim(self.directory)  # the one writer of the directory from here on, until close()
-            self._reopen(resume_rows, config, env, event or {})
-            return
-        if self.directory.exists() and any(p.name != LOCK_NAME for p in self.directory.iterdir()):
+        self.directory = Path(directory).resolve()
+        if resume_rows is None and self.directory.exists() and any(p.name != LOCK_NAME for p in self.directory.iterdir()):
             raise FileExistsError(f"run directory {self.directory} already exists and is not empty; choose another --output")
-        claim(self.directory)
+        claim(self.directory)  # the one writer of the directory from here on, until close()
+        try:
+            if resume_rows is not None:
+                self._reopen(resume_rows, config, env, event or {})
+            else:
+                self._create(config, env)
+        except BaseException:
+            release(self.directory)
+            raise
+
+    def _create(self, config: Dict[str, Any], env: Dict[str, Any]) -> None:
         write_atomically(self.directory / "config.json", _json_bytes(config))
         write_atomically(self.directory / "environment.json", _json_bytes(env))
         header = ",".join(METRIC_COLUMNS) + "\n"

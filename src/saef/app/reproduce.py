@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..files import DirectoryBusy, claim, release
+
 __all__ = ["EXPERIMENTS", "SETTINGS", "Run", "plan", "run_all", "main"]
 
 
@@ -128,13 +130,13 @@ def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
 
 class _Children:
     """The ``saef train`` processes of a reproduce run. SIGINT and SIGTERM sent to ``saef reproduce`` go on
-    to every child, which it then waits for (those still alive after a minute are killed): stopping
-    reproduce never leaves runs training behind it."""
+    to every child; reproduce then starts no more runs and waits for the children (killing those still
+    alive a minute later): stopping reproduce never leaves runs training behind it."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.running: set = set()
-        self.stopping = False
+        self.stopping = None  # the signal that asked us to stop
 
     def run(self, argv: List[str], **popen) -> int:
         with self.lock:
@@ -148,33 +150,45 @@ class _Children:
             with self.lock:
                 self.running.discard(process)
 
-    @contextlib.contextmanager
-    def forwarding_signals(self, pool):
-        def forward(signum, frame):
-            with self.lock:
-                self.stopping = True
-                children = list(self.running)
-            pool.shutdown(wait=False, cancel_futures=True)
-            for child in children:
+    def _signal_children(self, signum: int) -> None:
+        for child in list(self.running):
+            try:
                 child.send_signal(signum)
-            for child in children:
-                try:
-                    child.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
-            raise SystemExit(128 + signum)
+            except ProcessLookupError:
+                pass
 
-        self.stopping = False
+    @contextlib.contextmanager
+    def forwarding_signals(self):
+        """While inside, SIGINT/SIGTERM only note the signal and pass it on to the children; the main loop
+        sees :attr:`stopping` and calls :meth:`stop` (a handler that took locks could deadlock)."""
+        self.stopping = None
         if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
             yield
             return
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def note(signum, frame):
+            self.stopping = signum
+            self._signal_children(signum)
+
+        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def stop(self, pool) -> None:
+        """Start nothing more, wait for the children (a minute in all), then exit 128 + the signal."""
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._signal_children(self.stopping)  # (one may have started just as the signal came)
+        deadline = time.monotonic() + 60
+        for child in list(self.running):
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        raise SystemExit(128 + self.stopping)
 
 
 _CHILDREN = _Children()
@@ -191,19 +205,27 @@ def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Option
 
     def one(run: Run) -> bool:
         run_dir = runs_dir / run.name
-        if run_dir.exists():  # an unfinished earlier attempt: start it again from scratch
+        if run_dir.exists():  # an unfinished earlier attempt: start it again from scratch, unless it is alive
+            try:
+                claim(run_dir)
+            except DirectoryBusy as busy:
+                log(f"saef reproduce: skipping {run.name}: {busy}")
+                return False
             shutil.rmtree(run_dir)
+            release(run_dir)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log_path = runs_dir / f"{run.name}.log"
         with open(log_path, "w") as handle:
             code = _CHILDREN.run(_command(run, run_dir, data_dir), stdout=handle, stderr=subprocess.STDOUT, env=env)
         return code == 0 and is_done(run_dir)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool, _CHILDREN.forwarding_signals(pool):
+    with ThreadPoolExecutor(max_workers=jobs) as pool, _CHILDREN.forwarding_signals():
         pending = {pool.submit(one, run): run for run in todo}
         finished = 0
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
+            if _CHILDREN.stopping:
+                _CHILDREN.stop(pool)
             for future in done:
                 run = pending.pop(future)
                 ok[run] = future.result()

@@ -15,13 +15,17 @@ from torch import nn
 
 from ..core import ErrorFeedbackConfig, Worker
 
-__all__ = ["Backend", "RanksDisagree", "resolve_device"]
+__all__ = ["Backend", "RanksDisagree", "PeerFailed", "resolve_device"]
 
 T = TypeVar("T")
 
 
 class RanksDisagree(ValueError):
     """The processes of one job were started with different settings."""
+
+
+class PeerFailed(ValueError):
+    """Another process of the job failed on bad input (its own message says how)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,6 +65,13 @@ class Backend:
         """A function that gathers one value from every process once all have called it (a barrier for
         checkpoints), or None with one process."""
         return None
+
+    def settle(self, error: Optional[BaseException]) -> None:
+        """After a step that may fail on some processes only (opening the run directory on the main one):
+        every process learns whether any failed, and all raise -- the failed ones their own error, the
+        others :class:`PeerFailed` naming it -- instead of the others waiting at the next collective."""
+        if error is not None:
+            raise error
 
     def agree(self, values: Dict[str, Any]) -> None:
         """Check that every process has the same ``values`` (e.g. its resolved configuration and its

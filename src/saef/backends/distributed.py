@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
 from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, flatten, write_flat
-from .base import Backend, RanksDisagree
+from .base import Backend, PeerFailed, RanksDisagree
 
 __all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
 
@@ -455,9 +455,24 @@ class DistributedBackend(Backend):
         return device, self.processes  # one worker per rank, whatever was asked
 
     def main_first(self, work):
-        result = work() if self.rank == 0 else None
-        dist.barrier()
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = work()
+            except (ValueError, OSError) as failure:  # bad data: every rank stops with it, none waits
+                error = failure
+        self.settle(error)
         return result if self.rank == 0 else work()
+
+    def settle(self, error):
+        outcomes = [None] * self.processes
+        dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, message) for r, message in enumerate(outcomes) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise PeerFailed(f"rank {rank} failed: {message}")
 
     def gather(self):
         def every_rank(value):

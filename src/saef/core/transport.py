@@ -88,8 +88,9 @@ class Transport:
 
     def all_finite(self, finite: bool) -> bool:
         """Whether every process found its gradients finite (a vote: one NaN anywhere and every process
-        skips the step together)."""
-        raise NotImplementedError
+        skips the step together). This default is right for one process; a transport over several
+        processes must override it."""
+        return bool(finite)
 
     def server_total(self, values: Tensor) -> Tensor:
         """The whole of a server-side tensor ``(P,)`` (e.g. the server error) of which this process holds

@@ -93,7 +93,7 @@ class WorkerBase:
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
         if reset_errors:
-            self.x.copy_(state["model"])
+            self.x.copy_(state.get("model", state["x"]))
             self.state = self.algorithm.init_state(self.x)
             self.state.step = int(state["algorithm"]["step"])
             self.transport.ledger.load_per_worker(state["ledger"])  # this process's wire counters stay its own

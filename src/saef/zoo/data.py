@@ -323,11 +323,19 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             raise pickle.UnpicklingError(f"refusing to build an array of shape {shape!r} before its data is read")
         return _reconstruct(np.ndarray, (0,), dtype)
 
+    def _plain_dtype(*args: Any) -> np.dtype:
+        # an object dtype would make numpy allocate the declared shape before reading a list whose length
+        # it does not check (a small file could exhaust memory or crash the process): numbers only
+        dtype = np.dtype(*args)
+        if dtype.hasobject:
+            raise pickle.UnpicklingError(f"refusing an array of Python objects (dtype {dtype})")
+        return dtype
+
     return {
         ("numpy.core.multiarray", "_reconstruct"): _empty_array,
         ("numpy._core.multiarray", "_reconstruct"): _empty_array,
         ("numpy", "ndarray"): _ArrayType,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _plain_dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
 
