@@ -564,7 +564,45 @@ def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     out.mkdir()
     (out / "something").write_text("x")
     start = time.monotonic()
-    codes, errs = ranks_with([[], []], out)
+    codes, errs = ranks_with([["--timeout", "120"], ["--timeout", "120"]], out, timeout=150)
     assert codes == [2, 2], errs
     assert "already exists and is not empty" in errs[0]
-    assert "rank 0 failed: FileExistsError" in errs[1] and time.monotonic() - start < 20
+    assert "rank 0 failed: FileExistsError" in errs[1] and time.monotonic() - start < 90  # not the 120 s timeout
+
+
+def test_weights_written_after_construction_are_kept():
+    """Weights loaded into the model after the optimizer was built are not overwritten by the next step:
+    at lr = 0 the model keeps them, as with torch.optim.SGD."""
+    import torch
+
+    model, pretrained = _tiny(), _tiny()
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(1.0)
+    opt = saef.SAEF(model.parameters(), lr=0.0, momentum=0.9, compressor="sign")
+    model.load_state_dict(pretrained.state_dict())
+    _backward(model, 0)
+    opt.step()
+    for p, q in zip(model.parameters(), pretrained.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_write_x_puts_the_model_iterate_into_the_parameters():
+    """opt.write_x() writes x (not x - e_k) into the parameters, to save the model; training goes on
+    after it with x unchanged."""
+    import torch
+
+    model = _tiny()
+    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
+    for seed in range(3):
+        opt.zero_grad()
+        _backward(model, seed)
+        opt.step()
+    x = opt.x.clone()
+    assert not torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), x)  # they hold x - e_k
+    opt.write_x()
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), x)
+    opt.zero_grad()
+    _backward(model, 9)
+    opt.step()
+    assert opt.ef_state.step == 4 and bool(torch.isfinite(opt.x).all())

@@ -88,6 +88,7 @@ class SAEF(torch.optim.Optimizer):
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
+        self._versions = [p._version for p in params]  # the parameters hold x_0, which is z_0
         self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
         c = config
         # what a saved state must have been made with to be loaded as it is
@@ -109,6 +110,23 @@ class SAEF(torch.optim.Optimizer):
 
     def _write(self, flat: Tensor) -> None:
         write_flat(self._params(), flat, self.shapes)
+        self._versions = [p._version for p in self._params()]  # what the parameters hold is ours
+
+    @torch.no_grad()
+    def _adopt_written_weights(self) -> None:
+        """Parameters written since the optimizer last wrote them (pretrained weights loaded, an EMA swapped
+        in, :meth:`write_x`) are taken as the new x of their layers instead of being overwritten. Momentum and
+        errors are kept. In a distributed run, write the same weights on every rank."""
+        for i, (p, version) in enumerate(zip(self._params(), self._versions)):
+            if p._version != version:
+                self.x[self.algorithm.layout.slices[i]] = p.detach().reshape(-1)
+
+    @torch.no_grad()
+    def write_x(self) -> None:
+        """Put the model iterate x (not the gradient point x - e_k that the parameters hold between steps)
+        into the parameters, to save or export the model; collective where distributed. Training may go on
+        after it: the next step takes the parameters as they are as x."""
+        write_flat(self._params(), self.algorithm.point(self.ef_state, self.x, "x"), self.shapes)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -119,6 +137,7 @@ class SAEF(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
+        self._adopt_written_weights()
         if any(p.grad is not None and p.grad.is_sparse for p in params):
             raise ValueError("SAEF needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
                              "build it with sparse=False")
