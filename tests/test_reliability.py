@@ -425,6 +425,17 @@ def _backward(model, seed, nan=False):
         next(model.parameters()).grad[0, 0] = float("nan")
 
 
+def _trained(compressor, steps=3):
+    """A small model and its saef.SAEF optimizer after ``steps`` steps."""
+    model = _tiny()
+    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor=compressor)
+    for seed in range(steps):
+        opt.zero_grad()
+        _backward(model, seed)
+        opt.step()
+    return model, opt
+
+
 def test_the_optimizer_skips_a_non_finite_step_before_it_touches_state():
     """saef.SAEF.step with a NaN in a gradient changes neither the parameters nor any state tensor, warns,
     and counts the skip; the next finite step proceeds."""
@@ -487,12 +498,7 @@ def test_optimizer_state_of_another_compressor_needs_reset_errors():
     reset_errors=True the parameters and step carry over and momentum and errors start from zero."""
     import torch
 
-    model = _tiny()
-    topk = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
-    for seed in range(3):
-        topk.zero_grad()
-        _backward(model, seed)
-        topk.step()
+    _, topk = _trained("topk:0.3")
     saved = topk.state_dict()
     sign = saef.SAEF(_tiny().parameters(), lr=0.1, momentum=0.9, compressor="sign")
     with pytest.raises(ValueError, match="saved with compressor = 'topk:0.3'.*reset_errors=True"):
@@ -592,12 +598,7 @@ def test_write_x_puts_the_model_iterate_into_the_parameters():
     after it with x unchanged."""
     import torch
 
-    model = _tiny()
-    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
-    for seed in range(3):
-        opt.zero_grad()
-        _backward(model, seed)
-        opt.step()
+    model, opt = _trained("topk:0.3")
     x = opt.x.clone()
     assert not torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), x)  # they hold x - e_k
     opt.write_x()
