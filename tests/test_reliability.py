@@ -607,3 +607,32 @@ def test_write_x_puts_the_model_iterate_into_the_parameters():
     _backward(model, 9)
     opt.step()
     assert opt.ef_state.step == 4 and bool(torch.isfinite(opt.x).all())
+
+
+def test_a_parameter_without_gradient_is_left_as_it_was():
+    """As torch.optim.SGD does, saef.SAEF leaves a parameter whose .grad is None alone -- no momentum, no
+    weight decay, no error change -- while the others train: with the identity compressor, 10 steps on a
+    model whose second head is never used equal SGD's, and that head never moves."""
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"body": nn.Linear(4, 3), "spare": nn.Linear(4, 3)})
+
+    def run(make_opt):
+        net = model()
+        opt = make_opt(net.parameters())
+        for seed in range(10):
+            opt.zero_grad()
+            g = torch.Generator().manual_seed(seed)
+            torch.nn.functional.cross_entropy(net["body"](torch.randn(8, 4, generator=g)),
+                                              torch.randint(0, 3, (8,), generator=g)).backward()
+            opt.step()
+        return net
+
+    ours = run(lambda ps: saef.SAEF(ps, lr=0.1, momentum=0.9, weight_decay=0.01, compressor="identity"))
+    ref = run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01))
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours["spare"].weight, model()["spare"].weight)

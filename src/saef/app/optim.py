@@ -142,16 +142,31 @@ class SAEF(torch.optim.Optimizer):
             raise ValueError("SAEF needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
                              "build it with sparse=False")
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).unsqueeze(0)
-        if not self.transport.all_finite(bool(all_finite(grads))):
+        # One vote of all processes: are the gradients finite everywhere, and which layers have none anywhere
+        finite, *idle = self.transport.all_agree([bool(all_finite(grads))] + [p.grad is None for p in params])
+        if not finite:
             self.skipped_steps += 1
             warnings.warn(f"SAEF: step skipped, a gradient holds a NaN or Inf (on some process); "
                           f"{self.skipped_steps} skipped so far", stacklevel=2)
             return loss
         group = self.param_groups[0]  # read every step, as torch.optim.SGD does: schedulers may change any of them
         self._local_hyperparameters(group)
+        kept = self._idle_layers([i for i, none in enumerate(idle) if none])
         self.algorithm.step(self.ef_state, self.x, grads, float(group["lr"]))
+        for target, saved in kept:  # a parameter without a gradient is left as it was, as torch.optim.SGD does
+            target.copy_(saved)
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
         return loss
+
+    def _idle_layers(self, layers):
+        """Copies of x and of every state tensor on ``layers`` (no gradient on any process this step), to put
+        back after the step: no momentum, no weight decay, no error change for them."""
+        kept = []
+        for i in layers:
+            s = self.algorithm.layout.slices[i]
+            for tensor in (self.x, *self.ef_state.tensors.values()):
+                kept.append((tensor[..., s], tensor[..., s].clone()))
+        return kept
 
     @contextlib.contextmanager
     def evaluation_point(self, point: str = "x") -> Iterator[None]:

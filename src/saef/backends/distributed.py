@@ -255,10 +255,10 @@ class DistributedTransport(Transport):
         self.ledger.add("wire_diagnostics_sent", values.numel() * values.element_size())
         return values
 
-    def all_finite(self, finite):
-        vote = torch.tensor([1 if finite else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)  # one int: a rank with a NaN vetoes the step
-        return bool(vote.item())
+    def all_agree(self, flags):
+        vote = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)  # a rank with a False vetoes
+        return [bool(v) for v in vote.tolist()]
 
     def server_total(self, values):
         if self.server == "allreduce":  # every rank holds the whole server state

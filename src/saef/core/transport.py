@@ -24,7 +24,7 @@ parameters bit for bit.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -86,11 +86,15 @@ class Transport:
         """Element-wise sum of ``values`` over processes (for diagnostics; not the algorithm's traffic)."""
         raise NotImplementedError
 
-    def all_finite(self, finite: bool) -> bool:
-        """Whether every process found its gradients finite (a vote: one NaN anywhere and every process
+    def all_agree(self, flags: Sequence[bool]) -> List[bool]:
+        """Element-wise AND of ``flags`` over processes (a vote: e.g. one NaN anywhere and every process
         skips the step together). This default is right for one process; a transport over several
         processes must override it."""
-        return bool(finite)
+        return [bool(f) for f in flags]
+
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every process found its gradients finite."""
+        return self.all_agree([finite])[0]
 
     def server_total(self, values: Tensor) -> Tensor:
         """The whole of a server-side tensor ``(P,)`` (e.g. the server error) of which this process holds
