@@ -636,3 +636,14 @@ def test_a_parameter_without_gradient_is_left_as_it_was():
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
     assert torch.equal(ours["spare"].weight, model()["spare"].weight)
+
+
+def test_allreduce_server_with_a_compressor_is_refused():
+    """server='allreduce' moves dense values both ways: asking it to carry a server compressor (or a
+    compressed uplink) is refused at construction, naming the servers that can."""
+    import torch
+
+    with pytest.raises(ValueError, match="use server='sharded' or 'rank0'"):
+        saef.SAEF([torch.zeros(3, requires_grad=True)], lr=0.1, compressor="identity", server_compressor="sign",
+                  server="allreduce")
+    saef.SAEF([torch.zeros(3, requires_grad=True)], lr=0.1, compressor="identity", double_way=False, server="allreduce")

@@ -76,6 +76,9 @@ class SAEF(torch.optim.Optimizer):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
         given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay)) if v is not None}
         config = ErrorFeedbackConfig.build(config, **given, **algorithm)
+        if server == "allreduce" and not config.lossless:
+            raise ValueError("server='allreduce' moves dense values both ways, so it cannot carry a compressed uplink or "
+                             "downlink; use server='sharded' or 'rank0' (or the identity compressor, single-way)")
         super().__init__(params, dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError(f"SAEF takes one parameter group, got {len(self.param_groups)}")

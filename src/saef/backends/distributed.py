@@ -167,6 +167,9 @@ class DistributedTransport(Transport):
 
     def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
+            if not isinstance(compressor, Identity):
+                raise ValueError("server='allreduce' sends dense values both ways; with a server compressor use "
+                                 "server='sharded' or 'rank0'")
             self.ledger.add("wire_downlink_received", self._allreduce_bytes)
             self.ledger.add("bits_down", self._allreduce_bytes * 8)
             if meanwhile is not None:
