@@ -112,14 +112,14 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             _run_epoch(run)
             _end_epoch(run)
         summary = _finish(run)
+    except (ValueError, FloatingPointError, OSError, checkpoint.CheckpointError):
+        backend.close()  # bad input, files or a diverged run: the job itself is healthy, leave it cleanly
+        raise
     except RuntimeError as error:
-        message = None if isinstance(error, checkpoint.CheckpointError) else backend.failure_message(error)
+        message = backend.failure_message(error)
         if message is None:
             raise
         raise TrainingFailed(message) from error
-    except (ValueError, FloatingPointError):  # bad input or a diverged run: the job itself is healthy, leave it
-        backend.close()
-        raise
     finally:
         if run is not None and run.record is not None:
             run.record.close()  # no longer this directory's writer
@@ -185,10 +185,12 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
     if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
         _restart_from_scratch(run, changed)
         return
+    if not isinstance(saved, dict):
+        raise checkpoint.CheckpointError(f"the newest checkpoint in {run.folder} does not hold a saef run's state")
+    if not reset_errors and saved.get("config") != _state_config(run.config):
+        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved.get('config')}, "
+                                         f"not {_state_config(run.config)}")
     try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
-        if not reset_errors and saved["config"] != _state_config(run.config):
-            raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved['config']}, "
-                                             f"not {_state_config(run.config)}")
         run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
         run.loop = LoopState.from_dict(saved["loop"])
         checkpoint.restore_rng(saved["rng"])
