@@ -142,6 +142,9 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     backend.agree(_identity(config, model))  # ranks that disagree stop here, before any training collective
     worker = backend.make_worker(model, config.algorithm())
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
+    gather = backend.gather()
+    if gather is not None and not config.output:  # a name made of the time: every process takes the main one's
+        output = Path(gather(str(output))[0])
     if backend.restarted() and config.output:  # a launcher restarted the job: continue from the last checkpoint
         resume = resume or (output / "checkpoints" / "manifest.json").exists()
     order = torch.Generator().manual_seed(config.seed)
