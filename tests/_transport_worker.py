@@ -11,7 +11,6 @@ from _transport_cases import CASES, SHAPES, STEPS, gradient, start  # noqa: E402
 
 from saef import ErrorFeedback, ErrorFeedbackConfig  # noqa: E402
 from saef.backends.distributed import DistributedTransport, init_distributed  # noqa: E402
-from saef.core import flatten  # noqa: E402
 
 
 def run(case, rank):

@@ -13,7 +13,6 @@ PNG figures are then rebuilt from the run directories into ``--out`` (default ``
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from dataclasses import dataclass
