@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import List, Optional
 
@@ -161,9 +162,16 @@ def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_erro
     except KeyboardInterrupt:
         print("saef: interrupted; the run directory is incomplete (no summary.json)", file=sys.stderr)
         return 130
-    except (FloatingPointError, TrainingFailed) as error:
+    except FloatingPointError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 1
+    except TrainingFailed as error:  # the job failed under us (a peer died, a wait timed out)
+        print(f"saef: error: {error}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Threads of the failed job may still sit in torch's C++ (a rendezvous, a collective); the
+        # interpreter's teardown would tear them down mid-call and abort the process. Leave without it.
+        os._exit(1)
     except OSError as error:  # e.g. the disk is full: the last complete checkpoint and records stay valid
         print(f"saef: error: could not write the run's files: {error}; the newest complete checkpoint is intact "
               "(resume with --resume once there is room)", file=sys.stderr)
