@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..backends.registry import optimizer_transport
-from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, flatten, write_flat
+from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, check_dense, flatten, write_flat
+from ..core.config import check_momentum, check_weight_decay
 
 __all__ = ["SAEF"]
 
@@ -101,11 +102,7 @@ class SAEF(torch.optim.Optimizer):
     def _local_hyperparameters(self, group: Dict[str, object]) -> None:
         """The group's momentum and weight decay, checked, into the local optimizer (e.g. OneCycleLR cycles
         the momentum)."""
-        mu, wd = group["momentum"], group["weight_decay"]
-        if not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r} in the parameter group")
-        if not isinstance(wd, (int, float)) or not (wd >= 0.0) or math.isinf(wd):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r} in the parameter group")
+        mu, wd = check_momentum(group["momentum"]), check_weight_decay(group["weight_decay"])
         self.algorithm.optimizer.momentum, self.algorithm.optimizer.weight_decay = float(mu), float(wd)
 
     def _params(self):
@@ -141,9 +138,7 @@ class SAEF(torch.optim.Optimizer):
                 loss = closure()
         params = self._params()
         self._adopt_written_weights()
-        if any(p.grad is not None and p.grad.is_sparse for p in params):
-            raise ValueError("SAEF needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
-                             "build it with sparse=False")
+        check_dense([p.grad for p in params])
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).unsqueeze(0)
         # One vote of all processes: are the gradients finite everywhere, and which layers have none anywhere
         finite, *idle = self.transport.all_agree([bool(all_finite(grads))] + [p.grad is None for p in params])

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
-from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, flatten, write_flat
+from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_dense, flatten, write_flat
 from .base import Backend, PeerFailed, RanksDisagree
 
 __all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
@@ -391,9 +391,7 @@ class DistributedWorker(WorkerBase):
             loss.backward()
         # Per layer, straight from .grad: a flat copy of 5M gradients cost more than the optimizer's arithmetic.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if any(g.is_sparse for g in grads):
-            raise ValueError("saef needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
-                             "build it with sparse=False")
+        check_dense(grads)
         # Every rank must skip together: a vote (a rank with a NaN vetoes the step).
         if not self.transport.all_finite(bool(all_finite(*grads, loss.detach()))):
             raise NonFiniteStep(f"non-finite loss or gradient on some rank (this rank's loss {loss.item()})")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, flatten, unflatten, write_flat
+from ..core import ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_dense, flatten, unflatten, write_flat
 from .base import Backend, resolve_device
 from .inprocess import InProcessTransport
 from .stacked import stack_model
@@ -103,10 +103,9 @@ class Simulator(WorkerBase):
         targets = targets.reshape(k, -1, *targets.shape[1:])
         points = self.algorithm.gradient_points(self.state, self.x)
         grads, losses = self._gradients(points, inputs, targets)
-        if any(g.is_sparse for g in ([grads] if isinstance(grads, Tensor) else grads)):
-            raise ValueError("the simulator needs dense gradients; a parameter has a sparse one (e.g. "
-                             "nn.Embedding(sparse=True)): build it with sparse=False")
-        if not bool(all_finite(*([grads] if isinstance(grads, Tensor) else grads), losses)):
+        listed = [grads] if isinstance(grads, Tensor) else list(grads)
+        check_dense(listed)
+        if not bool(all_finite(*listed, losses)):
             raise NonFiniteStep(f"non-finite loss or gradient (losses {losses.tolist()})")
         self.algorithm.step(self.state, self.x, grads, lr)
         return losses.mean()

@@ -7,10 +7,10 @@ implement, :mod:`.worker` the protocol the training loop uses.
 
 from .algorithm import ErrorFeedback, ErrorFeedbackState
 from .config import ErrorFeedbackConfig
-from .flat import NonFiniteStep, all_finite, flatten, unflatten, write_flat
+from .flat import NonFiniteStep, all_finite, check_dense, flatten, unflatten, write_flat
 from .ledger import BitLedger
 from .transport import Transport
 from .worker import Worker, WorkerBase
 
-__all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "flatten",
+__all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "check_dense", "flatten",
            "unflatten", "write_flat", "BitLedger", "Transport", "Worker", "WorkerBase"]

@@ -15,7 +15,21 @@ from typing import Optional, Union
 from ..compress import Compressor, Identity, make_compressor
 from .rules.registry import available_rules, rule_class
 
-__all__ = ["ErrorFeedbackConfig"]
+__all__ = ["ErrorFeedbackConfig", "check_momentum", "check_weight_decay"]
+
+
+def check_momentum(mu):
+    """mu itself, if it is a number in [0, 1); else ValueError naming it."""
+    if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not (0.0 <= mu < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r}")
+    return mu
+
+
+def check_weight_decay(wd):
+    """wd itself, if it is a finite number >= 0; else ValueError naming it."""
+    if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not (wd >= 0.0) or math.isinf(wd):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
+    return wd
 
 _FIELDS = ("method", "momentum", "weight_decay", "compressor", "server_compressor", "double_way", "average_every")
 
@@ -47,12 +61,8 @@ class ErrorFeedbackConfig:
     def __post_init__(self):
         if self.method not in available_rules():
             raise ValueError(f"method must be one of {available_rules()}, got method={self.method!r}")
-        mu = self.momentum
-        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not (0.0 <= mu < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got momentum={mu!r}")
-        wd = self.weight_decay
-        if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not (wd >= 0.0) or math.isinf(wd):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
+        check_momentum(self.momentum)
+        check_weight_decay(self.weight_decay)
         p = self.average_every
         if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
             raise ValueError(f"average_every must be an integer >= 1 or None (never), got average_every={p!r}")

@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["flatten", "unflatten", "write_flat", "all_finite", "NonFiniteStep"]
+__all__ = ["flatten", "unflatten", "write_flat", "all_finite", "check_dense", "NonFiniteStep"]
 
 
 class NonFiniteStep(FloatingPointError):
@@ -26,6 +26,13 @@ def all_finite(*tensors: Tensor) -> Tensor:
     if bool(sums.isfinite().all()):
         return torch.ones((), dtype=torch.bool, device=sums.device)
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def check_dense(grads: Sequence[Tensor]) -> None:
+    """Refuse sparse gradients (the compressors and the error buffers are dense), saying what to change."""
+    if any(g is not None and g.is_sparse for g in grads):
+        raise ValueError("saef needs dense gradients; a parameter has a sparse one (e.g. nn.Embedding(sparse=True)): "
+                         "build it with sparse=False")
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
