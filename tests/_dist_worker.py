@@ -31,7 +31,7 @@ def run_case(case, world):
         worker.mismatch()  # diagnostics traffic must not be counted as error averaging
         sent = {k: wire(worker)[k] - before_wire[k] for k in before_wire}
         bits = {k: worker.bits[k] - before_bits[k] for k in BITS}
-        if (sent["uplink_sent"] * 8, sent["downlink_received"] * 8, sent["averaging_sent"] * 8) != (bits["bits_up"], bits["bits_down"], bits["bits_averaging"]) \
+        if (sent["uplink_sent"] * 8, sent["downlink_received"] * 8, (sent["averaging_sent"] + sent["averaging_received"]) * 8) != (bits["bits_up"], bits["bits_down"], bits["bits_averaging"]) \
                 or (sent["diagnostics_sent"] == 0) == worker.has_diagnostics:  # read-outs only where the rule has them
             wire_errors.append((step, sent, bits))
     return {"x": worker.x.clone(), "bits": dict(worker.bits), "wire_errors": wire_errors}

@@ -100,7 +100,7 @@ def test_average_every_step_makes_errors_equal(method):
         assert torch.count_nonzero(state.worker_error) > 0
         assert torch.equal(state.worker_error[0], state.worker_error[1])
         assert torch.equal(state.worker_error[0], state.worker_error[2])
-    assert alg.transport.ledger.per_worker()["bits_averaging"] == 5 * 10 * 64
+    assert alg.transport.ledger.per_worker()["bits_averaging"] == 5 * 10 * 64 * 2  # sent and received
 
 
 # Hand-computed example: 2 workers, x0 = (1, -2, 1/2, 0), grad_k(z) = a_k z + b_k with a = (1, 2),

@@ -34,7 +34,7 @@ from . import hooks
 
 __all__ = ["CheckpointError", "save", "load_latest", "capture_rng", "restore_rng", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 2  # 2: the algorithm's state as named tensors, and the bit ledger
+FORMAT_VERSION = 3  # 2: the algorithm's state as named tensors, and the bit ledger; 3: averaging bits counted both ways
 MANIFEST = "manifest.json"
 
 

@@ -177,7 +177,7 @@ class SAEF(torch.optim.Optimizer):
 
     @property
     def bits(self) -> Dict[str, int]:
-        """Cumulative bits this worker sent (up), received (down) and sent for error averaging."""
+        """Cumulative bits this worker sent (up), received (down), and sent plus received for error averaging."""
         return self.transport.ledger.per_worker()
 
     def mismatch(self) -> Dict[str, float]:

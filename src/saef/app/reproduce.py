@@ -352,7 +352,7 @@ def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
             c = run.config
             label = f"{run_label(c)}, mu={c['momentum']}"
             groups.setdefault(label, []).append(_rows(runs_dir / run.name))
-    lines = ["| run | seeds | final test acc. at x (%) | best (%) | final at x~ (%) | final train loss | MB up + down per worker |",
+    lines = ["| run | seeds | final test acc. at x (%) | best (%) | final at x~ (%) | final train loss | MB per worker (up + down + averaging) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, seeds in sorted(groups.items()):
         final = [rows[-1]["test_acc"] for rows in seeds]

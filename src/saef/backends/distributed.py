@@ -106,7 +106,8 @@ class DistributedTransport(Transport):
         # Bits per worker, and the bytes handed to (sent) and returned by (received) torch.distributed per
         # direction; wire_diagnostics_sent: the read-outs' collectives, apart from the algorithm's traffic.
         self.ledger = BitLedger()
-        for key in ("uplink_sent", "uplink_received", "downlink_sent", "downlink_received", "averaging_sent", "diagnostics_sent"):
+        for key in ("uplink_sent", "uplink_received", "downlink_sent", "downlink_received", "averaging_sent",
+                    "averaging_received", "diagnostics_sent"):
             self.ledger.add(f"wire_{key}", 0)
 
     def owns(self, layer: int, num_layers: int) -> bool:
@@ -248,9 +249,11 @@ class DistributedTransport(Transport):
         return self._layouts
 
     def mean_over_workers(self, rows, purpose="averaging"):
-        if purpose == "averaging":
-            self.ledger.add("bits_averaging", rows.shape[1] * rows.element_size() * 8)
-        return self.exact_mean(rows, purpose)
+        mean = self.exact_mean(rows, purpose)
+        if purpose == "averaging":  # the row went out and its mean came back: counted both ways
+            self.ledger.add("wire_averaging_received", mean.numel() * mean.element_size())
+            self.ledger.add("bits_averaging", 2 * rows.shape[1] * rows.element_size() * 8)
+        return mean
 
     def sum_over_processes(self, values):
         values = values.clone()

@@ -11,7 +11,8 @@ from typing import Dict
 __all__ = ["BitLedger", "PER_WORKER"]
 
 # Bits per worker, cumulative: what one worker sent to the server (up), received from it (down), and sent
-# for error averaging. These are the columns of a run's records.
+# plus received for error averaging (the dense error goes out, its mean comes back, as in an all-reduce).
+# These are the columns of a run's records; their sum is all the algorithm's traffic of one worker.
 PER_WORKER = ("bits_up", "bits_down", "bits_averaging")
 
 
@@ -27,7 +28,7 @@ class BitLedger:
         self.counts[key] = self.counts.get(key, 0) + int(amount)
 
     def per_worker(self) -> Dict[str, int]:
-        """Bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        """Bits per worker: up (to the server), down (from it), averaging (error all-reduce, both ways)."""
         return {key: self.counts[key] for key in PER_WORKER}
 
     def state_dict(self) -> Dict[str, int]:

@@ -78,7 +78,7 @@ class Transport:
 
     def mean_over_workers(self, rows: Tensor, purpose: str = "averaging") -> Tensor:
         """Mean of ``(W, n)`` rows over all K workers, ``(n,)``, rows added in worker order. ``purpose`` is
-        ``"averaging"`` (error averaging, the algorithm's traffic, counted as ``bits_averaging``) or
+        ``"averaging"`` (error averaging, the algorithm's traffic, counted both ways as ``bits_averaging``) or
         ``"diagnostics"`` (read-outs), so that the two are counted apart."""
         raise NotImplementedError
 

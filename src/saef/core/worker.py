@@ -76,7 +76,7 @@ class WorkerBase:
 
     @property
     def bits(self) -> Dict[str, int]:
-        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce)."""
+        """Cumulative bits per worker: up (to the server), down (from it), averaging (error all-reduce, sent + received)."""
         return self.transport.ledger.per_worker()
 
     def _algorithm_state(self) -> Dict[str, object]:
