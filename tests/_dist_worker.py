@@ -38,13 +38,17 @@ def run_case(case, world):
 
 
 def run_facade(world):
-    """The optimizer facade in a user's loop: each rank steps on its shard."""
+    """The optimizer facade in a user's loop: each rank steps on its shard. The last layer joins through
+    add_param_group, from values that differ by rank (the group must start from rank 0's)."""
     import torch.nn.functional as F
 
     import saef
 
     model = tiny_model()
-    opt = saef.SAEF(model.parameters(), lr=0.05, momentum=0.9, compressor="topk:0.1", average_every=3)
+    opt = saef.SAEF(list(model[:5].parameters()), lr=0.05, momentum=0.9, compressor="topk:0.1", average_every=3)
+    with torch.no_grad():
+        model[5].weight.add_(dist.get_rank())
+    opt.add_param_group({"params": model[5].parameters()})
     for step in range(STEPS):
         inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
         opt.zero_grad()

@@ -532,6 +532,74 @@ def test_the_optimizer_reads_momentum_and_weight_decay_every_step():
     assert ours.param_groups[0]["momentum"] != 0.9  # the schedule did change it
 
 
+def _groups(model, lr=0.1):
+    """Two parameter groups of _tiny() with their own lr, momentum and weight decay."""
+    return [{"params": model[0].parameters(), "lr": lr, "momentum": 0.9},
+            {"params": [model[2].weight], "weight_decay": 1e-2, "momentum": 0.0}]
+
+
+def test_parameter_groups_and_add_param_group_follow_sgd():
+    """Per-group lr, momentum and weight decay, and a group added after 5 steps with add_param_group (its
+    own lr and momentum), with a scheduler on top: with the identity compressor, 15 steps equal
+    torch.optim.SGD's (allclose 1e-6). Before it is added, the last bias is not trained by either."""
+    import torch
+
+    a, b = _tiny(), _tiny()
+    ours = saef.SAEF(_groups(a), lr=0.05, momentum=0.5, compressor="identity")
+    ref = torch.optim.SGD(_groups(b), lr=0.05, momentum=0.5)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5) for o in (ours, ref)]
+    for step in range(15):
+        if step == 5:
+            for model, opt in ((a, ours), (b, ref)):
+                opt.add_param_group({"params": [model[2].bias], "lr": 0.3, "momentum": 0.8})
+        for model, opt in ((a, ours), (b, ref)):
+            model.zero_grad()
+            _backward(model, step)
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
+    assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in ref.param_groups]
+
+
+def test_parameter_groups_with_compression_and_state_round_trip():
+    """With top-k, a group's lr scales what its layers send (lr 0 for one group: its layers never move,
+    its errors stay zero, while the other group trains), an added group starts with zero state while the
+    others keep theirs, and state_dict/load_state_dict round-trips the groups (a different grouping is
+    refused)."""
+    import torch
+
+    model = _tiny()
+    groups = _groups(model)
+    groups[1]["lr"] = 0.0
+    opt = saef.SAEF(groups, lr=0.05, compressor="topk:0.3")
+    frozen = model[2].weight.detach().clone()
+    for step in range(4):
+        model.zero_grad()
+        _backward(model, step)
+        opt.step()
+    layers = opt.algorithm.layout.slices
+    assert torch.equal(model[2].weight, frozen) and torch.count_nonzero(opt.ef_state.worker_error[:, layers[2]]) == 0
+    assert torch.count_nonzero(opt.ef_state.worker_error[:, layers[0]]) > 0
+    before = {name: t.clone() for name, t in opt.ef_state.tensors.items()}
+    opt.add_param_group({"params": [model[2].bias], "lr": 0.2})
+    assert opt.x.numel() == sum(p.numel() for p in model.parameters())
+    for name, t in opt.ef_state.tensors.items():
+        old = before[name].shape[-1]
+        assert torch.equal(t[..., :old], before[name]) and torch.count_nonzero(t[..., old:]) == 0
+    model.zero_grad()
+    _backward(model, 9)
+    opt.step()
+    saved = opt.state_dict()
+    again = saef.SAEF(_groups(_tiny()), lr=0.05, compressor="topk:0.3")
+    with pytest.raises(ValueError, match="parameter groups"):
+        again.load_state_dict(saved)
+    again.add_param_group({"params": [again.param_groups[0]["params"][0].new_zeros(3, requires_grad=True)]})
+    again.load_state_dict(saved)
+    assert torch.equal(again.x, opt.x) and [g["lr"] for g in again.param_groups] == [0.1, 0.0, 0.2]
+
+
 def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
     """A parameter unused in forward gets a zero gradient instead of an error (which used to switch the
     simulator's fast paths off for good and then raise): no warning, the stacked path stays, and without

@@ -48,8 +48,10 @@ class SAEF(torch.optim.Optimizer):
     ``torch.optim.SGD``.
 
     Args:
-        params: the parameters (one parameter group).
-        lr: learning rate >= 0 (read from ``param_groups[0]["lr"]`` every step, so schedulers work).
+        params: the parameters, or parameter groups (dicts with ``params`` and any of ``lr``, ``momentum``,
+            ``weight_decay``), as for ``torch.optim.SGD``; :meth:`add_param_group` adds one later.
+        lr: learning rate >= 0. The groups' lr, momentum and weight decay are read every step, so
+            schedulers work (and OneCycleLR's momentum cycling).
         momentum: mu in [0, 1). weight_decay: >= 0.
         method: ``"saef"``, ``"ef"``, ``"ef21"`` or ``"direct"``. compressor / server_compressor: specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
@@ -80,13 +82,13 @@ class SAEF(torch.optim.Optimizer):
         if server == "allreduce" and not config.lossless:
             raise ValueError("server='allreduce' moves dense values both ways, so it cannot carry a compressed uplink or "
                              "downlink; use server='sharded' or 'rank0' (or the identity compressor, single-way)")
+        self.algorithm = None  # built below, once torch.optim has made the groups
         super().__init__(params, dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay))
-        if len(self.param_groups) != 1:
-            raise ValueError(f"SAEF takes one parameter group, got {len(self.param_groups)}")
-        params = self.param_groups[0]["params"]
+        params = self._params()
         self.transport = transport if transport is not None else optimizer_transport(params, server)
         if self.transport.num_local != 1:
             raise ValueError("the SAEF optimizer is one worker per process; use saef.Simulator for K in one process")
+        self.config = config
         self.shapes = [tuple(p.shape) for p in params]
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         with torch.no_grad():
@@ -99,14 +101,49 @@ class SAEF(torch.optim.Optimizer):
         self._settings = {"method": c.method, "compressor": c.compressor.name, "double_way": c.double_way,
                           "server_compressor": c.downlink_compressor.name}
 
-    def _local_hyperparameters(self, group: Dict[str, object]) -> None:
-        """The group's momentum and weight decay, checked, into the local optimizer (e.g. OneCycleLR cycles
-        the momentum)."""
-        mu, wd = check_momentum(group["momentum"]), check_weight_decay(group["weight_decay"])
-        self.algorithm.optimizer.momentum, self.algorithm.optimizer.weight_decay = float(mu), float(wd)
+    def add_param_group(self, param_group: Dict[str, object]) -> None:
+        """Add a group, with its own ``lr``, ``momentum`` and ``weight_decay`` (the optimizer's where left
+        out). Its parameters join the model as new layers from their current values, with zero momentum and
+        errors; every other layer's state is kept. Distributed: every rank adds the same group (the new
+        parameters start from rank 0's values)."""
+        super().add_param_group(param_group)
+        if self.algorithm is None:  # still in __init__
+            return
+        new = list(self.param_groups[-1]["params"])
+        self.transport.add_layers([p.detach() for p in new])
+        old_x, old_state = self.x, self.ef_state
+        self.shapes += [tuple(p.shape) for p in new]
+        self.algorithm = ErrorFeedback(self.shapes, self.config, self.transport)
+        with torch.no_grad():
+            self.x = torch.cat([old_x, flatten([p.detach() for p in new])])
+        self.ef_state = self.algorithm.init_state(self.x)  # the new layers' state as at a start
+        for name, tensor in self.ef_state.tensors.items():
+            tensor[..., :old_x.numel()] = old_state.tensors[name]
+        self.ef_state.step = old_state.step
+        self._versions += [p._version for p in new]
+
+    def _hyperparameters(self):
+        """This step's lr, momentum and weight decay, read from the groups (schedulers may change any of them,
+        e.g. OneCycleLR cycles the momentum) and checked: one number each when every group agrees, else one
+        per layer. The momentum and weight decay go into the local optimizer; returns the lr."""
+        per_group = []
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            value = float(lr) if isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool) else math.nan
+            if not (value >= 0) or math.isinf(value):
+                raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r} in parameter group {i}")
+            mu, wd = check_momentum(group["momentum"]), check_weight_decay(group["weight_decay"])
+            per_group.append((value, float(mu), float(wd)))
+        if len(set(per_group)) == 1:  # the common case: one number each
+            lr, mu, wd = per_group[0]
+        else:
+            layers = [values for values, group in zip(per_group, self.param_groups) for _ in group["params"]]
+            lr, mu, wd = (list(column) for column in zip(*layers))
+        self.algorithm.optimizer.set(mu, wd)
+        return lr
 
     def _params(self):
-        return self.param_groups[0]["params"]
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _write(self, flat: Tensor) -> None:
         write_flat(self._params(), flat, self.shapes)
@@ -147,10 +184,9 @@ class SAEF(torch.optim.Optimizer):
             warnings.warn(f"SAEF: step skipped, a gradient holds a NaN or Inf (on some process); "
                           f"{self.skipped_steps} skipped so far", stacklevel=2)
             return loss
-        group = self.param_groups[0]  # read every step, as torch.optim.SGD does: schedulers may change any of them
-        self._local_hyperparameters(group)
+        lr = self._hyperparameters()  # read every step, as torch.optim.SGD does
         kept = self._idle_layers([i for i, none in enumerate(idle) if none])
-        self.algorithm.step(self.ef_state, self.x, grads, float(group["lr"]))
+        self.algorithm.step(self.ef_state, self.x, grads, lr)
         for target, saved in kept:  # a parameter without a gradient is left as it was, as torch.optim.SGD does
             target.copy_(saved)
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
@@ -187,7 +223,10 @@ class SAEF(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, object]:
         state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict(),
                  "settings": dict(self._settings), "skipped_steps": self.skipped_steps}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        groups, first = [], 0
+        for g in self.param_groups:  # as torch.optim saves them: the hyperparameters and the parameters' indices
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(first, first + len(g["params"])))})
+            first += len(g["params"])
         return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
@@ -196,6 +235,11 @@ class SAEF(torch.optim.Optimizer):
         errors mean something else); ``reset_errors=True`` then keeps the parameters, the step and the bit
         counts only, with momentum and errors from zero."""
         state = state_dict["state"]
+        sizes = [len(g["params"]) if "params" in g else None for g in state_dict["param_groups"]]
+        ours = [len(g["params"]) for g in self.param_groups]
+        if len(sizes) != len(ours) or any(n is not None and n != m for n, m in zip(sizes, ours)):
+            raise ValueError(f"the state has parameter groups of {sizes} tensors, the optimizer has "
+                             f"{ours} (add_param_group as when it was saved)")
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the optimizer has {self.x.numel()}")
         saved = state.get("settings", {})
@@ -213,5 +257,5 @@ class SAEF(torch.optim.Optimizer):
             self.transport.ledger.load_state_dict(state["ledger"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
+            group.update({k: v for k, v in saved.items() if k != "params"})
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])

@@ -101,6 +101,7 @@ class DistributedTransport(Transport):
         self.num_workers = dist.get_world_size(group)
         self.num_local = 1
         self.server = server
+        self._sizes = [int(d) for d in sizes]
         self.owner = assign_layers(sizes, self.num_workers) if server == "sharded" else [0] * len(sizes)
         self.dtype, self.device = dtype, torch.device(device)  # of the parameters and payloads
         # Bits per worker, and the bytes handed to (sent) and returned by (received) torch.distributed per
@@ -112,6 +113,25 @@ class DistributedTransport(Transport):
 
     def owns(self, layer: int, num_layers: int) -> bool:
         return self.server == "allreduce" or self.owner[layer] == self.rank
+
+    def add_layers(self, values):
+        with torch.no_grad():
+            for value in values:  # every rank starts the new layers from rank 0's values
+                dist.broadcast(value, src=0, group=self.group)
+        sizes = [v.numel() for v in values]
+        if self.server == "sharded":  # each new layer to the least-loaded rank; existing layers stay where they are
+            load = [0] * self.num_workers
+            for i, r in enumerate(self.owner):
+                load[r] += self._sizes[i]
+            for d in sizes:
+                r = min(range(self.num_workers), key=lambda r: (load[r], r))
+                self.owner.append(r)
+                load[r] += d
+        else:
+            self.owner += [0] * len(sizes)
+        self._sizes += sizes
+        self._layouts = None  # payload templates and sub-layouts are per layer: rebuilt on the next step
+        self.__dict__.pop("_sub_layouts", None)
 
     def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str, meanwhile=None) -> List[Tensor]:
         """Send ``chunks[r]`` (tensors, as raw bytes) to rank r and receive ``recv_sizes[r]`` bytes from

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..compress import Layout
 from .config import ErrorFeedbackConfig
 from .local import MomentumSGD
+from .perlayer import PerLayer, Scalar
 from .rules import Plan, rule_class
 from .transport import Transport
 
@@ -87,7 +88,7 @@ class ErrorFeedback:
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
         self.plan = Plan(self.layout, transport, self.uplink, self.downlink)
         self.rule = rule_class(config.method)(config, self.plan)
-        self.optimizer = MomentumSGD(config.momentum, config.weight_decay)
+        self.optimizer = MomentumSGD(self.layout, config.momentum, config.weight_decay)
         # x~ and the mismatch terms: defined by the rule, and trivial (zero) when nothing is compressed.
         self.has_diagnostics = self.rule.has_diagnostics and not config.lossless
         if config.average_every == 1 and transport.num_workers == 1:
@@ -130,7 +131,7 @@ class ErrorFeedback:
         return tensors
 
     # --- one step ----------------------------------------------------------------------------------
-    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: float) -> None:
+    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> None:
         """Apply one step in place to ``x`` and ``state``.
 
         Args:
@@ -138,10 +139,11 @@ class ErrorFeedback:
             grads: grad f(z_k; batch_k) for the W local workers, taken at :meth:`gradient_points` of the
                 current state: one (W, P) tensor, or one tensor per layer with W d_i elements (e.g. the
                 ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
-            lr: the learning rate of this step (>= 0).
+            lr: the learning rate of this step (>= 0): one number, or one per layer (parameter groups).
         """
         pairs = self._gradient_pairs(grads)
-        if not (lr >= 0) or math.isinf(lr):
+        lr = self.per_layer(lr, "lr")
+        if any(v < 0 for v in set(lr.values)):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
         rule = self.rule
         direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
@@ -155,6 +157,10 @@ class ErrorFeedback:
         rule.apply(state, x, update, lr)
         state.step += 1
         rule.end_step(state)
+
+    def per_layer(self, value: Scalar, name: str) -> PerLayer:
+        """``value`` (one number or one per layer) over this algorithm's layers."""
+        return value if isinstance(value, PerLayer) else PerLayer(value, self.layout, name)
 
     def _gradient_pairs(self, grads):
         w = self.transport.num_local

@@ -45,6 +45,11 @@ class Transport:
         """Whether the server's work for ``layer`` runs in this process."""
         raise NotImplementedError
 
+    def add_layers(self, values: Sequence[Tensor]) -> None:
+        """New layers join the model after the existing ones (``values``: their starting values, e.g. the
+        parameters of a new parameter group): give them owners without moving any existing layer, and make
+        every process start them from the same values. Nothing to do for one process (this default)."""
+
     def average_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
                        meanwhile: Optional[Callable[[], None]] = None) -> Tensor:
         """Mean over all K workers of the decoded uplink payloads, for the layers owned here, computed by

@@ -13,7 +13,8 @@ not know which rule runs. A rule's methods, in the order a step calls them::
     apply(state, x, update, lr)   every worker applies what the server sent
     end_step(state)               after the step counter moved (e.g. error averaging)
 
-State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
+``lr`` is a :class:`~saef.core.perlayer.PerLayer` (one value, or one per layer for parameter groups): apply
+it with its ``add`` and ``multiply``. State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
 tensors span all P parameters. A server-side tensor that only the server updates holds the owned layers
 (zero elsewhere) where the server is sharded; one that every worker updates from what the server sends
 (EF21's g, single-way) is whole on every process.
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ...compress import Compressor, Layout, Payload
+from ..perlayer import PerLayer
 
 __all__ = ["FeedbackRule", "Plan"]
 
@@ -93,19 +95,19 @@ class FeedbackRule:
         points = x[columns].unsqueeze(0).expand(self.plan.num_local, -1)
         return points if out is None else out.copy_(points)
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: float) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
         raise NotImplementedError
 
     def settle_worker(self, state, payloads: Sequence[Payload]) -> None:
         """Nothing to keep by default."""
 
-    def serve(self, state, x: Tensor, mean: Tensor, lr: float) -> Tensor:
+    def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         return mean
 
     def settle_server(self, state, served: Tensor, applied: Tensor) -> None:
         """Nothing to keep by default."""
 
-    def apply(self, state, x: Tensor, update: Tensor, lr: float) -> None:
+    def apply(self, state, x: Tensor, update: Tensor, lr: PerLayer) -> None:
         x -= update
 
     def end_step(self, state) -> None:

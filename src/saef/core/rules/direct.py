@@ -11,9 +11,9 @@ With C = C_s = identity it is exactly momentum SGD. Nothing is fed back, so ther
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from ..perlayer import PerLayer
 from .base import FeedbackRule
 
 __all__ = ["Direct"]
@@ -22,5 +22,5 @@ __all__ = ["Direct"]
 class Direct(FeedbackRule):
     name = "direct"
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: float) -> Tensor:
-        return torch.mul(direction, lr, out=self.plan.buffer("direct-uplink", direction))  # lr m_k
+    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
+        return lr.multiply(direction, out=self.plan.buffer("direct-uplink", direction))  # lr m_k

@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from ..perlayer import PerLayer
 from .base import FeedbackRule
 
 __all__ = ["ErrorFeedbackRule", "StepAheadErrorFeedback"]
@@ -42,14 +43,14 @@ class ErrorFeedbackRule(FeedbackRule):
             "server_error": x.new_zeros(x.numel()),  # e_s: what C_s left out (owned layers; else 0)
         }
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: float) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
         # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
-        return state.worker_error.add_(direction, alpha=lr)  # D_k = e_k + lr m_k
+        return lr.add(state.worker_error, direction)  # D_k = e_k + lr m_k
 
     def settle_worker(self, state, payloads) -> None:
         self.plan.uplink.subtract_decoded(payloads, self.plan.layout, state.worker_error)  # e_k <- D_k - C(D_k)
 
-    def serve(self, state, x: Tensor, mean: Tensor, lr: float) -> Tensor:
+    def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         return self.plan.owned_part(state.server_error).add_(mean)  # D = e_s + mean_k C(D_k)
 
     def settle_server(self, state, served: Tensor, applied: Tensor) -> None:

@@ -27,6 +27,7 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from ..perlayer import PerLayer
 from .base import FeedbackRule
 
 __all__ = ["EF21"]
@@ -44,29 +45,29 @@ class EF21(FeedbackRule):
             state["server_model"] = self.plan.only_owned(x.detach().clone())
         return state
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: float) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
         return torch.sub(direction, state.worker_estimate, out=self.plan.buffer("ef21-uplink", direction))  # v_k - g_k
 
     def settle_worker(self, state, payloads) -> None:
         self.plan.uplink.add_decoded(payloads, self.plan.layout, state.worker_estimate)  # g_k <- g_k + c_k
 
-    def serve(self, state, x: Tensor, mean: Tensor, lr: float) -> Tensor:
+    def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         if not self.config.double_way:  # the dense mean goes back; every worker updates g and x itself
             return mean
         plan = self.plan
         estimate = plan.owned_part(state.server_estimate).add_(mean)  # g <- g + mean_k c_k
-        model = plan.owned_part(state.server_model).sub_(estimate, alpha=lr)  # x <- x - lr g
+        model = lr.subset(plan.owned, plan.owned_layout).add(plan.owned_part(state.server_model), estimate, sign=-1)  # x <- x - lr g
         plan.put_owned(state.server_estimate, estimate)
         plan.put_owned(state.server_model, model)
         held = plan.owned_part(x)  # w, the layers owned here
         return torch.sub(model, held, out=plan.buffer("ef21-downlink", model))  # x - w, compressed to s
 
-    def apply(self, state, x: Tensor, update: Tensor, lr: float) -> None:
+    def apply(self, state, x: Tensor, update: Tensor, lr: PerLayer) -> None:
         if self.config.double_way:
             x += update  # w <- w + s
         else:
             state.server_estimate.add_(update)  # g <- g + mean_k c_k
-            x.sub_(state.server_estimate, alpha=lr)  # x <- x - lr g
+            lr.add(x, state.server_estimate, sign=-1)  # x <- x - lr g
 
     def model(self, state, x: Tensor) -> Tensor:
         if self.config.double_way:

@@ -1,0 +1,97 @@
+"""Hyperparameters with one value per layer (the parameter groups of :class:`saef.SAEF`).
+
+A step applies a hyperparameter element-wise on the flat axis. :class:`PerLayer` holds it as runs of equal
+values over that axis, so a step does one operation per run -- and exactly the one operation of a single
+scalar when every layer agrees (the common case, kept bit-identical to it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..compress import Layout
+
+__all__ = ["PerLayer", "Scalar"]
+
+Scalar = Union[float, Sequence[float]]  # one value for every layer, or one per layer
+
+
+class PerLayer:
+    """One value per layer of ``layout``, as runs ``(columns, value)`` over the flat axis (a single run
+    ``(slice(None), value)`` when all layers agree)."""
+
+    def __init__(self, values: Scalar, layout: Layout, name: str = "value"):
+        self.name = name
+        if isinstance(values, (int, float)):  # the common case: one value, one run, no loop over layers
+            value = self._check(values)
+            self.values = (value,) * len(layout)
+            self.runs = [(slice(None), value)]
+            return
+        values = [self._check(v) for v in values]
+        if len(values) != len(layout):
+            raise ValueError(f"{name} must be one number or one per layer ({len(layout)}), got {len(values)}")
+        self.values = tuple(values)
+        runs: List[Tuple[int, int, float]] = []
+        for v, s in zip(self.values, layout.slices):
+            if runs and runs[-1][2] == v and runs[-1][1] == s.start:
+                runs[-1] = (runs[-1][0], s.stop, v)
+            else:
+                runs.append((s.start, s.stop, v))
+        if len(runs) <= 1:
+            self.runs = [(slice(None), self.values[0] if self.values else 0.0)]
+        else:
+            self.runs = [(slice(a, b), v) for a, b, v in runs]
+
+    def _check(self, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{self.name} must be a finite number (or one per layer), got {self.name}={value!r}")
+        return float(value)
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.runs) == 1
+
+    def subset(self, layers: Sequence[int], layout: Layout) -> "PerLayer":
+        """The values of ``layers``, over ``layout`` (their sub-layout, e.g. the server's owned layers)."""
+        if self.uniform:
+            return PerLayer(self.runs[0][1], layout, self.name)
+        return PerLayer([self.values[i] for i in layers], layout, self.name)
+
+    def pieces(self, columns: slice) -> List[Tuple[slice, float]]:
+        """The runs that meet the stretch ``columns`` of the flat axis, as slices relative to it."""
+        if self.uniform:
+            return [(slice(None), self.runs[0][1])]
+        if columns == slice(None):
+            return self.runs
+        out = []
+        for s, v in self.runs:
+            a, b = max(s.start, columns.start), min(s.stop, columns.stop)
+            if a < b:
+                out.append((slice(a - columns.start, b - columns.start), v))
+        return out
+
+    def add(self, target: Tensor, source: Tensor, sign: float = 1.0) -> Tensor:
+        """``target += sign * value * source`` in place, run by run over the last axis; returns ``target``."""
+        for s, v in self.runs:
+            if sign < 0:
+                target[..., s].sub_(source[..., s], alpha=v)
+            else:
+                target[..., s].add_(source[..., s], alpha=v)
+        return target
+
+    def multiply(self, source: Tensor, out: Tensor) -> Tensor:
+        """``out = value * source``, run by run over the last axis; returns ``out``."""
+        if self.uniform:
+            return torch.mul(source, self.runs[0][1], out=out)
+        for s, v in self.runs:
+            torch.mul(source[..., s], v, out=out[..., s])
+        return out
+
+    def __repr__(self) -> str:
+        if self.uniform:
+            return f"PerLayer({self.runs[0][1]!r})"
+        return f"PerLayer({list(self.values)!r})"
