@@ -165,7 +165,11 @@ class DistributedTransport(Transport):
             raise RuntimeError(f"received {buffer.numel()} bytes, expected {offset}: payload sizes differ between ranks")
         return out
 
-    def average_uplink(self, payloads, compressor, layout, meanwhile=None):
+    @property
+    def worker_ids(self):
+        return [self.rank]
+
+    def average_uplink(self, payloads, compressor, layout, meanwhile=None, context=None):
         self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads))
         if self.server == "allreduce":
             mean = self._allreduce_mean(payloads, compressor, layout)
@@ -184,9 +188,10 @@ class DistributedTransport(Transport):
         from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
         # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
         stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
-        return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank))
+        senders = None if context is None else context.with_senders(range(self.num_workers))  # rows in rank order
+        return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank), **compressor.context_args(senders))
 
-    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
             if not isinstance(compressor, Identity):
                 raise ValueError("server='allreduce' sends dense values both ways; with a server compressor use "
@@ -213,9 +218,9 @@ class DistributedTransport(Transport):
                 payloads = self._unpack(buffer, [templates[i] for i in layers])
                 span = layout.span(layers)
                 if span is not None:  # the owner's layers lie side by side: decode straight into the update
-                    compressor.decode_layers_into(payloads, sub, update[span].unsqueeze(0))
+                    compressor.decode_layers_into(payloads, sub, update[span].unsqueeze(0), **compressor.context_args(context))
                     continue
-                dense = compressor.decode_layers(payloads, sub)[0]
+                dense = compressor.decode_layers(payloads, sub, **compressor.context_args(context))[0]
             for i, s in zip(layers, sub.slices):  # one copy per layer: index_copy_ was ~5x slower
                 update[layout.slices[i]] = dense[s]
         self.ledger.add("bits_down", sum(recv_sizes) * 8)
@@ -259,14 +264,14 @@ class DistributedTransport(Transport):
         return whole[:n]
 
     def _downlink_layouts(self, compressor: Compressor, layout: Layout) -> List[Payload]:
-        """Shapes and dtypes of every layer's server payload, from encoding a zero row once (meta tensors
-        stand in, since only shape and dtype matter)."""
+        """Shapes and dtypes of every layer's server payload (meta tensors), made once per compressor (a
+        warm-up sends identity payloads first)."""
         if getattr(self, "_layouts", None) is None:
-            self._layouts = [
-                tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in compressor.encode_rows(torch.zeros(1, d, dtype=self.dtype)))
-                for d in layout.sizes
-            ]
-        return self._layouts
+            self._layouts = {}
+        key = (compressor.name, layout.total)
+        if key not in self._layouts:
+            self._layouts[key] = compressor.payload_templates(layout, self.dtype)
+        return self._layouts[key]
 
     def mean_over_workers(self, rows, purpose="averaging"):
         mean = self.exact_mean(rows, purpose)

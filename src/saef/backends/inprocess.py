@@ -26,14 +26,14 @@ class InProcessTransport(Transport):
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
 
-    def average_uplink(self, payloads, compressor, layout, meanwhile=None):
+    def average_uplink(self, payloads, compressor, layout, meanwhile=None, context=None):
         self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads) // self.num_workers)
-        mean = compressor.decode_mean_layers(payloads, layout)
+        mean = compressor.decode_mean_layers(payloads, layout, **compressor.context_args(context))
         if meanwhile is not None:
             meanwhile()
         return mean
 
-    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None):
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
         if meanwhile is not None:
             meanwhile()
         self.ledger.add("bits_down", sum(payload_bits(p) for p in payloads))

@@ -5,14 +5,14 @@ payload accounting, :mod:`.sign` and :mod:`.topk` the built-in compressors, :mod
 optional compiled :mod:`._native`) the kernels behind them, :mod:`.registry` the names.
 """
 
-from .base import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
+from .base import SERVER, Compressor, Context, Identity, Layout, Payload, mean_of_rows, payload_bits
 from .kernels import index_bits, largest, pack_bits, unpack_bits
 from .registry import available_compressors, make_compressor, register_compressor
 from .sign import ScaledSign
 from .topk import TopK
 
 __all__ = [
-    "Compressor", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK",
+    "Compressor", "Context", "SERVER", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK",
     "make_compressor", "register_compressor", "available_compressors", "pack_bits", "unpack_bits", "index_bits",
     "largest",
 ]

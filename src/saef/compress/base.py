@@ -43,14 +43,14 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 Payload = Tuple[Tensor, ...]
 
-__all__ = ["Layout", "Compressor", "Identity", "Payload", "payload_bits", "mean_of_rows"]
+__all__ = ["Layout", "Compressor", "Context", "SERVER", "Identity", "Payload", "payload_bits", "mean_of_rows"]
 
 
 def mean_of_rows(rows: Tensor) -> Tensor:
@@ -75,10 +75,17 @@ class Layout:
     where each layer is, so that they can compress every layer (still layer-wise) with a few kernels.
     """
 
-    def __init__(self, sizes: Sequence[int]):
+    def __init__(self, sizes: Sequence[int], shapes: Optional[Sequence[Sequence[int]]] = None,
+                 ids: Optional[Sequence[int]] = None):
         self.sizes = [int(d) for d in sizes]
         if any(d < 0 for d in self.sizes):
             raise ValueError(f"layer sizes must be >= 0, got {self.sizes}")
+        # Each layer's tensor shape (PowerSGD views a layer as a matrix) and its index in the whole model
+        # (the id a random compressor derives its draws from, the same in a sub-layout of owned layers).
+        self.shapes = [tuple(int(n) for n in s) for s in shapes] if shapes is not None else [(d,) for d in self.sizes]
+        self.ids = [int(i) for i in ids] if ids is not None else list(range(len(self.sizes)))
+        if len(self.shapes) != len(self.sizes) or any(math.prod(s) != d for s, d in zip(self.shapes, self.sizes)):
+            raise ValueError(f"layer shapes {self.shapes} do not match the sizes {self.sizes}")
         self.offsets = [0]
         for d in self.sizes:
             self.offsets.append(self.offsets[-1] + d)
@@ -91,7 +98,7 @@ class Layout:
 
     def subset(self, layers: Sequence[int]) -> "Layout":
         """The layout of the given layers laid end to end."""
-        return Layout([self.sizes[i] for i in layers])
+        return Layout([self.sizes[i] for i in layers], [self.shapes[i] for i in layers], [self.ids[i] for i in layers])
 
     def span(self, layers: Sequence[int]):
         """The slice of the flat axis that ``layers`` cover when they are consecutive (``None`` otherwise,
@@ -112,6 +119,56 @@ class Layout:
         return self.memo((name, device), lambda: make().to(device))
 
 
+SERVER = -1  # the sender id of the server's payloads (workers are 0 .. K-1)
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over each part in turn): distinct tuples give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 29
+    return h >> 1
+
+
+class Context:
+    """Where the randomness and the state of a step's payloads come from.
+
+    A random compressor draws layer i of sender s at step t from a generator seeded by
+    (seed, t, id of layer i, s), so every party -- the sender, the server, the other workers, and the
+    simulator playing all of them -- can make the same draws without sending them (rand-k's indices are
+    never sent). A stateful compressor (PowerSGD's warm-started Q) reads and updates ``state``, one
+    ``(W, S)`` row per sender, when it encodes.
+
+    Args:
+        seed: the run's seed. step: the step t.
+        senders: the sender id of each payload row: worker ids 0 .. K-1, or :data:`SERVER`.
+        state: the compressor's state of those senders, ``(W, S)`` (see :meth:`Compressor.state_sizes`), or None.
+        state_slices: where each layer's state lies in ``state``, by layer id.
+    """
+
+    def __init__(self, seed: int = 0, step: int = 0, senders: Sequence[int] = (0,), state: Optional[Tensor] = None,
+                 state_slices: Optional[Dict[int, slice]] = None):
+        self.seed, self.step = int(seed), int(step)
+        self.senders = tuple(int(s) for s in senders)
+        self.state, self.state_slices = state, state_slices or {}
+
+    def with_senders(self, senders: Sequence[int]) -> "Context":
+        """The same step for other senders (a receiver decoding rows of its own choosing), without state."""
+        return Context(self.seed, self.step, senders)
+
+    def generators(self, layer_id: int, device) -> List[torch.Generator]:
+        """One fresh generator per row, for layer ``layer_id`` (the same draws every time they are made)."""
+        device = torch.device(device)
+        return [torch.Generator(device=device).manual_seed(_mix(self.seed, self.step, layer_id, s)) for s in self.senders]
+
+    def __repr__(self) -> str:
+        return f"Context(seed={self.seed}, step={self.step}, senders={self.senders})"
+
+
 class Compressor:
     """Base class. Subclasses implement the row methods ``encode_rows``, ``decode_rows`` and
     ``compress_rows`` (the dense C(v), computed directly: tests check it equals decode(encode(v))).
@@ -127,6 +184,9 @@ class Compressor:
     """
 
     name: str = "compressor"
+    random: bool = False  # whether it draws randomness (then its row methods take ``generators``)
+    stateful: bool = False  # whether it keeps state per sender (:meth:`state_sizes`)
+    sends_floats: bool = True  # whether its payload holds floating-point values (a :bf16/:fp16 suffix applies)
 
     # --- row API: V is (W, d), one row per worker -------------------------------------------------
     def encode_rows(self, rows: Tensor) -> Payload:
@@ -135,54 +195,94 @@ class Compressor:
     def decode_rows(self, payload: Payload, d: int) -> Tensor:
         raise NotImplementedError
 
-    def compress_rows(self, rows: Tensor) -> Tensor:
-        return self.decode_rows(self.encode_rows(rows), rows.shape[1])
+    def compress_rows(self, rows: Tensor, **draws) -> Tensor:
+        """C of each row. A random compressor takes ``generators`` (one per row; None: torch's global one),
+        used by the encoder; one whose decoder also draws (rand-k) overrides this."""
+        return self.decode_rows(self.encode_rows(rows, **draws), rows.shape[1])
 
     def delta(self, d: int) -> float:
         """The delta of Assumption 4 this compressor guarantees on a tensor of ``d`` elements."""
         raise NotImplementedError
 
+    def state_sizes(self, layout: Layout) -> List[int]:
+        """Elements of state kept per sender for each layer of ``layout`` (all 0: stateless, the default)."""
+        return [0] * len(layout)
+
+    def init_state(self, layout: Layout, context: "Context") -> None:
+        """Fill ``context.state`` (``(W, sum(state_sizes))``, at the slices ``context.state_slices``) with
+        the state at the start. Nothing for a stateless compressor."""
+
+    def payload_templates(self, layout: Layout, dtype: torch.dtype = torch.float32) -> List[Payload]:
+        """The shapes and dtypes of one row's payload for each layer (as tensors on the meta device), from
+        encoding zeros once: what a receiver needs to cut a byte stream into payloads."""
+        zeros = torch.zeros(1, layout.total, dtype=dtype)
+        encoded = self.encode_layers(zeros, layout, **self.context_args(Context(0, 0, (SERVER,))))
+        return [tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in payload) for payload in encoded]
+
+    def context_args(self, context: Optional["Context"]) -> Dict[str, object]:
+        """``{"context": context}`` for a compressor that uses one (random or stateful), else ``{}``: how the
+        step calls the layer methods, so that a compressor written without ``context`` keeps working."""
+        return {"context": context} if (self.random or self.stateful) else {}
+
+    def _draws(self, layout: Layout, i: int, context: Optional["Context"], device) -> Dict[str, object]:
+        """The keyword arguments of the row methods for layer i: the generators of a random compressor."""
+        if not self.random:
+            return {}
+        if context is None:
+            raise ValueError(f"{self.name} draws randomness: the layer methods need a context= (seed, step, senders)")
+        return {"generators": context.generators(layout.ids[i], device)}
+
     # --- layer API: rows is (W, P), the layers of ``layout`` end to end ------------------------------
-    def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
+    # ``context`` says where the draws and the state of random and stateful compressors come from (see
+    # :class:`Context`); the others ignore it.
+    def encode_layers(self, rows: Tensor, layout: Layout, context: Optional[Context] = None) -> List[Payload]:
         """One payload per layer (each with W rows)."""
-        return [self.encode_rows(rows[:, s]) for s in layout.slices]
+        return [self.encode_rows(rows[:, s], **self._draws(layout, i, context, rows.device)) for i, s in enumerate(layout.slices)]
 
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context: Optional[Context] = None) -> Tensor:
         """The dense ``(W, P)`` tensor the per-layer payloads stand for."""
-        return torch.cat([self.decode_rows(p, d) for p, d in zip(payloads, layout.sizes)], dim=1)
+        device = payloads[0][0].device if payloads else "cpu"
+        return torch.cat([self.decode_rows(p, d, **self._draws(layout, i, context, device))
+                          for i, (p, d) in enumerate(zip(payloads, layout.sizes))], dim=1)
 
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context: Optional[Context] = None) -> Tensor:
         """:meth:`decode_layers` written into ``out`` (``(W, P)``), which is returned: lets a caller reuse
         one buffer every step. The default copies; built-in compressors decode in place."""
-        return out.copy_(self.decode_layers(payloads, layout))
+        return out.copy_(self.decode_layers(payloads, layout, **self.context_args(context)))
 
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context: Optional[Context] = None) -> Tensor:
         """``target -= decode_layers(payloads, layout)`` in place (``(W, P)``; the error update of
         Algorithm 1), returned. Top-k subtracts its kept values only; sign decodes into a reused buffer."""
-        return target.sub_(self.decode_layers(payloads, layout))
+        return target.sub_(self.decode_layers(payloads, layout, **self.context_args(context)))
 
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context: Optional[Context] = None) -> Tensor:
         """``target += decode_layers(payloads, layout)`` in place (``(W, P)``), returned."""
-        return target.add_(self.decode_layers(payloads, layout))
+        return target.add_(self.decode_layers(payloads, layout, **self.context_args(context)))
 
-    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout, context: Optional[Context] = None) -> Tensor:
         """The mean over rows of :meth:`decode_layers`, ``(P,)`` (what the server averages), element by
         element as :func:`mean_of_rows` adds them (see the module docstring)."""
-        return mean_of_rows(self.decode_layers(payloads, layout))
+        return mean_of_rows(self.decode_layers(payloads, layout, **self.context_args(context)))
 
     # --- single-tensor API -------------------------------------------------------------------------
-    def encode(self, v: Tensor) -> Payload:
-        """The tensors that go on the wire for ``v`` (any shape; treated as a flat vector)."""
-        return self.encode_rows(v.reshape(1, -1))
+    # A random compressor draws from ``generator`` (a torch.Generator) when one is given, else from torch's
+    # global generator, as torch.rand does; deterministic compressors ignore it. To decode a payload whose
+    # draws were not sent (rand-k), give decode a generator in the state encode's generator started in.
+    def _one(self, generator) -> Dict[str, object]:
+        return {"generators": [generator]} if self.random else {}
 
-    def decode(self, payload: Payload, shape) -> Tensor:
+    def encode(self, v: Tensor, generator: Optional[torch.Generator] = None) -> Payload:
+        """The tensors that go on the wire for ``v`` (any shape; treated as a flat vector)."""
+        return self.encode_rows(v.reshape(1, -1), **self._one(generator))
+
+    def decode(self, payload: Payload, shape, generator: Optional[torch.Generator] = None) -> Tensor:
         """The dense tensor of ``shape`` that ``payload`` stands for."""
         d = math.prod(shape)
-        return self.decode_rows(payload, d).reshape(shape)
+        return self.decode_rows(payload, d, **self._one(generator)).reshape(shape)
 
-    def compress(self, v: Tensor) -> Tensor:
+    def compress(self, v: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """The dense approximation C(v), same shape and dtype as ``v``."""
-        return self.compress_rows(v.reshape(1, -1)).reshape(v.shape)
+        return self.compress_rows(v.reshape(1, -1), **self._one(generator)).reshape(v.shape)
 
     @staticmethod
     def bits(payload: Payload) -> int:

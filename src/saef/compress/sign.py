@@ -59,7 +59,7 @@ class ScaledSign(Compressor):
 
     # Vectorised over layers: the same payloads, made with a handful of kernels instead of a dozen per
     # layer (the simulator's step is dominated by per-layer kernel launches otherwise).
-    def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
+    def encode_layers(self, rows: Tensor, layout: Layout, context=None) -> List[Payload]:
         encoded = _KERNELS(rows).encode_layers(rows, layout)
         if encoded is None:  # a layer of no elements: one layer at a time
             return super().encode_layers(rows, layout)
@@ -74,19 +74,19 @@ class ScaledSign(Compressor):
     def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
         return _KERNELS(payloads[0][1]).decode(payloads, layout, out, mode)
 
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         return self._decode(payloads, layout)
 
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context=None) -> Tensor:
         return self._decode(payloads, layout, out)
 
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
         return self._decode(payloads, layout, target, "subtract")
 
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
         return self._decode(payloads, layout, target, "add")
 
-    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         """The rows decoded with their scales divided by W and added in row order, in buffers kept by
         ``layout``: no fresh ``(W, P)`` tensor per step. Equal to ``decode_layers(...).mean(0)`` up to
         rounding. The result lives in a buffer: it is valid until the next call with the same layout and

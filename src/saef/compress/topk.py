@@ -90,7 +90,7 @@ class TopK(Compressor):
     # Vectorised over layers: layers of equal size share one selection, and the indices of all layers are
     # packed (and unpacked) by a few kernels with precomputed bit positions. The payloads are those of
     # encode_rows, layer by layer.
-    def encode_layers(self, rows: Tensor, layout: Layout) -> List[Payload]:
+    def encode_layers(self, rows: Tensor, layout: Layout, context=None) -> List[Payload]:
         encoded = _KERNELS(rows).encode_layers(self, rows, layout)
         if encoded is None:  # a layer of no elements: one layer at a time
             return super().encode_layers(rows, layout)
@@ -107,21 +107,21 @@ class TopK(Compressor):
     def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
         return _KERNELS(payloads[0][0]).decode(self, payloads, layout, out, mode)
 
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         return self._decode(payloads, layout)
 
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor) -> Tensor:
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context=None) -> Tensor:
         return self._decode(payloads, layout, out)
 
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
         """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
         return self._decode(payloads, layout, target, "subtract")
 
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor) -> Tensor:
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
         """Only the kept entries change: no dense decode."""
         return self._decode(payloads, layout, target, "add")
 
-    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout) -> Tensor:
+    def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to
         ``decode_layers(...).mean(0)`` up to rounding (the order of the additions differs). The result
         lives in a buffer kept by ``layout``: it is valid until the next call with the same layout."""

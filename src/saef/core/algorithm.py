@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..compress import Layout
+from ..compress import SERVER, Context, Identity, Layout
 from .config import ErrorFeedbackConfig
 from .local import MomentumSGD
 from .perlayer import PerLayer, Scalar
@@ -83,11 +83,18 @@ class ErrorFeedback:
         self.config = config
         self.transport = transport
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
-        self.layout = Layout([math.prod(s) for s in self.shapes])
+        self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes)
         self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
         self.plan = Plan(self.layout, transport, self.uplink, self.downlink)
         self.rule = rule_class(config.method)(config, self.plan)
+        # The full-precision warm-up: the same rule over identity compressors both ways (its errors stay
+        # exactly zero), for the first config.warmup_steps steps.
+        self.warmup_rule = rule_class(config.method)(config, Plan(self.layout, transport, Identity(), Identity())) \
+            if config.warmup_steps else None
+        # Where each layer's compressor state lies (PowerSGD's Q), by layer id; empty for stateless ones.
+        self.state_slices = {name: dict(zip(self.layout.ids, Layout(c.state_sizes(self.layout)).slices))
+                             for name, c in (("uplink", self.uplink), ("downlink", self.downlink))}
         self.optimizer = MomentumSGD(self.layout, config.momentum, config.weight_decay)
         # x~ and the mismatch terms: defined by the rule, and trivial (zero) when nothing is compressed.
         self.has_diagnostics = self.rule.has_diagnostics and not config.lossless
@@ -100,7 +107,25 @@ class ErrorFeedback:
     def init_state(self, x: Tensor) -> ErrorFeedbackState:
         """The state at the start (zero momentum, errors, estimates) for ``x`` (P,) and this process's W workers."""
         self._check_flat(x, "x")
-        return ErrorFeedbackState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
+        state = ErrorFeedbackState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
+        for name, compressor, senders in (("uplink", self.uplink, self.transport.worker_ids), ("downlink", self.downlink, (SERVER,))):
+            size = sum(c.stop - c.start for c in self.state_slices[name].values())
+            if size:  # the compressor's own state per sender, seeded from the run (step -1: before the first)
+                rows = x.new_zeros(len(senders), size)
+                compressor.init_state(self.layout, Context(self.config.seed, -1, senders, rows, self.state_slices[name]))
+                state.tensors[f"{name}_state"] = rows if name == "uplink" else rows[0]
+        return state
+
+    def contexts(self, state: ErrorFeedbackState):
+        """The uplink's and the downlink's :class:`~saef.compress.Context` of this step."""
+        seed, t, tensors = self.config.seed, state.step, state.tensors
+        server = tensors.get("downlink_state")
+        return (Context(seed, t, self.transport.worker_ids, tensors.get("uplink_state"), self.state_slices["uplink"]),
+                Context(seed, t, (SERVER,), None if server is None else server.unsqueeze(0), self.state_slices["downlink"]))
+
+    def in_warmup(self, state: ErrorFeedbackState) -> bool:
+        """Whether the next step is one of the full-precision warm-up."""
+        return state.step < self.config.warmup_steps
 
     def _check_flat(self, x: Tensor, name: str) -> None:
         if x.dim() != 1 or x.shape[0] != self.num_params:
@@ -145,15 +170,18 @@ class ErrorFeedback:
         lr = self.per_layer(lr, "lr")
         if any(v < 0 for v in set(lr.values)):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
-        rule = self.rule
+        rule = self.warmup_rule if self.in_warmup(state) else self.rule
+        plan = rule.plan
+        plan.up, plan.down = self.contexts(state)
         direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
-        payloads = self.uplink.encode_layers(rule.uplink(state, x, direction, lr), self.layout)
-        mean = self.transport.average_uplink(payloads, self.uplink, self.layout,
-                                             meanwhile=lambda: rule.settle_worker(state, payloads))
-        served = rule.serve(state, x, mean, lr) if self.plan.owned else None
-        server_payloads, applied = self._server_payloads(served, mean)
-        update = self.transport.share_downlink(server_payloads, applied, self.downlink, self.layout,
-                                               meanwhile=lambda: served is not None and rule.settle_server(state, served, applied))
+        payloads = plan.uplink.encode_layers(rule.uplink(state, x, direction, lr), self.layout, **plan.uplink.context_args(plan.up))
+        mean = self.transport.average_uplink(payloads, plan.uplink, self.layout,
+                                             meanwhile=lambda: rule.settle_worker(state, payloads), context=plan.up)
+        served = rule.serve(state, x, mean, lr) if plan.owned else None
+        server_payloads, applied = self._server_payloads(plan, served, mean)
+        update = self.transport.share_downlink(server_payloads, applied, plan.downlink, self.layout,
+                                               meanwhile=lambda: served is not None and rule.settle_server(state, served, applied),
+                                               context=plan.down)
         rule.apply(state, x, update, lr)
         state.step += 1
         rule.end_step(state)
@@ -170,13 +198,15 @@ class ErrorFeedback:
             return [(grads, slice(None))]
         return [(g.reshape(w, -1), s) for g, s in zip(self._check_layers(grads, "grads"), self.layout.slices)]
 
-    def _server_payloads(self, served: Optional[Tensor], mean: Tensor):
+    @staticmethod
+    def _server_payloads(plan: Plan, served: Optional[Tensor], mean: Tensor):
         """The server's payloads of the layers owned here, and their dense values C_s(served)."""
         if served is None:  # no layer served in this process
             return [], mean.new_zeros(0)
-        owned = self.plan.owned_layout
-        payloads = self.downlink.encode_layers(served.unsqueeze(0), owned)
-        applied = self.downlink.decode_layers_into(payloads, owned, self.plan.buffer("applied", served.unsqueeze(0)))[0]
+        owned = plan.owned_layout
+        context = plan.downlink.context_args(plan.down)
+        payloads = plan.downlink.encode_layers(served.unsqueeze(0), owned, **context)
+        applied = plan.downlink.decode_layers_into(payloads, owned, plan.buffer("applied", served.unsqueeze(0)), **context)[0]
         return payloads, applied
 
     # --- read-outs ---------------------------------------------------------------------------------

@@ -31,7 +31,13 @@ def check_weight_decay(wd):
         raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
     return wd
 
-_FIELDS = ("method", "momentum", "weight_decay", "compressor", "server_compressor", "double_way", "average_every")
+_FIELDS = ("method", "momentum", "weight_decay", "compressor", "server_compressor", "double_way", "average_every",
+           "warmup_steps", "seed")
+
+
+def _check_count(name: str, value, low: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not (low <= value < 2**63):
+        raise ValueError(f"{name} must be an integer in [{low}, 2^63), got {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,10 @@ class ErrorFeedbackConfig:
         double_way: the server compresses what it sends back; otherwise it sends the dense average.
         average_every: error-averaging period p >= 1, or ``None`` for never (rules with a worker error
             only: ef and saef).
+        warmup_steps: the first N steps exchange dense fp32 values both ways (counted); then the
+            compressors take over, with the errors at zero (PowerSGD's start_powerSGD_iter).
+        seed: where random compressors' draws come from (with the step, the layer and the sender), so that
+            a run is reproducible and every party makes the same draws.
     """
 
     method: str = "saef"
@@ -57,8 +67,12 @@ class ErrorFeedbackConfig:
     server_compressor: Union[str, Compressor, None] = None
     double_way: bool = True
     average_every: Optional[int] = None
+    warmup_steps: int = 0
+    seed: int = 0
 
     def __post_init__(self):
+        _check_count("warmup_steps", self.warmup_steps)
+        _check_count("seed", self.seed)
         if self.method not in available_rules():
             raise ValueError(f"method must be one of {available_rules()}, got method={self.method!r}")
         check_momentum(self.momentum)

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 
 from torch import Tensor
 
-from ..compress import Compressor, Layout, Payload
+from ..compress import Compressor, Context, Layout, Payload
 from .ledger import BitLedger
 
 __all__ = ["Transport"]
@@ -50,8 +50,13 @@ class Transport:
         parameters of a new parameter group): give them owners without moving any existing layer, and make
         every process start them from the same values. Nothing to do for one process (this default)."""
 
+    @property
+    def worker_ids(self) -> List[int]:
+        """The ids (0 .. K-1) of the workers hosted here, in row order (default: all of them)."""
+        return list(range(self.num_local))
+
     def average_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
-                       meanwhile: Optional[Callable[[], None]] = None) -> Tensor:
+                       meanwhile: Optional[Callable[[], None]] = None, context: Optional[Context] = None) -> Tensor:
         """Mean over all K workers of the decoded uplink payloads, for the layers owned here, computed by
         ``compressor.decode_mean_layers`` (the same arithmetic in every transport).
 
@@ -59,6 +64,8 @@ class Transport:
             payloads: per layer, the payload of the W local workers (leading row axis W).
             compressor: the workers' compressor, to decode the payloads.
             layout: where each layer lies on the flat axis.
+            context: the senders' :class:`~saef.compress.Context` (a random compressor's decoder redraws
+                from it; the owner decodes rows of all K workers).
             meanwhile: local work to run while the payloads travel. It may overwrite tensors that
                 ``payloads`` view (the error a payload was made from): the transport has copied or
                 consumed the payloads before it calls it.
@@ -70,12 +77,13 @@ class Transport:
         raise NotImplementedError
 
     def share_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
-                       meanwhile: Optional[Callable[[], None]] = None) -> Tensor:
+                       meanwhile: Optional[Callable[[], None]] = None, context: Optional[Context] = None) -> Tensor:
         """Give every worker the server's payload for every layer; returns the dense update ``(P,)``.
 
         Args:
             payloads: the one-row server payloads of the layers owned here, in layer order.
             decoded: their dense values end to end (what this process applies for its own layers).
+            context: the server's :class:`~saef.compress.Context` (to decode the other owners' payloads).
             meanwhile: local work to run while the payloads travel. It may overwrite tensors that
                 ``payloads`` view (the server error), but not ``decoded``.
         """

@@ -41,6 +41,7 @@ class Plan:
         self.layout = layout
         self.transport = transport
         self.uplink, self.downlink = uplink, downlink
+        self.up = self.down = None  # this step's Contexts of the two compressors (set by the step)
         self.num_local, self.num_workers = transport.num_local, transport.num_workers
         self.owned = [i for i in range(len(layout)) if transport.owns(i, len(layout))]
         self.owned_layout = layout if len(self.owned) == len(layout) else layout.subset(self.owned)

@@ -48,7 +48,8 @@ class ErrorFeedbackRule(FeedbackRule):
         return lr.add(state.worker_error, direction)  # D_k = e_k + lr m_k
 
     def settle_worker(self, state, payloads) -> None:
-        self.plan.uplink.subtract_decoded(payloads, self.plan.layout, state.worker_error)  # e_k <- D_k - C(D_k)
+        uplink = self.plan.uplink
+        uplink.subtract_decoded(payloads, self.plan.layout, state.worker_error, **uplink.context_args(self.plan.up))  # e_k <- D_k - C(D_k)
 
     def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         return self.plan.owned_part(state.server_error).add_(mean)  # D = e_s + mean_k C(D_k)
