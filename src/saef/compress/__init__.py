@@ -7,12 +7,16 @@ optional compiled :mod:`._native`) the kernels behind them, :mod:`.registry` the
 
 from .base import SERVER, Compressor, Context, Identity, Layout, Payload, mean_of_rows, payload_bits
 from .kernels import index_bits, largest, pack_bits, unpack_bits
+from .powersgd import PowerSGD
+from .precision import Precision
+from .quantize import QSGD, Natural
+from .randk import RandK
 from .registry import available_compressors, make_compressor, register_compressor
 from .sign import ScaledSign
 from .topk import TopK
 
 __all__ = [
-    "Compressor", "Context", "SERVER", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK",
+    "Compressor", "Context", "SERVER", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK", "RandK", "QSGD", "Natural", "PowerSGD", "Precision",
     "make_compressor", "register_compressor", "available_compressors", "pack_bits", "unpack_bits", "index_bits",
     "largest",
 ]

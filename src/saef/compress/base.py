@@ -169,6 +169,20 @@ class Context:
         return f"Context(seed={self.seed}, step={self.step}, senders={self.senders})"
 
 
+def replayable(generators: Optional[Sequence[Optional[torch.Generator]]], rows: int, device) -> Tuple[list, list]:
+    """Two lists of ``rows`` generators that make the same draws: one for an encoder, one for a decoder that
+    must redraw them. Without generators (or with None), the seed is a fresh draw of torch's global one."""
+    if generators is None or any(g is None for g in generators):
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generators = [torch.Generator(device=torch.device(device)).manual_seed(_mix(seed, r)) for r in range(rows)]
+    replay = []
+    for g in generators:
+        twin = torch.Generator(device=g.device)
+        twin.set_state(g.get_state())
+        replay.append(twin)
+    return list(generators), replay
+
+
 class Compressor:
     """Base class. Subclasses implement the row methods ``encode_rows``, ``decode_rows`` and
     ``compress_rows`` (the dense C(v), computed directly: tests check it equals decode(encode(v))).

@@ -314,6 +314,19 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
     return bits.view(rows, -1)[:, :n]
 
 
+def pack_fixed(values: Tensor, b: int) -> Tensor:
+    """``(W, n)`` integers in [0, 2^b) -> ``(W, ceil(n b / 8))`` bytes: bit j of entry e at stream bit
+    e b + j (the format of top-k's indices and of quantised levels), on any device."""
+    shifts = torch.arange(b, device=values.device)
+    return pack_bits(((values.unsqueeze(-1) >> shifts) & 1).bool().view(values.shape[0], -1))
+
+
+def unpack_fixed(packed: Tensor, n: int, b: int) -> Tensor:
+    """Inverse of :func:`pack_fixed`: ``(W, bytes)`` -> ``(W, n)`` int64."""
+    bits = unpack_bits(packed, n * b).view(packed.shape[0], n, b).to(torch.int64)
+    return (bits << torch.arange(b, device=packed.device)).sum(dim=-1)
+
+
 def pack_nonnegative(rows: Tensor, memo: Callable = None) -> Tensor:
     """``pack_bits(rows >= 0)``; on the CPU through numpy (its comparison is ~3x faster than torch's), the
     booleans written into a buffer kept by ``memo`` (a :meth:`Layout.memo <saef.compress.Layout.memo>`)

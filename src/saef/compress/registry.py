@@ -1,5 +1,6 @@
-"""The compressor registry: compressors made from spec strings (``"sign"``, ``"topk:0.01"``), and
-:func:`register_compressor` for one's own.
+"""The compressor registry: compressors made from spec strings (``"sign"``, ``"topk:0.01"``,
+``"randk:0.01:unbiased"``, ``"qsgd:4"``, ``"natural"``, ``"powersgd:2"``; any that sends floats also as
+``"SPEC:bf16"`` or ``"SPEC:fp16"``), and :func:`register_compressor` for one's own.
 """
 
 from __future__ import annotations
@@ -7,6 +8,10 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple
 
 from .base import Compressor, Identity
+from .powersgd import PowerSGD
+from .precision import WIRE_DTYPES, Precision
+from .quantize import QSGD, Natural
+from .randk import RandK
 from .sign import ScaledSign
 from .topk import TopK
 
@@ -38,16 +43,44 @@ def available_compressors() -> Tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def _parse_rho(arg: str) -> float:
+def _parse_rho(arg: str, name: str = "topk") -> float:
     try:
         return float(arg)
     except ValueError:
-        raise ValueError(f"topk: rho must be a number in (0, 1], got {arg!r}") from None
+        raise ValueError(f"{name}: rho must be a number in (0, 1], got {arg!r}") from None
+
+
+def _parse_count(arg: str, name: str, what: str) -> int:
+    try:
+        return int(arg)
+    except ValueError:
+        raise ValueError(f"{name}: {what} must be an integer, got {arg!r}") from None
+
+
+def _randk(arg: str = None) -> RandK:
+    if arg is None:
+        raise ValueError("randk needs the fraction kept: randk:RHO or randk:RHO:unbiased")
+    rho, _, form = arg.partition(":")
+    if form not in ("", "unbiased"):
+        raise ValueError(f"randk: the form after RHO may only be 'unbiased', got {form!r}")
+    return RandK(_parse_rho(rho, "randk"), unbiased=form == "unbiased")
+
+
+def _with_argument(name: str, make, what: str):
+    def factory(arg: str = None):
+        if arg is None:
+            raise ValueError(f"{name} needs {what}: {name}:N")
+        return make(_parse_count(arg, name, what))
+    return factory
 
 
 register_compressor("identity", Identity)
 register_compressor("sign", ScaledSign)
 register_compressor("topk", lambda arg=None: TopK(_parse_rho(arg) if arg is not None else 0.01))
+register_compressor("randk", _randk)
+register_compressor("qsgd", _with_argument("qsgd", QSGD, "the number of levels S"))
+register_compressor("natural", Natural)
+register_compressor("powersgd", _with_argument("powersgd", PowerSGD, "the rank R"))
 
 
 def make_compressor(spec) -> Compressor:
@@ -57,6 +90,9 @@ def make_compressor(spec) -> Compressor:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"compressor must be a string like 'sign' or 'topk:0.01', got {spec!r}")
+    base, sep, wire = spec.rpartition(":")
+    if sep and wire in WIRE_DTYPES:  # a value-precision suffix: the compressor, its floats sent in 16 bits
+        return Precision(make_compressor(base), wire)
     name, sep, arg = spec.partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:

@@ -29,8 +29,10 @@ from .kernels import (
     numpy_view,
     one_layer,
     pack_bits,
+    pack_fixed,
     pack_index_bits,
     unpack_bits,
+    unpack_fixed,
     unpack_index_bits,
 )
 
@@ -150,8 +152,7 @@ class TorchTopKKernels:
     @staticmethod
     def _pack_row(idx: Tensor, b: int) -> Tensor:
         """``(W, k)`` indices -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
-        shifts = torch.arange(b, device=idx.device)
-        return pack_bits(((idx.unsqueeze(-1) >> shifts) & 1).bool().view(idx.shape[0], -1))
+        return pack_fixed(idx, b)
 
     def decode_rows(self, values: Tensor, packed: Tensor, d: int) -> Tensor:
         rows, k = values.shape
@@ -164,8 +165,7 @@ class TorchTopKKernels:
 
     @staticmethod
     def _unpack_row(packed: Tensor, k: int, d: int, b: int) -> Tensor:
-        bits = unpack_bits(packed, k * b).view(packed.shape[0], k, b).to(torch.int64)
-        return (bits << torch.arange(b, device=packed.device)).sum(dim=-1)
+        return unpack_fixed(packed, k, b)
 
     def encode_layers(self, topk: TopK, rows: Tensor, layout: Layout):
         """All layers' kept values ``(W, total k)`` and packed indices ``(W, bytes)``, layer after layer, or

@@ -1,0 +1,83 @@
+"""Random-k sparsification: k = max(1, floor(rho d)) entries chosen uniformly at random, indices not sent.
+
+The indices come from the generator of the :class:`~saef.compress.Context` (run seed, step, layer, sender),
+so every party redraws them and the payload is the k values only. Biased form (the kept values as they
+are: E||C(v) - v||^2 = (1 - k/d) ||v||^2, contractive in expectation, for ef/saef/ef21) by default;
+``randk:RHO:unbiased`` scales them by d/k (E C(v) = v, for ``direct``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Compressor, Payload
+
+__all__ = ["RandK"]
+
+
+class RandK(Compressor):
+    """Rand-k: payload per row, the k values (dtype of ``v``); 32 k bits for fp32.
+
+    Args:
+        rho: fraction of entries kept, in (0, 1].
+        unbiased: scale the kept values by d / k (E C(v) = v).
+    """
+
+    random = True
+
+    def __init__(self, rho: float, unbiased: bool = False):
+        rho = float(rho)
+        if not (0.0 < rho <= 1.0):
+            raise ValueError(f"randk: rho must be in (0, 1], got rho={rho!r}")
+        self.rho, self.unbiased = rho, bool(unbiased)
+        self.name = f"randk:{rho:g}" + (":unbiased" if unbiased else "")
+
+    def k(self, d: int) -> int:
+        """Entries kept of ``d`` (as top-k counts them)."""
+        if d == 0:
+            return 0
+        return min(d, max(1, math.floor(self.rho * d * (1 + 1e-12))))
+
+    def indices(self, d: int, generators: Optional[List[Optional[torch.Generator]]], rows: int, device) -> Tensor:
+        """The ``(rows, k)`` kept indices: the first k of a random permutation per row, from that row's
+        generator (torch's global one where None)."""
+        k = self.k(d)
+        generators = generators if generators is not None else [None] * rows
+        if len(generators) != rows:
+            raise ValueError(f"randk: {rows} rows need {rows} generators, got {len(generators)}")
+        out = torch.empty(rows, k, dtype=torch.int64, device=device)
+        for r, g in enumerate(generators):
+            out[r] = torch.randperm(d, generator=g, device=device)[:k]
+        return out
+
+    def _scale(self, d: int) -> float:
+        return d / self.k(d) if self.unbiased and d else 1.0
+
+    def encode_rows(self, rows: Tensor, generators=None) -> Payload:
+        idx = self.indices(rows.shape[1], generators, rows.shape[0], rows.device)
+        values = rows.gather(1, idx)
+        scale = self._scale(rows.shape[1])
+        return (values * scale if scale != 1.0 else values,)
+
+    def decode_rows(self, payload: Payload, d: int, generators=None) -> Tensor:
+        if generators is None or any(g is None for g in generators):
+            raise ValueError("randk sends values only: decode needs generator= (or a context) in the state the "
+                             "encoder's generator started from, to redraw the indices")
+        values = payload[0]
+        idx = self.indices(d, generators, values.shape[0], values.device)
+        return torch.zeros(values.shape[0], d, dtype=values.dtype, device=values.device).scatter_(1, idx, values)
+
+    def compress_rows(self, rows: Tensor, generators=None) -> Tensor:
+        idx = self.indices(rows.shape[1], generators, rows.shape[0], rows.device)
+        values = rows.gather(1, idx) * self._scale(rows.shape[1])
+        return torch.zeros_like(rows).scatter_(1, idx, values)
+
+    def delta(self, d: int) -> float:
+        """k / d, in expectation (biased form); the unbiased form is not contractive."""
+        if self.unbiased:
+            raise ValueError(f"{self.name} is unbiased, not contractive: it has no delta (use it with method='direct')")
+        return self.k(d) / d if d else 1.0
