@@ -12,7 +12,13 @@ RULE_CASES = [(m, c, dw, p, s) for m, c, dw, s in itertools.product(("ef", "saef
               for p in ((None, 2) if m in ("ef", "saef") else (None,))]
 # nothing compressed: the dense mean travels as in an all-reduce (the full-precision baseline's path)
 ALLREDUCE_CASES = [(m, "identity", False, None, "allreduce") for m in ("ef", "saef", "ef21", "direct")]
-CASES = RULE_CASES + ALLREDUCE_CASES
+# the random, quantising, low-rank and 16-bit compressors: each with a rule it suits, one- and two-way, both servers
+COMPRESSOR_CASES = [("saef", "randk:0.3", True, 2, "sharded"), ("direct", "randk:0.3:unbiased", False, None, "rank0"),
+                    ("direct", "qsgd:4", True, None, "sharded"), ("direct", "natural", True, None, "rank0"),
+                    ("saef", "powersgd:1", True, None, "sharded"), ("ef21", "powersgd:2", True, None, "rank0"),
+                    ("ef", "topk:0.25:bf16", True, None, "sharded"), ("saef", "qsgd:2:fp16", False, None, "sharded")]
+CASES = RULE_CASES + ALLREDUCE_CASES + COMPRESSOR_CASES
+SEED = 7  # of the random compressors' draws
 
 
 def start():

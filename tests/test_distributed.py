@@ -92,11 +92,11 @@ def test_processes_equal_simulator(tmp_path_factory, world):
 
 def in_process(case, world):
     """The in-process transport on the toy problem of _transport_cases, fed the same gradients."""
-    from _transport_cases import SHAPES, STEPS, gradient, start
+    from _transport_cases import SEED, SHAPES, STEPS, gradient, start
 
     method, compressor, double_way, average_every, _server = case
     config = saef.ErrorFeedbackConfig(method=method, compressor=compressor, momentum=0.9, weight_decay=1e-3,
-                                      double_way=double_way, average_every=average_every)
+                                      double_way=double_way, average_every=average_every, seed=SEED)
     x = start()
     algorithm = saef.ErrorFeedback(SHAPES, config, saef.InProcessTransport(world))
     state = algorithm.init_state(x)
@@ -110,9 +110,10 @@ def in_process(case, world):
 def test_transports_are_bit_identical_on_the_same_gradients(tmp_path, world):
     """Given the same gradients, the in-process and the torch.distributed transports produce identical
     parameters, state and bit counts (torch.equal) after 12 steps: every rule (ef, saef, ef21, direct) x
-    sign/top-k/identity x single/double-way x sharded/rank-0 server (x p in {never, 2} for ef/saef), and
-    the all-reduce path where nothing is compressed. Worker-side state is compared row by row, server-side
-    state on the layers each rank owns."""
+    sign/top-k/identity x single/double-way x sharded/rank-0 server (x p in {never, 2} for ef/saef), the
+    all-reduce path where nothing is compressed, and rand-k, QSGD, natural, PowerSGD and 16-bit values
+    (the same random draws on every party). Worker-side state is compared row by row, server-side state
+    (the server's compressor state included) on the layers each rank owns."""
     from _transport_cases import CASES
 
     out = tmp_path / "results.pt"
@@ -132,7 +133,7 @@ def test_transports_are_bit_identical_on_the_same_gradients(tmp_path, world):
                     assert torch.equal(mine[0], tensor[rank]), (case, rank, name)
                 else:  # server-side: the layers this rank serves
                     for i in got["owned"]:
-                        s = algorithm.layout.slices[i]
+                        s = algorithm.state_slices["downlink"][i] if name == "downlink_state" else algorithm.layout.slices[i]
                         assert torch.equal(mine[s], tensor[s]), (case, rank, name, i)
 
 

@@ -1,8 +1,9 @@
 """Value precision: ``SPEC:bf16`` / ``SPEC:fp16`` sends a compressor's floating-point values in 16 bits.
 
 The wrapped compressor runs as it is; every floating-point tensor of its payload is cast to the wire dtype
-when encoded and back to the parameters' dtype when decoded, so what is sent (and counted) is 16 bits a
-value, and the rounding is part of C(v) -- error feedback sees it like any other compression error.
+when encoded (saturated at the wire dtype's largest finite value: 65504 for fp16) and back to the
+parameters' dtype when decoded, so what is sent (and counted) is 16 bits a value, and the rounding is part
+of C(v) -- error feedback sees it like any other compression error.
 ``identity:bf16`` is what DDP's bf16 compression hook sends.
 """
 
@@ -36,7 +37,10 @@ class Precision(Compressor):
 
     # --- casting ---------------------------------------------------------------------------------------
     def _down(self, payload: Payload) -> Payload:
-        return tuple(t.to(self.dtype) if t.is_floating_point() else t for t in payload)
+        """Floats cast to the wire dtype, saturated at its largest finite value (fp16's is 65504): an
+        overflow never becomes an Inf, and error feedback keeps what saturation cut."""
+        top = torch.finfo(self.dtype).max
+        return tuple(t.clamp(-top, top).to(self.dtype) if t.is_floating_point() else t for t in payload)
 
     def _up(self, payloads: Sequence[Payload], dtype: torch.dtype) -> List[Payload]:
         return [tuple(t.to(dtype) if t.is_floating_point() else t for t in payload) for payload in payloads]

@@ -62,7 +62,8 @@ class QSGD(Compressor):
         self.name = f"qsgd:{levels}"
 
     def encode_rows(self, rows: Tensor, generators=None) -> Payload:
-        norms = torch.linalg.vector_norm(rows, dim=1)
+        wide = torch.float64 if rows.dtype in (torch.float32, torch.float16, torch.bfloat16) else rows.dtype
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=wide).to(rows.dtype)  # squares of 1e30 overflow fp32
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         scaled = rows.abs() / safe.unsqueeze(1) * self.levels  # in [0, S]
         low = scaled.floor()

@@ -102,4 +102,4 @@ def make_compressor(spec) -> Compressor:
     try:
         return factory(arg)
     except TypeError:
-        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r}") from None
+        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r} (value precision: a :bf16 or :fp16 suffix)") from None
