@@ -8,6 +8,9 @@ from torch import nn
 STEPS = 20
 CASES = list(itertools.product(("ef", "saef"), ("sign", "topk:0.1"), (False, True), (None, 2), ("sharded", "rank0")))
 CASES += list(itertools.product(("ef21", "direct"), ("sign", "topk:0.1"), (False, True), (None,), ("sharded", "rank0")))
+# random draws, stochastic rounding, PowerSGD's state (on the 16 x 6 and 8 x 16 weights), 16-bit values
+CASES += [("saef", "powersgd:2", True, None, "sharded"), ("direct", "qsgd:4", True, None, "rank0"),
+          ("ef21", "randk:0.25", False, None, "sharded"), ("ef", "topk:0.1:bf16", True, 2, "rank0")]
 
 
 def tiny_model():

@@ -98,6 +98,29 @@ def test_every_rule_resumes_bit_identically(tmp_path, method):
     assert_identical(reference, out)
 
 
+# random draws (rand-k), a compressor with state (PowerSGD's Q, worker and server) killed inside the warm-up,
+# and stochastic rounding with 16-bit values
+COMPRESSOR_RUNS = [(["--compressor", "randk:0.1"], 27), (["--compressor", "powersgd:2", "--warmup-steps", "20"], 10),
+                   (["--compressor", "qsgd:4:fp16", "--method", "direct"], 27)]
+
+
+@pytest.mark.parametrize("extra, step", COMPRESSOR_RUNS, ids=lambda v: "-".join(a.strip("-") for a in v) if isinstance(v, list) else str(v))
+def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra, step):
+    """SIGKILL, then --resume, ends with the records (the phase column included), parameters, every state
+    tensor (PowerSGD's Q of the workers and the server) and bit counts of an uninterrupted run: the draws
+    come from (seed, step, layer, sender), and the compressor's state is checkpointed."""
+    run = [a for a in RUN if a not in ("--average-every", "3", "--compressor", "topk:0.1")] + extra
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert saef_cli(["train", *run, "--output", str(reference)]).returncode == 0
+    assert saef_cli(["train", *run, "--output", str(out)], fault=f"kill-at-step:{step}").returncode == -9
+    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(reference, out)
+    if "powersgd:2" in extra:
+        assert {"uplink_state", "downlink_state"} <= set(final_state(out)["algorithm"]["tensors"])
+        assert [r["phase"] for r in records(out)] == ["warmup", "warmup+compressed", "compressed", "compressed"]  # 16 steps an epoch
+
+
 def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     """Killed while writing the step-15 checkpoint: the torn file is never listed, step 10 loads, and the
     resumed run still ends bit-identical."""

@@ -79,15 +79,20 @@ def test_processes_equal_simulator(tmp_path_factory, world):
     identical bit counts, for ef/saef/ef21/direct x sign/topk:0.1 x single/double-way x sharded/rank-0
     server (x p in {never, 2} for ef/saef); and every step the bytes handed to torch.distributed equal the
     reported bits. What differs is only the gradient kernels (K models batched in one process, one model
-    per rank), so the parameters agree to rounding, not bit for bit."""
+    per rank), so the parameters agree to rounding, not bit for bit. Two exceptions to the tolerance, held
+    to atol 1e-4 instead: PowerSGD, whose orthonormalisation of M Q turns gradient rounding (1e-7) into
+    differences of up to 1.2e-5 after 20 steps (measured), and 16-bit values, where such a rounding
+    difference can move a value across a bf16 rounding boundary (2^-8 relative; measured 3.8e-6). Given
+    the same gradients both are bit-identical (test_transports_are_bit_identical_on_the_same_gradients)."""
     ranks = dist_results(tmp_path_factory, world)
     for case in CASES:
         sim = simulate_case(case, world)
+        atol = 1e-4 if case[1].startswith("powersgd") or case[1].endswith(("bf16", "fp16")) else 1e-6
         for rank, results in enumerate(ranks):
             got = results[case]
             assert got["wire_errors"] == [], (case, rank, got["wire_errors"][:1])
             assert got["bits"] == sim.bits, (case, rank)
-            assert torch.allclose(got["x"], sim.x, rtol=1e-5, atol=1e-6), (case, rank, (got["x"] - sim.x).abs().max())
+            assert torch.allclose(got["x"], sim.x, rtol=1e-5, atol=atol), (case, rank, (got["x"] - sim.x).abs().max())
 
 
 def in_process(case, world):

@@ -211,3 +211,38 @@ def test_optimizer_facade_runs_every_rule(method):
             F.cross_entropy(m(inputs), targets).backward()
             o.step()
     assert torch.equal(opt.x, opt2.x) and opt.bits == opt2.bits
+
+
+@pytest.mark.parametrize("method", ["ef", "saef", "ef21", "direct"])
+@pytest.mark.parametrize("double_way", [False, True])
+def test_warmup_is_dense_sgd_then_the_rule_from_zero_errors(method, double_way):
+    """warmup_steps=N: the first N steps are exactly the rule over identity compressors (momentum SGD, 32
+    bits per parameter each way), after which EF/SAEF's errors are zero; then the compressed rule continues
+    from that state (torch.equal against a two-stage run), and the bits grow as the compressor sends."""
+    grad_fn, x0 = quadratic_problem(K, SHAPES)
+    n, total = 7, 15
+    common = dict(method=method, momentum=0.9, weight_decay=WD, double_way=double_way)
+    warm = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="topk:0.25", warmup_steps=n, **common), InProcessTransport(K))
+    dense = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="identity", server_compressor="identity", **common), InProcessTransport(K))
+    after = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="topk:0.25", **common), InProcessTransport(K))
+
+    def run(algorithm, x, state, steps):
+        for _ in range(steps):
+            z = algorithm.gradient_points(state, x)
+            algorithm.step(state, x, torch.stack([flatten(grad_fn(k, unflatten(z[k], SHAPES))) for k in range(K)]), LR)
+
+    x_w, x_r = flatten(x0).clone(), flatten(x0).clone()
+    s_w, s_r = warm.init_state(x_w), dense.init_state(x_r)
+    run(warm, x_w, s_w, n)
+    run(dense, x_r, s_r, n)
+    assert torch.equal(x_w, x_r) and warm.transport.ledger.per_worker()["bits_up"] == n * 32 * x_w.numel() * 2  # float64
+    for name in ("worker_error", "server_error"):
+        if name in s_w.tensors:
+            assert torch.count_nonzero(s_w.tensors[name]) == 0
+    s_after = after.init_state(x_r)
+    s_after.load_state_dict(s_r.state_dict())
+    run(warm, x_w, s_w, total - n)
+    run(after, x_r, s_after, total - n)
+    assert torch.equal(x_w, x_r)
+    for name, tensor in s_w.tensors.items():
+        assert torch.equal(tensor, s_after.tensors[name]), name

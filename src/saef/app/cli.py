@@ -24,11 +24,13 @@ __all__ = ["main"]
 HELP = {
     "method": f"{', '.join(train_methods())} (sgd = full-precision momentum SGD baseline; ef21 = EF21-SGDM with "
               "an EF21-P downlink; direct = compressed SGD without feedback)",
-    "compressor": "identity, sign or topk:RHO (default topk:0.01; identity for sgd)",
+    "compressor": "identity, sign, topk:RHO, randk:RHO[:unbiased], qsgd:S, natural or powersgd:R, any that sends "
+                  "floats with :bf16 or :fp16 for 16-bit values (default topk:0.01; identity for sgd)",
     "server_compressor": "the server's compressor in double-way mode (default: the workers')",
     "workers": "number of workers K",
     "double_way": "compress what the server sends back (--single-way: send the dense average)",
     "average_every": "error-averaging period p in steps, or 'never' (ef and saef only)",
+    "warmup_steps": "the first N steps exchange dense fp32 values both ways (counted), then the compressors take over",
     "momentum": "momentum mu in [0, 1)",
     "weight_decay": "weight decay",
     "lr": "learning rate",
@@ -36,7 +38,7 @@ HELP = {
     "lr_decay": "learning-rate decay factor at each milestone",
     "epochs": "number of epochs",
     "batch_size": "global batch size (divisible by workers)",
-    "seed": "random seed (model init, data order, augmentation)",
+    "seed": "random seed (model init, data order, augmentation, random compressors' draws)",
     "dataset": "mnist1d, digits, cifar10, cifar100, imagenet or synthetic",
     "dataset_size": "samples to generate (mnist1d) or keep (others)",
     "data_dir": "folder holding the datasets (MNIST-1D is generated and cached there)",

@@ -38,7 +38,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume
 
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
-ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way")
+ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps")
 FIXED_KEYS = ("dataset", "dataset_size", "model", "batch_size", "seed", "backend")
 
 
@@ -57,11 +57,12 @@ class TrainConfig:
     """Everything that defines a training run (see ``saef train --help`` for each key)."""
 
     method: str = "saef"  # sgd (full-precision baseline), or a feedback rule: ef, saef, ef21, direct
-    compressor: Optional[str] = None  # identity | sign | topk:RHO; default topk:0.01 (identity for sgd)
+    compressor: Optional[str] = None  # identity | sign | topk:RHO | randk:RHO[:unbiased] | qsgd:S | natural | powersgd:R, [:bf16|:fp16]; default topk:0.01 (identity for sgd)
     server_compressor: Optional[str] = None  # the server's compressor; default: the workers'
     workers: int = 4
     double_way: bool = True
     average_every: Optional[int] = None  # error-averaging period p; None = never
+    warmup_steps: int = 0  # the first N steps exchange dense fp32 values, then the compressors take over
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr: float = 0.1
@@ -150,6 +151,8 @@ class TrainConfig:
             server_compressor=self.server_compressor,
             double_way=self.double_way and not sgd,
             average_every=self.average_every,
+            warmup_steps=self.warmup_steps,
+            seed=self.seed,
         )
 
     @property
@@ -180,7 +183,7 @@ _INT_MAX = (1 << 31) - 1
 _INTEGER_RANGES = {
     "workers": (1, 1 << 16), "average_every": (1, _INT_MAX), "lr_milestones": (1, _INT_MAX), "epochs": (1, _INT_MAX),
     "batch_size": (1, _INT_MAX), "seed": (0, (1 << 32) - 1), "dataset_size": (1, _INT_MAX),
-    "checkpoint_every": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
+    "checkpoint_every": (0, _INT_MAX), "warmup_steps": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
 }
 
 

@@ -316,6 +316,13 @@ def _end_epoch(run: Run) -> None:
     _save_checkpoint(run)
 
 
+def _phase(first: int, end: int, warmup: int) -> str:
+    """The phase of the steps first .. end - 1: warmup, compressed, or warmup+compressed."""
+    if end <= warmup:
+        return "warmup"
+    return "compressed" if first >= warmup else "warmup+compressed"
+
+
 def _epoch_row(run: Run) -> Dict[str, Any]:
     """The metrics of the epoch just trained (the columns of :data:`saef.app.records.METRIC_COLUMNS`)."""
     loop, worker, config = run.loop, run.worker, run.config
@@ -327,6 +334,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
         "epoch": loop.epoch + 1,
         "step": loop.step,
         "lr": config.lr_at_epoch(loop.epoch),
+        "phase": _phase(loop.step - loop.step_in_epoch, loop.step, config.warmup_steps),
         "train_loss": train_loss,
         "test_loss": at_x["loss"],
         "test_acc": at_x["acc"],

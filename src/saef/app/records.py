@@ -35,6 +35,7 @@ METRIC_COLUMNS = (
     "epoch",  # 1-based
     "step",  # optimizer steps so far
     "lr",  # learning rate during the epoch
+    "phase",  # warmup (dense fp32 exchange, --warmup-steps), compressed, or warmup+compressed (it ended in the epoch)
     "train_loss",  # mean over the epoch's steps of the workers' mean loss
     "test_loss",
     "test_acc",  # top-1 in [0, 1], at x
