@@ -8,8 +8,11 @@ set of kernels. The single-tensor methods are thin wrappers over the row methods
 A payload is a tuple of tensors whose leading axis is the row (worker) axis. Its size in bits is the size of
 those tensors, nothing nominal: :func:`payload_bits` reads ``numel * element_size``.
 
-The base classes are here; the built-in compressors live in :mod:`saef.compress.sign` (``ScaledSign``)
-and :mod:`saef.compress.topk` (``TopK``), the registry in :mod:`saef.compress.registry`.
+The base classes are here, with the :class:`Context` that gives random and stateful compressors their
+draws and state; the built-in compressors live in :mod:`saef.compress.sign` (``ScaledSign``),
+:mod:`saef.compress.topk` (``TopK``), :mod:`saef.compress.randk` (``RandK``), :mod:`saef.compress.quantize`
+(``QSGD``, ``Natural``) and :mod:`saef.compress.powersgd` (``PowerSGD``), with 16-bit values by
+:mod:`saef.compress.precision`; the registry is :mod:`saef.compress.registry`.
 
 The server's mean of K rows (:meth:`Compressor.decode_mean_layers`) must give each element the same value
 whichever other layers are decoded with it: a sharded server averages a subset of the layers, one process
@@ -28,6 +31,9 @@ name                C(v)                                         payload (bits p
 ``topk:RHO``        the k = max(1, floor(RHO d)) entries of      values + indices packed in b = ceil(log2 d)
                     largest magnitude  (delta = k / d)           bits each: 32 k + 8 ceil(k b / 8)
 ==================  ===========================================  ===============================================
+
+The others (``randk:RHO[:unbiased]``, ``qsgd:S``, ``natural``, ``powersgd:R``, and any ``SPEC:bf16`` /
+``SPEC:fp16``) document their formats in their modules.
 
 Example::
 
