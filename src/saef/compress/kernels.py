@@ -314,17 +314,50 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
     return bits.view(rows, -1)[:, :n]
 
 
+_FIXED_CHUNK = 1 << 16  # entries per numpy pass (a multiple of 8, so every chunk's bits start on a byte)
+
+
 def pack_fixed(values: Tensor, b: int) -> Tensor:
-    """``(W, n)`` integers in [0, 2^b) -> ``(W, ceil(n b / 8))`` bytes: bit j of entry e at stream bit
-    e b + j (the format of top-k's indices and of quantised levels), on any device."""
-    shifts = torch.arange(b, device=values.device)
-    return pack_bits(((values.unsqueeze(-1) >> shifts) & 1).bool().view(values.shape[0], -1))
+    """``(W, n)`` integers in [0, 2^b), b <= 32 -> ``(W, ceil(n b / 8))`` bytes: bit j of entry e at stream
+    bit e b + j (the format of top-k's indices and of quantised levels), on any device (numpy on the CPU,
+    in chunks that bound its temporaries)."""
+    array = numpy_view(values)
+    if array is not None:
+        return torch.from_numpy(_pack_fixed_array(array, b))
+    rows, n = values.shape
+    bits = torch.empty(rows, n, b, dtype=torch.bool, device=values.device)  # one byte per bit, not eight
+    for j in range(b):
+        torch.ne((values >> j) & 1, 0, out=bits[:, :, j])
+    return pack_bits(bits.view(rows, n * b))
+
+
+def _pack_fixed_array(array: np.ndarray, b: int) -> np.ndarray:
+    rows, n = array.shape
+    out = np.empty((rows, -(-n * b // 8)), dtype=np.uint8)
+    for start in range(0, n, _FIXED_CHUNK):
+        packed = pack_index_bits(array[:, start : start + _FIXED_CHUNK], b)
+        out[:, start * b // 8 : start * b // 8 + packed.shape[1]] = packed
+    return out
+
+
+def _unpack_fixed_array(packed: np.ndarray, n: int, b: int) -> np.ndarray:
+    out = np.empty((packed.shape[0], n), dtype=np.int64)
+    for start in range(0, n, _FIXED_CHUNK):
+        count = min(_FIXED_CHUNK, n - start)
+        out[:, start : start + count] = unpack_index_bits(packed[:, start * b // 8 : -(-(start + count) * b // 8)], count, b)
+    return out
 
 
 def unpack_fixed(packed: Tensor, n: int, b: int) -> Tensor:
     """Inverse of :func:`pack_fixed`: ``(W, bytes)`` -> ``(W, n)`` int64."""
-    bits = unpack_bits(packed, n * b).view(packed.shape[0], n, b).to(torch.int64)
-    return (bits << torch.arange(b, device=packed.device)).sum(dim=-1)
+    array = numpy_view(packed)
+    if array is not None:
+        return torch.from_numpy(_unpack_fixed_array(array, n, b))
+    bits = unpack_bits(packed, n * b).view(packed.shape[0], n, b)
+    out = torch.zeros(packed.shape[0], n, dtype=torch.int64, device=packed.device)
+    for j in range(b):
+        out |= bits[:, :, j].to(torch.int64) << j
+    return out
 
 
 def pack_nonnegative(rows: Tensor, memo: Callable = None) -> Tensor:
