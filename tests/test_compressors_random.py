@@ -124,6 +124,19 @@ def test_biased_randk_contracts_in_expectation():
     assert (kept.sum(1) == 10).all() and torch.equal(draws[kept], v.double().expand_as(draws)[kept])
 
 
+@pytest.mark.parametrize("d, k", [(40, 2), (40, 20)])
+def test_randk_keeps_every_index_equally_often(d, k):
+    """Each index is kept in k/d of the draws (both ways of drawing: a stream of draws for k << d, a
+    permutation otherwise): every count within 6 standard deviations of Binomial(n, k/d)."""
+    c = saef.make_compressor(f"randk:{k / d}")
+    n = 8000
+    counts = torch.zeros(d)
+    for i in range(n):
+        counts += c.compress(torch.ones(d), generator=torch.Generator().manual_seed(i)) != 0
+    p = k / d
+    assert ((counts - n * p).abs() <= 6 * math.sqrt(n * p * (1 - p))).all()
+
+
 def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
     """Repeated steps on one matrix with the state kept (one power iteration each) reach the best rank-R
     approximation's error (Eckart-Young: the tail of the singular values) to 1e-4 relative; a fresh Q (the

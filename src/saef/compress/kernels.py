@@ -525,19 +525,26 @@ def _largestnumpy_view(row: np.ndarray, k: int, sample_k: int) -> np.ndarray:
 
 # Index packing with numpy: an index's low b bits are the first b bits of its little-endian 32-bit form,
 # so unpackbits/packbits move all of them at once (the torch path works bit by bit).
+def _word(b: int) -> str:
+    """The narrowest little-endian unsigned type that holds b bits (fewer bits to unpack and drop)."""
+    return "<u1" if b <= 8 else "<u2" if b <= 16 else "<u4"
+
+
 def pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
     """``(W, k)`` indices < 2^b -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
     w, k = idx.shape
-    bits = np.unpackbits(idx.astype("<u4").view(np.uint8).reshape(w, k, 4), axis=2, bitorder="little")[:, :, :b]
+    word = np.dtype(_word(b))
+    bits = np.unpackbits(idx.astype(word).view(np.uint8).reshape(w, k, word.itemsize), axis=2, bitorder="little")[:, :, :b]
     return np.packbits(bits.reshape(w, k * b), axis=1, bitorder="little")
 
 
 def unpack_index_bits(packed: np.ndarray, k: int, b: int) -> np.ndarray:
     """Inverse of :func:`pack_index_bits`: ``(W, bytes)`` -> ``(W, k)`` int64."""
     w = packed.shape[0]
-    words = np.zeros((w, k, 32), dtype=np.uint8)
+    word = np.dtype(_word(b))
+    words = np.zeros((w, k, 8 * word.itemsize), dtype=np.uint8)
     words[:, :, :b] = np.unpackbits(packed, axis=1, count=k * b, bitorder="little").reshape(w, k, b)
-    return np.packbits(words, axis=2, bitorder="little").view("<u4").reshape(w, k).astype(np.int64)
+    return np.packbits(words, axis=2, bitorder="little").view(word).reshape(w, k).astype(np.int64)
 
 
 def index_bits(d: int) -> int:

@@ -19,6 +19,24 @@ from .base import Compressor, Payload
 __all__ = ["RandK"]
 
 
+def _sample(d: int, k: int, generator, device) -> Tensor:
+    """k distinct indices of range(d), uniformly: the first k distinct values of a stream of uniform draws
+    (sequential sampling without replacement), in O(k log k) instead of a permutation's O(d); a
+    permutation's first k where k is a large part of d (the stream would repeat itself often)."""
+    if 8 * k > d or k == 0:
+        return torch.randperm(d, generator=generator, device=device)[:k]
+    stream = torch.randint(d, (k + k // 8 + 16,), generator=generator, device=device)
+    values, inverse = torch.unique(stream, return_inverse=True)
+    while values.numel() < k:  # too many repeats: draw on
+        more = torch.randint(d, (k - values.numel() + k // 8 + 16,), generator=generator, device=device)
+        stream = torch.cat([stream, more])
+        values, inverse = torch.unique(stream, return_inverse=True)
+    # position of each value's first draw, in draw order: the first k of them
+    first = torch.full((values.numel(),), stream.numel(), dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(stream.numel(), device=device), reduce="amin")
+    return stream[first.sort().values[:k]]
+
+
 class RandK(Compressor):
     """Rand-k: payload per row, the k values (dtype of ``v``); 32 k bits for fp32.
 
@@ -51,7 +69,7 @@ class RandK(Compressor):
             raise ValueError(f"randk: {rows} rows need {rows} generators, got {len(generators)}")
         out = torch.empty(rows, k, dtype=torch.int64, device=device)
         for r, g in enumerate(generators):
-            out[r] = torch.randperm(d, generator=g, device=device)[:k]
+            out[r] = _sample(d, k, g, device)
         return out
 
     def _scale(self, d: int) -> float:
