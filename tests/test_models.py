@@ -14,11 +14,12 @@ from saef.zoo.models import MODELS, build_model
 
 MNIST1D = SimpleNamespace(num_classes=10, input_shape=(1, 40))
 CIFAR10 = SimpleNamespace(num_classes=10, input_shape=(3, 32, 32))
+A9A = SimpleNamespace(num_classes=2, input_shape=(122,))
 OWN_MODELS = [name for name in MODELS if name != "resnet50"]  # those not taken from torchvision
 
 
 def _info_for(name):
-    return MNIST1D if name in ("mlp", "mlp5m", "cnn1d") else CIFAR10
+    return MNIST1D if name in ("mlp", "mlp5m", "cnn1d") else A9A if name == "logreg" else CIFAR10
 
 
 def _count(model):

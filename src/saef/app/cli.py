@@ -39,10 +39,14 @@ HELP = {
     "epochs": "number of epochs",
     "batch_size": "global batch size (divisible by workers)",
     "seed": "random seed (model init, data order, augmentation, random compressors' draws)",
-    "dataset": "mnist1d, digits, cifar10, cifar100, imagenet or synthetic",
+    "dataset": "mnist1d, digits, cifar10, cifar100, imagenet, synthetic or libsvm (with --data-file)",
     "dataset_size": "samples to generate (mnist1d) or keep (others)",
+    "data_file": "libsvm: the LIBSVM/svmlight file to train on (labels -1/+1 or 0/1)",
+    "test_file": "libsvm: a file to test on (default: the training file, so the metrics are the objective's)",
+    "full_batch": "each worker takes its whole contiguous shard every step (gradient descent; one step an epoch); "
+                  "adds ||grad f(x)||^2 on the training set to the metrics",
     "data_dir": "folder holding the datasets (MNIST-1D is generated and cached there)",
-    "model": "mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50",
+    "model": "mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50, logreg (binary, non-convex regulariser)",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
@@ -91,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
             group = train.add_mutually_exclusive_group()
             group.add_argument("--double-way", dest="double_way", action="store_const", const=True, help=HELP["double_way"])
             group.add_argument("--single-way", dest="double_way", action="store_const", const=False)
+            continue
+        if field.type == "bool":  # an on/off switch (default off)
+            train.add_argument(flag, action="store_const", const=True, default=None, help=HELP[field.name])
             continue
         kind = {"int": int, "float": float, "Optional[int]": int, "List[int]": _milestones}.get(field.type, str)
         if field.name == "average_every":

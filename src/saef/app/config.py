@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
 ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps")
-FIXED_KEYS = ("dataset", "dataset_size", "model", "batch_size", "seed", "backend")
+FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "full_batch", "model", "batch_size", "seed", "backend")
 
 
 
@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = 0
     dataset: str = "mnist1d"
     dataset_size: Optional[int] = None  # dataset-specific: samples generated (mnist1d) or kept
+    data_file: Optional[str] = None  # libsvm: the LIBSVM/svmlight file to train on
+    test_file: Optional[str] = None  # libsvm: a file to test on (default: the training file: the objective's metrics)
+    full_batch: bool = False  # every step, each worker takes its whole contiguous shard (gradient descent; one step an epoch)
     data_dir: str = "~/.cache/saef"
     model: str = "cnn1d"
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
@@ -111,8 +114,13 @@ class TrainConfig:
             bad("lr_decay", self.lr_decay, "must be in (0, 1]")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
             bad("lr_milestones", self.lr_milestones, "must be increasing epochs >= 1")
-        if self.batch_size % self.workers:
+        if self.batch_size % self.workers and not self.full_batch:
             bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
+        if self.dataset == "libsvm" and not self.data_file:
+            bad("data_file", self.data_file, "dataset libsvm reads a LIBSVM/svmlight file: give --data-file PATH")
+        for key in ("data_file", "test_file"):
+            if getattr(self, key) is not None and self.dataset != "libsvm":
+                bad(key, getattr(self, key), f"is for dataset libsvm, not {self.dataset}")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"choose one of {', '.join(DATASETS)}")
         if self.dataset_size is not None and self.dataset_size > GENERATED.get(self.dataset, self.dataset_size):

@@ -13,14 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import model_penalty
 from ..zoo.data import Data, DatasetSplit
 
-__all__ = ["evaluate", "shard_generator", "local_batch"]
+__all__ = ["evaluate", "gradient_norm_sq", "shard_generator", "local_batch"]
+
+
+def _penalty(model: nn.Module) -> float:
+    """The model's own term of the objective at its parameters (0 for most models)."""
+    value = model_penalty(model, [p.unsqueeze(0) for p in model.parameters() if p.requires_grad])
+    return 0.0 if value is None else float(value[0])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, device: torch.device, batch_size: int = 1000) -> Dict[str, float]:
-    """Mean cross-entropy loss and top-1 accuracy of ``model`` on ``split``."""
+    """Mean cross-entropy loss (plus the model's own penalty, if it has one: the objective) and top-1
+    accuracy of ``model`` on ``split``."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(split), batch_size):
@@ -31,7 +39,26 @@ def evaluate(model: nn.Module, split, device: torch.device, batch_size: int = 10
         total_loss += F.cross_entropy(outputs, targets, reduction="sum").item()
         correct += (outputs.argmax(dim=1) == targets).sum().item()
         count += len(targets)
-    return {"loss": total_loss / count, "acc": correct / count}
+    return {"loss": total_loss / count + _penalty(model), "acc": correct / count}
+
+
+def gradient_norm_sq(model: nn.Module, split, device: torch.device, batch_size: int = 4096) -> float:
+    """||grad f(x)||^2 of the objective f = mean cross-entropy over ``split`` (+ the model's penalty) at the
+    model's parameters: the stationarity measure of non-convex analyses (a full pass with backward)."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for start in range(0, len(split), batch_size):
+            inputs, targets = split.batch(torch.arange(start, min(start + batch_size, len(split))))
+            loss = F.cross_entropy(model(inputs.to(device)), targets.to(device), reduction="sum") / len(split)
+            for acc, g in zip(total, torch.autograd.grad(loss, params)):
+                acc += g
+        penalty = model_penalty(model, [p.unsqueeze(0) for p in params])
+        if penalty is not None:
+            for acc, g in zip(total, torch.autograd.grad(penalty[0], params)):
+                acc += g
+    return float(sum(g.double().square().sum() for g in total))
 
 
 def shard_generator(seed: int, step: int, worker: int) -> torch.Generator:

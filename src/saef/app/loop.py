@@ -30,7 +30,7 @@ from ..zoo.data import Data, DatasetSplit, epoch_batches, load_dataset
 from ..zoo.models import build_model
 from . import checkpoint, hooks
 from .config import TrainConfig, default_output
-from .feed import evaluate, local_batch
+from .feed import evaluate, gradient_norm_sq, local_batch
 from .records import RunRecord, environment
 
 __all__ = ["train", "LoopState", "TrainingFailed", "format_summary"]
@@ -132,14 +132,17 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     device, workers = backend.start(config.workers)
     if workers != config.workers:
         config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
-    data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed))
-    if len(data.train) < config.batch_size:
+    data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed,
+                                                   data_file=config.data_file, test_file=config.test_file))
+    if config.full_batch and len(data.train) < config.workers:
+        raise ValueError(f"full_batch: the training set ({len(data.train)} samples) has fewer samples than workers ({config.workers})")
+    if len(data.train) < config.batch_size and not config.full_batch:
         raise ValueError(f"batch_size = {config.batch_size} is larger than the training set ({len(data.train)} samples)")
     if isinstance(data.train, DatasetSplit) and data.augment is None:
         data.train, data.test = data.train.to(device), data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(device)
-    backend.agree(_identity(config, model))  # ranks that disagree stop here, before any training collective
+    backend.agree(_identity(config, model, data))  # ranks that disagree stop here, before any training collective
     worker = backend.make_worker(model, config.algorithm())
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
     gather = backend.gather()
@@ -173,12 +176,13 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     return run
 
 
-def _identity(config: TrainConfig, model: nn.Module) -> Dict[str, Any]:
+def _identity(config: TrainConfig, model: nn.Module, data: Data) -> Dict[str, Any]:
     """What every process of a run must agree on: the resolved settings (all but the device and the data
-    folder, which are the host's own) and the model's tensors."""
+    folder, which are the host's own), the data files' contents (where read from files) and the model's
+    tensors."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_dir")}
     tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers())]
-    return {**settings, "model tensors": tensors}
+    return {**settings, "data sha256": data.digest, "model tensors": tensors}
 
 
 def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> None:
@@ -190,9 +194,9 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
         return
     if not isinstance(saved, dict):
         raise checkpoint.CheckpointError(f"the newest checkpoint in {run.folder} does not hold a saef run's state")
-    if not reset_errors and saved.get("config") != _state_config(run.config):
+    if not reset_errors and saved.get("config") != _state_config(run.config, run.data):
         raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved.get('config')}, "
-                                         f"not {_state_config(run.config)}")
+                                         f"not {_state_config(run.config, run.data)}")
     try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
         run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
         run.loop = LoopState.from_dict(saved["loop"])
@@ -227,11 +231,12 @@ def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
     run.log(f"saef: {run.output} stopped before its first checkpoint; starting it again from the beginning")
 
 
-def _state_config(config: TrainConfig) -> Dict[str, Any]:
-    """The settings a checkpoint must agree with to be resumed without --reset-errors."""
+def _state_config(config: TrainConfig, data: Data) -> Dict[str, Any]:
+    """The settings (and data files' contents) a checkpoint must agree with to be resumed without --reset-errors."""
     d = config.to_dict()
-    return {k: d[k] for k in ("workers", "method", "compressor", "server_compressor", "double_way", "model", "dataset",
-                              "dataset_size", "batch_size", "seed")}
+    keys = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps", "model", "dataset",
+            "dataset_size", "data_file", "test_file", "full_batch", "batch_size", "seed")
+    return {**{k: d[k] for k in keys}, "data sha256": data.digest}
 
 
 def _save_checkpoint(run: Run) -> None:
@@ -242,7 +247,7 @@ def _save_checkpoint(run: Run) -> None:
         return
     now = time.perf_counter()
     run.loop.elapsed = now - run.started
-    state = {"config": _state_config(run.config), "trainer": run.worker.state_dict(), "loop": run.loop.to_dict(),
+    state = {"config": _state_config(run.config, run.data), "trainer": run.worker.state_dict(), "loop": run.loop.to_dict(),
              "rng": checkpoint.capture_rng()}
     checkpoint.save(run.folder, run.loop.step, state, rank=run.backend.rank, world=run.backend.processes,
                     keep=run.config.keep_checkpoints, barrier=run.backend.gather())
@@ -257,7 +262,7 @@ def _run_epoch(run: Run) -> None:
     run.epoch_started = time.perf_counter() - loop.epoch_elapsed
     lr = config.lr_at_epoch(loop.epoch)
     run.order.set_state(loop.epoch_order)  # the order generator as it was when this epoch began
-    batches = list(epoch_batches(len(run.data.train), config.batch_size, run.order))
+    batches = _epoch_batches(run)
     bar = tqdm(total=len(batches), initial=loop.step_in_epoch, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False,
                disable=None if (run.progress and run.worker.is_main) else True)  # None: bars on a terminal only
     for indices in batches[loop.step_in_epoch:]:
@@ -267,6 +272,15 @@ def _run_epoch(run: Run) -> None:
             loop.epoch_elapsed = time.perf_counter() - run.epoch_started
             _save_checkpoint(run)
     bar.close()
+
+
+def _epoch_batches(run: Run) -> List[torch.Tensor]:
+    """The epoch's global batches: shuffled batches of --batch-size, or with --full-batch one batch of the
+    whole training set in file order (cut to a multiple of K), so worker k's shard is its contiguous part."""
+    n = len(run.data.train)
+    if run.config.full_batch:
+        return [torch.arange(n - n % run.config.workers)]
+    return list(epoch_batches(n, run.config.batch_size, run.order))
 
 
 def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int) -> None:
@@ -328,6 +342,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
     loop, worker, config = run.loop, run.worker, run.config
     train_loss = worker.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
     at_x = evaluate(worker.load_into(run.eval_model, point="x"), run.data.test, run.device)
+    grad_norm_sq = gradient_norm_sq(run.eval_model, run.data.train, run.device) if config.full_batch else None
     diagnostics = worker.has_diagnostics
     at_aux = evaluate(worker.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
     return {
@@ -340,6 +355,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
         "test_acc": at_x["acc"],
         "test_loss_aux": at_aux and at_aux["loss"],
         "test_acc_aux": at_aux and at_aux["acc"],
+        "grad_norm_sq": grad_norm_sq,
         **worker.bits,
         "mismatch_ef": loop.mismatch_ef if diagnostics else None,
         "mismatch_saef": loop.mismatch_saef if diagnostics else None,

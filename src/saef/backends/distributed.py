@@ -43,7 +43,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
-from ..core import BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_dense, flatten, write_flat
+from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_dense, flatten,
+                    model_penalty, write_flat)
 from .base import Backend, PeerFailed, RanksDisagree
 
 __all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
@@ -416,6 +417,9 @@ class DistributedWorker(WorkerBase):
             p.grad = None
         with torch.enable_grad():
             loss = self.loss_fn(self.model(inputs), targets)
+            penalty = model_penalty(self.model, [p.unsqueeze(0) for p in self.params])
+            if penalty is not None:
+                loss = loss + penalty[0]
             loss.backward()
         # Per layer, straight from .grad: a flat copy of 5M gradients cost more than the optimizer's arithmetic.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_dense, flatten, unflatten, write_flat
+from ..core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_dense, flatten, model_penalty,
+                    unflatten, write_flat)
 from .base import Backend, resolve_device
 from .inprocess import InProcessTransport
 from .stacked import stack_model
@@ -147,7 +148,7 @@ class Simulator(WorkerBase):
                 with torch.enable_grad():
                     leaves = self._leaves(points)
                     outputs = torch.func.vmap(self._forward, randomness="different")(leaves, self.buffers, inputs)
-                    losses = torch.func.vmap(self.loss_fn)(outputs, targets)
+                    losses = self._penalised(torch.func.vmap(self.loss_fn)(outputs, targets), leaves)
                     grads = _gradients_of(losses.sum(), leaves)
                 return grads, losses.detach()
             except Exception as error:  # a model vmap cannot batch: fall back to the loop for good
@@ -161,9 +162,15 @@ class Simulator(WorkerBase):
                 leaves = self._leaves(points[k : k + 1])
                 worker = tuple(leaf[0] for leaf in leaves)
                 loss = self.loss_fn(self._forward(worker, {n: b[k] for n, b in self.buffers.items()}, inputs[k]), targets[k])
+                loss = self._penalised(loss.unsqueeze(0), leaves)[0]
                 grads.append(torch.cat([g.reshape(1, -1) for g in _gradients_of(loss, leaves)], dim=1))
             losses.append(loss.detach())
         return torch.cat(grads), torch.stack(losses)
+
+    def _penalised(self, losses: Tensor, leaves) -> Tensor:
+        """The workers' losses (W,) plus the model's own penalty on their parameters, if it has one."""
+        penalty = model_penalty(self.model, leaves)
+        return losses if penalty is None else losses + penalty
 
     def _leaves(self, points: Tensor) -> tuple:
         """One leaf per parameter, ``(W, *shape)``, viewing the rows of ``points``.
@@ -190,6 +197,7 @@ class Simulator(WorkerBase):
                     losses = per_sample.sum(1) / (targets.reshape(k, -1) != -100).sum(1)
             else:
                 losses = torch.func.vmap(self.loss_fn)(outputs, targets)
+            losses = self._penalised(losses, leaves)
             grads = _gradients_of(losses.sum(), leaves)
         return grads, losses.detach()
 

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from .algorithm import ErrorFeedback, ErrorFeedbackState
 from .transport import Transport
 
-__all__ = ["Worker", "WorkerBase"]
+__all__ = ["Worker", "WorkerBase", "model_penalty"]
+
+
+def model_penalty(model: nn.Module, params: Sequence[Tensor]) -> Optional[Tensor]:
+    """The model's own term of the objective on its parameters (e.g. logistic regression's regulariser),
+    ``model.penalty(params)`` for parameters with a leading axis of W rows, in model order: ``(W,)``, added
+    to each worker's data loss by every trainer and by evaluation. None for a model without one."""
+    penalty = getattr(model, "penalty", None)
+    return None if penalty is None else penalty(params)
 
 
 @runtime_checkable

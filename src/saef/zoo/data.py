@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..files import write_atomically
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "synthetic")
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "synthetic", "libsvm")
 
 MNIST1D_DEFAULT_SIZE = 10_000  # 8000 train / 2000 test: the published MNIST-1D benchmarks use 4000/1000,
 # twice that leaves less of the comparison between compressors to over-fitting; generating it takes ~8 s once.
@@ -94,9 +95,11 @@ class Data:
     input_shape: tuple
     name: str
     augment: Augment | None = None
+    digest: str | None = None  # sha256 of the file(s) read (libsvm): part of what a checkpoint is checked against
 
 
-def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: int = 0) -> Data:
+def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: int = 0,
+                 data_file: str | None = None, test_file: str | None = None) -> Data:
     """Load dataset ``name`` from (or, for MNIST-1D, generate it into) ``root``.
 
     Args:
@@ -106,6 +109,8 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
             synthetic: training samples (default 512; test gets a quarter). Other sets: keep a random subset
             of this many training samples (default: all).
         seed: seeds generation (MNIST-1D, synthetic), the digits train/test split and any subsampling.
+        data_file, test_file: libsvm only: the LIBSVM/svmlight file to train on, and one to test on (default:
+            the training file itself, so that the metrics are those of the training objective).
 
     Raises:
         ValueError: unknown name, bad size, or malformed files. FileNotFoundError: data missing under root.
@@ -123,7 +128,13 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
     if size is not None and size > GENERATED.get(name, size):
         raise ValueError(f"dataset_size = {size} is more than {name} generates here (at most {GENERATED[name]})")
     root = Path(root).expanduser()
-    if name == "mnist1d":
+    if (data_file is not None or test_file is not None) and name != "libsvm":
+        raise ValueError(f"data_file and test_file are for dataset libsvm, not {name!r}")
+    if name == "libsvm":
+        if data_file is None:
+            raise ValueError("dataset libsvm needs data_file (a LIBSVM/svmlight file, e.g. a9a)")
+        data = load_libsvm(Path(data_file).expanduser(), None if test_file is None else Path(test_file).expanduser())
+    elif name == "mnist1d":
         data = _load_mnist1d(root, MNIST1D_DEFAULT_SIZE if size is None else size, seed)
     elif name == "synthetic":
         data = _make_synthetic(512 if size is None else size, seed)
@@ -135,6 +146,8 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
         data = _load_imagenet(root)
     if size is not None and name not in GENERATED:
         data.train = _subsample(data.train, size, seed)
+        if name == "libsvm" and test_file is None:  # the metrics stay those of the training objective
+            data.test = data.train
     _check_labels(data, root)
     return data
 
@@ -252,6 +265,86 @@ def _read_mnist1d_cache(path: Path) -> dict[str, np.ndarray]:
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     # A crash or a concurrent reader (several ranks starting at once) sees either no file or a complete one.
     write_atomically(path, lambda handle: np.savez(handle, **arrays), make_parent=True)
+
+
+# ----------------------------------------------------------------------------------------------------- LIBSVM
+
+LIBSVM_MAX_VALUES = 1 << 30  # samples x features held densely (4 GiB of float32): larger files are refused
+
+
+def _parse_libsvm(path: Path) -> tuple[list[float], list[list[tuple[int, float]]], str]:
+    """Labels, rows of (1-based index, value) pairs, and the sha256 of ``path``; ValueError naming the file
+    and line for anything that is not LIBSVM/svmlight text."""
+    import hashlib
+
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a LIBSVM file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a text file (not UTF-8: {error})") from None
+    labels, rows = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        try:
+            label = float(fields[0])
+            row = []
+            for field in fields[1:]:
+                index, sep, value = field.partition(":")
+                if not sep:
+                    raise ValueError(f"{field!r} is not index:value")
+                row.append((int(index), float(value)))
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: not LIBSVM format ({error})") from None
+        if any(i < 1 for i, _ in row):
+            raise ValueError(f"{path}, line {number}: feature indices start at 1")
+        if not all(math.isfinite(v) for _, v in row) or not math.isfinite(label):
+            raise ValueError(f"{path}, line {number}: a value is not finite")
+        labels.append(label)
+        rows.append(row)
+    if not labels:
+        raise ValueError(f"{path} holds no samples")
+    return labels, rows, hashlib.sha256(raw).hexdigest()
+
+
+def _binary_targets(labels: list[float], path: Path) -> Tensor:
+    """Labels {-1, +1} or {0, 1} as class indices 0 (for -1 or 0) and 1 (for +1)."""
+    found = sorted(set(labels))
+    if not (set(found) <= {-1.0, 1.0} or set(found) <= {0.0, 1.0}):
+        shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise ValueError(f"{path}: labels must be -1/+1 or 0/1 (binary classification), found {shown}")
+    return torch.tensor([1 if v == 1.0 else 0 for v in labels], dtype=torch.int64)
+
+
+def _dense(rows: list[list[tuple[int, float]]], features: int) -> Tensor:
+    out = torch.zeros(len(rows), features)
+    index = [(r, i - 1) for r, row in enumerate(rows) for i, _ in row]
+    if index:
+        r, c = zip(*index)
+        out[list(r), list(c)] = torch.tensor([v for row in rows for _, v in row], dtype=torch.float32)
+    return out
+
+
+def load_libsvm(path: Path, test_path: Path | None = None) -> Data:
+    """A binary LIBSVM/svmlight file (labels -1/+1 or 0/1) as a dense float32 dataset: inputs ``(N, D)``, D the
+    largest feature index of either file, targets 0/1. The test split is ``test_path``, or the training file
+    itself. Every line is validated (a clear error names the file and line), and so are the sizes."""
+    labels, rows, digest = _parse_libsvm(path)
+    test = _parse_libsvm(test_path) if test_path is not None else (labels, rows, "")
+    features = max(max((i for row in r for i, _ in row), default=0) for r in (rows, test[1]))
+    if features == 0:
+        raise ValueError(f"{path} has no features")
+    if max(len(rows), len(test[1])) * features > LIBSVM_MAX_VALUES:
+        raise ValueError(f"{path}: {len(rows)} samples x {features} features is too large to hold densely "
+                         f"(at most {LIBSVM_MAX_VALUES:,} values)")
+    train_split = DatasetSplit(_dense(rows, features), _binary_targets(labels, path))
+    test_split = train_split if test_path is None else DatasetSplit(_dense(test[1], features), _binary_targets(test[0], test_path))
+    return Data(train_split, test_split, 2, (features,), "libsvm", digest=digest + (":" + test[2] if test[2] else ""))
 
 
 # ------------------------------------------------------------------------------------------ synthetic, digits

@@ -16,6 +16,7 @@ Parameters are initialised from torch's global RNG: seed it (``torch.manual_seed
 | cnn1d     | (C, L)          | 7,460                                            |
 | resnet20  | (C, H, W)       | 269,722  (resnet32 464,154; 44 658,586; 56 853,018) |
 | resnet50  | (3, H, W)       | 23,528,522 (torchvision, optional extra)         |
+| logreg    | any, 2 classes  | the number of features (a9a: 122)                |
 
 Example:
     >>> from types import SimpleNamespace
@@ -32,7 +33,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODELS = ("mlp", "mlp5m", "cnn1d", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50")
+MODELS = ("mlp", "mlp5m", "cnn1d", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "logreg")
 
 _RESNET_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}  # depth = 6 n + 2
 _DEFAULT_WIDTH = {"mlp": 100, "mlp5m": 2208, "cnn1d": 25, "resnet": 16}
@@ -64,6 +65,10 @@ def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
     num_classes, input_shape = int(data.num_classes), tuple(data.input_shape)
     if width is not None and (width < 1 or name == "resnet50"):
         raise ValueError(f"width must be a positive integer and is not accepted by resnet50, got {width} for {name}")
+    if name == "logreg":
+        if num_classes != 2:
+            raise ValueError(f"model logreg is binary logistic regression: it needs 2 classes, not {num_classes}")
+        return LogisticRegression(math.prod(input_shape))
     if name in ("mlp", "mlp5m"):
         hidden = width or _DEFAULT_WIDTH[name]
         return MLP(math.prod(input_shape), (hidden, hidden), num_classes)
@@ -76,6 +81,35 @@ def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
     if name == "resnet50":
         return _torchvision_resnet50(input_shape, num_classes)
     return CifarResNet(_RESNET_BLOCKS[name], input_shape[0], num_classes, width=width or _DEFAULT_WIDTH["resnet"])
+
+
+class LogisticRegression(nn.Module):
+    """Binary logistic regression with the non-convex regulariser of the EF21 papers:
+
+        f(x) = mean_i log(1 + exp(-b_i a_i^T x)) + lam * sum_j x_j^2 / (1 + x_j^2),   b_i in {-1, +1}
+
+    The output is the two logits (0, a^T x), so that cross-entropy with class 1 for b = +1 is exactly
+    log(1 + exp(-b a^T x)); the regulariser is :meth:`penalty`, which the trainers add to the loss (no bias,
+    weights start at zero).
+
+    Args:
+        in_features: the number of features. lam: the regulariser's weight (0.1 in those papers).
+    """
+
+    def __init__(self, in_features: int, lam: float = 0.1) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(in_features, 1, bias=False)
+        nn.init.zeros_(self.linear.weight)
+        self.lam = lam
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return F.pad(self.linear(self.flatten(inputs)), (1, 0))
+
+    def penalty(self, params) -> Tensor:
+        """lam * sum_j x_j^2 / (1 + x_j^2) for each row of the parameters (W, ...) given in model order: (W,)."""
+        w = params[0].reshape(params[0].shape[0], -1)
+        return self.lam * (w.square() / (1 + w.square())).sum(dim=1)
 
 
 class MLP(nn.Module):
