@@ -234,3 +234,33 @@ def test_imagenet_without_torchvision_says_how_to_install(tmp_path, monkeypatch)
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)
     with pytest.raises(ImportError, match=r"saef\[imagenet\]"):
         load_dataset("imagenet", tmp_path)
+
+
+def test_hold_out_moves_the_last_samples_out_of_training(tmp_path):
+    """hold_out(data, n): the last n training samples become the validation split and leave the training
+    split; a LIBSVM test split that was the training file follows the smaller training split; bad sizes are
+    refused. Through the CLI, an epoch then has (N - n) / batch steps and the records carry val_loss and
+    val_acc."""
+    import json
+    import subprocess
+    import sys
+
+    from saef.zoo.data import hold_out, load_dataset
+
+    data = load_dataset("synthetic", tmp_path, size=100)
+    held = hold_out(data, 30)
+    assert len(held.train) == 70 and len(held.val) == 30 and held.test is data.test
+    assert torch.equal(held.val.inputs, data.train.inputs[70:]) and torch.equal(held.train.targets, data.train.targets[:70])
+    for bad in (0, 100, -1):
+        with pytest.raises(ValueError, match="holdout"):
+            hold_out(data, bad)
+    svm = tmp_path / "p.svm"
+    svm.write_text("".join(f"{1 if i % 2 else -1} 1:{i}\n" for i in range(10)))
+    assert hold_out(load_dataset("libsvm", tmp_path, data_file=str(svm)), 4).test.inputs.shape == (6, 1)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "saef", "train", "--quiet", "--dataset", "synthetic", "--model", "mlp",
+                             "--batch-size", "32", "--epochs", "1", "--holdout", "128", "--output", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == (512 - 128) // 32 and 0 <= row["val_acc"] <= 1 and row["val_loss"] > 0

@@ -43,6 +43,8 @@ HELP = {
     "dataset_size": "samples to generate (mnist1d) or keep (others)",
     "data_file": "libsvm: the LIBSVM/svmlight file to train on (labels -1/+1 or 0/1)",
     "test_file": "libsvm: a file to test on (default: the training file, so the metrics are the objective's)",
+    "holdout": "the last N training samples are not trained on but evaluated each epoch (val_loss, val_acc), "
+               "to choose hyperparameters without looking at the test set",
     "full_batch": "each worker takes its whole contiguous shard every step (gradient descent; one step an epoch); "
                   "adds ||grad f(x)||^2 on the training set to the metrics",
     "data_dir": "folder holding the datasets (MNIST-1D is generated and cached there)",

@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
 ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps")
-FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "full_batch", "model", "batch_size", "seed", "backend")
+FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed", "backend")
 
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     dataset_size: Optional[int] = None  # dataset-specific: samples generated (mnist1d) or kept
     data_file: Optional[str] = None  # libsvm: the LIBSVM/svmlight file to train on
     test_file: Optional[str] = None  # libsvm: a file to test on (default: the training file: the objective's metrics)
+    holdout: int = 0  # the last N training samples are not trained on but evaluated as a validation split
     full_batch: bool = False  # every step, each worker takes its whole contiguous shard (gradient descent; one step an epoch)
     data_dir: str = "~/.cache/saef"
     model: str = "cnn1d"
@@ -191,7 +192,7 @@ _INT_MAX = (1 << 31) - 1
 _INTEGER_RANGES = {
     "workers": (1, 1 << 16), "average_every": (1, _INT_MAX), "lr_milestones": (1, _INT_MAX), "epochs": (1, _INT_MAX),
     "batch_size": (1, _INT_MAX), "seed": (0, (1 << 32) - 1), "dataset_size": (1, _INT_MAX),
-    "checkpoint_every": (0, _INT_MAX), "warmup_steps": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
+    "checkpoint_every": (0, _INT_MAX), "warmup_steps": (0, _INT_MAX), "holdout": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
 }
 
 

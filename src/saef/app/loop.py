@@ -26,7 +26,7 @@ from torch import nn
 
 from ..backends.registry import make_backend
 from ..core import NonFiniteStep, Worker
-from ..zoo.data import Data, DatasetSplit, epoch_batches, load_dataset
+from ..zoo.data import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
 from . import checkpoint, hooks
 from .config import TrainConfig, default_output
@@ -134,12 +134,16 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
         config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
     data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed,
                                                    data_file=config.data_file, test_file=config.test_file))
+    if config.holdout:
+        data = hold_out(data, config.holdout)
     if config.full_batch and len(data.train) < config.workers:
         raise ValueError(f"full_batch: the training set ({len(data.train)} samples) has fewer samples than workers ({config.workers})")
     if len(data.train) < config.batch_size and not config.full_batch:
         raise ValueError(f"batch_size = {config.batch_size} is larger than the training set ({len(data.train)} samples)")
     if isinstance(data.train, DatasetSplit) and data.augment is None:
-        data.train, data.test = data.train.to(device), data.test.to(device)
+        same = data.test is data.train
+        data.train, data.val = data.train.to(device), data.val and data.val.to(device)
+        data.test = data.train if same else data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(device)
     backend.agree(_identity(config, model, data))  # ranks that disagree stop here, before any training collective
@@ -235,7 +239,7 @@ def _state_config(config: TrainConfig, data: Data) -> Dict[str, Any]:
     """The settings (and data files' contents) a checkpoint must agree with to be resumed without --reset-errors."""
     d = config.to_dict()
     keys = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps", "model", "dataset",
-            "dataset_size", "data_file", "test_file", "full_batch", "batch_size", "seed")
+            "dataset_size", "data_file", "test_file", "holdout", "full_batch", "batch_size", "seed")
     return {**{k: d[k] for k in keys}, "data sha256": data.digest}
 
 
@@ -343,6 +347,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
     train_loss = worker.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
     at_x = evaluate(worker.load_into(run.eval_model, point="x"), run.data.test, run.device)
     grad_norm_sq = gradient_norm_sq(run.eval_model, run.data.train, run.device) if config.full_batch else None
+    at_val = evaluate(run.eval_model, run.data.val, run.device) if run.data.val is not None else None
     diagnostics = worker.has_diagnostics
     at_aux = evaluate(worker.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
     return {
@@ -356,6 +361,8 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
         "test_loss_aux": at_aux and at_aux["loss"],
         "test_acc_aux": at_aux and at_aux["acc"],
         "grad_norm_sq": grad_norm_sq,
+        "val_loss": at_val and at_val["loss"],
+        "val_acc": at_val and at_val["acc"],
         **worker.bits,
         "mismatch_ef": loop.mismatch_ef if diagnostics else None,
         "mismatch_saef": loop.mismatch_saef if diagnostics else None,

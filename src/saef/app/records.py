@@ -42,6 +42,8 @@ METRIC_COLUMNS = (
     "test_loss_aux",
     "test_acc_aux",  # at the auxiliary iterate x~ = x - (e_s + mean_k e_k); empty for sgd
     "grad_norm_sq",  # ||grad f(x)||^2 of the training objective at x (with --full-batch; else empty)
+    "val_loss",  # on the split held out of training (--holdout; else empty), at x
+    "val_acc",
     "bits_up",  # cumulative bits one worker sent to the server
     "bits_down",  # cumulative bits one worker received from the server
     "bits_averaging",  # cumulative bits one worker sent and received for error averaging

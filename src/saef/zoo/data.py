@@ -96,6 +96,24 @@ class Data:
     name: str
     augment: Augment | None = None
     digest: str | None = None  # sha256 of the file(s) read (libsvm): part of what a checkpoint is checked against
+    val: Any = None  # a split held out of training (:func:`hold_out`), to choose hyperparameters on
+
+
+def hold_out(data: Data, n: int) -> Data:
+    """``data`` with the last ``n`` training samples moved to a validation split ``val`` (they are no longer
+    trained on). The generated and subsampled training sets are already in random order; a LIBSVM file is in
+    its own order."""
+    if not isinstance(data.train, DatasetSplit):
+        raise ValueError(f"a held-out split needs a dataset held in memory, not {data.name}")
+    if not 0 < n < len(data.train):
+        raise ValueError(f"holdout = {n} must be between 1 and the training set's size - 1 ({len(data.train) - 1})")
+    train, keep = data.train, len(data.train) - n
+    test = data.test
+    held = DatasetSplit(train.inputs[keep:], train.targets[keep:])
+    kept = DatasetSplit(train.inputs[:keep], train.targets[:keep])
+    if test is train:  # (libsvm without a test file: the test metrics are the training objective's)
+        test = kept
+    return Data(kept, test, data.num_classes, data.input_shape, data.name, data.augment, data.digest, held)
 
 
 def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: int = 0,
