@@ -1,7 +1,9 @@
-"""``saef reproduce``: the paper's experiments (Table 1, Figures 1 and 3) as sets of independent runs.
+"""``saef reproduce``: the paper's experiments (Table 1, Figures 1 and 3) and a study of SAEF beside the
+modern baselines (:mod:`saef.app.baselines`), as sets of independent runs.
 
     saef reproduce table1 --jobs 2          # MNIST-1D analogue of Table 1 (5 seeds), on a 2-core CPU
     saef reproduce fig1 fig3 --jobs 2
+    saef reproduce baselines --jobs 2 --libsvm-file a9a   # EF21, PowerSGD, QSGD, rand-k ... at tuned lrs
     saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
 
 Each run is one ``saef train`` process with its own directory under ``--runs`` named after its settings, so
@@ -63,10 +65,13 @@ class Run:
     @property
     def name(self) -> str:
         c = self.config
-        parts = [c["dataset"], c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
+        dataset = c["dataset"] if not c.get("data_file") else f"{c['dataset']}_{Path(str(c['data_file'])).name}"
+        parts = [dataset, c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
                  f"K{c['workers']}", "DC" if c.get("double_way", True) else "SC", f"p{c.get('average_every') or 'inf'}",
-                 f"mu{c['momentum']}", f"e{c['epochs']}", f"seed{c['seed']}"]
-        return "-".join(parts)
+                 f"mu{c['momentum']}", f"e{c['epochs']}"]
+        if c.get("holdout") or c.get("full_batch"):  # the studies with an lr grid name the lr (the older runs do not)
+            parts += [f"lr{c['lr']:g}", f"h{c['holdout']}" if c.get("holdout") else "fb"]
+        return "-".join(parts + [f"seed{c['seed']}"])
 
 
 def _table1(setting: str, seeds: int) -> List[Run]:
@@ -98,12 +103,20 @@ def _fig3(setting: str, seeds: int) -> List[Run]:
     return [Run.make(**base, method=m, average_every=p, seed=seed) for m in ("ef", "saef") for p in (None, 10) for seed in range(seeds)]
 
 
-EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3)}
+def _baselines(setting: str, seeds: int, libsvm_file: Optional[str] = None) -> List[Run]:
+    from . import baselines
+
+    return baselines.plan(Run.make, SETTINGS[setting], seeds, libsvm_file)
 
 
-def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None) -> List[Run]:
+EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3)}
+DEFAULT_LIBSVM = Path("../shared/data/a9a")  # where the development machine keeps a9a (--libsvm-file)
+
+
+def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None, libsvm_file: Optional[str] = None) -> List[Run]:
     make, default_seeds = EXPERIMENTS[experiment]
-    return make(setting, default_seeds if seeds is None else seeds)
+    extra = {"libsvm_file": libsvm_file} if experiment == "baselines" else {}
+    return make(setting, default_seeds if seeds is None else seeds, **extra)
 
 
 def is_done(run_dir: Path) -> bool:
@@ -120,6 +133,8 @@ def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
             argv += [flag, "never" if value is None else str(value)]
         elif key == "lr_milestones":
             argv += [flag, ",".join(str(m) for m in value)]
+        elif isinstance(value, bool):  # an on/off switch
+            argv += [flag] if value else []
         elif value is not None:
             argv += [flag, str(value)]
     if data_dir:
@@ -365,6 +380,18 @@ def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _libsvm_file(given: Optional[str]) -> Optional[str]:
+    """The a9a file of the baselines study: the one given (which must exist), else the default if it exists."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise SystemExit(f"saef reproduce: --libsvm-file {given} is not a file")
+        return str(Path(given).resolve())
+    if DEFAULT_LIBSVM.is_file():
+        return str(DEFAULT_LIBSVM.resolve())
+    print(f"saef reproduce: no --libsvm-file and no {DEFAULT_LIBSVM}: the a9a part of baselines is left out", file=sys.stderr)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
@@ -378,12 +405,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", default="runs/reproduce", help="where the run directories go (default runs/reproduce)")
     parser.add_argument("--out", default="docs/results", help="where tables and figures go (default docs/results)")
     parser.add_argument("--data-dir", default=None, help="dataset folder (see saef train --data-dir)")
+    parser.add_argument("--libsvm-file", default=None, help=f"baselines: the a9a LIBSVM file (default {DEFAULT_LIBSVM} if it exists; "
+                        "without it the a9a part is left out)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
         parser.error("--jobs and --seeds must be >= 1")
     runs_dir, out = Path(args.runs) / args.setting, Path(args.out)
-    plans = {name: plan(name, args.setting, args.seeds) for name in args.experiments}
+    libsvm = _libsvm_file(args.libsvm_file) if "baselines" in args.experiments else None
+    plans = {name: plan(name, args.setting, args.seeds, libsvm) for name in args.experiments}
     if args.dry_run:
         for name, runs in plans.items():
             for run in runs:
@@ -395,6 +425,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     suffix = "" if args.setting == "mnist1d" else f"-{args.setting}"
     for name, runs in plans.items():
         text = f"# {name} ({args.setting})\n\n"
+        if name == "baselines":
+            from . import baselines
+
+            body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else [])
+            write_atomically(out / f"{name}-tables{suffix}.md", (text + body).encode())
+            for path in made:
+                print(f"saef reproduce: wrote {path}")
+            print(f"saef reproduce: wrote {out / (name + '-tables' + suffix + '.md')}")
+            continue
         if name == "table1":
             text += "Best test top-1 accuracy (%) up to the first learning-rate decay, mean ± std over seeds.\n\n"
             text += table1_markdown(runs, runs_dir) + "\n\n"
