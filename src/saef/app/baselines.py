@@ -220,6 +220,7 @@ def figures(chosen: Dict[tuple, dict], out: Path) -> List[Path]:
 def report(runs: Sequence, runs_dir: Path, out: Path, read_rows) -> Tuple[str, List[Path]]:
     """The Markdown tables and the figures of the study."""
     chosen = select(runs, runs_dir, read_rows)
+    out.mkdir(parents=True, exist_ok=True)
     text = "## MNIST-1D, 1-D CNN, K=8, double-way, momentum 0.9 (30 epochs, lr x0.1 after 20)\n\n"
     text += ("Each method at the lr of its grid with the best mean final accuracy on the 1000 held-out training "
              "samples; test accuracy mean ± std over seeds at that lr; MB per worker counts everything sent and "
