@@ -715,3 +715,33 @@ def test_allreduce_server_with_a_compressor_is_refused():
         saef.SAEF([torch.zeros(3, requires_grad=True)], lr=0.1, compressor="identity", server_compressor="sign",
                   server="allreduce")
     saef.SAEF([torch.zeros(3, requires_grad=True)], lr=0.1, compressor="identity", double_way=False, server="allreduce")
+
+
+@pytest.mark.parametrize("compressor", ["powersgd:1", "randk:0.5", "qsgd:4:bf16"])
+def test_the_optimizer_runs_the_random_and_stateful_compressors(compressor):
+    """saef.SAEF with a random or stateful compressor: a parameter without a gradient keeps its compressor
+    state too (PowerSGD's Q), add_param_group extends that state, and the state round-trips exactly."""
+    import torch
+
+    model = _tiny()
+    opt = saef.SAEF([model[0].weight, model[2].weight], lr=0.1, momentum=0.9, compressor=compressor, seed=3)
+    for step in range(3):
+        model.zero_grad()
+        _backward(model, step)
+        if step == 2:
+            model[0].weight.grad = None  # idle this step
+            before = {n: t.clone() for n, t in opt.ef_state.tensors.items()}
+        opt.step()
+    if compressor.startswith("powersgd"):
+        q = opt.algorithm.state_slices["uplink"][0]
+        assert torch.equal(opt.ef_state.uplink_state[:, q], before["uplink_state"][:, q])
+        assert not torch.equal(opt.ef_state.uplink_state, before["uplink_state"])  # the other layer's Q moved
+    opt.add_param_group({"params": [model[0].bias, model[2].bias]})
+    model.zero_grad()
+    _backward(model, 7)
+    opt.step()
+    again = saef.SAEF([model[0].weight, model[2].weight], lr=0.1, momentum=0.9, compressor=compressor, seed=3)
+    again.add_param_group({"params": [model[0].bias, model[2].bias]})
+    again.load_state_dict(opt.state_dict())
+    for name, tensor in opt.ef_state.tensors.items():
+        assert torch.equal(again.ef_state.tensors[name], tensor), name

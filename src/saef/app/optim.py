@@ -117,8 +117,9 @@ class SAEF(torch.optim.Optimizer):
         with torch.no_grad():
             self.x = torch.cat([old_x, flatten([p.detach() for p in new])])
         self.ef_state = self.algorithm.init_state(self.x)  # the new layers' state as at a start
-        for name, tensor in self.ef_state.tensors.items():
-            tensor[..., :old_x.numel()] = old_state.tensors[name]
+        for name, tensor in self.ef_state.tensors.items():  # the new layers come last on every flat axis
+            old = old_state.tensors[name]
+            tensor[..., : old.shape[-1]] = old
         self.ef_state.step = old_state.step
         self._versions += [p._version for p in new]
 
@@ -198,8 +199,10 @@ class SAEF(torch.optim.Optimizer):
         kept = []
         for i in layers:
             s = self.algorithm.layout.slices[i]
-            for tensor in (self.x, *self.ef_state.tensors.values()):
-                kept.append((tensor[..., s], tensor[..., s].clone()))
+            for name, tensor in (("x", self.x), *self.ef_state.tensors.items()):
+                # a compressor's state (PowerSGD's Q) lies on its own axis: the layer's part of it
+                part = self.algorithm.state_slices[name[: -len("_state")]][i] if name.endswith("_state") else s
+                kept.append((tensor[..., part], tensor[..., part].clone()))
         return kept
 
     @contextlib.contextmanager
