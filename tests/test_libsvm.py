@@ -154,3 +154,17 @@ def test_distributed_full_batch_matches_the_simulator(tmp_path):
         for key in ("train_loss", "test_loss", "grad_norm_sq"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, a[key], b[key])
         assert a["bits_up"] == b["bits_up"]
+
+
+def test_resume_refuses_a_changed_data_file(tmp_path):
+    """The file's SHA-256 is part of the run's identity: after the file changes, --resume is refused with a
+    message, and nothing of the run is lost."""
+    f = write_libsvm(tmp_path / "p.svm")
+    run = tmp_path / "run"
+    args = ["--dataset", "libsvm", "--data-file", str(f), "--model", "logreg", "--full-batch", "--workers", "2", "--epochs", "2"]
+    assert saef_train([*args, "--output", str(run)]).returncode == 0
+    before = (run / "metrics.jsonl").read_text()
+    f.write_text(f.read_text().replace("1:", "2:", 1))
+    resumed = saef_train(["--resume", str(run), "--epochs", "4"])
+    assert resumed.returncode == 2 and "sha256" in resumed.stderr, resumed.stderr
+    assert (run / "metrics.jsonl").read_text() == before

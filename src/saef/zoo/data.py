@@ -299,6 +299,8 @@ def _parse_libsvm(path: Path) -> tuple[list[float], list[list[tuple[int, float]]
         raw = path.read_bytes()
     except IsADirectoryError:
         raise ValueError(f"{path} is a directory, not a LIBSVM file") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"LIBSVM file {path} not found") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
