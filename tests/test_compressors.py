@@ -1,6 +1,8 @@
 """Compressor properties, checked for every registered compressor."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,20 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saef
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _strategies import tensors  # noqa: E402
 from saef.compress import TopK, index_bits, pack_bits, payload_bits, unpack_bits
 
 SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]  # topk:1 warns (pointless) but must work
-
-
-@st.composite
-def tensors(draw):
-    """Tensors of 0 to 3 dimensions (0 and 1 elements included) with zeros, tiny and huge magnitudes."""
-    shape = draw(st.lists(st.integers(0, 9), min_size=0, max_size=3))
-    n = math.prod(shape)
-    magnitude = st.one_of(st.just(0.0), st.floats(1e-30, 1e-20), st.floats(1e-3, 1e3), st.floats(1e20, 1e30))
-    values = draw(st.lists(st.tuples(magnitude, st.booleans()), min_size=n, max_size=n))
-    flat = torch.tensor([m if positive else -m for m, positive in values], dtype=torch.float32)
-    return flat.reshape(shape)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -1,8 +1,10 @@
 """Rand-k, QSGD, natural compression, PowerSGD and 16-bit values: payload sizes against their formulas,
 decode(encode(v)) against compress(v), unbiasedness and contraction checked statistically (tolerances from
-the measured variance), and the context's draws (the same on every party, different per layer and sender)."""
+the draws' distribution: Hoeffding's bound, binomial and sample standard errors), and the context's draws (the same on every party, different per layer and sender)."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +14,11 @@ from hypothesis import strategies as st
 import saef
 from saef.compress import SERVER, Context, Layout, PowerSGD, payload_bits
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _strategies import tensors  # noqa: E402
+
 NEW = ["randk:0.1", "randk:0.3:unbiased", "qsgd:1", "qsgd:4", "qsgd:255", "natural", "powersgd:1", "powersgd:3",
        "topk:0.1:bf16", "identity:fp16", "sign:bf16", "randk:0.3:bf16", "qsgd:4:fp16", "powersgd:2:bf16"]
-
-
-@st.composite
-def tensors(draw):
-    """Tensors of 0 to 3 dimensions with zeros, tiny and huge magnitudes (as the other compressor tests)."""
-    shape = draw(st.lists(st.integers(0, 9), min_size=0, max_size=3))
-    n = math.prod(shape)
-    magnitude = st.one_of(st.just(0.0), st.floats(1e-30, 1e-20), st.floats(1e-3, 1e3), st.floats(1e20, 1e30))
-    values = draw(st.lists(st.tuples(magnitude, st.booleans()), min_size=n, max_size=n))
-    return torch.tensor([m if positive else -m for m, positive in values], dtype=torch.float32).reshape(shape)
 
 
 def _pair(seed):
