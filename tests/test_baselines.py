@@ -51,10 +51,18 @@ def test_each_method_is_reported_at_the_lr_its_held_out_score_chose(tmp_path):
         run = Run.make(**a9a, lr=lr)
         _write(tmp_path / run.name, [_row(1, 0.7, grad=1.0), _row(2, 0.7, grad=grad)])
         runs.append(run)
-    chosen = baselines.select(runs, tmp_path, lambda d: reproduce._rows(d))
+    # a third lr whose one seed diverged (no summary) and whose other seed scores best on held-out: its mean
+    # counts the diverged seed as 0, so it is not chosen
+    for seed, val in ((0, None), (1, 0.99)):
+        run = Run.make(**base, lr=0.03, seed=seed)
+        if val is not None:
+            _write(tmp_path / run.name, [_row(1, 0.9, 0.9), _row(2, 0.97, val)])
+        runs.append(run)
+    read = lambda d: reproduce._rows(d) if reproduce.is_done(d) else None  # noqa: E731
+    chosen = baselines.select(runs, tmp_path, read)
     by_dataset = {dict(k)["dataset"]: v for k, v in chosen.items()}
     assert by_dataset["mnist1d"]["lr"] == 0.1 and len(by_dataset["mnist1d"]["seeds"]) == 2
     assert by_dataset["libsvm"]["lr"] == 0.3
-    text, figures = baselines.report(runs, tmp_path, tmp_path / "out", lambda d: reproduce._rows(d))
+    text, figures = baselines.report(runs, tmp_path, tmp_path / "out", read)
     assert "| SAEF p=∞ topk:0.01 | 0.1 |" in text and "80.00 ± 0.00" in text and "| EF21 topk:0.01, mu=0 | 0.3 |" in text
     assert all(path.is_file() for path in figures) and len(figures) == 2

@@ -80,9 +80,12 @@ def _label(config: Dict[str, object]) -> str:
     return method + compressor + mu
 
 
-def _score(rows: List[dict], dataset: str) -> float:
-    """Higher is better: the final held-out accuracy (MNIST-1D), or minus the final ||grad f||^2 (a9a; a run
-    that blew up scores lowest)."""
+def _score(rows: Optional[List[dict]], dataset: str) -> float:
+    """Higher is better: the final held-out accuracy (MNIST-1D), or minus the final ||grad f||^2 (a9a). A run
+    that did not finish (it diverged: saef train stops on repeated NaN steps) scores lowest: accuracy 0, or
+    minus infinity."""
+    if not rows:
+        return -math.inf if dataset == "libsvm" else 0.0
     last = rows[-1]
     if dataset == "libsvm":
         value = last.get("grad_norm_sq")
@@ -91,18 +94,20 @@ def _score(rows: List[dict], dataset: str) -> float:
 
 
 def select(runs: Sequence, runs_dir: Path, read_rows) -> Dict[tuple, dict]:
-    """Per method: the lr with the best mean score over seeds, its runs' rows, and every lr's score."""
-    by_method: Dict[tuple, Dict[float, List[Tuple[dict, List[dict]]]]] = {}
+    """Per method: the lr with the best mean score over seeds (a seed that diverged counts, at the lowest
+    score), the finished runs' rows at that lr, how many of its seeds failed, and every lr's score.
+    ``read_rows(run_dir)`` gives a finished run's rows, or None."""
+    by_method: Dict[tuple, Dict[float, List[Tuple[dict, Optional[List[dict]]]]]] = {}
     for run in runs:
-        rows = read_rows(runs_dir / run.name)
-        if rows:
-            config = run.config
-            by_method.setdefault(_key(config), {}).setdefault(config["lr"], []).append((config, rows))
+        config = run.config
+        by_method.setdefault(_key(config), {}).setdefault(config["lr"], []).append((config, read_rows(runs_dir / run.name)))
     chosen = {}
     for key, by_lr in by_method.items():
         scores = {lr: float(np.mean([_score(rows, dict(key)["dataset"]) for _, rows in seeds])) for lr, seeds in by_lr.items()}
         best = max(scores, key=lambda lr: (scores[lr], -lr))
-        chosen[key] = {"lr": best, "scores": scores, "config": by_lr[best][0][0], "seeds": [rows for _, rows in by_lr[best]]}
+        finished = [rows for _, rows in by_lr[best] if rows]
+        chosen[key] = {"lr": best, "scores": scores, "config": by_lr[best][0][0], "seeds": finished,
+                       "failed": len(by_lr[best]) - len(finished)}
     return chosen
 
 
@@ -127,13 +132,17 @@ def mnist_markdown(chosen: Dict[tuple, dict]) -> str:
     mnist = {k: v for k, v in chosen.items() if dict(k)["dataset"] != "libsvm"}
     if not mnist:
         return ""
-    budget = min(_megabytes(v["seeds"][0][-1]) for k, v in mnist.items() if dict(k)["method"] != "sgd")
+    budget = min(_megabytes(v["seeds"][0][-1]) for k, v in mnist.items() if dict(k)["method"] != "sgd" and v["seeds"])
     lines = [f"| method | lr (chosen on held-out) | held-out acc. per lr (%) | test acc. (%) | MB per worker | test acc. at {budget:.2f} MB (%) |",
              "|---|---:|---|---:|---:|---:|"]
-    for key, v in sorted(mnist.items(), key=lambda kv: -np.mean([rows[-1]["test_acc"] for rows in kv[1]["seeds"]])):
+    for key, v in sorted(mnist.items(), key=lambda kv: -np.mean([rows[-1]["test_acc"] for rows in kv[1]["seeds"]] or [0])):
         seeds = v["seeds"]
         per_lr = ", ".join(f"{lr:g}: {100 * s:.1f}" for lr, s in sorted(v["scores"].items()))
-        lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {_pm([r[-1]['test_acc'] for r in seeds])} "
+        if not seeds:
+            lines.append(f"| {_label(v['config'])} | – | {per_lr} | diverged at every lr | – | – |")
+            continue
+        failed = f" ({v['failed']} seed(s) diverged)" if v["failed"] else ""
+        lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {_pm([r[-1]['test_acc'] for r in seeds])}{failed} "
                      f"| {_megabytes(seeds[0][-1]):.2f} | {_pm([_at_budget(r, budget) for r in seeds])} |")
     return "\n".join(lines)
 
@@ -147,6 +156,9 @@ def a9a_markdown(chosen: Dict[tuple, dict]) -> str:
     for key, v in sorted(a9a.items(), key=lambda kv: _label(kv[1]["config"])):
         seeds = v["seeds"]
         per_lr = ", ".join(f"{lr:g}: {-s:.2e}" for lr, s in sorted(v["scores"].items()))
+        if not seeds:
+            lines.append(f"| {_label(v['config'])} | – | {per_lr} | diverged at every lr | – | – | 0 |")
+            continue
         norms = [rows[-1]["grad_norm_sq"] for rows in seeds]
         lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {np.mean(norms):.3e} "
                      f"| {np.mean([rows[-1]['test_loss'] for rows in seeds]):.5f} | {_megabytes(seeds[0][-1], ('bits_up',)):.4f} | {len(seeds)} |")
@@ -188,7 +200,7 @@ def _figure(panels, path: Path, title: str) -> Path:
 
 def figures(chosen: Dict[tuple, dict], out: Path) -> List[Path]:
     made = []
-    mnist = [v for k, v in chosen.items() if dict(k)["dataset"] != "libsvm"]
+    mnist = [v for k, v in chosen.items() if dict(k)["dataset"] != "libsvm" and v["seeds"]]
     for compressor in COMPRESSORS:
         group = [v for v in mnist if v["config"]["compressor"] in (compressor, "identity", "qsgd:4")]
         if not group:
@@ -201,7 +213,7 @@ def figures(chosen: Dict[tuple, dict], out: Path) -> List[Path]:
                              ("test accuracy against traffic", "MB per worker (up + down + averaging), log", "test top-1 (%)", True, False, curves_bits)],
                             out / f"baselines-mnist1d-{compressor.replace(':', '')}.png",
                             f"MNIST-1D, K=8, double-way, momentum 0.9: {compressor} (each method at its chosen lr; band: min-max over seeds)"))
-    a9a = [v for k, v in chosen.items() if dict(k)["dataset"] == "libsvm"]
+    a9a = [v for k, v in chosen.items() if dict(k)["dataset"] == "libsvm" and v["seeds"]]
     for mu in (0.0, 0.9):
         group = [v for v in a9a if v["config"]["momentum"] == mu]
         if not group:

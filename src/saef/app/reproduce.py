@@ -428,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "baselines":
             from . import baselines
 
-            body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else [])
+            body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
             write_atomically(out / f"{name}-tables{suffix}.md", (text + body).encode())
             for path in made:
                 print(f"saef reproduce: wrote {path}")
