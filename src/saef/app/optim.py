@@ -55,6 +55,7 @@ class SAEF(torch.optim.Optimizer):
         momentum: mu in [0, 1). weight_decay: >= 0.
         method: ``"saef"``, ``"ef"``, ``"ef21"`` or ``"direct"``. compressor / server_compressor: specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
+        warmup_steps: full-precision steps before the compressors take over. seed: of random compressors' draws.
         config: instead of the settings above, a whole :class:`~saef.core.ErrorFeedbackConfig` (then its
             momentum and weight decay are the optimizer's).
         transport: where the other workers are. Default: when ``torch.distributed`` is initialised, a
