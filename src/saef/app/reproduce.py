@@ -421,6 +421,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     start = time.monotonic()
     ok = run_all([r for runs in plans.values() for r in runs], runs_dir, args.jobs, args.data_dir)
+    if "baselines" in plans:  # its second phase: the other seeds at each method's chosen lr
+        from . import baselines
+
+        read = lambda d: _rows(d) if is_done(d) else None  # noqa: E731
+        more = baselines.confirm(Run.make, plans["baselines"], args.seeds or EXPERIMENTS["baselines"][1], runs_dir, read)
+        ok.update(run_all(more, runs_dir, args.jobs, args.data_dir))
+        plans["baselines"] = plans["baselines"] + more
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.setting == "mnist1d" else f"-{args.setting}"
     for name, runs in plans.items():
