@@ -380,6 +380,30 @@ def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, setting: str) -> None:
+    """The experiment's Markdown tables and figures, rebuilt from the run directories into ``out``."""
+    from ..files import write_atomically
+
+    suffix = "" if setting == "mnist1d" else f"-{setting}"
+    text = f"# {name} ({setting})\n\n"
+    if name == "baselines":
+        from . import baselines
+
+        body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
+        path = out / f"{name}-tables{suffix}.md"
+        text += body
+    else:
+        if name == "table1":
+            text += "Best test top-1 accuracy (%) up to the first learning-rate decay, mean ± std over seeds.\n\n"
+            text += table1_markdown(runs, runs_dir) + "\n\n"
+        text += summary_markdown(runs, runs_dir) + "\n"
+        made, path = figures(name, runs, runs_dir, out), out / f"{name}{suffix}.md"
+    write_atomically(path, text.encode())
+    for figure in made:
+        print(f"saef reproduce: wrote {figure}")
+    print(f"saef reproduce: wrote {path}")
+
+
 def _libsvm_file(given: Optional[str]) -> Optional[str]:
     """The a9a file of the baselines study: the one given (which must exist), else the default if it exists."""
     if given is not None:
@@ -394,8 +418,6 @@ def _libsvm_file(given: Optional[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
-
-    from ..files import write_atomically
 
     parser = argparse.ArgumentParser(prog="saef reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiments", nargs="+", choices=sorted(EXPERIMENTS))
@@ -429,26 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ok.update(run_all(more, runs_dir, args.jobs, args.data_dir))
         plans["baselines"] = plans["baselines"] + more
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.setting == "mnist1d" else f"-{args.setting}"
     for name, runs in plans.items():
-        text = f"# {name} ({args.setting})\n\n"
-        if name == "baselines":
-            from . import baselines
-
-            body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
-            write_atomically(out / f"{name}-tables{suffix}.md", (text + body).encode())
-            for path in made:
-                print(f"saef reproduce: wrote {path}")
-            print(f"saef reproduce: wrote {out / (name + '-tables' + suffix + '.md')}")
-            continue
-        if name == "table1":
-            text += "Best test top-1 accuracy (%) up to the first learning-rate decay, mean ± std over seeds.\n\n"
-            text += table1_markdown(runs, runs_dir) + "\n\n"
-        text += summary_markdown(runs, runs_dir) + "\n"
-        write_atomically(out / f"{name}{suffix}.md", text.encode())
-        for path in figures(name, runs, runs_dir, out):
-            print(f"saef reproduce: wrote {path}")
-        print(f"saef reproduce: wrote {out / (name + suffix + '.md')}")
+        _write_results(name, runs, runs_dir, out, args.setting)
     failed = [r.name for r, good in ok.items() if not good]
     print(f"saef reproduce: {len(ok) - len(failed)}/{len(ok)} runs finished in {(time.monotonic() - start) / 60:.1f} min")
     if failed:
