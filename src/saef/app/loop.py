@@ -142,7 +142,7 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
         raise ValueError(f"batch_size = {config.batch_size} is larger than the training set ({len(data.train)} samples)")
     if isinstance(data.train, DatasetSplit) and data.augment is None:
         same = data.test is data.train
-        data.train, data.val = data.train.to(device), data.val and data.val.to(device)
+        data.train, data.val = data.train.to(device), None if data.val is None else data.val.to(device)
         data.test = data.train if same else data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(device)
