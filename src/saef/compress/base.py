@@ -56,7 +56,7 @@ from torch import Tensor
 
 Payload = Tuple[Tensor, ...]
 
-__all__ = ["Layout", "Compressor", "Context", "SERVER", "Identity", "Payload", "payload_bits", "mean_of_rows"]
+__all__ = ["Layout", "Compressor", "DecodesInPlace", "Context", "SERVER", "Identity", "kept_count", "Payload", "payload_bits", "mean_of_rows"]
 
 
 def mean_of_rows(rows: Tensor) -> Tensor:
@@ -206,6 +206,7 @@ class Compressor:
     name: str = "compressor"
     random: bool = False  # whether it draws randomness (then its row methods take ``generators``)
     stateful: bool = False  # whether it keeps state per sender (:meth:`state_sizes`)
+    unbiased: bool = False  # whether E C(v) = v (then it has no delta: it is for method="direct")
     sends_floats: bool = True  # whether its payload holds floating-point values (a :bf16/:fp16 suffix applies)
 
     # --- row API: V is (W, d), one row per worker -------------------------------------------------
@@ -221,7 +222,10 @@ class Compressor:
         return self.decode_rows(self.encode_rows(rows, **draws), rows.shape[1])
 
     def delta(self, d: int) -> float:
-        """The delta of Assumption 4 this compressor guarantees on a tensor of ``d`` elements."""
+        """The delta of Assumption 4 this compressor guarantees on a tensor of ``d`` elements (an unbiased
+        compressor has none: it is refused, naming the rule it is meant for)."""
+        if self.unbiased:
+            raise ValueError(f"{self.name} is unbiased, not contractive: it has no delta (use it with method='direct')")
         raise NotImplementedError
 
     def state_sizes(self, layout: Layout) -> List[int]:
@@ -311,6 +315,35 @@ class Compressor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def kept_count(rho: float, d: int) -> int:
+    """Entries a sparsifier keeping the fraction ``rho`` keeps of ``d``: max(1, floor(rho d)), 0 of none.
+    The tiny relative slack makes 0.3 * 10 count as 3."""
+    if d == 0:
+        return 0
+    return min(d, max(1, math.floor(rho * d * (1 + 1e-12))))
+
+
+class DecodesInPlace(Compressor):
+    """A compressor with one decoder, :meth:`_decode`, that writes (``mode="write"``), adds or subtracts
+    the payloads' values into a buffer; the four buffer-reusing layer methods all go through it (for top-k
+    only the kept entries change, so adding or subtracting needs no dense decode)."""
+
+    def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
+        raise NotImplementedError
+
+    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
+        return self._decode(payloads, layout)
+
+    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context=None) -> Tensor:
+        return self._decode(payloads, layout, out)
+
+    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
+        return self._decode(payloads, layout, target, "subtract")
+
+    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
+        return self._decode(payloads, layout, target, "add")
 
 
 class Identity(Compressor):

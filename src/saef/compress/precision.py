@@ -33,7 +33,7 @@ class Precision(Compressor):
             raise ValueError(f"{inner.name} already has a value precision")
         self.inner, self.wire, self.dtype = inner, wire, WIRE_DTYPES[wire]
         self.name = f"{inner.name}:{wire}"
-        self.random, self.stateful, self.unbiased = inner.random, inner.stateful, getattr(inner, "unbiased", False)
+        self.random, self.stateful, self.unbiased = inner.random, inner.stateful, inner.unbiased
 
     # --- casting ---------------------------------------------------------------------------------------
     def _down(self, payload: Payload) -> Payload:

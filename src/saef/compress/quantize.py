@@ -80,9 +80,6 @@ class QSGD(Compressor):
         """omega with E||C(v) - v||^2 <= omega ||v||^2."""
         return min(d / self.levels**2, math.sqrt(d) / self.levels)
 
-    def delta(self, d: int) -> float:
-        raise ValueError(f"{self.name} is unbiased, not contractive: it has no delta (use it with method='direct')")
-
 
 _SMALLEST = 2.0**-126  # the smallest power of two the 8-bit exponent writes (code 1); code 0 is zero
 _LARGEST_CODE = 254  # 2^127: larger magnitudes are clamped to it
@@ -123,6 +120,3 @@ class Natural(Compressor):
 
     def variance(self, d: int) -> float:
         return 1.0 / 8
-
-    def delta(self, d: int) -> float:
-        raise ValueError(f"{self.name} is unbiased, not contractive: it has no delta (use it with method='direct')")

@@ -8,13 +8,12 @@ are: E||C(v) - v||^2 = (1 - k/d) ||v||^2, contractive in expectation, for ef/sae
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from .base import Compressor, Payload
+from .base import Compressor, Payload, kept_count
 
 __all__ = ["RandK"]
 
@@ -55,10 +54,8 @@ class RandK(Compressor):
         self.name = f"randk:{rho:g}" + (":unbiased" if unbiased else "")
 
     def k(self, d: int) -> int:
-        """Entries kept of ``d`` (as top-k counts them)."""
-        if d == 0:
-            return 0
-        return min(d, max(1, math.floor(self.rho * d * (1 + 1e-12))))
+        """Entries kept of ``d``, as top-k counts them (:func:`~saef.compress.base.kept_count`)."""
+        return kept_count(self.rho, d)
 
     def indices(self, d: int, generators: Optional[List[Optional[torch.Generator]]], rows: int, device) -> Tensor:
         """The ``(rows, k)`` kept indices: the first k of a random permutation per row, from that row's
@@ -97,5 +94,5 @@ class RandK(Compressor):
     def delta(self, d: int) -> float:
         """k / d, in expectation (biased form); the unbiased form is not contractive."""
         if self.unbiased:
-            raise ValueError(f"{self.name} is unbiased, not contractive: it has no delta (use it with method='direct')")
+            return super().delta(d)
         return self.k(d) / d if d else 1.0

@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Compressor, Layout, Payload, mean_of_rows
+from .base import DecodesInPlace, Layout, Payload, mean_of_rows
 from .kernels import (
     KernelSet,
     NativeLayers,
@@ -31,7 +31,7 @@ from .kernels import (
 __all__ = ["ScaledSign"]
 
 
-class ScaledSign(Compressor):
+class ScaledSign(DecodesInPlace):
     """Scaled sign: C(v) = (||v||_1 / d) * sign(v) with sign(0) := +1 so that every sign is one bit.
 
     Payload per row: the signs packed 8 per byte (uint8) and one scale in the dtype of ``v``.
@@ -73,18 +73,6 @@ class ScaledSign(Compressor):
 
     def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
         return _KERNELS(payloads[0][1]).decode(payloads, layout, out, mode)
-
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
-        return self._decode(payloads, layout)
-
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context=None) -> Tensor:
-        return self._decode(payloads, layout, out)
-
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
-        return self._decode(payloads, layout, target, "subtract")
-
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
-        return self._decode(payloads, layout, target, "add")
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         """The rows decoded with their scales divided by W and added in row order, in buffers kept by

@@ -7,7 +7,6 @@ numpy or torch) are in :mod:`saef.compress.kernels`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, List, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Compressor, Layout, Payload, mean_of_rows
+from .base import DecodesInPlace, Layout, Payload, kept_count, mean_of_rows
 from .kernels import (
     KernelSet,
     NativeLayers,
@@ -44,7 +43,7 @@ __all__ = ["TopK"]
 _NUMPY_INDICES_MIN = 1 << 12
 
 
-class TopK(Compressor):
+class TopK(DecodesInPlace):
     """Top-k sparsification: keep the k = max(1, floor(rho * d)) entries of largest magnitude.
 
     Payload per row: the k kept values (dtype of ``v``) and their indices, each written in
@@ -67,10 +66,8 @@ class TopK(Compressor):
         self.name = f"topk:{rho:g}"
 
     def k(self, d: int) -> int:
-        """Number of entries kept of ``d``. The tiny relative slack makes 0.3 * 10 count as 3."""
-        if d == 0:
-            return 0
-        return min(d, max(1, math.floor(self.rho * d * (1 + 1e-12))))
+        """Number of entries kept of ``d`` (:func:`~saef.compress.base.kept_count`)."""
+        return kept_count(self.rho, d)
 
     def encode_rows(self, rows: Tensor) -> Payload:
         return _KERNELS(rows).encode_rows(self, rows)
@@ -108,20 +105,6 @@ class TopK(Compressor):
 
     def _decode(self, payloads: Sequence[Payload], layout: Layout, out: Tensor = None, mode: str = "write") -> Tensor:
         return _KERNELS(payloads[0][0]).decode(self, payloads, layout, out, mode)
-
-    def decode_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
-        return self._decode(payloads, layout)
-
-    def decode_layers_into(self, payloads: Sequence[Payload], layout: Layout, out: Tensor, context=None) -> Tensor:
-        return self._decode(payloads, layout, out)
-
-    def subtract_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
-        """Only the kept entries change (t + (-v) is t - v exactly): no dense decode."""
-        return self._decode(payloads, layout, target, "subtract")
-
-    def add_decoded(self, payloads: Sequence[Payload], layout: Layout, target: Tensor, context=None) -> Tensor:
-        """Only the kept entries change: no dense decode."""
-        return self._decode(payloads, layout, target, "add")
 
     def decode_mean_layers(self, payloads: Sequence[Payload], layout: Layout, context=None) -> Tensor:
         """The rows' kept values added into one dense row, divided by W: no ``(W, P)`` buffer. Equal to
