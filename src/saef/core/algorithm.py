@@ -168,7 +168,7 @@ class ErrorFeedback:
         """
         pairs = self._gradient_pairs(grads)
         lr = self.per_layer(lr, "lr")
-        if any(v < 0 for v in set(lr.values)):
+        if any(v < 0 for _, v in lr.runs):  # (one run per distinct stretch: no pass over every layer)
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
         rule = self.warmup_rule if self.in_warmup(state) else self.rule
         plan = rule.plan
