@@ -20,12 +20,13 @@ seeds at each method's chosen lr (run after the first phase has finished).
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .plots import save_figure, traffic_bits
 
 __all__ = ["plan", "confirm", "select", "report"]
 
@@ -130,8 +131,10 @@ def select(runs: Sequence, runs_dir: Path, read_rows) -> Dict[tuple, dict]:
     return chosen
 
 
-def _megabytes(row: dict, keys=("bits_up", "bits_down", "bits_averaging")) -> float:
-    return sum(row[k] or 0 for k in keys) / 8e6
+def _megabytes(row: dict, uplink_only: bool = False) -> float:
+    """Traffic per worker so far in MB: everything sent and received (:func:`saef.app.plots.traffic_bits`),
+    or the uplink only."""
+    return (row["bits_up"] if uplink_only else traffic_bits(row) or 0.0) / 8e6
 
 
 def _at_budget(rows: List[dict], budget_mb: float) -> float:
@@ -180,7 +183,7 @@ def a9a_markdown(chosen: Dict[tuple, dict]) -> str:
             continue
         norms = [rows[-1]["grad_norm_sq"] for rows in seeds]
         lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {np.mean(norms):.3e} "
-                     f"| {np.mean([rows[-1]['test_loss'] for rows in seeds]):.5f} | {_megabytes(seeds[0][-1], ('bits_up',)):.4f} | {len(seeds)} |")
+                     f"| {np.mean([rows[-1]['test_loss'] for rows in seeds]):.5f} | {_megabytes(seeds[0][-1], uplink_only=True):.4f} | {len(seeds)} |")
     return "\n".join(lines)
 
 
@@ -189,8 +192,6 @@ def _figure(panels, path: Path, title: str) -> Path:
     """``panels``: (axis title, x label, y label, log-x, log-y, [(label, xs per seed, ys per seed)])."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ..files import write_atomically
 
     fig = Figure(figsize=(6 * len(panels), 4.5), dpi=110)
     FigureCanvasAgg(fig)
@@ -211,10 +212,7 @@ def _figure(panels, path: Path, title: str) -> Path:
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
-    return path
+    return save_figure(fig, path, dpi=None)
 
 
 def figures(chosen: Dict[tuple, dict], out: Path) -> List[Path]:
@@ -239,7 +237,7 @@ def figures(chosen: Dict[tuple, dict], out: Path) -> List[Path]:
             continue
         curves_step = [(f"{_label(v['config'])}, lr {v['lr']:g}", [[r["step"] for r in rows] for rows in v["seeds"]],
                         [[r["grad_norm_sq"] for r in rows] for rows in v["seeds"]]) for v in group]
-        curves_bits = [(label, [[8 * _megabytes(r, ("bits_up",)) * 1e6 for r in rows] for rows in v["seeds"]], ys)
+        curves_bits = [(label, [[8 * _megabytes(r, uplink_only=True) * 1e6 for r in rows] for rows in v["seeds"]], ys)
                        for (label, _, ys), v in zip(curves_step, group)]
         made.append(_figure([("‖∇f(x)‖² against steps", "step", "‖∇f(x)‖², log", False, True, curves_step),
                              ("‖∇f(x)‖² against uplink bits", "bits sent per worker, log", "‖∇f(x)‖², log", True, True, curves_bits)],

@@ -150,7 +150,7 @@ def _finite(value: object) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def _bits(row: Row) -> Optional[float]:
+def traffic_bits(row: Row) -> Optional[float]:
     """Bits one worker sent and received so far, error averaging included; None if not recorded."""
     up, down = _finite(row.get("bits_up")), _finite(row.get("bits_down"))
     if up is None or down is None:
@@ -168,7 +168,7 @@ def _series(runs: Sequence[Sequence[Row]], key: str, x: str = "epoch", scale: fl
     for rows in runs:
         points = {}
         for row in rows:
-            xv = float(row["epoch"]) if x == "epoch" else _bits(row)
+            xv = float(row["epoch"]) if x == "epoch" else traffic_bits(row)
             yv = _finite(row.get(key))
             if xv is not None and yv is not None:
                 points[row["epoch"]] = (xv, yv * scale)
@@ -331,19 +331,19 @@ def runs_figure(run_dirs: Sequence[PathLike], labels: Optional[Sequence[str]] = 
     return fig
 
 
-def _save_atomically(fig: Figure, out_png: PathLike) -> Path:
-    """Save ``fig`` as PNG at ``out_png``, whole or not at all."""
-    return write_atomically(out_png, lambda handle: fig.savefig(handle, format="png", dpi=DPI), make_parent=True)
+def save_figure(fig: Figure, out_png: PathLike, dpi: Optional[float] = DPI) -> Path:
+    """Save ``fig`` as PNG at ``out_png``, whole or not at all (``dpi=None``: the figure's own)."""
+    return write_atomically(out_png, lambda handle: fig.savefig(handle, format="png", dpi=dpi or fig.dpi), make_parent=True)
 
 
 def plot_run(run_dir: PathLike, out_png: Optional[PathLike] = None) -> Path:
     """Draw one run's curves (see :func:`run_figure`) to ``out_png`` (default ``run_dir/curves.png``)."""
     out = Path(out_png) if out_png is not None else Path(run_dir) / "curves.png"
-    return _save_atomically(run_figure(run_dir), out)
+    return save_figure(run_figure(run_dir), out)
 
 
 def plot_runs(run_dirs: Sequence[PathLike], out_png: PathLike, labels: Optional[Sequence[str]] = None) -> Path:
     """Overlay several runs (see :func:`runs_figure`) and write the PNG to ``out_png``; returns its path."""
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run directory")
-    return _save_atomically(runs_figure(run_dirs, labels), out_png)
+    return save_figure(runs_figure(run_dirs, labels), out_png)

@@ -313,9 +313,7 @@ def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .plots import run_label
-    from ..files import write_atomically
-    import io
+    from .plots import run_label, save_figure
 
     fig = Figure(figsize=(12, 4.2), dpi=120)
     FigureCanvasAgg(fig)
@@ -350,16 +348,13 @@ def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
     axes[2].legend(fontsize=6)
     fig.suptitle("Gradient mismatch over training (epoch means; shaded: min-max over seeds)", fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
-    return path
+    return save_figure(fig, path, dpi=None)
 
 
 def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
     """Per configuration, over seeds: final and best test accuracy at x, final at x~, final train loss,
     and the bits one worker sent and received."""
-    from .plots import run_label
+    from .plots import run_label, traffic_bits
 
     groups: Dict[str, List[List[dict]]] = {}
     for run in runs:
@@ -374,7 +369,7 @@ def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
         best = [max(r["test_acc"] for r in rows) for rows in seeds]
         aux = [rows[-1]["test_acc_aux"] for rows in seeds if rows[-1]["test_acc_aux"] is not None]
         loss = np.array([rows[-1]["train_loss"] for rows in seeds])
-        megabytes = (seeds[0][-1]["bits_up"] + seeds[0][-1]["bits_down"] + seeds[0][-1]["bits_averaging"]) / 8e6
+        megabytes = traffic_bits(seeds[0][-1]) / 8e6
         lines.append(f"| {label} | {len(seeds)} | {_mean_std(final)} | {_mean_std(best)} | {_mean_std(aux) if aux else '–'} "
                      f"| {loss.mean():.4f} | {megabytes:.2f} |")
     return "\n".join(lines)
