@@ -199,10 +199,8 @@ class SAEF(torch.optim.Optimizer):
         back after the step: no momentum, no weight decay, no error change for them."""
         kept = []
         for i in layers:
-            s = self.algorithm.layout.slices[i]
             for name, tensor in (("x", self.x), *self.ef_state.tensors.items()):
-                # a compressor's state (PowerSGD's Q) lies on its own axis: the layer's part of it
-                part = self.algorithm.state_slices[name[: -len("_state")]][i] if name.endswith("_state") else s
+                part = self.algorithm.layer_columns(name, i)  # (a compressor's state has an axis of its own)
                 kept.append((tensor[..., part], tensor[..., part].clone()))
         return kept
 

@@ -116,6 +116,14 @@ class ErrorFeedback:
                 state.tensors[f"{name}_state"] = rows if name == "uplink" else rows[0]
         return state
 
+    def layer_columns(self, name: str, i: int) -> slice:
+        """Where layer i lies on the last axis of the state tensor ``name`` (or of x): the flat parameter
+        axis, except for a compressor's own state (``uplink_state``, ``downlink_state``), which has its own."""
+        direction = name[: -len("_state")]
+        if direction in self.state_slices and name.endswith("_state"):
+            return self.state_slices[direction][self.layout.ids[i]]
+        return self.layout.slices[i]
+
     def contexts(self, state: ErrorFeedbackState):
         """The uplink's and the downlink's :class:`~saef.compress.Context` of this step."""
         seed, t, tensors = self.config.seed, state.step, state.tensors

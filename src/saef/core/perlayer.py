@@ -63,9 +63,7 @@ class PerLayer:
 
     def pieces(self, columns: slice) -> List[Tuple[slice, float]]:
         """The runs that meet the stretch ``columns`` of the flat axis, as slices relative to it."""
-        if self.uniform:
-            return [(slice(None), self.runs[0][1])]
-        if columns == slice(None):
+        if self.uniform or columns == slice(None):
             return self.runs
         out = []
         for s, v in self.runs:
