@@ -12,6 +12,19 @@ CASES += list(itertools.product(("ef21", "direct"), ("sign", "topk:0.1"), (False
 CASES += [("saef", "powersgd:2", True, None, "sharded"), ("direct", "qsgd:4", True, None, "rank0"),
           ("ef21", "randk:0.25", False, None, "sharded"), ("ef", "topk:0.1:bf16", True, 2, "rank0")]
 
+# Adam's compressed momentum (1-bit Adam with ef, SAEF-Adam with saef), its warm-up ending at step 4
+CASES += [("ef", "sign", True, None, "sharded", "adam"), ("saef", "sign", True, 2, "rank0", "adam"),
+          ("saef", "topk:0.1", False, None, "sharded", "adam"), ("direct", "topk:0.1", True, None, "rank0", "adam")]
+ADAM = {"optimizer": "adam", "betas": (0.9, 0.99), "eps": 1e-3, "warmup_steps": 4}
+
+
+def algorithm_settings(case):
+    """The algorithm's keyword settings of a case: (method, compressor, double_way, average_every, server[, "adam"])."""
+    method, compressor, double_way, average_every = case[:4]
+    optimizer = ADAM if case[5:] == ("adam",) else {"momentum": 0.9}
+    return dict(method=method, compressor=compressor, double_way=double_way, average_every=average_every,
+                weight_decay=1e-3, **optimizer)
+
 
 def tiny_model():
     torch.manual_seed(0)

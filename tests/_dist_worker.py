@@ -9,7 +9,7 @@ import torch.distributed as dist
 from saef.backends.distributed import DistributedWorker, init_distributed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _dist_cases import CASES, STEPS, batch, shard, tiny_model  # noqa: E402
+from _dist_cases import CASES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
 
@@ -20,9 +20,7 @@ def wire(worker):
 
 
 def run_case(case, world):
-    method, compressor, double_way, average_every, server = case
-    worker = DistributedWorker(tiny_model(), method=method, compressor=compressor, momentum=0.9, weight_decay=1e-3,
-                               double_way=double_way, average_every=average_every, server=server)
+    worker = DistributedWorker(tiny_model(), server=case[4], **algorithm_settings(case))
     wire_errors = []
     for step in range(STEPS):
         before_bits, before_wire = dict(worker.bits), wire(worker)

@@ -17,8 +17,21 @@ COMPRESSOR_CASES = [("saef", "randk:0.3", True, 2, "sharded"), ("direct", "randk
                     ("direct", "qsgd:4", True, None, "sharded"), ("direct", "natural", True, None, "rank0"),
                     ("saef", "powersgd:1", True, None, "sharded"), ("ef21", "powersgd:2", True, None, "rank0"),
                     ("ef", "topk:0.25:bf16", True, None, "sharded"), ("saef", "qsgd:2:fp16", False, None, "sharded")]
-CASES = RULE_CASES + ALLREDUCE_CASES + COMPRESSOR_CASES
+# Adam's compressed momentum: each rule it is defined with, one- and two-way, both servers, and lossless (plain Adam)
+ADAM_CASES = [("ef", "sign", True, None, "sharded", "adam"), ("saef", "sign", True, 2, "rank0", "adam"),
+              ("saef", "topk:0.25", False, 2, "sharded", "adam"), ("direct", "topk:0.25", True, None, "rank0", "adam"),
+              ("saef", "identity", False, None, "allreduce", "adam")]
+CASES = RULE_CASES + ALLREDUCE_CASES + COMPRESSOR_CASES + ADAM_CASES
 SEED = 7  # of the random compressors' draws
+ADAM = {"optimizer": "adam", "betas": (0.9, 0.99), "eps": 1e-3, "warmup_steps": 3}
+
+
+def algorithm_settings(case):
+    """The algorithm's keyword settings of a case: (method, compressor, double_way, average_every, server[, "adam"])."""
+    method, compressor, double_way, average_every = case[:4]
+    optimizer = ADAM if case[5:] == ("adam",) else {"momentum": 0.9}
+    return dict(method=method, compressor=compressor, double_way=double_way, average_every=average_every,
+                weight_decay=1e-3, seed=SEED, **optimizer)
 
 
 def start():

@@ -7,16 +7,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _transport_cases import CASES, SEED, SHAPES, STEPS, gradient, start  # noqa: E402
+from _transport_cases import CASES, SHAPES, STEPS, algorithm_settings, gradient, start  # noqa: E402
 
 from saef import ErrorFeedback, ErrorFeedbackConfig  # noqa: E402
 from saef.backends.distributed import DistributedTransport, init_distributed  # noqa: E402
 
 
 def run(case, rank):
-    method, compressor, double_way, average_every, server = case
-    config = ErrorFeedbackConfig(method=method, compressor=compressor, momentum=0.9, weight_decay=1e-3,
-                                 double_way=double_way, average_every=average_every, seed=SEED)
+    server = case[4]
+    config = ErrorFeedbackConfig(**algorithm_settings(case))
     x = start()
     transport = DistributedTransport([t.numel() for t in (torch.empty(s) for s in SHAPES)], server, dtype=x.dtype)
     algorithm = ErrorFeedback(SHAPES, config, transport)

@@ -48,7 +48,7 @@ def assert_identical(a, b):
     sa, sb = final_state(a), final_state(b)
     assert torch.equal(sa["x"], sb["x"])
     tensors_a, tensors_b = sa["algorithm"]["tensors"], sb["algorithm"]["tensors"]
-    assert tensors_a.keys() == tensors_b.keys() and "worker_momentum" in tensors_a
+    assert tensors_a.keys() == tensors_b.keys() and {"worker_momentum", "momentum"} & set(tensors_a)  # (sgd's, adam's)
     for key in tensors_a:
         assert torch.equal(tensors_a[key], tensors_b[key]), key
     assert sa["ledger"] == sb["ledger"]
@@ -99,15 +99,17 @@ def test_every_rule_resumes_bit_identically(tmp_path, method):
 
 
 # random draws (rand-k), a compressor with state (PowerSGD's Q, worker and server) killed inside the warm-up,
-# and stochastic rounding with 16-bit values
+# stochastic rounding with 16-bit values, and SAEF-Adam (m, v, its step size) killed inside and after its warm-up
+SAEF_ADAM = ["--optimizer", "adam", "--lr", "0.003", "--eps", "1e-3", "--compressor", "sign", "--average-every", "3",
+             "--warmup-steps", "20"]
 COMPRESSOR_RUNS = [(["--compressor", "randk:0.1"], 27), (["--compressor", "powersgd:2", "--warmup-steps", "20"], 10),
-                   (["--compressor", "qsgd:4:fp16", "--method", "direct"], 27)]
+                   (["--compressor", "qsgd:4:fp16", "--method", "direct"], 27), (SAEF_ADAM, 10), (SAEF_ADAM, 27)]
 
 
 @pytest.mark.parametrize("extra, step", COMPRESSOR_RUNS, ids=lambda v: "-".join(a.strip("-") for a in v) if isinstance(v, list) else str(v))
 def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra, step):
     """SIGKILL, then --resume, ends with the records (the phase column included), parameters, every state
-    tensor (PowerSGD's Q of the workers and the server) and bit counts of an uninterrupted run: the draws
+    tensor (PowerSGD's Q of the workers and the server; Adam's m, v and step size) and bit counts of an uninterrupted run: the draws
     come from (seed, step, layer, sender), and the compressor's state is checkpointed."""
     run = [a for a in RUN if a not in ("--average-every", "3", "--compressor", "topk:0.1")] + extra
     reference, out = tmp_path / "reference", tmp_path / "run"
@@ -116,6 +118,8 @@ def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra,
     resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
     assert resumed.returncode == 0, resumed.stderr
     assert_identical(reference, out)
+    if "adam" in extra:
+        assert {"momentum", "second_moment", "step_size", "worker_error"} <= set(final_state(out)["algorithm"]["tensors"])
     if "powersgd:2" in extra:
         assert {"uplink_state", "downlink_state"} <= set(final_state(out)["algorithm"]["tensors"])
         assert [r["phase"] for r in records(out)] == ["warmup", "warmup+compressed", "compressed", "compressed"]  # 16 steps an epoch

@@ -71,6 +71,12 @@ BAD = [
     (["--method", "adam"], "method"),
     (["--method", "sgd", "--compressor", "sign"], "compressor"),
     (["--lr", "abc"], "--lr"),
+    (["--optimizer", "adam", "--betas", "0.9,1.5"], "betas must be two numbers in [0, 1)"),
+    (["--optimizer", "adam", "--betas", "0.9,x"], "--betas"),
+    (["--optimizer", "adam", "--eps", "0"], "eps must be a finite number > 0"),
+    (["--optimizer", "adam", "--method", "ef21"], "method 'ef21' is defined with the optimizers sgd"),
+    (["--eps", "1e-6"], "eps=1e-06 is Adam's"),
+    (["--optimizer", "lamb"], "optimizer must be one of sgd, adam"),
 ]
 
 
@@ -94,6 +100,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, needle):
         ('compressor = "topk:2"\n', "rho"),
         ('batch_size = 30\nworkers = 4\n', "batch_size"),
         ('lr = [\n', "not valid TOML"),
+        ('optimizer = "adam"\nbetas = ["a", "b"]\n', "betas must be a list of numbers"),
     ],
 )
 def test_bad_config_file_exits_2(tmp_path, capsys, toml, needle):
@@ -115,6 +122,21 @@ def test_flags_override_config_file(tmp_path):
     assert main(["train", "--config", str(path), "--epochs", "1", "--quiet", "--output", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 1 and config["lr_milestones"] == [1] and config["average_every"] is None
+
+
+def test_adam_settings_reach_the_algorithm_from_toml_and_flags(tmp_path):
+    """optimizer, betas and eps in a TOML file (betas overridden by a flag) make the run's algorithm Adam
+    with those settings (its state holds m and v), and the records name them."""
+    path = tmp_path / "run.toml"
+    path.write_text('optimizer = "adam"\nbetas = [0.8, 0.99]\neps = 1e-4\nlr = 0.003\nwarmup_steps = 5\ncompressor = "sign"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), *FAST, "--epochs", "1", "--betas", "0.85,0.995", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["optimizer"], config["betas"], config["eps"]) == ("adam", [0.85, 0.995], 1e-4)
+    from saef.app.config import TrainConfig
+    algorithm = TrainConfig(**{k: v for k, v in config.items()}).algorithm()
+    assert (algorithm.optimizer, algorithm.betas, algorithm.eps, algorithm.momentum) == ("adam", (0.85, 0.995), 1e-4, 0.0)
+    assert json.loads((out / "summary.json").read_text())["final_test_acc"] > 0
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):

@@ -31,8 +31,13 @@ HELP = {
     "double_way": "compress what the server sends back (--single-way: send the dense average)",
     "average_every": "error-averaging period p in steps, or 'never' (ef and saef only)",
     "warmup_steps": "the first N steps exchange dense fp32 values both ways (counted), then the compressors take over",
-    "momentum": "momentum mu in [0, 1)",
-    "weight_decay": "weight decay",
+    "optimizer": "the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam: 1-bit Adam with ef, "
+                 "SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
+                 "optimizer's full-precision baseline",
+    "momentum": "momentum mu in [0, 1) (optimizer sgd)",
+    "betas": "optimizer adam: b1,b2, each in [0, 1) (default 0.9,0.999)",
+    "eps": "optimizer adam: eps > 0 added to sqrt(v) (default 1e-8)",
+    "weight_decay": "weight decay (sgd: added to the gradient; adam: decoupled, x <- x - lr wd x)",
     "lr": "learning rate",
     "lr_milestones": "comma-separated epochs after which the lr is multiplied by --lr-decay",
     "lr_decay": "learning-rate decay factor at each milestone",
@@ -74,6 +79,13 @@ def _average_every(text: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'never', got {text!r}") from None
 
 
+def _numbers(text: str) -> List[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _milestones(text: str) -> List[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -101,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         if field.type == "bool":  # an on/off switch (default off)
             train.add_argument(flag, action="store_const", const=True, default=None, help=HELP[field.name])
             continue
-        kind = {"int": int, "float": float, "Optional[int]": int, "List[int]": _milestones}.get(field.type, str)
+        kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float, "List[int]": _milestones,
+                "Optional[List[float]]": _numbers}.get(field.type, str)
         if field.name == "average_every":
             kind = _average_every
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()

@@ -38,7 +38,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume
 
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
-ERROR_STATE_KEYS = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps")
+ERROR_STATE_KEYS = ("workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps")
 FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed", "backend")
 
 
@@ -57,13 +57,16 @@ class TrainConfig:
     """Everything that defines a training run (see ``saef train --help`` for each key)."""
 
     method: str = "saef"  # sgd (full-precision baseline), or a feedback rule: ef, saef, ef21, direct
+    optimizer: str = "sgd"  # the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam)
     compressor: Optional[str] = None  # identity | sign | topk:RHO | randk:RHO[:unbiased] | qsgd:S | natural | powersgd:R, [:bf16|:fp16]; default topk:0.01 (identity for sgd)
     server_compressor: Optional[str] = None  # the server's compressor; default: the workers'
     workers: int = 4
     double_way: bool = True
     average_every: Optional[int] = None  # error-averaging period p; None = never
     warmup_steps: int = 0  # the first N steps exchange dense fp32 values, then the compressors take over
-    momentum: float = 0.9
+    momentum: float = 0.9  # optimizer sgd only
+    betas: Optional[List[float]] = None  # optimizer adam: b1, b2 (default 0.9, 0.999)
+    eps: Optional[float] = None  # optimizer adam (default 1e-8)
     weight_decay: float = 0.0
     lr: float = 0.1
     lr_milestones: List[int] = field(default_factory=lambda: [20])  # epochs after which lr is multiplied by lr_decay
@@ -152,9 +155,13 @@ class TrainConfig:
         """The algorithm this run trains with, resolved once: ``sgd`` is EF with the identity compressor,
         single-way and without error averaging (exactly momentum SGD)."""
         sgd = self.method == "sgd"
+        adam = self.optimizer == "adam"
         return ErrorFeedbackConfig(
             method="ef" if sgd else self.method,
-            momentum=self.momentum,
+            optimizer=self.optimizer,
+            momentum=0.0 if adam else self.momentum,  # (Adam's momentum is b1)
+            betas=None if self.betas is None else tuple(self.betas),
+            eps=self.eps,
             weight_decay=self.weight_decay,
             compressor=self.worker_compressor,
             server_compressor=self.server_compressor,
@@ -168,7 +175,8 @@ class TrainConfig:
     def description(self) -> str:
         """The method as the summary prints it, e.g. ``saef (topk:0.01, double-way, K=4)``."""
         way = "double" if self.algorithm().double_way else "single"
-        return f"{self.method} ({self.worker_compressor}, {way}-way, K={self.workers})"
+        optimizer = f"{self.optimizer}, " if self.optimizer != "sgd" else ""
+        return f"{self.method} ({optimizer}{self.worker_compressor}, {way}-way, K={self.workers})"
 
     def lr_at_epoch(self, epoch: int) -> float:
         """Learning rate during 0-based ``epoch``: lr * lr_decay^(milestones passed)."""
@@ -209,13 +217,15 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         "bool": lambda v: isinstance(v, bool),
         "List[int]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+        "List[float]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in v),
     }[base](value)
     if not ok:
         raise ConfigError(f"{key} must be {_describe(base)}, got {value!r} ({type(value).__name__})")
 
 
 def _describe(base: str) -> str:
-    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "List[int]": "a list of integers"}[base]
+    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "List[int]": "a list of integers",
+            "List[float]": "a list of numbers"}[base]
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
@@ -249,6 +259,8 @@ def _never_as_none(values: Dict[str, Any]) -> Dict[str, Any]:
 
 def default_output(config: TrainConfig, stamp: str) -> Path:
     name = f"{config.dataset}-{config.model}-{config.method}-{config.worker_compressor.replace(':', '')}-K{config.workers}"
+    if config.optimizer != "sgd":
+        name += f"-{config.optimizer}"
     if config.method != "sgd":
         name += "-DC" if config.double_way else "-SC"
     if config.average_every is not None:

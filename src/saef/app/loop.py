@@ -240,7 +240,9 @@ def _state_config(config: TrainConfig, data: Data) -> Dict[str, Any]:
     d = config.to_dict()
     keys = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps", "model", "dataset",
             "dataset_size", "data_file", "test_file", "holdout", "full_batch", "batch_size", "seed")
-    return {**{k: d[k] for k in keys}, "data sha256": data.digest}
+    # the optimizer named only when it is not the original one, so checkpoints from before it existed still match
+    optimizer = {"optimizer": d["optimizer"]} if d["optimizer"] != "sgd" else {}
+    return {**{k: d[k] for k in keys}, **optimizer, "data sha256": data.digest}
 
 
 def _save_checkpoint(run: Run) -> None:

@@ -19,20 +19,35 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..backends.registry import optimizer_transport
 from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, check_dense, flatten, write_flat
-from ..core.config import check_momentum, check_weight_decay
+from ..core.config import check_betas, check_eps, check_momentum, check_weight_decay
+from ..core.local import optimizer_class
 
 __all__ = ["SAEF"]
 
 
+def _float(check):
+    return lambda value: float(check(value))
+
+
+# How each per-group setting is checked (and made hashable, to see whether the groups agree).
+_CHECKS = {"momentum": _float(check_momentum), "weight_decay": _float(check_weight_decay), "betas": check_betas,
+           "eps": _float(check_eps)}
+
+
+def _settings_of(config: ErrorFeedbackConfig):
+    """The per-group settings of the config's local optimizer, in the order its ``set`` takes them."""
+    return optimizer_class(config.optimizer).settings
+
+
 class SAEF(torch.optim.Optimizer):
-    r"""Momentum SGD with compressed communication and a feedback rule (SAEF by default: Algorithm 1).
+    r"""Momentum SGD (or Adam) with compressed communication and a feedback rule (SAEF by default: Algorithm 1).
 
     Update rule of SAEF/EF at step t for this worker k (per parameter tensor; C = compressor, C_s =
     server's); ``method="ef21"`` and ``"direct"`` are stated in :mod:`saef.core.rules`::
@@ -47,12 +62,22 @@ class SAEF(torch.optim.Optimizer):
     available through :meth:`evaluation_point`. With ``compressor="identity"`` every rule is exactly
     ``torch.optim.SGD``.
 
+    ``optimizer="adam"`` compresses Adam's momentum instead (1-bit Adam's scheme with ``method="ef"``,
+    SAEF-Adam with ``"saef"``; the rule is stated in :class:`saef.core.local.Adam`): no bias correction,
+    decoupled weight decay, v frozen once the compressors take over (give ``warmup_steps``); with the
+    identity compressor it is plain Adam without bias correction::
+
+        >>> opt = saef.SAEF(model.parameters(), lr=1e-3, optimizer="adam", betas=(0.9, 0.999),
+        ...                 compressor="sign", warmup_steps=100, average_every=10)
+
     Args:
         params: the parameters, or parameter groups (dicts with ``params`` and any of ``lr``, ``momentum``,
-            ``weight_decay``), as for ``torch.optim.SGD``; :meth:`add_param_group` adds one later.
-        lr: learning rate >= 0. The groups' lr, momentum and weight decay are read every step, so
-            schedulers work (and OneCycleLR's momentum cycling).
-        momentum: mu in [0, 1). weight_decay: >= 0.
+            ``weight_decay``; for Adam ``betas`` and ``eps`` instead of ``momentum``), as for ``torch.optim.SGD``;
+            :meth:`add_param_group` adds one later.
+        lr: learning rate >= 0. The groups' settings are read every step, so schedulers work (and
+            OneCycleLR's momentum cycling).
+        momentum: mu in [0, 1) (sgd). weight_decay: >= 0.
+        optimizer: ``"sgd"`` (momentum SGD) or ``"adam"``. betas, eps: Adam's (default (0.9, 0.999), 1e-8).
         method: ``"saef"``, ``"ef"``, ``"ef21"`` or ``"direct"``. compressor / server_compressor: specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
         warmup_steps: full-precision steps before the compressors take over. seed: of random compressors' draws.
@@ -71,6 +96,9 @@ class SAEF(torch.optim.Optimizer):
         momentum: Optional[float] = None,
         weight_decay: Optional[float] = None,
         *,
+        optimizer: str = "sgd",
+        betas: Optional[Tuple[float, float]] = None,
+        eps: Optional[float] = None,
         config: Optional[ErrorFeedbackConfig] = None,
         transport: Optional[Transport] = None,
         server: str = "sharded",
@@ -78,13 +106,16 @@ class SAEF(torch.optim.Optimizer):
     ):
         if not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr):
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
-        given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay)) if v is not None}
+        given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay), ("betas", betas), ("eps", eps))
+                 if v is not None}
+        if optimizer != "sgd":
+            given["optimizer"] = optimizer
         config = ErrorFeedbackConfig.build(config, **given, **algorithm)
         if server == "allreduce" and not config.lossless:
             raise ValueError("server='allreduce' moves dense values both ways, so it cannot carry a compressed uplink or "
                              "downlink; use server='sharded' or 'rank0' (or the identity compressor, single-way)")
         self.algorithm = None  # built below, once torch.optim has made the groups
-        super().__init__(params, dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay))
+        super().__init__(params, dict(lr=lr, **{key: getattr(config, key) for key in _settings_of(config)}))
         params = self._params()
         self.transport = transport if transport is not None else optimizer_transport(params, server)
         if self.transport.num_local != 1:
@@ -99,8 +130,8 @@ class SAEF(torch.optim.Optimizer):
         self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
         c = config
         # what a saved state must have been made with to be loaded as it is
-        self._settings = {"method": c.method, "compressor": c.compressor.name, "double_way": c.double_way,
-                          "server_compressor": c.downlink_compressor.name}
+        self._settings = {"method": c.method, "optimizer": c.optimizer, "compressor": c.compressor.name,
+                          "double_way": c.double_way, "server_compressor": c.downlink_compressor.name}
 
     def add_param_group(self, param_group: Dict[str, object]) -> None:
         """Add a group, with its own ``lr``, ``momentum`` and ``weight_decay`` (the optimizer's where left
@@ -125,23 +156,24 @@ class SAEF(torch.optim.Optimizer):
         self._versions += [p._version for p in new]
 
     def _hyperparameters(self):
-        """This step's lr, momentum and weight decay, read from the groups (schedulers may change any of them,
-        e.g. OneCycleLR cycles the momentum) and checked: one number each when every group agrees, else one
-        per layer. The momentum and weight decay go into the local optimizer; returns the lr."""
+        """This step's lr and the local optimizer's settings (momentum and weight decay; Adam's betas, eps and
+        weight decay), read from the groups (schedulers may change any of them, e.g. OneCycleLR cycles the
+        momentum) and checked: one value each when every group agrees, else one per layer. The settings go
+        into the local optimizer; returns the lr."""
+        names = _settings_of(self.config)
         per_group = []
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
             value = float(lr) if isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool) else math.nan
             if not (value >= 0) or math.isinf(value):
                 raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r} in parameter group {i}")
-            mu, wd = check_momentum(group["momentum"]), check_weight_decay(group["weight_decay"])
-            per_group.append((value, float(mu), float(wd)))
-        if len(set(per_group)) == 1:  # the common case: one number each
-            lr, mu, wd = per_group[0]
+            per_group.append((value, *(_CHECKS[name](group[name]) for name in names)))
+        if len(set(per_group)) == 1:  # the common case: one value each
+            lr, *settings = per_group[0]
         else:
             layers = [values for values, group in zip(per_group, self.param_groups) for _ in group["params"]]
-            lr, mu, wd = (list(column) for column in zip(*layers))
-        self.algorithm.optimizer.set(mu, wd)
+            lr, *settings = (list(column) for column in zip(*layers))
+        self.algorithm.optimizer.set(*settings)
         return lr
 
     def _params(self):

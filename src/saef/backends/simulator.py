@@ -47,8 +47,8 @@ class Simulator(WorkerBase):
             on: call :meth:`load_into` to put x or x~ into a module for evaluation.
         workers: K >= 1.
         config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`); or give its settings as keywords
-            (``method``, ``compressor``, ``server_compressor``, ``momentum``, ``weight_decay``,
-            ``double_way``, ``average_every``).
+            (``method``, ``optimizer``, ``compressor``, ``server_compressor``, ``momentum`` or Adam's
+            ``betas`` and ``eps``, ``weight_decay``, ``double_way``, ``average_every``, ``warmup_steps``, ``seed``).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
         vectorize: ``"auto"`` (stacked layers or vmap, falling back to a loop with a warning), ``True``
             (stacked layers or vmap, errors are raised), ``"vmap"`` (vmap only, errors are raised) or
@@ -258,7 +258,8 @@ def simulate(
     like ``x0``). Computation is in the dtype of ``x0`` (float64 works). ``lr`` is a number or a function of
     the step index t. The algorithm is ``config`` (:class:`~saef.core.ErrorFeedbackConfig`), or its settings
     as keywords: ``method`` ("saef", "ef", "ef21", "direct"), ``compressor``, ``server_compressor``,
-    ``momentum``, ``weight_decay``, ``double_way``, ``average_every``.
+    ``optimizer`` ("sgd", "adam"), ``momentum`` (sgd) or ``betas`` and ``eps`` (adam), ``weight_decay``,
+    ``double_way``, ``average_every``, ``warmup_steps``, ``seed``.
 
     Example (two workers, each pulling towards its own target, sign compression)::
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..compress import SERVER, Context, Identity, Layout
 from .config import ErrorFeedbackConfig
-from .local import MomentumSGD
+from .local import make_optimizer
 from .perlayer import PerLayer, Scalar
 from .rules import Plan, rule_class
 from .transport import Transport
@@ -86,16 +86,16 @@ class ErrorFeedback:
         self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes)
         self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
-        self.plan = Plan(self.layout, transport, self.uplink, self.downlink)
+        self.optimizer = make_optimizer(config, self.layout)
+        self.plan = Plan(self.layout, transport, self.uplink, self.downlink, self.optimizer)
         self.rule = rule_class(config.method)(config, self.plan)
         # The full-precision warm-up: the same rule over identity compressors both ways (its errors stay
         # exactly zero), for the first config.warmup_steps steps.
-        self.warmup_rule = rule_class(config.method)(config, Plan(self.layout, transport, Identity(), Identity())) \
+        self.warmup_rule = rule_class(config.method)(config, Plan(self.layout, transport, Identity(), Identity(), self.optimizer)) \
             if config.warmup_steps else None
         # Where each layer's compressor state lies (PowerSGD's Q), by layer id; empty for stateless ones.
         self.state_slices = {name: dict(zip(self.layout.ids, Layout(c.state_sizes(self.layout)).slices))
                              for name, c in (("uplink", self.uplink), ("downlink", self.downlink))}
-        self.optimizer = MomentumSGD(self.layout, config.momentum, config.weight_decay)
         # x~ and the mismatch terms: defined by the rule, and trivial (zero) when nothing is compressed.
         self.has_diagnostics = self.rule.has_diagnostics and not config.lossless
         if config.average_every == 1 and transport.num_workers == 1:
@@ -182,7 +182,8 @@ class ErrorFeedback:
         plan = rule.plan
         plan.up, plan.down = self.contexts(state)
         direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
-        payloads = plan.uplink.encode_layers(rule.uplink(state, x, direction, lr), self.layout, **plan.uplink.context_args(plan.up))
+        sent = rule.uplink(state, x, direction, self.optimizer.scale(lr))
+        payloads = plan.uplink.encode_layers(sent, self.layout, **plan.uplink.context_args(plan.up))
         mean = self.transport.average_uplink(payloads, plan.uplink, self.layout,
                                              meanwhile=lambda: rule.settle_worker(state, payloads), context=plan.up)
         served = rule.serve(state, x, mean, lr) if plan.owned else None
@@ -219,7 +220,8 @@ class ErrorFeedback:
 
     # --- read-outs ---------------------------------------------------------------------------------
     def compression_error(self, state: ErrorFeedbackState) -> Tensor:
-        """e_s + mean_k e_k, (P,): the gap between x and the auxiliary iterate x~ (EF and SAEF)."""
+        """e_s + mean_k e_k, (P,), as a shift of the parameters (for Adam: times lr / (sqrt(v) + eps)): the
+        gap between x and the auxiliary iterate x~ (EF and SAEF)."""
         return self.rule.compression_error(state)
 
     def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
@@ -242,6 +244,6 @@ class ErrorFeedback:
         * ``mismatch_saef`` = mean_k ||e_s + mean_j e_j - e_k||^2  (bounds SAEF's mismatch, eq. 10)
         """
         total = self.compression_error(state)
-        local = (total.unsqueeze(0) - state.worker_error).square().sum()
+        local = (total.unsqueeze(0) - self.optimizer.shift(state, state.worker_error)).square().sum()
         spread = self.transport.sum_over_processes(local.reshape(1))[0] / self.transport.num_workers
         return {"mismatch_ef": float(total.square().sum()), "mismatch_saef": float(spread)}

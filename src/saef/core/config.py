@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from ..compress import Compressor, Identity, make_compressor
+from .local import available_optimizers
 from .rules.registry import available_rules, rule_class
 
-__all__ = ["ErrorFeedbackConfig", "check_momentum", "check_weight_decay"]
+__all__ = ["ErrorFeedbackConfig", "check_betas", "check_eps", "check_momentum", "check_weight_decay"]
 
 
 def check_momentum(mu):
@@ -31,8 +32,24 @@ def check_weight_decay(wd):
         raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
     return wd
 
-_FIELDS = ("method", "momentum", "weight_decay", "compressor", "server_compressor", "double_way", "average_every",
-           "warmup_steps", "seed")
+_FIELDS = ("method", "optimizer", "momentum", "betas", "eps", "weight_decay", "compressor", "server_compressor",
+           "double_way", "average_every", "warmup_steps", "seed")
+_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8}
+
+
+def check_betas(betas):
+    """(b1, b2) as floats, if both are numbers in [0, 1); else ValueError naming them."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got betas={betas!r}")
+    return (float(betas[0]), float(betas[1]))
+
+
+def check_eps(eps):
+    """eps itself, if it is a finite number > 0; else ValueError naming it."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0.0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number > 0, got eps={eps!r}")
+    return eps
 
 
 def _check_count(name: str, value, low: int = 0) -> None:
@@ -47,8 +64,12 @@ class ErrorFeedbackConfig:
     Args:
         method: the feedback rule (:mod:`saef.core.rules`): ``"saef"`` (gradient at x - e_k), ``"ef"``
             (gradient at x), ``"ef21"`` (EF21 / EF21-SGDM, EF21-P downlink) or ``"direct"`` (no feedback).
-        momentum: mu in [0, 1); 0 is plain SGD.
-        weight_decay: >= 0, added to the gradient as ``wd * z_k``.
+        optimizer: the local optimizer (:mod:`saef.core.local`): ``"sgd"`` (momentum SGD) or ``"adam"``
+            (compressed-momentum Adam without bias correction, v frozen after the warm-up; rules ef, saef
+            and direct).
+        momentum: mu in [0, 1) (sgd); 0 is plain SGD.
+        betas: Adam's (b1, b2), each in [0, 1); default (0.9, 0.999). eps: Adam's, > 0; default 1e-8.
+        weight_decay: >= 0; sgd adds ``wd * z_k`` to the gradient, adam decays x by ``lr * wd * x``.
         compressor: the workers' compressor or its spec (``"identity"``, ``"sign"``, ``"topk:RHO"``).
         server_compressor: the server's compressor in double-way mode; ``None`` = same as the workers'.
         double_way: the server compresses what it sends back; otherwise it sends the dense average.
@@ -61,7 +82,10 @@ class ErrorFeedbackConfig:
     """
 
     method: str = "saef"
+    optimizer: str = "sgd"
     momentum: float = 0.0
+    betas: Optional[Tuple[float, float]] = None
+    eps: Optional[float] = None
     weight_decay: float = 0.0
     compressor: Union[str, Compressor] = "sign"
     server_compressor: Union[str, Compressor, None] = None
@@ -77,6 +101,7 @@ class ErrorFeedbackConfig:
             raise ValueError(f"method must be one of {available_rules()}, got method={self.method!r}")
         check_momentum(self.momentum)
         check_weight_decay(self.weight_decay)
+        self._check_optimizer()
         p = self.average_every
         if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
             raise ValueError(f"average_every must be an integer >= 1 or None (never), got average_every={p!r}")
@@ -93,6 +118,23 @@ class ErrorFeedbackConfig:
                     object.__setattr__(self, key, make_compressor(spec))
                 except ValueError as error:
                     raise ValueError(f"{key} = {spec!r}: {error}") from None
+
+    def _check_optimizer(self) -> None:
+        """The optimizer's name and settings; Adam's defaults filled in, other optimizers' settings refused."""
+        if self.optimizer not in available_optimizers():
+            raise ValueError(f"optimizer must be one of {', '.join(available_optimizers())}, got optimizer={self.optimizer!r}")
+        if self.optimizer not in rule_class(self.method).optimizers:
+            raise ValueError(f"method {self.method!r} is defined with the optimizers {', '.join(rule_class(self.method).optimizers)}, "
+                             f"not optimizer={self.optimizer!r}")
+        adam = self.optimizer == "adam"
+        if adam and self.momentum:
+            raise ValueError(f"momentum={self.momentum!r} is momentum SGD's; optimizer 'adam' takes betas=(b1, b2)")
+        for key, check in (("betas", check_betas), ("eps", check_eps)):
+            value = getattr(self, key)
+            if value is not None and not adam:
+                raise ValueError(f"{key}={value!r} is Adam's; it needs optimizer='adam' (this is {self.optimizer!r})")
+            if adam:
+                object.__setattr__(self, key, check(_ADAM_DEFAULTS[key] if value is None else value))
 
     @classmethod
     def build(cls, config: Optional["ErrorFeedbackConfig"] = None, **settings) -> "ErrorFeedbackConfig":

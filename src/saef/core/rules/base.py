@@ -6,15 +6,17 @@ keeps, what the server compresses and keeps, and how the parameters move. The tr
 not know which rule runs. A rule's methods, in the order a step calls them::
 
     points(state, x)              where worker k takes its gradient, (W, P)
-    uplink(state, x, m, lr)       what each worker compresses, (W, P)
+    uplink(state, x, m, scale)    what each worker compresses, (W, P)
     settle_worker(state, sent)    the worker's state after sending (runs while the payloads travel)
     serve(state, x, mean, lr)     what the server compresses, from the mean of the workers' payloads
     settle_server(state, served, applied)   the server's state after sending C_s(served)
     apply(state, x, update, lr)   every worker applies what the server sent
     end_step(state)               after the step counter moved (e.g. error averaging)
 
-``lr`` is a :class:`~saef.core.perlayer.PerLayer` (one value, or one per layer for parameter groups): apply
-it with its ``add`` and ``multiply``. State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
+``lr`` and ``scale`` are :class:`~saef.core.perlayer.PerLayer` (one value, or one per layer for parameter
+groups): apply them with their ``add`` and ``multiply``. ``scale`` is the local optimizer's (lr for momentum
+SGD, whose server reply is a step of x; 1 for Adam, whose reply is the new momentum), and so is how x moves
+by the reply (``plan.optimizer.apply``). State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
 tensors span all P parameters. A server-side tensor that only the server updates holds the owned layers
 (zero elsewhere) where the server is sharded; one that every worker updates from what the server sends
 (EF21's g, single-way) is whole on every process.
@@ -37,9 +39,10 @@ class Plan:
     """Where a rule runs: the layers, the workers hosted here (W of K), the layers whose server work runs
     here, the two compressors, and buffers reused every step."""
 
-    def __init__(self, layout: Layout, transport, uplink: Compressor, downlink: Compressor):
+    def __init__(self, layout: Layout, transport, uplink: Compressor, downlink: Compressor, optimizer):
         self.layout = layout
         self.transport = transport
+        self.optimizer = optimizer  # the local optimizer (saef.core.local): how x moves by the server's reply
         self.uplink, self.downlink = uplink, downlink
         self.up = self.down = None  # this step's Contexts of the two compressors (set by the step)
         self.num_local, self.num_workers = transport.num_local, transport.num_workers
@@ -80,6 +83,7 @@ class FeedbackRule:
 
     name: str = "rule"
     averages_errors: bool = False  # whether average_every (error averaging) applies
+    optimizers = ("sgd", "adam")  # the local optimizers the rule is defined with
     has_diagnostics: bool = False  # whether x~ and the mismatch terms are defined
 
     def __init__(self, config, plan: Plan):
@@ -96,7 +100,9 @@ class FeedbackRule:
         points = x[columns].unsqueeze(0).expand(self.plan.num_local, -1)
         return points if out is None else out.copy_(points)
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
+        """What each worker compresses, from its direction times ``scale`` (the local optimizer's: lr for
+        momentum SGD, 1 for Adam)."""
         raise NotImplementedError
 
     def settle_worker(self, state, payloads: Sequence[Payload]) -> None:
@@ -109,7 +115,7 @@ class FeedbackRule:
         """Nothing to keep by default."""
 
     def apply(self, state, x: Tensor, update: Tensor, lr: PerLayer) -> None:
-        x -= update
+        self.plan.optimizer.apply(state, x, update, lr)  # momentum SGD: x <- x - update
 
     def end_step(self, state) -> None:
         """Nothing by default."""

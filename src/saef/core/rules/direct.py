@@ -22,5 +22,5 @@ __all__ = ["Direct"]
 class Direct(FeedbackRule):
     name = "direct"
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
-        return lr.multiply(direction, out=self.plan.buffer("direct-uplink", direction))  # lr m_k
+    def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
+        return scale.multiply(direction, out=self.plan.buffer("direct-uplink", direction))  # lr m_k (Adam: m_k)

@@ -43,9 +43,9 @@ class ErrorFeedbackRule(FeedbackRule):
             "server_error": x.new_zeros(x.numel()),  # e_s: what C_s left out (owned layers; else 0)
         }
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
         # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
-        return lr.add(state.worker_error, direction)  # D_k = e_k + lr m_k
+        return scale.add(state.worker_error, direction)  # D_k = e_k + lr m_k (Adam: e_k + m_k)
 
     def settle_worker(self, state, payloads) -> None:
         uplink = self.plan.uplink
@@ -68,7 +68,7 @@ class ErrorFeedbackRule(FeedbackRule):
         """e_s + mean_k e_k, (P,): the gap between x and x~."""
         transport = self.plan.transport
         mean_error = transport.mean_over_workers(state.worker_error, purpose="diagnostics")
-        return transport.server_total(state.server_error) + mean_error
+        return self.plan.optimizer.shift(state, transport.server_total(state.server_error) + mean_error)
 
 
 class StepAheadErrorFeedback(ErrorFeedbackRule):
@@ -77,4 +77,5 @@ class StepAheadErrorFeedback(ErrorFeedbackRule):
     name = "saef"
 
     def points(self, state, x: Tensor, columns: slice = slice(None), out: Optional[Tensor] = None) -> Tensor:
-        return torch.sub(x[columns].unsqueeze(0), state.worker_error[:, columns], out=out)
+        shift = self.plan.optimizer.shift(state, state.worker_error, columns)  # e_k (Adam: lr e_k / (sqrt(v) + eps))
+        return torch.sub(x[columns].unsqueeze(0), shift, out=out)

@@ -35,6 +35,7 @@ __all__ = ["EF21"]
 
 class EF21(FeedbackRule):
     name = "ef21"
+    optimizers = ("sgd",)  # its estimates track momentum SGD's direction and it moves x by lr g itself
 
     def init(self, x: Tensor) -> Dict[str, Tensor]:
         state = {
@@ -45,7 +46,7 @@ class EF21(FeedbackRule):
             state["server_model"] = self.plan.only_owned(x.detach().clone())
         return state
 
-    def uplink(self, state, x: Tensor, direction: Tensor, lr: PerLayer) -> Tensor:
+    def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
         return torch.sub(direction, state.worker_estimate, out=self.plan.buffer("ef21-uplink", direction))  # v_k - g_k
 
     def settle_worker(self, state, payloads) -> None:
