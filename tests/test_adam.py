@@ -3,6 +3,7 @@ references written here in plain torch, one worker and one step at a time, from 
 :class:`saef.core.local.Adam`."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -189,9 +190,16 @@ def test_bad_adam_settings_are_refused(settings, message):
         saef.ErrorFeedbackConfig(**settings)
 
 
-def test_adam_defaults():
-    config = saef.ErrorFeedbackConfig(optimizer="adam")
+def test_adam_defaults_and_the_warning_without_warmup():
+    """Adam's defaults are (0.9, 0.999) and 1e-8; compressing without a warm-up (v never leaves zero) warns,
+    nothing compressed does not."""
+    with pytest.warns(UserWarning, match="never updates v"):
+        config = saef.ErrorFeedbackConfig(optimizer="adam")
     assert (config.betas, config.eps) == ((0.9, 0.999), 1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        saef.ErrorFeedbackConfig(optimizer="adam", compressor="identity")
+        saef.ErrorFeedbackConfig(optimizer="adam", compressor="sign", warmup_steps=10)
 
 
 def test_facade_with_parameter_groups_follows_the_rule():

@@ -72,7 +72,7 @@ def test_reader_refuses_binary_files_and_directories(tmp_path):
         load_libsvm(tmp_path)
     with pytest.raises(ValueError, match="needs data_file"):
         load_dataset("libsvm", tmp_path)
-    with pytest.raises(ValueError, match="for dataset libsvm"):
+    with pytest.raises(ValueError, match="data_file is for datasets libsvm and text"):
         load_dataset("mnist1d", tmp_path, data_file=str(f))
 
 

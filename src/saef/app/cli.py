@@ -44,16 +44,24 @@ HELP = {
     "epochs": "number of epochs",
     "batch_size": "global batch size (divisible by workers)",
     "seed": "random seed (model init, data order, augmentation, random compressors' draws)",
-    "dataset": "mnist1d, digits, cifar10, cifar100, imagenet, synthetic or libsvm (with --data-file)",
-    "dataset_size": "samples to generate (mnist1d) or keep (others)",
-    "data_file": "libsvm: the LIBSVM/svmlight file to train on (labels -1/+1 or 0/1)",
+    "dataset": "mnist1d, digits, cifar10, cifar100, imagenet, synthetic, libsvm (with --data-file) or text (bytes of "
+               "Python's standard library .py files; with model gpt)",
+    "dataset_size": "samples to generate (mnist1d) or keep (others); text: bytes of the corpus (default 2000000)",
+    "data_file": "libsvm: the LIBSVM/svmlight file to train on (labels -1/+1 or 0/1); text: a text file to model "
+                 "instead of the standard library's .py files",
     "test_file": "libsvm: a file to test on (default: the training file, so the metrics are the objective's)",
     "holdout": "the last N training samples are not trained on but evaluated each epoch (val_loss, val_acc), "
                "to choose hyperparameters without looking at the test set",
     "full_batch": "each worker takes its whole contiguous shard every step (gradient descent; one step an epoch); "
                   "adds ||grad f(x)||^2 on the training set to the metrics",
     "data_dir": "folder holding the datasets (MNIST-1D is generated and cached there)",
-    "model": "mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50, logreg (binary, non-convex regulariser)",
+    "model": "mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50, logreg (binary, non-convex regulariser), gpt "
+             "(byte-level transformer, with dataset text)",
+    "gpt_layers": "model gpt: transformer blocks",
+    "gpt_width": "model gpt: width (a multiple of --gpt-heads)",
+    "gpt_heads": "model gpt: attention heads",
+    "context": "dataset text / model gpt: bytes per sample, the model's context",
+    "precision": "fp32, or bf16: forward and backward under autocast; parameters, momentum and errors stay fp32",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",

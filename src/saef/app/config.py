@@ -29,7 +29,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ..backends.registry import available_backends
-from ..core import ErrorFeedbackConfig
+from ..core import PRECISIONS, ErrorFeedbackConfig
 from ..core.rules import available_rules
 from ..zoo.data import DATASETS, GENERATED
 from ..zoo.models import MODELS
@@ -39,7 +39,8 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume
 # On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
 # asks to reset the errors), and keys that define another run altogether (always refused).
 ERROR_STATE_KEYS = ("workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps")
-FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed", "backend")
+FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed", "backend",
+              "context", "gpt_layers", "gpt_width", "gpt_heads", "precision")
 
 
 
@@ -76,12 +77,17 @@ class TrainConfig:
     seed: int = 0
     dataset: str = "mnist1d"
     dataset_size: Optional[int] = None  # dataset-specific: samples generated (mnist1d) or kept
-    data_file: Optional[str] = None  # libsvm: the LIBSVM/svmlight file to train on
+    data_file: Optional[str] = None  # libsvm: the LIBSVM/svmlight file to train on; text: a text file (default: Python's stdlib)
     test_file: Optional[str] = None  # libsvm: a file to test on (default: the training file: the objective's metrics)
     holdout: int = 0  # the last N training samples are not trained on but evaluated as a validation split
     full_batch: bool = False  # every step, each worker takes its whole contiguous shard (gradient descent; one step an epoch)
     data_dir: str = "~/.cache/saef"
     model: str = "cnn1d"
+    gpt_layers: int = 2  # model gpt: transformer blocks
+    gpt_width: int = 128  # model gpt: width (a multiple of gpt_heads)
+    gpt_heads: int = 4  # model gpt: attention heads
+    context: int = 64  # dataset text / model gpt: bytes per sample (the model's context)
+    precision: str = "fp32"  # fp32, or bf16: forward and backward under autocast (parameters, momentum and errors stay fp32)
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     backend: str = "sim"  # sim: K workers in this process; dist: one worker per torch.distributed rank
     server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
@@ -122,9 +128,16 @@ class TrainConfig:
             bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
         if self.dataset == "libsvm" and not self.data_file:
             bad("data_file", self.data_file, "dataset libsvm reads a LIBSVM/svmlight file: give --data-file PATH")
-        for key in ("data_file", "test_file"):
-            if getattr(self, key) is not None and self.dataset != "libsvm":
-                bad(key, getattr(self, key), f"is for dataset libsvm, not {self.dataset}")
+        if self.data_file is not None and self.dataset not in ("libsvm", "text"):
+            bad("data_file", self.data_file, f"is for datasets libsvm and text, not {self.dataset}")
+        if self.test_file is not None and self.dataset != "libsvm":
+            bad("test_file", self.test_file, f"is for dataset libsvm, not {self.dataset}")
+        if (self.model == "gpt") != (self.dataset == "text"):
+            bad("model", self.model, f"model gpt and dataset text go together (dataset is {self.dataset})")
+        if self.gpt_width % self.gpt_heads:
+            bad("gpt_width", self.gpt_width, f"must be a multiple of gpt_heads = {self.gpt_heads}")
+        if self.precision not in PRECISIONS:
+            bad("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
         if self.dataset not in DATASETS:
             bad("dataset", self.dataset, f"choose one of {', '.join(DATASETS)}")
         if self.dataset_size is not None and self.dataset_size > GENERATED.get(self.dataset, self.dataset_size):
@@ -178,6 +191,12 @@ class TrainConfig:
         optimizer = f"{self.optimizer}, " if self.optimizer != "sgd" else ""
         return f"{self.method} ({optimizer}{self.worker_compressor}, {way}-way, K={self.workers})"
 
+    def model_options(self) -> Dict[str, Any]:
+        """The model's size options (used by gpt; the other models take their defaults)."""
+        if self.model != "gpt":
+            return {}
+        return {"width": self.gpt_width, "layers": self.gpt_layers, "heads": self.gpt_heads}
+
     def lr_at_epoch(self, epoch: int) -> float:
         """Learning rate during 0-based ``epoch``: lr * lr_decay^(milestones passed)."""
         return self.lr * self.lr_decay ** sum(1 for m in self.lr_milestones if epoch >= m)
@@ -200,6 +219,7 @@ _INT_MAX = (1 << 31) - 1
 _INTEGER_RANGES = {
     "workers": (1, 1 << 16), "average_every": (1, _INT_MAX), "lr_milestones": (1, _INT_MAX), "epochs": (1, _INT_MAX),
     "batch_size": (1, _INT_MAX), "seed": (0, (1 << 32) - 1), "dataset_size": (1, _INT_MAX),
+    "gpt_layers": (1, 1024), "gpt_width": (1, 1 << 16), "gpt_heads": (1, 1024), "context": (1, 1 << 20),
     "checkpoint_every": (0, _INT_MAX), "warmup_steps": (0, _INT_MAX), "holdout": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
 }
 

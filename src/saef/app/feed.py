@@ -28,7 +28,7 @@ def _penalty(model: nn.Module) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, split, device: torch.device, batch_size: int = 1000) -> Dict[str, float]:
     """Mean cross-entropy loss (plus the model's own penalty, if it has one: the objective) and top-1
-    accuracy of ``model`` on ``split``."""
+    accuracy of ``model`` on ``split``, per prediction (per sample, or per position of a sequence)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(split), batch_size):
@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, split, device: torch.device, batch_size: int = 10
         outputs = model(inputs)
         total_loss += F.cross_entropy(outputs, targets, reduction="sum").item()
         correct += (outputs.argmax(dim=1) == targets).sum().item()
-        count += len(targets)
+        count += targets.numel()
     return {"loss": total_loss / count + _penalty(model), "acc": correct / count}
 
 

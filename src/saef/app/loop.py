@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     if workers != config.workers:
         config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
     data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed,
-                                                   data_file=config.data_file, test_file=config.test_file))
+                                                   data_file=config.data_file, test_file=config.test_file, context=config.context))
     if config.holdout:
         data = hold_out(data, config.holdout)
     if config.full_batch and len(data.train) < config.workers:
@@ -145,9 +146,9 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
         data.train, data.val = data.train.to(device), None if data.val is None else data.val.to(device)
         data.test = data.train if same else data.test.to(device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data).to(device)
+    model = build_model(config.model, data, **config.model_options()).to(device)
     backend.agree(_identity(config, model, data))  # ranks that disagree stop here, before any training collective
-    worker = backend.make_worker(model, config.algorithm())
+    worker = backend.make_worker(model, config.algorithm(), config.precision)
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
     gather = backend.gather()
     if gather is not None and not config.output:  # a name made of the time: every process takes the main one's
@@ -240,9 +241,11 @@ def _state_config(config: TrainConfig, data: Data) -> Dict[str, Any]:
     d = config.to_dict()
     keys = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps", "model", "dataset",
             "dataset_size", "data_file", "test_file", "holdout", "full_batch", "batch_size", "seed")
-    # the optimizer named only when it is not the original one, so checkpoints from before it existed still match
-    optimizer = {"optimizer": d["optimizer"]} if d["optimizer"] != "sgd" else {}
-    return {**{k: d[k] for k in keys}, **optimizer, "data sha256": data.digest}
+    # keys added later are named only where they differ from their defaults, so that checkpoints from
+    # before they existed still match
+    later = {k: d[k] for k in ("optimizer", "context", "gpt_layers", "gpt_width", "gpt_heads")
+             if d[k] != TrainConfig.__dataclass_fields__[k].default}
+    return {**{k: d[k] for k in keys}, **later, "data sha256": data.digest}
 
 
 def _save_checkpoint(run: Run) -> None:
@@ -343,6 +346,11 @@ def _phase(first: int, end: int, warmup: int) -> str:
     return "compressed" if first >= warmup else "warmup+compressed"
 
 
+def _bits_per_token(data: Data, metrics: Optional[Dict[str, float]]) -> Optional[float]:
+    """The loss in bits per token (byte) for token data (text), else None."""
+    return metrics["loss"] / math.log(2) if data.tokens and metrics is not None else None
+
+
 def _epoch_row(run: Run) -> Dict[str, Any]:
     """The metrics of the epoch just trained (the columns of :data:`saef.app.records.METRIC_COLUMNS`)."""
     loop, worker, config = run.loop, run.worker, run.config
@@ -362,6 +370,8 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
         "test_acc": at_x["acc"],
         "test_loss_aux": at_aux and at_aux["loss"],
         "test_acc_aux": at_aux and at_aux["acc"],
+        "test_bpb": _bits_per_token(run.data, at_x),
+        "test_bpb_aux": _bits_per_token(run.data, at_aux),
         "grad_norm_sq": grad_norm_sq,
         "val_loss": at_val and at_val["loss"],
         "val_acc": at_val and at_val["acc"],

@@ -41,6 +41,8 @@ METRIC_COLUMNS = (
     "test_acc",  # top-1 in [0, 1], at x
     "test_loss_aux",
     "test_acc_aux",  # at the auxiliary iterate x~ = x - (e_s + mean_k e_k); empty for sgd
+    "test_bpb",  # dataset text: the test (validation) loss in bits per byte, at x (else empty)
+    "test_bpb_aux",  # ... and at x~
     "grad_norm_sq",  # ||grad f(x)||^2 of the training objective at x (with --full-batch; else empty)
     "val_loss",  # on the split held out of training (--holdout; else empty), at x
     "val_acc",

@@ -82,7 +82,8 @@ class Backend:
         """Whether a launcher restarted this job after a failure (then the run resumes)."""
         return False
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> Worker:
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> Worker:
+        """This process's worker over ``model``, its forward in ``precision`` (fp32 or bf16)."""
         raise NotImplementedError
 
     def close(self) -> None:

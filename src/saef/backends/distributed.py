@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
-from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_dense, flatten,
+from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_precision, check_dense, flatten,
                     model_penalty, write_flat)
 from .base import Backend, PeerFailed, RanksDisagree
 
@@ -387,10 +387,11 @@ class DistributedWorker(WorkerBase):
     cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch
 
     def __init__(self, model: nn.Module, *, config: ErrorFeedbackConfig = None, server: str = "sharded", loss_fn=None,
-                 **algorithm):
+                 precision: str = "fp32", **algorithm):
         import torch.nn.functional as F
 
         config = ErrorFeedbackConfig.build(config, **algorithm)
+        self.precision = check_precision(precision)
         if config.lossless:  # nothing to serve: a dense mean, as DDP moves it
             server = "allreduce"
         self.model = model
@@ -416,7 +417,9 @@ class DistributedWorker(WorkerBase):
         for p in self.params:
             p.grad = None
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(inputs), targets)
+            with self.forward_precision():
+                outputs = self.model(inputs)
+            loss = self.loss_fn(outputs.float(), targets)
             penalty = model_penalty(self.model, [p.unsqueeze(0) for p in self.params])
             if penalty is not None:
                 loss = loss + penalty[0]
@@ -530,8 +533,8 @@ class DistributedBackend(Backend):
     def restarted(self) -> bool:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> DistributedWorker:
-        return DistributedWorker(model, config=config, server=self.server)
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> DistributedWorker:
+        return DistributedWorker(model, config=config, server=self.server, precision=precision)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_dense, flatten, model_penalty,
+from ..core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_precision, check_dense, flatten, model_penalty,
                     unflatten, write_flat)
 from .base import Backend, resolve_device
 from .inprocess import InProcessTransport
@@ -50,7 +50,8 @@ class Simulator(WorkerBase):
             (``method``, ``optimizer``, ``compressor``, ``server_compressor``, ``momentum`` or Adam's
             ``betas`` and ``eps``, ``weight_decay``, ``double_way``, ``average_every``, ``warmup_steps``, ``seed``).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
-        vectorize: ``"auto"`` (stacked layers or vmap, falling back to a loop with a warning), ``True``
+        vectorize: ``"auto"`` (stacked layers or vmap, falling back to a loop with a warning; a loop for
+            a model whose ``simulate_in_loop`` is true, as the GPT's), ``True``
             (stacked layers or vmap, errors are raised), ``"vmap"`` (vmap only, errors are raised) or
             ``False`` (a loop over workers).
     """
@@ -63,9 +64,11 @@ class Simulator(WorkerBase):
         config: Optional[ErrorFeedbackConfig] = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         vectorize: Union[str, bool] = "auto",
+        precision: str = "fp32",
         **algorithm,
     ):
         config = ErrorFeedbackConfig.build(config, **algorithm)
+        self.precision = check_precision(precision)
         if vectorize not in ("auto", True, False, "vmap"):
             raise ValueError(f"vectorize must be 'auto', True, 'vmap' or False, got vectorize={vectorize!r}")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -89,7 +92,9 @@ class Simulator(WorkerBase):
         self.buffers: Dict[str, Tensor] = {
             n: b.detach().unsqueeze(0).repeat(workers, *([1] * b.dim())) for n, b in model.named_buffers()
         }
-        self.stacked = stack_model(model) if vectorize in ("auto", True) else None
+        if vectorize == "auto" and getattr(model, "simulate_in_loop", False):  # the model measured a loop fastest
+            self.vectorize = False
+        self.stacked = stack_model(model) if self.vectorize in ("auto", True) else None
         self._stacked_checked = False  # whether one stacked step has succeeded
 
     # --- training ----------------------------------------------------------------------------------
@@ -115,7 +120,9 @@ class Simulator(WorkerBase):
         """One worker's outputs with the trainable parameters ``params`` (in the model's order)."""
         params = dict(zip(self.names, params))
         params.update(self.frozen)
-        return torch.func.functional_call(self.model, (params, buffers), (inputs,))
+        with self.forward_precision():
+            outputs = torch.func.functional_call(self.model, (params, buffers), (inputs,))
+        return outputs.float()
 
     def _gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
         """The gradients of the K workers' losses at their points -- one ``(K, *shape)`` tensor per layer, or
@@ -188,7 +195,8 @@ class Simulator(WorkerBase):
             leaves = self._leaves(points)
             params = dict(zip(self.names, leaves))
             params.update({n: p.expand(k, *p.shape) for n, p in self.frozen.items()})
-            outputs = self.stacked(params, buffers, inputs)
+            with self.forward_precision():
+                outputs = self.stacked(params, buffers, inputs).float()
             if self.loss_fn is F.cross_entropy:  # one kernel for all workers
                 per_sample = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1)
                 if targets.is_floating_point():  # class probabilities: a plain mean
@@ -314,5 +322,5 @@ class SimulatorBackend(Backend):
         self.workers = workers
         return resolve_device(self.device_name), workers
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig) -> Simulator:
-        return Simulator(model, workers=self.workers, config=config)
+    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> Simulator:
+        return Simulator(model, workers=self.workers, config=config, precision=precision)

@@ -10,7 +10,7 @@ from .config import ErrorFeedbackConfig
 from .flat import NonFiniteStep, all_finite, check_dense, flatten, unflatten, write_flat
 from .ledger import BitLedger
 from .transport import Transport
-from .worker import Worker, WorkerBase, model_penalty
+from .worker import PRECISIONS, Worker, WorkerBase, check_precision, model_penalty
 
 __all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "check_dense", "flatten",
-           "unflatten", "write_flat", "BitLedger", "Transport", "Worker", "WorkerBase", "model_penalty"]
+           "unflatten", "write_flat", "BitLedger", "Transport", "Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]

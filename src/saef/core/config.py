@@ -9,6 +9,7 @@ full-precision baseline there is just ``method="ef"`` with the identity compress
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -101,7 +102,6 @@ class ErrorFeedbackConfig:
             raise ValueError(f"method must be one of {available_rules()}, got method={self.method!r}")
         check_momentum(self.momentum)
         check_weight_decay(self.weight_decay)
-        self._check_optimizer()
         p = self.average_every
         if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
             raise ValueError(f"average_every must be an integer >= 1 or None (never), got average_every={p!r}")
@@ -118,6 +118,7 @@ class ErrorFeedbackConfig:
                     object.__setattr__(self, key, make_compressor(spec))
                 except ValueError as error:
                     raise ValueError(f"{key} = {spec!r}: {error}") from None
+        self._check_optimizer()  # (after the compressors: whether anything is compressed decides a warning)
 
     def _check_optimizer(self) -> None:
         """The optimizer's name and settings; Adam's defaults filled in, other optimizers' settings refused."""
@@ -135,6 +136,9 @@ class ErrorFeedbackConfig:
                 raise ValueError(f"{key}={value!r} is Adam's; it needs optimizer='adam' (this is {self.optimizer!r})")
             if adam:
                 object.__setattr__(self, key, check(_ADAM_DEFAULTS[key] if value is None else value))
+        if adam and not self.warmup_steps and not self.lossless:
+            warnings.warn("optimizer 'adam' with a compressor and warmup_steps=0 never updates v (it freezes when the "
+                          "compressors take over), so every step is lr * m / eps: give warmup_steps", stacklevel=4)
 
     @classmethod
     def build(cls, config: Optional["ErrorFeedbackConfig"] = None, **settings) -> "ErrorFeedbackConfig":

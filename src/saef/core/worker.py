@@ -6,14 +6,27 @@ rank of a distributed run (one worker). The loop (:mod:`saef.app.loop`) uses not
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from .algorithm import ErrorFeedback, ErrorFeedbackState
 from .transport import Transport
 
-__all__ = ["Worker", "WorkerBase", "model_penalty"]
+__all__ = ["Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]
+
+# The precisions of the forward and backward passes: the autocast dtype (None: no autocast). The parameters,
+# the local optimizer's state and the errors stay fp32 whatever is chosen: error feedback accumulates
+# differences far below bf16's resolution (2^-8 relative), which a bf16 error would round away.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got precision={precision!r}")
+    return precision
 
 
 def model_penalty(model: nn.Module, params: Sequence[Tensor]) -> Optional[Tensor]:
@@ -68,6 +81,13 @@ class WorkerBase:
     algorithm: ErrorFeedback
     state: ErrorFeedbackState
     transport: Transport
+    precision: str = "fp32"  # of the forward (and so the backward): a key of PRECISIONS
+
+    def forward_precision(self):
+        """The context the model's forward runs in: autocast to the precision's dtype on x's device, or
+        nothing for fp32. The loss is taken in fp32 from the outputs (cast back) outside it."""
+        dtype = PRECISIONS[self.precision]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.x.device.type, dtype=dtype)
 
     @property
     def has_diagnostics(self) -> bool:

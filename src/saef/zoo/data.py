@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 import random
@@ -30,8 +31,9 @@ import torch
 from torch import Tensor
 
 from ..files import write_atomically
+from .text import byte_windows, read_corpus, split_corpus
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "synthetic", "libsvm")
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "synthetic", "libsvm", "text")
 
 MNIST1D_DEFAULT_SIZE = 10_000  # 8000 train / 2000 test: the published MNIST-1D benchmarks use 4000/1000,
 # twice that leaves less of the comparison between compressors to over-fitting; generating it takes ~8 s once.
@@ -51,16 +53,16 @@ class DatasetSplit:
     """One split held in memory.
 
     Args:
-        inputs: float tensor ``(N, *input_shape)``.
-        targets: int64 tensor ``(N,)`` of class indices.
+        inputs: float tensor ``(N, *input_shape)`` (int64 tokens for text).
+        targets: int64 tensor ``(N,)`` of class indices (``(N, T)``, one per position, for text).
     """
 
     inputs: Tensor
     targets: Tensor
 
     def __post_init__(self) -> None:
-        if self.targets.dtype != torch.int64 or self.targets.dim() != 1:
-            raise ValueError(f"targets must be a 1-D int64 tensor, got {self.targets.dtype} {tuple(self.targets.shape)}")
+        if self.targets.dtype != torch.int64 or self.targets.dim() not in (1, 2):
+            raise ValueError(f"targets must be an int64 tensor (N,) or (N, T), got {self.targets.dtype} {tuple(self.targets.shape)}")
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) differ in length")
 
@@ -97,6 +99,7 @@ class Data:
     augment: Augment | None = None
     digest: str | None = None  # sha256 of the file(s) read (libsvm): part of what a checkpoint is checked against
     val: Any = None  # a split held out of training (:func:`hold_out`), to choose hyperparameters on
+    tokens: bool = False  # samples are token sequences (text): losses are also reported in bits per token
 
 
 def hold_out(data: Data, n: int) -> Data:
@@ -113,11 +116,11 @@ def hold_out(data: Data, n: int) -> Data:
     kept = DatasetSplit(train.inputs[:keep], train.targets[:keep])
     if test is train:  # (libsvm without a test file: the test metrics are the training objective's)
         test = kept
-    return Data(kept, test, data.num_classes, data.input_shape, data.name, data.augment, data.digest, held)
+    return Data(kept, test, data.num_classes, data.input_shape, data.name, data.augment, data.digest, held, data.tokens)
 
 
 def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: int = 0,
-                 data_file: str | None = None, test_file: str | None = None) -> Data:
+                 data_file: str | None = None, test_file: str | None = None, context: int = 64) -> Data:
     """Load dataset ``name`` from (or, for MNIST-1D, generate it into) ``root``.
 
     Args:
@@ -127,8 +130,11 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
             synthetic: training samples (default 512; test gets a quarter). Other sets: keep a random subset
             of this many training samples (default: all).
         seed: seeds generation (MNIST-1D, synthetic), the digits train/test split and any subsampling.
+            text: bytes of the corpus (default 2,000,000).
         data_file, test_file: libsvm only: the LIBSVM/svmlight file to train on, and one to test on (default:
-            the training file itself, so that the metrics are those of the training objective).
+            the training file itself, so that the metrics are those of the training objective). text: a text
+            file to use instead of the standard library's ``.py`` files.
+        context: text only: the length of each sample (the model's context).
 
     Raises:
         ValueError: unknown name, bad size, or malformed files. FileNotFoundError: data missing under root.
@@ -146,12 +152,14 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
     if size is not None and size > GENERATED.get(name, size):
         raise ValueError(f"dataset_size = {size} is more than {name} generates here (at most {GENERATED[name]})")
     root = Path(root).expanduser()
-    if (data_file is not None or test_file is not None) and name != "libsvm":
-        raise ValueError(f"data_file and test_file are for dataset libsvm, not {name!r}")
+    if (data_file is not None and name not in ("libsvm", "text")) or (test_file is not None and name != "libsvm"):
+        raise ValueError(f"data_file is for datasets libsvm and text, test_file for libsvm, not {name!r}")
     if name == "libsvm":
         if data_file is None:
             raise ValueError("dataset libsvm needs data_file (a LIBSVM/svmlight file, e.g. a9a)")
         data = load_libsvm(Path(data_file).expanduser(), None if test_file is None else Path(test_file).expanduser())
+    elif name == "text":
+        data = _load_text(None if data_file is None else Path(data_file).expanduser(), size, context)
     elif name == "mnist1d":
         data = _load_mnist1d(root, MNIST1D_DEFAULT_SIZE if size is None else size, seed)
     elif name == "synthetic":
@@ -162,7 +170,7 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
         data = _load_cifar(name, root)
     else:
         data = _load_imagenet(root)
-    if size is not None and name not in GENERATED:
+    if size is not None and name not in GENERATED and name != "text":  # (text: size is the corpus's bytes)
         data.train = _subsample(data.train, size, seed)
         if name == "libsvm" and test_file is None:  # the metrics stay those of the training objective
             data.test = data.train
@@ -293,8 +301,6 @@ LIBSVM_MAX_VALUES = 1 << 30  # samples x features held densely (4 GiB of float32
 def _parse_libsvm(path: Path) -> tuple[list[float], list[list[tuple[int, float]]], str]:
     """Labels, rows of (1-based index, value) pairs, and the sha256 of ``path``; ValueError naming the file
     and line for anything that is not LIBSVM/svmlight text."""
-    import hashlib
-
     try:
         raw = path.read_bytes()
     except IsADirectoryError:
@@ -386,6 +392,21 @@ def _make_synthetic(train_size: int, seed: int) -> Data:
     train = split(train_size)
     test = split(max(1, train_size // 4))
     return Data(train, test, num_classes, (1, length), "synthetic")
+
+
+def _load_text(data_file: Path | None, size: int | None, context: int) -> Data:
+    """Byte-level language modelling (:mod:`saef.zoo.text`): train on the first 90 % of the corpus, validate
+    (the test split) on the last 10 %, both cut into windows of ``context`` next-byte predictions."""
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"context must be a positive integer, got {context!r}")
+    corpus, _ = read_corpus(data_file, size)
+    train, val = split_corpus(corpus)
+    try:
+        splits = [DatasetSplit(*byte_windows(part, context)) for part in (train, val)]
+    except ValueError as error:
+        raise ValueError(f"the text corpus ({len(corpus)} bytes) is too short for context {context}: {error}") from None
+    digest = hashlib.sha256(corpus).hexdigest()
+    return Data(splits[0], splits[1], 256, (context,), "text", digest=digest, tokens=True)
 
 
 def _load_digits(seed: int) -> Data:

@@ -17,6 +17,7 @@ Parameters are initialised from torch's global RNG: seed it (``torch.manual_seed
 | resnet20  | (C, H, W)       | 269,722  (resnet32 464,154; 44 658,586; 56 853,018) |
 | resnet50  | (3, H, W)       | 23,528,522 (torchvision, optional extra)         |
 | logreg    | any, 2 classes  | the number of features (a9a: 122)                |
+| gpt       | bytes (context,)| 437,760 (2 layers, width 128, 4 heads, context 64) |
 
 Example:
     >>> from types import SimpleNamespace
@@ -33,15 +34,15 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODELS = ("mlp", "mlp5m", "cnn1d", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "logreg")
+MODELS = ("mlp", "mlp5m", "cnn1d", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "logreg", "gpt")
 
 _RESNET_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}  # depth = 6 n + 2
-_DEFAULT_WIDTH = {"mlp": 100, "mlp5m": 2208, "cnn1d": 25, "resnet": 16}
+_DEFAULT_WIDTH = {"mlp": 100, "mlp5m": 2208, "cnn1d": 25, "resnet": 16, "gpt": 128}
 # mlp5m: 40 -> 2208 -> 2208 -> 10 has 4,990,090 parameters, the ~5M of a communication-bound model, while
 # one step on MNIST-1D still costs little compute.
 
 
-def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
+def build_model(name: str, data: Any, *, width: int | None = None, layers: int = 2, heads: int = 4) -> nn.Module:
     """Build model ``name`` for a dataset.
 
     Args:
@@ -49,7 +50,10 @@ def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
         data: anything with ``num_classes`` (int) and ``input_shape`` (one sample's shape, channels first),
             e.g. a :class:`saef.zoo.data.Data`.
         width: hidden units of ``mlp`` (default 100) and ``mlp5m`` (2208), channels of ``cnn1d`` (25), channels
-            of the first stage of the CIFAR ResNets (16; stages use width, 2 width, 4 width). Not for resnet50.
+            of the first stage of the CIFAR ResNets (16; stages use width, 2 width, 4 width), the model width of
+            ``gpt`` (128). Not for resnet50.
+        layers, heads: ``gpt`` only: transformer blocks and attention heads (heads must divide width); its
+            context is the input length, ``data.input_shape[0]``.
 
     Raises:
         ValueError: unknown name, a width < 1, or a model that does not fit the input shape.
@@ -72,6 +76,8 @@ def build_model(name: str, data: Any, *, width: int | None = None) -> nn.Module:
     if name in ("mlp", "mlp5m"):
         hidden = width or _DEFAULT_WIDTH[name]
         return MLP(math.prod(input_shape), (hidden, hidden), num_classes)
+    if name == "gpt":
+        return _gpt(data, input_shape, num_classes, width or _DEFAULT_WIDTH["gpt"], layers, heads)
     if name == "cnn1d":
         if len(input_shape) != 2:
             raise ValueError(f"model cnn1d needs 1-D inputs of shape (channels, length), got input shape {input_shape}")
@@ -234,3 +240,78 @@ def _torchvision_resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.
     except ImportError as err:
         raise ImportError("model resnet50 needs torchvision: pip install saef[imagenet]") from err
     return resnet50(weights=None, num_classes=num_classes)
+
+
+def _gpt(data: Any, input_shape: tuple, num_classes: int, width: int, layers: int, heads: int) -> "GPT":
+    if len(input_shape) != 1 or getattr(data, "name", "text") != "text":
+        raise ValueError(f"model gpt reads byte sequences (dataset text), got input shape {input_shape}")
+    for key, value in (("layers", layers), ("heads", heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"gpt {key} must be a positive integer, got {value!r}")
+    if width % heads:
+        raise ValueError(f"gpt width {width} must be a multiple of heads {heads}")
+    return GPT(vocabulary=num_classes, context=input_shape[0], layers=layers, width=width, heads=heads)
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer over bytes: token and learned position embeddings, pre-LayerNorm blocks of
+    causal self-attention (``F.scaled_dot_product_attention``) and a 4x GELU MLP, a final LayerNorm, and
+    the output projection tied to the token embedding.
+
+    Input: ``(N, T)`` int64 tokens, T <= context. Output: logits ``(N, vocabulary, T)``, the layout
+    ``F.cross_entropy`` takes with ``(N, T)`` targets, so the loss and accuracy of every loop apply per token.
+    Weights start as GPT-2's: normal(0, 0.02), the residual projections scaled by 1 / sqrt(2 layers).
+
+    Args:
+        vocabulary: tokens (256 for bytes). context: longest input. layers: blocks. width: model width.
+        heads: attention heads (dividing width).
+    """
+
+    # The simulator's K workers run in a loop: vmap has no batching rule for scaled_dot_product_attention
+    # (it loops inside, with a warning) and the stacked interpreter does not trace attention; measured on
+    # the default model, K = 4: loop 1.15x one model's step, vmap 1.43x (benchmarks/bench_gpt.py).
+    simulate_in_loop = True
+
+    def __init__(self, vocabulary: int = 256, context: int = 64, layers: int = 2, width: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.context = context
+        self.token = nn.Embedding(vocabulary, width)
+        self.position = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        for name, parameter in self.named_parameters():
+            if parameter.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attention_out.weight", "mlp_out.weight")) else 0.02
+                nn.init.normal_(parameter, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(parameter)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        steps = tokens.shape[-1]
+        hidden = self.token(tokens) + self.position.weight[:steps]
+        for block in self.blocks:
+            hidden = block(hidden)
+        logits = F.linear(self.norm(hidden), self.token.weight)  # tied: the embedding is the output layer
+        return logits.transpose(-1, -2)
+
+
+class TransformerBlock(nn.Module):
+    """``h + attention(LN(h))``, then ``h + MLP(LN(h))``, with causal multi-head self-attention."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.attention_in = nn.Linear(width, 3 * width)
+        self.attention_out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp_in = nn.Linear(width, 4 * width)
+        self.mlp_out = nn.Linear(4 * width, width)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        *batch, steps, width = hidden.shape
+        q, k, v = self.attention_in(self.norm1(hidden)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(*batch, steps, self.heads, width // self.heads).transpose(-2, -3) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-2, -3).reshape(*batch, steps, width)
+        hidden = hidden + self.attention_out(attended)
+        return hidden + self.mlp_out(F.gelu(self.mlp_in(self.norm2(hidden))))

@@ -1,0 +1,80 @@
+"""A byte-level text corpus that every machine has: the Python standard library's own ``.py`` files.
+
+:func:`read_corpus` reads the running interpreter's standard library (``sysconfig``'s ``stdlib`` folder,
+``site-packages`` left out) in sorted path order up to a fixed number of bytes, or any text file the user
+names; :func:`byte_windows` cuts bytes into next-byte prediction samples. Nothing is downloaded. The corpus
+differs between Python versions, so a run records its SHA-256 (and the environment its Python version).
+
+Example::
+
+    >>> corpus, where = read_corpus(size=100_000)
+    >>> inputs, targets = byte_windows(corpus, context=64)   # (N, 64) each; targets are inputs shifted by one
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["CORPUS_BYTES", "read_corpus", "byte_windows", "split_corpus"]
+
+CORPUS_BYTES = 2_000_000  # the default corpus: the first 2 MB of the standard library's .py files
+VALIDATION_FRACTION = 0.1  # the last 10 % of the corpus is the validation (test) split
+
+
+def _stdlib_files():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"the Python standard library is not at {root}; give a text file with --data-file")
+    files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    return root, files
+
+
+def read_corpus(data_file: Optional[Path] = None, size: Optional[int] = None) -> Tuple[bytes, str]:
+    """The corpus's bytes (at most ``size``; the standard library's default :data:`CORPUS_BYTES`) and a
+    description of where they came from. A named file is read whole (then cut to ``size`` if given)."""
+    if size is not None and size < 1:
+        raise ValueError(f"the text corpus size must be a positive number of bytes, got {size}")
+    if data_file is not None:
+        try:
+            corpus = Path(data_file).read_bytes()
+        except OSError as error:
+            raise FileNotFoundError(f"text file {data_file} cannot be read: {error.strerror or error}") from None
+        return corpus[:size] if size is not None else corpus, str(data_file)
+    limit = CORPUS_BYTES if size is None else size
+    root, files = _stdlib_files()
+    parts, total, used = [], 0, 0
+    for path in files:
+        if total >= limit:
+            break
+        try:
+            chunk = path.read_bytes()
+        except OSError:  # an unreadable file is left out (the corpus's hash records what was read)
+            continue
+        parts.append(chunk)
+        total += len(chunk)
+        used += 1
+    corpus = b"".join(parts)[:limit]
+    if len(corpus) < limit and size is not None:
+        raise ValueError(f"the standard library at {root} holds {len(corpus)} bytes of .py files, fewer than {limit}")
+    return corpus, f"{used} .py files of {root}"
+
+
+def byte_windows(corpus: bytes, context: int) -> Tuple[Tensor, Tensor]:
+    """Non-overlapping windows of ``context + 1`` bytes: inputs are the first ``context`` bytes of each,
+    targets the last ``context`` (the next byte at every position); int64 ``(N, context)`` each."""
+    n = len(corpus) // (context + 1)
+    if n < 1:
+        raise ValueError(f"{len(corpus)} bytes hold no window of context + 1 = {context + 1} bytes")
+    windows = torch.frombuffer(bytearray(corpus[: n * (context + 1)]), dtype=torch.uint8).reshape(n, context + 1).long()
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def split_corpus(corpus: bytes) -> Tuple[bytes, bytes]:
+    """Contiguous train and validation parts: the first 90 % and the last 10 % of the bytes."""
+    cut = len(corpus) - int(len(corpus) * VALIDATION_FRACTION)
+    return corpus[:cut], corpus[cut:]
