@@ -2,11 +2,14 @@
 MASTER_ADDR=127.0.0.1, MASTER_PORT inside a rate-limited network namespace). Rank 0 prints one JSON line.
 
 Variants: ddp-fp32, ddp-fp16, ddp-powersgd (PyTorch's DDP and its built-in communication hooks), and
-saef-ef-sign, saef-sign, saef-topk (saef's distributed worker, double-way, sharded server).
+saef-ef-sign, saef-sign, saef-topk (saef's distributed worker, double-way, sharded server), all with momentum
+SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-bf16, ddp-adamw-powersgd (torch.optim.AdamW under DDP and its
+hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up.
 """
 
 import argparse
 import json
+import math
 import statistics
 import time
 from types import SimpleNamespace
@@ -20,20 +23,32 @@ from saef.backends.distributed import DistributedWorker
 from saef.zoo.models import build_model
 
 
-def make_trainer(variant, model, lr):
+SAEF_VARIANTS = {"saef-ef-sign": dict(method="ef", compressor="sign", momentum=0.9),
+                 "saef-sign": dict(method="saef", compressor="sign", momentum=0.9),
+                 "saef-topk": dict(method="saef", compressor="topk:0.01", momentum=0.9),
+                 "saef-1bit-adam": dict(method="ef", compressor="sign", optimizer="adam"),
+                 "saef-adam": dict(method="saef", compressor="sign", optimizer="adam")}
+
+
+def make_trainer(variant, model, lr, warmup, eps=1e-8):
     if variant.startswith("ddp"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
 
         # PowerSGD's asynchronous per-bucket collectives can interleave differently on each rank over gloo
         # ("Received data size doesn't match"); one bucket keeps them in one order.
-        ddp = DistributedDataParallel(model, bucket_cap_mb=1024 if variant == "ddp-powersgd" else 25)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1024 if variant.endswith("powersgd") else 25)
         if variant == "ddp-fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif variant == "ddp-powersgd":
-            state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+        elif variant == "ddp-adamw-bf16":
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        elif variant.endswith("powersgd"):
+            state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=max(2, warmup))
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+        if "adamw" in variant:
+            opt = torch.optim.AdamW(ddp.parameters(), lr=lr)
+        else:
+            opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
 
         def step(inputs, targets):
             opt.zero_grad()
@@ -41,8 +56,10 @@ def make_trainer(variant, model, lr):
             opt.step()
 
         return step, (lambda: model)
-    method, compressor = {"saef-ef-sign": ("ef", "sign"), "saef-sign": ("saef", "sign"), "saef-topk": ("saef", "topk:0.01")}[variant]
-    worker = DistributedWorker(model, method=method, compressor=compressor, momentum=0.9, double_way=True)
+    settings = SAEF_VARIANTS[variant]
+    if settings.get("optimizer") == "adam":
+        settings = {**settings, "warmup_steps": warmup, "eps": eps}
+    worker = DistributedWorker(model, double_way=True, **settings)
     import copy
 
     eval_model = copy.deepcopy(model)
@@ -50,11 +67,16 @@ def make_trainer(variant, model, lr):
 
 
 @torch.no_grad()
-def accuracy(model, split):
+def evaluate(model, split):
+    """Test accuracy (a fraction), or for the GPT the validation loss in bits per byte."""
     model.eval()
-    acc = (model(split.inputs).argmax(1) == split.targets).float().mean().item()
+    outputs = model(split.inputs)
+    if split.targets.dim() == 2:
+        value = F.cross_entropy(outputs, split.targets).item() / math.log(2)
+    else:
+        value = (outputs.argmax(1) == split.targets).float().mean().item()
     model.train()
-    return acc
+    return value
 
 
 def main():
@@ -64,6 +86,8 @@ def main():
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=0, help="then train this many epochs, evaluating after each")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--warmup", type=int, default=0, help="training: Adam variants' full-precision steps (and PowerSGD's start_powerSGD_iter)")
+    parser.add_argument("--eps", type=float, default=1e-8, help="training: saef's Adam eps")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--data-dir", default="~/.cache/saef")
     args = parser.parse_args()
@@ -75,11 +99,16 @@ def main():
         n = 4 * args.batch
         data = SimpleNamespace(num_classes=10, input_shape=(3, 32, 32),
                                train=SimpleNamespace(inputs=torch.randn(n, 3, 32, 32, generator=g), targets=torch.randint(0, 10, (n,), generator=g)))
+    elif args.model == "gpt":  # the default corpus; 512 validation windows keep an evaluation short
+        data = load_dataset("text", args.data_dir)
+        data.test = SimpleNamespace(inputs=data.test.inputs[:512], targets=data.test.targets[:512])
     else:
         data = load_dataset("mnist1d", args.data_dir)
     torch.manual_seed(0)
     model = build_model(args.model, data)
-    step, current = make_trainer(args.variant, model, args.lr)
+    # Timed: the compressed phase, from the second step (PowerSGD from its third). Adam's v then holds one
+    # step's gradients, so eps = 1 keeps the few timed steps finite; values do not change a step's cost.
+    step, current = make_trainer(args.variant, model, args.lr, warmup=1, eps=1.0)
     order = torch.Generator().manual_seed(0)
     per = args.batch // world
 
@@ -102,7 +131,7 @@ def main():
     if args.epochs:
         torch.manual_seed(0)
         model = build_model(args.model, data)
-        step, current = make_trainer(args.variant, model, args.lr)
+        step, current = make_trainer(args.variant, model, args.lr, args.warmup, args.eps)
         order.manual_seed(0)
         curve, train_time = [], 0.0
         steps_per_epoch = len(data.train.targets) // args.batch
@@ -113,7 +142,7 @@ def main():
                 mine = indices[rank * per : (rank + 1) * per]
                 step(data.train.inputs[mine], data.train.targets[mine])
             train_time += time.perf_counter() - start
-            curve.append((train_time, accuracy(current(), data.test)))
+            curve.append((train_time, evaluate(current(), data.test)))
         result["curve"] = curve
         result["steps_per_epoch"] = steps_per_epoch
     if rank == 0:

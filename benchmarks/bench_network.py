@@ -4,6 +4,7 @@
     sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 --models mlp5m --epochs 4
     sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 --models mlp5m --epochs 10 \
         --variants ddp-powersgd saef-sign saef-topk --target-acc 0.6485     # longer, for the fast variants
+    sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 4 --models gpt --epochs 2   # Adam on the GPT
 
 Needs root: it makes a network namespace whose loopback is rate-limited with tc (tbf), runs K processes
 inside it on 127.0.0.1 (gloo), and deletes the namespace afterwards -- also when interrupted. Prints, per
@@ -26,6 +27,8 @@ from _timing import kernels_in_use
 
 NAMESPACE = "saefbench"
 VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk"]
+# the GPT trains with Adam: torch.optim.AdamW under DDP (fp32, bf16 hook, PowerSGD hook), 1-bit Adam, SAEF-Adam
+GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-bf16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
 
 
@@ -55,7 +58,8 @@ def run_variant(variant, model, workers, args):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = ["ip", "netns", "exec", NAMESPACE, sys.executable, WORKER, "--variant", variant, "--model", model,
-                "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr)]
+                "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr if model != "gpt" else args.gpt_lr),
+                "--warmup", str(args.warmup if model == "gpt" else 0)]
         # Only rank 0's output is read; the others' must not fill an unread pipe and block.
         quiet = subprocess.DEVNULL
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE if rank == 0 else quiet,
@@ -74,9 +78,11 @@ def run_variant(variant, model, workers, args):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def time_to(curve, target):
-    for seconds, acc in curve:
-        if acc >= target:
+def time_to(curve, target, lower=False):
+    """The training seconds at the first evaluation that reaches ``target`` (at or above it; at or below
+    for a loss), or None."""
+    for seconds, value in curve:
+        if (value <= target) if lower else (value >= target):
             return seconds
     return None
 
@@ -86,10 +92,14 @@ def main():
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS,
+                        help="default: the momentum-SGD variants, or for --models gpt the Adam ones")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--gpt-lr", type=float, default=3e-3, help="the GPT's Adam lr")
+    parser.add_argument("--warmup", type=int, default=250, help="the GPT: full-precision steps of 1-bit Adam and SAEF-Adam "
+                        "(and PowerSGD's start_powerSGD_iter)")
     parser.add_argument("--target-acc", type=float, default=None,
                         help="time-to-accuracy target (fraction); default: DDP fp32's final test accuracy in this run")
     parser.add_argument("--json", default="benchmarks/results/network.json", help="where to write the raw results")
@@ -110,7 +120,7 @@ def main():
             make_namespace(rate)
             for model in args.models:
                 for k in args.workers:
-                    for variant in args.variants:
+                    for variant in args.variants or (GPT_VARIANTS if model == "gpt" else VARIANTS):
                         epochs = args.epochs if not model.startswith("resnet") else 0
                         try:
                             r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
@@ -128,7 +138,8 @@ def main():
     print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
     print("|---|---|---:|---|---:|---:|")
     for r in results:
-        base = next((b for b in results if (b["rate"], b["model"], b["workers"], b["variant"]) == (r["rate"], r["model"], r["workers"], "ddp-fp32")), None)
+        base = next((b for b in results if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
+                     and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
         if r["step_s"] is None:
             print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | failed: {r.get('error')} | – |")
             continue
@@ -137,18 +148,21 @@ def main():
     curves = [r for r in results if "curve" in r]
     if curves:
         print()
-        goal = "DDP fp32's final acc." if args.target_acc is None else f"{100 * args.target_acc:.2f} %"
-        print(f"| rate | model | K | variant | final test acc. | training s to reach {goal} |")
+        goal = "DDP fp32's final value" if args.target_acc is None else f"{100 * args.target_acc:.2f} %"
+        print(f"| rate | model | K | variant | final test acc. (GPT: val. bits/byte) | training s to reach {goal} |")
         print("|---|---|---:|---|---:|---:|")
         for r in curves:
             if args.target_acc is not None:
                 target = args.target_acc
             else:
-                base = next(b for b in curves if (b["rate"], b["model"], b["workers"], b["variant"]) == (r["rate"], r["model"], r["workers"], "ddp-fp32"))
+                base = next(b for b in curves if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
+                            and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32"))
                 target = base["curve"][-1][1]
-            reached = time_to(r["curve"], target)
-            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {100 * r['curve'][-1][1]:.2f} % "
-                  f"| {'not reached' if reached is None else f'{reached:.0f}'} (target {100 * target:.2f} %) |")
+            loss = r["model"] == "gpt"  # validation bits per byte: lower is better
+            reached = time_to(r["curve"], target, lower=loss)
+            shown = (lambda v: f"{v:.3f} bits/byte") if loss else (lambda v: f"{100 * v:.2f} %")
+            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {shown(r['curve'][-1][1])} "
+                  f"| {'not reached' if reached is None else f'{reached:.0f}'} (target {shown(target)}) |")
 
 
 if __name__ == "__main__":

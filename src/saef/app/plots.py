@@ -56,14 +56,17 @@ def run_label(config: Dict[str, object]) -> str:
 
     DC = double-way compression (the server compresses too), SC = single-way; ``p`` (error-averaging period)
     appears only when ``average_every`` is set. Full-precision SGD reads ``"SGD (full precision) K=4"``:
-    without compression, one-/two-way and averaging mean nothing. Missing keys are left out of the label.
+    without compression, one-/two-way and averaging mean nothing. With optimizer adam the method reads
+    ``"SAEF-Adam"`` (``"EF-Adam"`` is 1-bit Adam), the baseline ``"Adam (full precision)"``. Missing keys are left out of the label.
     """
     method = str(config.get("method", "?")).upper()
     compressor = config.get("compressor")
     workers = config.get("workers")
     k_part = [f"K={workers}"] if workers is not None else []
+    adam = config.get("optimizer") == "adam"  # (the local optimizer: SAEF-Adam, EF-Adam = 1-bit Adam)
     if method == "SGD" and compressor in (None, "identity"):
-        return " ".join(["SGD (full precision)"] + k_part)
+        return " ".join(["Adam (full precision)" if adam else "SGD (full precision)"] + k_part)
+    method += "-Adam" if adam else ""
     parts = [method]
     if compressor is not None:
         parts.append(str(compressor))

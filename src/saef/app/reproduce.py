@@ -4,6 +4,7 @@ modern baselines (:mod:`saef.app.baselines`), as sets of independent runs.
     saef reproduce table1 --jobs 2          # MNIST-1D analogue of Table 1 (5 seeds), on a 2-core CPU
     saef reproduce fig1 fig3 --jobs 2
     saef reproduce baselines --jobs 2 --libsvm-file a9a   # EF21, PowerSGD, QSGD, rand-k ... at tuned lrs
+    saef reproduce adam --jobs 2            # 1-bit Adam and SAEF-Adam on the byte-level GPT (saef.app.adam_study)
     saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
 
 Each run is one ``saef train`` process with its own directory under ``--runs`` named after its settings, so
@@ -68,7 +69,7 @@ class Run:
         dataset = c["dataset"] if not c.get("data_file") else f"{c['dataset']}_{Path(str(c['data_file'])).name}"
         parts = [dataset, c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
                  f"K{c['workers']}", "DC" if c.get("double_way", True) else "SC", f"p{c.get('average_every') or 'inf'}",
-                 f"mu{c['momentum']}", f"e{c['epochs']}"]
+                 f"mu{c['momentum']}" if c.get("optimizer", "sgd") == "sgd" else c["optimizer"], f"e{c['epochs']}"]
         if c.get("holdout") or c.get("full_batch"):  # the studies with an lr grid name the lr (the older runs do not)
             parts += [f"lr{c['lr']:g}", f"h{c['holdout']}" if c.get("holdout") else "fb"]
         return "-".join(parts + [f"seed{c['seed']}"])
@@ -109,7 +110,13 @@ def _baselines(setting: str, seeds: int, libsvm_file: Optional[str] = None) -> L
     return baselines.plan(Run.make, SETTINGS[setting], seeds, libsvm_file)
 
 
-EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3)}
+def _adam(setting: str, seeds: int) -> List[Run]:
+    from . import adam_study
+
+    return adam_study.plan(Run.make, seeds)
+
+
+EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3), "adam": (_adam, 3)}
 DEFAULT_LIBSVM = Path("../shared/data/a9a")  # where the development machine keeps a9a (--libsvm-file)
 
 
@@ -381,10 +388,12 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
 
     suffix = "" if setting == "mnist1d" else f"-{setting}"
     text = f"# {name} ({setting})\n\n"
-    if name == "baselines":
-        from . import baselines
+    studies = {"baselines": "baselines", "adam": "adam_study"}  # experiments with their own report
+    if name in studies:
+        import importlib
 
-        body, made = baselines.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
+        study = importlib.import_module(f".{studies[name]}", __package__)
+        body, made = study.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
         path = out / f"{name}-tables{suffix}.md"
         text += body
     else:
