@@ -129,3 +129,6 @@ def test_train_a_small_gpt_end_to_end(tmp_path, capsys):
     assert rows[-1]["test_bpb"] < 8.0  # below a uniform guess over 256 bytes
     assert main(["train", "--dataset", "text", "--output", str(tmp_path / "bad")]) == 2
     assert "model gpt and dataset text go together" in capsys.readouterr().err
+    missing = tmp_path / "missing.txt"
+    assert main(["train", "--dataset", "text", "--model", "gpt", "--data-file", str(missing), "--output", str(tmp_path / "bad")]) == 2
+    assert str(missing) in capsys.readouterr().err and not (tmp_path / "bad").exists()

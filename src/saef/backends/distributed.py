@@ -417,9 +417,7 @@ class DistributedWorker(WorkerBase):
         for p in self.params:
             p.grad = None
         with torch.enable_grad():
-            with self.forward_precision():
-                outputs = self.model(inputs)
-            loss = self.loss_fn(outputs.float(), targets)
+            loss = self.loss_fn(self.run_forward(self.model, inputs), targets)
             penalty = model_penalty(self.model, [p.unsqueeze(0) for p in self.params])
             if penalty is not None:
                 loss = loss + penalty[0]

@@ -120,9 +120,7 @@ class Simulator(WorkerBase):
         """One worker's outputs with the trainable parameters ``params`` (in the model's order)."""
         params = dict(zip(self.names, params))
         params.update(self.frozen)
-        with self.forward_precision():
-            outputs = torch.func.functional_call(self.model, (params, buffers), (inputs,))
-        return outputs.float()
+        return self.run_forward(torch.func.functional_call, self.model, (params, buffers), (inputs,))
 
     def _gradients(self, points: Tensor, inputs: Tensor, targets: Tensor):
         """The gradients of the K workers' losses at their points -- one ``(K, *shape)`` tensor per layer, or
@@ -195,8 +193,7 @@ class Simulator(WorkerBase):
             leaves = self._leaves(points)
             params = dict(zip(self.names, leaves))
             params.update({n: p.expand(k, *p.shape) for n, p in self.frozen.items()})
-            with self.forward_precision():
-                outputs = self.stacked(params, buffers, inputs).float()
+            outputs = self.run_forward(self.stacked, params, buffers, inputs)
             if self.loss_fn is F.cross_entropy:  # one kernel for all workers
                 per_sample = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, -1)
                 if targets.is_floating_point():  # class probabilities: a plain mean

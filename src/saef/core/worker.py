@@ -6,7 +6,6 @@ rank of a distributed run (one worker). The loop (:mod:`saef.app.loop`) uses not
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -83,11 +82,16 @@ class WorkerBase:
     transport: Transport
     precision: str = "fp32"  # of the forward (and so the backward): a key of PRECISIONS
 
-    def forward_precision(self):
-        """The context the model's forward runs in: autocast to the precision's dtype on x's device, or
-        nothing for fp32. The loss is taken in fp32 from the outputs (cast back) outside it."""
+    def run_forward(self, forward, *args) -> Tensor:
+        """``forward(*args)`` (the model's forward), in this worker's precision: as it is for fp32 (whatever
+        the model's dtype), else under autocast on x's device with the outputs cast back to fp32, so that
+        the loss is taken in fp32."""
         dtype = PRECISIONS[self.precision]
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.x.device.type, dtype=dtype)
+        if dtype is None:
+            return forward(*args)
+        with torch.autocast(self.x.device.type, dtype=dtype):
+            outputs = forward(*args)
+        return outputs.float()
 
     @property
     def has_diagnostics(self) -> bool:
