@@ -46,7 +46,7 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8):
             state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=max(2, warmup))
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         if "adamw" in variant:
-            opt = torch.optim.AdamW(ddp.parameters(), lr=lr)
+            opt = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=0.0)  # (saef's Adam runs: wd 0 too)
         else:
             opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
 

@@ -220,3 +220,52 @@ def test_facade_with_parameter_groups_follows_the_rule():
                      betas=[(0.8, 0.95), (0.9, 0.99)], workers=1)
     for p, w in zip(params, want):
         assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12), (p.detach() - w).abs().max()
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def _steps(sim, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        sim.step(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g), lr=1e-3)
+
+
+def test_a_reset_keeps_v_and_a_reset_without_v_after_the_warmup_is_refused():
+    """reset_errors zeroes Adam's momentum and the errors but keeps v (only full-precision steps update it);
+    a reset that has no v to keep (a momentum-SGD state) after the warm-up is refused, naming the step."""
+    sim = saef.Simulator(_model(), workers=2, optimizer="adam", compressor="sign", warmup_steps=3, eps=1e-3)
+    _steps(sim, 6)
+    saved = sim.state_dict()
+    again = saef.Simulator(_model(), workers=2, optimizer="adam", compressor="topk:0.5", warmup_steps=3, eps=1e-3)
+    again.load_state_dict(saved, reset_errors=True)
+    assert torch.equal(again.state.second_moment, sim.state.second_moment) and bool(again.state.second_moment.any())
+    assert not again.state.momentum.any() and not again.state.worker_error.any() and again.state.step == 6
+    sgd = saef.Simulator(_model(), workers=2, compressor="sign", momentum=0.9)
+    _steps(sgd, 6)
+    with pytest.raises(ValueError, match="cannot start a reset of the errors that has no v to keep at step 6"):
+        again.load_state_dict(sgd.state_dict(), reset_errors=True)
+    longer = saef.Simulator(_model(), workers=2, optimizer="adam", compressor="sign", warmup_steps=10, eps=1e-3)
+    longer.load_state_dict(sgd.state_dict(), reset_errors=True)  # its warm-up is not over: v will be filled
+    _steps(longer, 5)
+    assert bool(longer.state.second_moment.any())
+
+
+def test_facade_adds_groups_during_the_warmup_only():
+    """add_param_group with Adam works while the warm-up runs; afterwards it is refused (the new layers' v
+    would stay 0)."""
+    model = _model()
+    opt = saef.SAEF(model[0].parameters(), lr=1e-3, optimizer="adam", compressor="sign", warmup_steps=2)
+    x = torch.randn(8, 4)
+    for step in range(3):
+        if step == 1:
+            opt.add_param_group({"params": model[2].parameters()})
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="cannot start new layers at step 3"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 2

@@ -1,6 +1,7 @@
 """Checkpoints and resume: a run killed with SIGKILL anywhere (even mid-checkpoint) and resumed ends
 bit-identical to an uninterrupted run; damaged or mismatched checkpoints are refused or skipped clearly."""
 
+import csv
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ from torch import nn
 import saef
 from saef.app import checkpoint
 from saef.app.cli import main
+from saef.app.records import METRIC_COLUMNS
 from saef.core import NonFiniteStep
 
 SRC = str(Path(__file__).parent.parent / "src")
@@ -198,6 +200,28 @@ def test_resume_with_other_compressor_needs_reset_errors(tmp_path, capsys):
     event = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
     assert event["reset_errors"] is True and event["changed"]["compressor"] == ["topk:0.1", "sign"]
     assert len(records(out)) == 2
+
+
+def test_resume_into_adam_after_its_warmup_is_refused_and_old_csv_headers_are_rebuilt(tmp_path, capsys):
+    """A reset from a momentum-SGD run into optimizer adam past its warm-up exits 2 naming why (v would stay
+    0); a run whose metrics.csv has an older header (fewer columns) is resumed with the header rebuilt from
+    metrics.jsonl, so the appended rows line up with it."""
+    out = tmp_path / "run"
+    assert main(["train", *RUN, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--optimizer", "adam", "--lr", "0.001", "--reset-errors"]) == 2
+    assert "v is updated only in full precision" in capsys.readouterr().err
+    csv_path = out / "metrics.csv"
+    lines = csv_path.read_text().splitlines()
+    old_columns = [c for c in lines[0].split(",") if c not in ("test_bpb", "test_bpb_aux")]
+    kept = [line.split(",") for line in lines[1:]]
+    index = [lines[0].split(",").index(c) for c in old_columns]
+    csv_path.write_text("\n".join([",".join(old_columns)] + [",".join(row[i] for i in index) for row in kept]) + "\n")
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    with open(csv_path) as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == list(METRIC_COLUMNS) and len(table) == 2
+    assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in records(out)]
 
 
 def test_resume_cannot_change_the_model(tmp_path, capsys):

@@ -130,14 +130,19 @@ class SAEF(torch.optim.Optimizer):
         self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
         c = config
         # what a saved state must have been made with to be loaded as it is
-        self._settings = {"method": c.method, "optimizer": c.optimizer, "compressor": c.compressor.name,
-                          "double_way": c.double_way, "server_compressor": c.downlink_compressor.name}
+        self._settings = {"method": c.method, "compressor": c.compressor.name, "double_way": c.double_way,
+                          "server_compressor": c.downlink_compressor.name}
+        if c.optimizer != "sgd":  # (named only then: states saved before there was a choice still load)
+            self._settings["optimizer"] = c.optimizer
 
     def add_param_group(self, param_group: Dict[str, object]) -> None:
-        """Add a group, with its own ``lr``, ``momentum`` and ``weight_decay`` (the optimizer's where left
-        out). Its parameters join the model as new layers from their current values, with zero momentum and
-        errors; every other layer's state is kept. Distributed: every rank adds the same group (the new
-        parameters start from rank 0's values)."""
+        """Add a group, with its own ``lr`` and local-optimizer settings (``momentum`` and ``weight_decay``;
+        Adam's ``betas``, ``eps``, ``weight_decay``; the optimizer's where left out). Its parameters join the
+        model as new layers from their current values, with zero momentum and errors; every other layer's
+        state is kept. Distributed: every rank adds the same group (the new parameters start from rank 0's
+        values). Adam refuses a group once its warm-up is over: the new layers' v would stay 0."""
+        if self.algorithm is not None:
+            self.algorithm.optimizer.check_new_layers(self.ef_state)
         super().add_param_group(param_group)
         if self.algorithm is None:  # still in __init__
             return
@@ -283,8 +288,7 @@ class SAEF(torch.optim.Optimizer):
                              "its errors cannot be carried over; pass reset_errors=True to keep only the parameters")
         self.x.copy_(state["x"])
         if reset_errors:
-            self.ef_state = self.algorithm.init_state(self.x)
-            self.ef_state.step = int(state["algorithm"]["step"])
+            self.ef_state = self.algorithm.fresh_state(self.x, state["algorithm"])
             self.transport.ledger.load_per_worker(state["ledger"])
         else:
             self.ef_state.load_state_dict(state["algorithm"])

@@ -149,11 +149,18 @@ class RunRecord:
     def _reopen(self, rows: int, config: Dict[str, Any], env: Dict[str, Any], event: Dict[str, Any]) -> None:
         (self.directory / "summary.json").unlink(missing_ok=True)  # incomplete again until it finishes
         lines = (self.directory / "metrics.jsonl").read_text().splitlines(keepends=True)
-        csv_lines = (self.directory / "metrics.csv").read_text().splitlines(keepends=True)
-        if len(lines) < rows or len(csv_lines) < rows + 1:
+        if len(lines) < rows:
             raise ValueError(f"{self.directory} holds {len(lines)} metric rows but its checkpoint covers {rows}")
         write_atomically(self.directory / "metrics.jsonl", "".join(lines[:rows]).encode())
-        write_atomically(self.directory / "metrics.csv", "".join(csv_lines[: rows + 1]).encode())
+        # The CSV is rebuilt from the kept JSON rows under today's columns (a run begun by an older version
+        # has fewer: their cells stay empty), so appended rows line up with the header.
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(METRIC_COLUMNS)
+        for line in lines[:rows]:
+            kept = json.loads(line)
+            writer.writerow(["" if kept.get(c) is None else kept[c] for c in METRIC_COLUMNS])
+        write_atomically(self.directory / "metrics.csv", table.getvalue().encode())
         write_atomically(self.directory / "config.json", _json_bytes(config))
         with open(self.directory / "events.jsonl", "a") as handle:
             handle.write(json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")

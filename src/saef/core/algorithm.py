@@ -116,6 +116,20 @@ class ErrorFeedback:
                 state.tensors[f"{name}_state"] = rows if name == "uplink" else rows[0]
         return state
 
+    def fresh_state(self, x: Tensor, saved: Dict[str, object]) -> ErrorFeedbackState:
+        """The state of a reset (``reset_errors``): as at a start, at the saved step, with the tensors the
+        local optimizer carries over through a reset taken from ``saved`` (a state dict) where it holds them
+        with the same shape (Adam's v, which only full-precision steps update)."""
+        state = self.init_state(x)
+        state.step = int(saved["step"])
+        tensors = saved.get("tensors", {})
+        for name in self.optimizer.kept_on_reset:
+            old = tensors.get(name)
+            if isinstance(old, Tensor) and old.shape == state.tensors[name].shape:
+                state.tensors[name].copy_(old)
+        self.optimizer.check_new_layers(state, reset=True)
+        return state
+
     def layer_columns(self, name: str, i: int) -> slice:
         """Where layer i lies on the last axis of the state tensor ``name`` (or of x): the flat parameter
         axis, except for a compressor's own state (``uplink_state``, ``downlink_state``), which has its own."""
@@ -225,7 +239,8 @@ class ErrorFeedback:
         return self.rule.compression_error(state)
 
     def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
-        """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3)."""
+        """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3); for Adam the
+        errors are mapped to parameters (:meth:`compression_error`)."""
         return x - self.compression_error(state)
 
     def point(self, state: ErrorFeedbackState, x: Tensor, which: str = "x") -> Tensor:
@@ -242,6 +257,8 @@ class ErrorFeedback:
 
         * ``mismatch_ef``   = ||e_s + mean_k e_k||^2           (bounds EF's mismatch, eq. 9)
         * ``mismatch_saef`` = mean_k ||e_s + mean_j e_j - e_k||^2  (bounds SAEF's mismatch, eq. 10)
+
+        with every error as a shift of the parameters (for Adam: times lr / (sqrt(v) + eps)).
         """
         total = self.compression_error(state)
         local = (total.unsqueeze(0) - self.optimizer.shift(state, state.worker_error)).square().sum()

@@ -163,7 +163,7 @@ class ErrorFeedbackConfig:
 
     @property
     def lossless(self) -> bool:
-        """Nothing is compressed either way (then every rule is exactly momentum SGD and there is no
-        compression error to diagnose)."""
+        """Nothing is compressed either way (then every rule is exactly its local optimizer -- momentum SGD,
+        or Adam with v updated every step -- and there is no compression error to diagnose)."""
         # exactly the built-in Identity: a subclass may send less than its input
         return type(self.compressor) is Identity and type(self.downlink_compressor) is Identity

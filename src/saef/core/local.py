@@ -69,6 +69,11 @@ class MomentumSGD:
                     m[:, columns].add_(at[:, columns], alpha=wd)
         return m
 
+    kept_on_reset = ()  # state tensors a reset (reset_errors) carries over
+
+    def check_new_layers(self, state, reset: bool = False) -> None:
+        """Layers may start from zero state at any step."""
+
     def scale(self, lr: PerLayer) -> PerLayer:
         return lr  # the rule compresses lr m_k: a step of the parameters
 
@@ -123,8 +128,21 @@ class Adam:
             "step_size": x.new_zeros(x.numel()),
         }
 
+    # A reset keeps v: only full-precision steps update it, and after the warm-up none come.
+    kept_on_reset = ("second_moment",)
+
     def _full_precision(self, state) -> bool:
         return state.step < self.full_precision_until
+
+    def check_new_layers(self, state, reset: bool = False) -> None:
+        """Refuse state that starts from v = 0 after the warm-up (new layers; a reset that found no v to
+        keep): v would stay 0 there for good, and every step would be lr m / eps."""
+        if self._full_precision(state) or (reset and bool(state.second_moment.any())):
+            return
+        what = "a reset of the errors that has no v to keep" if reset else "new layers"
+        raise ValueError(f"optimizer 'adam' cannot start {what} at step {state.step}, after its warm-up of "
+                         f"{self.full_precision_until} steps: v is updated only in full precision, so it would stay 0; "
+                         f"add them before the warm-up ends, or give warmup_steps above {state.step}")
 
     def update(self, state, grads: Grads, points: Callable[[], Tensor]) -> Tensor:
         """g_k itself in full precision, else m_k = b1 m + (1 - b1) g_k; (W, P), in a reused buffer."""

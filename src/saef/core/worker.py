@@ -121,13 +121,13 @@ class WorkerBase:
     def _load_algorithm_state(self, state: Dict[str, object], reset_errors: bool) -> None:
         """Restore x, the algorithm's state and the ledger exactly; or, with ``reset_errors``, start the
         rule's and the local optimizer's state afresh from the saved *model iterate* (for EF21 double-way
-        the server's x, not the workers' copy), keeping the step and the per-worker bit counts."""
+        the server's x, not the workers' copy), keeping the step, the per-worker bit counts and what the
+        local optimizer carries over (Adam's v; see :meth:`ErrorFeedback.fresh_state`)."""
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
         if reset_errors:
             self.x.copy_(state.get("model", state["x"]))
-            self.state = self.algorithm.init_state(self.x)
-            self.state.step = int(state["algorithm"]["step"])
+            self.state = self.algorithm.fresh_state(self.x, state["algorithm"])
             self.transport.ledger.load_per_worker(state["ledger"])  # this process's wire counters stay its own
         else:
             self.x.copy_(state["x"])
