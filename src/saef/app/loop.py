@@ -397,6 +397,8 @@ def _finish(run: Run) -> Dict[str, Any]:
         "final_test_acc_aux": last["test_acc_aux"],
         "best_test_acc": max(r["test_acc"] for r in rows),
         "final_train_loss": last["train_loss"],
+        "final_test_bpb": last["test_bpb"],  # dataset text: validation bits per byte at x (else None)
+        "final_test_bpb_aux": last["test_bpb_aux"],
         **{key: last[key] for key in ("bits_up", "bits_down", "bits_averaging", "skipped_steps", "wall_time")},
     }
     from .plots import plot_run
@@ -415,6 +417,9 @@ def format_summary(config: TrainConfig, summary: Dict[str, Any]) -> str:
     lines = [("method", config.description), ("final test accuracy at x", f"{100 * summary['final_test_acc']:.2f}%")]
     if summary["final_test_acc_aux"] is not None:
         lines.append(("final test accuracy at x~", f"{100 * summary['final_test_acc_aux']:.2f}%"))
+    for key, where in (("final_test_bpb", "x"), ("final_test_bpb_aux", "x~")):
+        if summary.get(key) is not None:
+            lines.append((f"final test bits per byte at {where}", f"{summary[key]:.3f}"))
     lines += [
         ("best test accuracy at x", f"{100 * summary['best_test_acc']:.2f}%"),
         ("final train loss", f"{summary['final_train_loss']:.4f}"),
