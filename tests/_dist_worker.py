@@ -9,7 +9,7 @@ import torch.distributed as dist
 from saef.backends.distributed import DistributedWorker, init_distributed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _dist_cases import CASES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
 
@@ -55,6 +55,22 @@ def run_facade(world):
     return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
 
 
+def run_adam_facade(world):
+    """The optimizer facade with optimizer adam (SAEF-Adam, sign, warm-up of 4 steps, p = 3)."""
+    import torch.nn.functional as F
+
+    import saef
+
+    model = tiny_model()
+    opt = saef.SAEF(model.parameters(), lr=0.01, compressor="sign", average_every=3, **ADAM)
+    for step in range(STEPS):
+        inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
+        opt.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        opt.step()
+    return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
+
+
 def resnet20_wire():
     """Uplink bytes handed to torch.distributed in one ResNet-20 step, per compressor, against the fp32
     all-reduce payload (4 bytes per parameter)."""
@@ -79,6 +95,7 @@ def main():
     world = dist.get_world_size()
     results = {case: run_case(case, world) for case in CASES}
     results["facade"] = run_facade(world)
+    results["adam facade"] = run_adam_facade(world)
     if world == 2:
         results["resnet20"] = resnet20_wire()
     gathered = [None] * world

@@ -16,7 +16,7 @@ import saef
 from saef.backends.distributed import assign_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_cases import CASES, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
 
 HERE = Path(__file__).parent
 SRC = str(HERE.parent / "src")
@@ -150,6 +150,18 @@ def test_optimizer_facade_on_processes_equals_simulator(tmp_path_factory, world)
     for results in dist_results(tmp_path_factory, world):
         assert torch.allclose(results["facade"]["x"], sim.x, rtol=1e-5, atol=1e-6)
         assert results["facade"]["bits_up"] == sim.bits["bits_up"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_adam_facade_on_processes_equals_simulator(tmp_path_factory, world):
+    """saef.SAEF(optimizer="adam") in a user's loop on K processes equals the simulator with K workers
+    (atol 1e-5, as for Adam in test_processes_equal_simulator), with the same uplink bits."""
+    sim = saef.Simulator(tiny_model(), workers=world, compressor="sign", average_every=3, **ADAM)
+    for step in range(STEPS):
+        sim.step(*batch(step, world), lr=0.01)
+    for results in dist_results(tmp_path_factory, world):
+        assert torch.allclose(results["adam facade"]["x"], sim.x, rtol=1e-5, atol=1e-5), (results["adam facade"]["x"] - sim.x).abs().max()
+        assert results["adam facade"]["bits_up"] == sim.bits["bits_up"]
 
 
 def test_resnet20_wire_ratios(tmp_path_factory):
