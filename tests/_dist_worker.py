@@ -35,11 +35,21 @@ def run_case(case, world):
     return {"x": worker.x.clone(), "bits": dict(worker.bits), "wire_errors": wire_errors}
 
 
-def run_facade(world):
-    """The optimizer facade in a user's loop: each rank steps on its shard. The last layer joins through
-    add_param_group, from values that differ by rank (the group must start from rank 0's)."""
+def _user_loop(opt, model, world):
+    """Each rank steps on its shard, as a user's training loop would."""
     import torch.nn.functional as F
 
+    for step in range(STEPS):
+        inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
+        opt.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        opt.step()
+    return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
+
+
+def run_facade(world):
+    """The optimizer facade in a user's loop. The last layer joins through add_param_group, from values that
+    differ by rank (the group must start from rank 0's)."""
     import saef
 
     model = tiny_model()
@@ -47,28 +57,15 @@ def run_facade(world):
     with torch.no_grad():
         model[5].weight.add_(dist.get_rank())
     opt.add_param_group({"params": model[5].parameters()})
-    for step in range(STEPS):
-        inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
-        opt.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        opt.step()
-    return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
+    return _user_loop(opt, model, world)
 
 
 def run_adam_facade(world):
     """The optimizer facade with optimizer adam (SAEF-Adam, sign, warm-up of 4 steps, p = 3)."""
-    import torch.nn.functional as F
-
     import saef
 
     model = tiny_model()
-    opt = saef.SAEF(model.parameters(), lr=0.01, compressor="sign", average_every=3, **ADAM)
-    for step in range(STEPS):
-        inputs, targets = shard(*batch(step, world), dist.get_rank(), world)
-        opt.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        opt.step()
-    return {"x": opt.x.clone(), "bits_up": opt.bits["bits_up"]}
+    return _user_loop(saef.SAEF(model.parameters(), lr=0.01, compressor="sign", average_every=3, **ADAM), model, world)
 
 
 def resnet20_wire():
