@@ -1,0 +1,113 @@
+"""Sorted index sets coded near their information content: the Elias-Fano code, of a size fixed by (d, k).
+
+A top-k payload names k of d positions. Written one by one in ceil(log2 d) bits each (today's format), that
+costs k ceil(log2 d) bits; the set itself holds log2 C(d, k) bits of information, about
+k (log2(d / k) + log2 e) when k << d (8.1 bits per kept entry at 1 % of 10^6, against 20).
+
+Elias-Fano writes the sorted indices i_0 < ... < i_{k-1} as
+  * their low L = max(0, floor(log2(d / k))) bits, packed (k L bits), and
+  * their high parts h_j = i_j >> L in unary: a bit vector of k + ((d - 1) >> L) + 1 bits with bit
+    h_j + j set for every j,
+at most k (2 + log2(d / k)) bits: within 0.56 k bits of the bound where d / k is a power of two.
+
+Why this code rather than Golomb-Rice on the gaps (about as short, and chosen by the same d / k): its size
+depends on (d, k) only, so a receiver knows every payload's size before it arrives (the transports'
+all-to-all needs that; a Rice code's size depends on the gaps and would need its sizes exchanged first),
+and both directions are a few vectorised passes (positions of the set bits decode the high parts), where a
+Rice decoder walks the stream entry by entry. :func:`coded_bits` against :func:`explicit_bits` says which is
+smaller for a layer; both sides compute that choice, so no flag bit is sent.
+
+Example::
+
+    >>> idx = np.array([[3, 4, 90]])                 # sorted, one row
+    >>> packed = encode(idx, d=100)                  # (1, ceil(coded_bits(100, 3) / 8)) bytes
+    >>> decode(packed, d=100, k=3)
+    array([[ 3,  4, 90]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["low_bits", "coded_bits", "explicit_bits", "information_bits", "encode", "decode"]
+
+
+def low_bits(d: int, k: int) -> int:
+    """L: the low bits written as they are, max(0, floor(log2(d / k))) (0 for k = 0)."""
+    if k <= 0 or d <= k:
+        return 0
+    return (d // k).bit_length() - 1
+
+
+def _high_length(d: int, k: int, low: int) -> int:
+    return k + ((d - 1) >> low) + 1 if d > 0 else k
+
+
+def coded_bits(d: int, k: int) -> int:
+    """Bits of the Elias-Fano code of k indices in [0, d): k L + k + ((d - 1) >> L) + 1."""
+    low = low_bits(d, k)
+    return k * low + _high_length(d, k, low)
+
+
+def explicit_bits(d: int, k: int) -> int:
+    """Bits of k indices written one by one: k ceil(log2 d)."""
+    return k * max(d - 1, 0).bit_length()
+
+
+def information_bits(d: int, k: int) -> float:
+    """log2 C(d, k), the information in a k-subset of d positions."""
+    return (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
+
+
+def _check(idx: np.ndarray, d: int) -> None:
+    if idx.ndim != 2:
+        raise ValueError(f"indices must be (rows, k), got shape {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= d):
+        raise ValueError(f"indices must lie in [0, {d}), got [{idx.min()}, {idx.max()}]")
+    if idx.shape[1] > 1 and bool((np.diff(idx, axis=1) <= 0).any()):
+        raise ValueError("indices must be strictly increasing along each row")
+
+
+def encode(idx: np.ndarray, d: int) -> np.ndarray:
+    """``(W, k)`` strictly increasing indices in [0, d) -> ``(W, ceil(coded_bits(d, k) / 8))`` uint8: the L-bit
+    low parts packed (bit j of entry e at stream bit e L + j), then the high bit vector."""
+    idx = np.asarray(idx, dtype=np.int64)
+    _check(idx, d)
+    rows, k = idx.shape
+    low = low_bits(d, k)
+    high_length = _high_length(d, k, low)
+    bits = np.zeros((rows, k * low + high_length), dtype=np.uint8)
+    if low:  # the low bits of each index, least significant first, from its little-endian bytes
+        words = np.ascontiguousarray(idx.astype(_word(low)))
+        spread = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little").reshape(rows, k, -1)
+        bits[:, : k * low] = spread[:, :, :low].reshape(rows, k * low)
+    positions = (idx >> low) + np.arange(k, dtype=np.int64)  # h_j + j: strictly increasing
+    np.put_along_axis(bits[:, k * low :], positions, 1, axis=1)
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def _word(low: int):
+    return np.uint8 if low <= 8 else np.uint16 if low <= 16 else np.uint32 if low <= 32 else np.uint64
+
+
+def decode(packed: np.ndarray, d: int, k: int) -> np.ndarray:
+    """Inverse of :func:`encode`: ``(W, bytes)`` -> ``(W, k)`` int64 indices."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    rows = packed.shape[0]
+    low = low_bits(d, k)
+    total = coded_bits(d, k)
+    if packed.shape[1] != (total + 7) // 8:
+        raise ValueError(f"a code of {k} indices in [0, {d}) has {(total + 7) // 8} bytes, got {packed.shape[1]}")
+    bits = np.unpackbits(packed, axis=1, count=total, bitorder="little")
+    set_rows, set_positions = np.nonzero(bits[:, k * low :])
+    if set_rows.size != rows * k:
+        raise ValueError(f"the high bit vector holds {set_rows.size} set bits, expected {rows * k}")
+    out = (set_positions.reshape(rows, k) - np.arange(k, dtype=np.int64)) << low  # nonzero lists row by row
+    if low:  # the low bits back into words: pad each entry's L bits to the word and pack them
+        word = np.dtype(_word(low))
+        spread = np.zeros((rows, k, 8 * word.itemsize), dtype=np.uint8)
+        spread[:, :, :low] = bits[:, : k * low].reshape(rows, k, low)
+        out |= np.packbits(spread, axis=-1, bitorder="little").view(word).reshape(rows, k).astype(np.int64)
+    return out
