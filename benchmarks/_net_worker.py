@@ -3,8 +3,8 @@ MASTER_ADDR=127.0.0.1, MASTER_PORT inside a rate-limited network namespace). Ran
 
 Variants: ddp-fp32, ddp-fp16, ddp-powersgd (PyTorch's DDP and its built-in communication hooks), and
 saef-ef-sign, saef-sign, saef-topk (saef's distributed worker, double-way, sharded server), all with momentum
-SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-bf16, ddp-adamw-powersgd (torch.optim.AdamW under DDP and its
-hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up.
+SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-fp16, ddp-adamw-bf16 (its hook needs CUDA and NCCL),
+ddp-adamw-powersgd (torch.optim.AdamW under DDP and its hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up.
 """
 
 import argparse
@@ -38,7 +38,7 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8):
         # PowerSGD's asynchronous per-bucket collectives can interleave differently on each rank over gloo
         # ("Received data size doesn't match"); one bucket keeps them in one order.
         ddp = DistributedDataParallel(model, bucket_cap_mb=1024 if variant.endswith("powersgd") else 25)
-        if variant == "ddp-fp16":
+        if variant in ("ddp-fp16", "ddp-adamw-fp16"):
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         elif variant == "ddp-adamw-bf16":
             ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)

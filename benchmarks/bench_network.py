@@ -27,8 +27,9 @@ from _timing import kernels_in_use
 
 NAMESPACE = "saefbench"
 VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk"]
-# the GPT trains with Adam: torch.optim.AdamW under DDP (fp32, bf16 hook, PowerSGD hook), 1-bit Adam, SAEF-Adam
-GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-bf16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
+# the GPT trains with Adam: torch.optim.AdamW under DDP (fp32, 16-bit and PowerSGD hooks), 1-bit Adam, SAEF-Adam.
+# PyTorch's bf16 hook needs CUDA and NCCL, so on gloo the fp16 hook stands for DDP's 16-bit all-reduce.
+GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
 
 
@@ -92,7 +93,7 @@ def main():
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS,
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"],
                         help="default: the momentum-SGD variants, or for --models gpt the Adam ones")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")

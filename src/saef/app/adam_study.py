@@ -22,7 +22,9 @@ import numpy as np
 
 from .plots import run_label, save_figure, traffic_bits
 
-__all__ = ["plan", "report", "METHODS"]
+__all__ = ["plan", "report", "METHODS", "TITLE"]
+
+TITLE = "adam: compressed-momentum Adam on the byte-level GPT"
 
 # The schedule every method shares: 3 epochs of 432 steps (27,692 windows / 64), the lr divided by 10
 # after the second, and the first 200 steps (~15 %) in full precision, as 1-bit Adam warms up.
@@ -48,7 +50,8 @@ def plan(make_run, seeds: int) -> list:
 
 def _label_of(config: Dict[str, object]) -> str:
     for label, settings in METHODS:
-        if all(config.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()):
+        wanted = {"average_every": None, **settings}  # (p = never unless the method says otherwise)
+        if all(config.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()):
             return label
     return run_label(config)
 

@@ -395,7 +395,7 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
         study = importlib.import_module(f".{studies[name]}", __package__)
         body, made = study.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
         path = out / f"{name}-tables{suffix}.md"
-        text += body
+        text = f"# {getattr(study, 'TITLE', f'{name} ({setting})')}\n\n" + body
     else:
         if name == "table1":
             text += "Best test top-1 accuracy (%) up to the first learning-rate decay, mean ± std over seeds.\n\n"
