@@ -88,6 +88,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--warmup", type=int, default=0, help="training: Adam variants' full-precision steps (and PowerSGD's start_powerSGD_iter)")
     parser.add_argument("--eps", type=float, default=1e-8, help="training: saef's Adam eps")
+    parser.add_argument("--evals-per-epoch", type=int, default=1, help="training: evaluations per epoch (the clock stops for them)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--data-dir", default="~/.cache/saef")
     args = parser.parse_args()
@@ -135,12 +136,18 @@ def main():
         order.manual_seed(0)
         curve, train_time = [], 0.0
         steps_per_epoch = len(data.train.targets) // args.batch
+        every = max(1, steps_per_epoch // args.evals_per_epoch)  # evaluate every this many steps (and at the end)
         for epoch in range(args.epochs):
             dist.barrier()
             start = time.perf_counter()
-            for indices in epoch_batches(len(data.train.targets), args.batch, order):
+            for i, indices in enumerate(epoch_batches(len(data.train.targets), args.batch, order), start=1):
                 mine = indices[rank * per : (rank + 1) * per]
                 step(data.train.inputs[mine], data.train.targets[mine])
+                if i % every == 0 and i < steps_per_epoch:  # the clock stops while evaluating
+                    train_time += time.perf_counter() - start
+                    curve.append((train_time, evaluate(current(), data.test)))
+                    dist.barrier()
+                    start = time.perf_counter()
             train_time += time.perf_counter() - start
             curve.append((train_time, evaluate(current(), data.test)))
         result["curve"] = curve

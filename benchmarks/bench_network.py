@@ -156,8 +156,11 @@ def main():
             if args.target_acc is not None:
                 target = args.target_acc
             else:
-                base = next(b for b in curves if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
-                            and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32"))
+                base = next((b for b in curves if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
+                             and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
+                if base is None:  # DDP fp32 was not among the variants run: no target (give --target-acc)
+                    print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['curve'][-1][1]:.4g} | – (no DDP fp32 run) |")
+                    continue
                 target = base["curve"][-1][1]
             loss = r["model"] == "gpt"  # validation bits per byte: lower is better
             reached = time_to(r["curve"], target, lower=loss)

@@ -26,8 +26,13 @@ BENCHMARKS = {
     "network_tta10": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "--models", "mlp5m", "--epochs", "10",
                       "--variants", "ddp-powersgd", "saef-sign", "saef-topk", "--target-acc", "0.6485",
                       "--json", "benchmarks/results/network_tta10.json"],
+    "gpt": ["bench_gpt.py"],
+    "indexcode": ["bench_indexcode.py"],
+    # the GPT with Adam at 100 Mbit/s: per step, and the time to DDP-AdamW-fp32's validation loss after 1 epoch
+    "network_gpt": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "4", "--models", "gpt", "--epochs", "1",
+                    "--warmup", "100", "--gpt-lr", "3e-4", "--json", "benchmarks/results/network_gpt.json"],
 }
-NETWORK = ("network", "network_tta4", "network_tta10")
+NETWORK = ("network", "network_tta4", "network_tta10", "network_gpt")
 
 
 def main():
