@@ -60,7 +60,7 @@ def run_variant(variant, model, workers, args):
                    OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = ["ip", "netns", "exec", NAMESPACE, sys.executable, WORKER, "--variant", variant, "--model", model,
                 "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr if model != "gpt" else args.gpt_lr),
-                "--warmup", str(args.warmup if model == "gpt" else 0)]
+                "--warmup", str(args.warmup if model == "gpt" else 0), "--evals-per-epoch", str(args.evals_per_epoch)]
         # Only rank 0's output is read; the others' must not fill an unread pipe and block.
         quiet = subprocess.DEVNULL
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE if rank == 0 else quiet,
@@ -98,8 +98,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--gpt-lr", type=float, default=3e-3, help="the GPT's Adam lr")
-    parser.add_argument("--warmup", type=int, default=250, help="the GPT: full-precision steps of 1-bit Adam and SAEF-Adam "
+    parser.add_argument("--gpt-lr", type=float, default=3e-4, help="the GPT's Adam lr (saef reproduce adam's)")
+    parser.add_argument("--evals-per-epoch", type=int, default=1, help="evaluations per epoch of the time-to-accuracy runs")
+    parser.add_argument("--warmup", type=int, default=32, help="the GPT: full-precision steps of 1-bit Adam and SAEF-Adam "
                         "(and PowerSGD's start_powerSGD_iter)")
     parser.add_argument("--target-acc", type=float, default=None,
                         help="time-to-accuracy target (fraction); default: DDP fp32's final test accuracy in this run")
