@@ -382,6 +382,7 @@ class DistributedWorker(WorkerBase):
         config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`), or its settings as keywords.
         server: ``"sharded"`` or ``"rank0"``. Where nothing is compressed either way, the mean travels as
             in an all-reduce instead (``"allreduce"``), whatever is asked.
+        precision: ``"fp32"`` or ``"bf16"`` (the forward under autocast), as for the simulator.
     """
 
     cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch

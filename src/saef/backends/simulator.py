@@ -54,6 +54,8 @@ class Simulator(WorkerBase):
             a model whose ``simulate_in_loop`` is true, as the GPT's), ``True``
             (stacked layers or vmap, errors are raised), ``"vmap"`` (vmap only, errors are raised) or
             ``False`` (a loop over workers).
+        precision: ``"fp32"``, or ``"bf16"``: the model's forward (and so its backward) under autocast on
+            the parameters' device; the loss, the parameters and the algorithm's state stay fp32.
     """
 
     def __init__(
