@@ -101,13 +101,11 @@ def decode(packed: np.ndarray, d: int, k: int) -> np.ndarray:
     if packed.shape[1] != (total + 7) // 8:
         raise ValueError(f"a code of {k} indices in [0, {d}) has {(total + 7) // 8} bytes, got {packed.shape[1]}")
     bits = np.unpackbits(packed, axis=1, count=total, bitorder="little")
-    set_rows, set_positions = np.nonzero(bits[:, k * low :])
-    if set_rows.size != rows * k:
-        raise ValueError(f"the high bit vector holds {set_rows.size} set bits, expected {rows * k}")
-    out = (set_positions.reshape(rows, k) - np.arange(k, dtype=np.int64)) << low  # nonzero lists row by row
-    if low:  # the low bits back into words: pad each entry's L bits to the word and pack them
-        word = np.dtype(_word(low))
-        spread = np.zeros((rows, k, 8 * word.itemsize), dtype=np.uint8)
-        spread[:, :, :low] = bits[:, : k * low].reshape(rows, k, low)
-        out |= np.packbits(spread, axis=-1, bitorder="little").view(word).reshape(rows, k).astype(np.int64)
+    high = bits[:, k * low :]
+    set_bits = np.flatnonzero(high.ravel())  # row by row, in order (one pass, faster than a 2-D nonzero)
+    if set_bits.size != rows * k or (rows > 1 and bool((np.bincount(set_bits // high.shape[1], minlength=rows) != k).any())):
+        raise ValueError(f"the high bit vector holds {set_bits.size} set bits, expected {k} in each of {rows} row(s)")
+    out = ((set_bits % high.shape[1]).reshape(rows, k) - np.arange(k, dtype=np.int64)) << low
+    if low:  # the low bits back into numbers: each entry's L bits against their weights 2^j
+        out |= bits[:, : k * low].reshape(rows, k, low) @ (np.int64(1) << np.arange(low, dtype=np.int64))
     return out
