@@ -79,6 +79,12 @@ def run_variant(variant, model, workers, args):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def ddp_fp32(results, r):
+    """The DDP fp32 row (SGD or AdamW) of r's rate, model and worker count, or None."""
+    return next((b for b in results if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
+                 and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
+
+
 def time_to(curve, target, lower=False):
     """The training seconds at the first evaluation that reaches ``target`` (at or above it; at or below
     for a loss), or None."""
@@ -140,8 +146,7 @@ def main():
     print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
     print("|---|---|---:|---|---:|---:|")
     for r in results:
-        base = next((b for b in results if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
-                     and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
+        base = ddp_fp32(results, r)
         if r["step_s"] is None:
             print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | failed: {r.get('error')} | – |")
             continue
@@ -157,8 +162,7 @@ def main():
             if args.target_acc is not None:
                 target = args.target_acc
             else:
-                base = next((b for b in curves if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
-                             and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
+                base = ddp_fp32(curves, r)
                 if base is None:  # DDP fp32 was not among the variants run: no target (give --target-acc)
                     print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['curve'][-1][1]:.4g} | – (no DDP fp32 run) |")
                     continue

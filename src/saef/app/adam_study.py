@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .plots import run_label, save_figure, traffic_bits
+from .plots import mean_std, run_label, save_figure, traffic_bits
 
 __all__ = ["plan", "report", "METHODS", "TITLE"]
 
@@ -66,11 +66,9 @@ def _groups(runs: Sequence, runs_dir: Path, read_rows) -> Dict[str, List[List[di
 
 
 def _pm(values: Sequence[float]) -> str:
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    if not len(values):
-        return "–"
-    spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{values.mean():.3f}{spread}"
+    """mean ± std to 3 decimals of the values that were recorded, or "–" where none were."""
+    present = [v for v in values if v is not None]
+    return mean_std(present, digits=3) if present else "–"
 
 
 def markdown(groups: Dict[str, List[List[dict]]]) -> str:

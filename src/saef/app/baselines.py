@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import save_figure, traffic_bits
+from .plots import mean_std, save_figure, traffic_bits
 
 __all__ = ["plan", "confirm", "select", "report"]
 
@@ -144,12 +144,6 @@ def _at_budget(rows: List[dict], budget_mb: float) -> float:
     return (within[-1] if within else rows[0])["test_acc"]
 
 
-def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
-    a = scale * np.asarray(values, dtype=float)
-    spread = a.std(ddof=1) if len(a) > 1 else 0.0
-    return f"{a.mean():.{digits}f} ± {spread:.{digits}f}"
-
-
 def mnist_markdown(chosen: Dict[tuple, dict]) -> str:
     mnist = {k: v for k, v in chosen.items() if dict(k)["dataset"] != "libsvm"}
     if not mnist:
@@ -164,8 +158,8 @@ def mnist_markdown(chosen: Dict[tuple, dict]) -> str:
             lines.append(f"| {_label(v['config'])} | – | {per_lr} | diverged at every lr | – | – |")
             continue
         failed = f" ({v['failed']} seed(s) diverged)" if v["failed"] else ""
-        lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {_pm([r[-1]['test_acc'] for r in seeds])}{failed} "
-                     f"| {_megabytes(seeds[0][-1]):.2f} | {_pm([_at_budget(r, budget) for r in seeds])} |")
+        lines.append(f"| {_label(v['config'])} | {v['lr']:g} | {per_lr} | {mean_std([r[-1]['test_acc'] for r in seeds], 100)}{failed} "
+                     f"| {_megabytes(seeds[0][-1]):.2f} | {mean_std([_at_budget(r, budget) for r in seeds], 100)} |")
     return "\n".join(lines)
 
 

@@ -161,6 +161,13 @@ def traffic_bits(row: Row) -> Optional[float]:
     return up + down + (_finite(row.get("bits_averaging")) or 0.0)
 
 
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of ``scale * values`` (std with ddof 1; 0 for one value), as the study tables print it."""
+    a = scale * np.asarray(values, dtype=float)
+    spread = a.std(ddof=1) if len(a) > 1 else 0.0
+    return f"{a.mean():.{digits}f} ± {spread:.{digits}f}"
+
+
 def _series(runs: Sequence[Sequence[Row]], key: str, x: str = "epoch", scale: float = 1.0):
     """Mean and std (ddof=1; 0 for one run) of ``key`` over runs, against epoch or communicated bits.
 

@@ -57,6 +57,12 @@ METRIC_COLUMNS = (
 )
 
 
+def _csv_cells(row: Dict[str, Any]) -> List[Any]:
+    """A metrics row as CSV cells in column order: empty where a value is None (or, in a row written by an
+    older version, missing)."""
+    return ["" if row.get(c) is None else row[c] for c in METRIC_COLUMNS]
+
+
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     """The rows of ``run_dir/metrics.jsonl``, one per epoch, sorted by epoch (the one metrics reader).
 
@@ -158,8 +164,7 @@ class RunRecord:
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(METRIC_COLUMNS)
         for line in lines[:rows]:
-            kept = json.loads(line)
-            writer.writerow(["" if kept.get(c) is None else kept[c] for c in METRIC_COLUMNS])
+            writer.writerow(_csv_cells(json.loads(line)))
         write_atomically(self.directory / "metrics.csv", table.getvalue().encode())
         write_atomically(self.directory / "config.json", _json_bytes(config))
         with open(self.directory / "events.jsonl", "a") as handle:
@@ -176,7 +181,7 @@ class RunRecord:
         if missing:
             raise ValueError(f"metrics row lacks {sorted(missing)}")
         line = io.StringIO()
-        csv.writer(line, lineterminator="\n").writerow(["" if row[c] is None else row[c] for c in METRIC_COLUMNS])
+        csv.writer(line, lineterminator="\n").writerow(_csv_cells(row))
         for name, text in (("metrics.csv", line.getvalue()), ("metrics.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
             with open(self.directory / name, "a") as handle:
                 handle.write(text)

@@ -265,8 +265,10 @@ def _rows(run_dir: Path) -> List[dict]:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    a = 100 * np.asarray(values, dtype=float)
-    return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
+    """Accuracies as percentages, mean ± std."""
+    from .plots import mean_std
+
+    return mean_std(values, 100)
 
 
 def table1_markdown(runs: Sequence[Run], runs_dir: Path) -> str:

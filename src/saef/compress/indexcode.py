@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from .kernels import index_bits, word_type
+
 __all__ = ["low_bits", "coded_bits", "explicit_bits", "information_bits", "encode", "decode"]
 
 
@@ -52,8 +54,8 @@ def coded_bits(d: int, k: int) -> int:
 
 
 def explicit_bits(d: int, k: int) -> int:
-    """Bits of k indices written one by one: k ceil(log2 d)."""
-    return k * max(d - 1, 0).bit_length()
+    """Bits of k indices written one by one: k ceil(log2 d) (top-k's format today)."""
+    return k * index_bits(d)
 
 
 def information_bits(d: int, k: int) -> float:
@@ -80,16 +82,12 @@ def encode(idx: np.ndarray, d: int) -> np.ndarray:
     high_length = _high_length(d, k, low)
     bits = np.zeros((rows, k * low + high_length), dtype=np.uint8)
     if low:  # the low bits of each index, least significant first, from its little-endian bytes
-        words = np.ascontiguousarray(idx.astype(_word(low)))
+        words = np.ascontiguousarray(idx.astype(word_type(low)))  # (the narrowest type, as top-k packs indices)
         spread = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little").reshape(rows, k, -1)
         bits[:, : k * low] = spread[:, :, :low].reshape(rows, k * low)
     positions = (idx >> low) + np.arange(k, dtype=np.int64)  # h_j + j: strictly increasing
     np.put_along_axis(bits[:, k * low :], positions, 1, axis=1)
     return np.packbits(bits, axis=1, bitorder="little")
-
-
-def _word(low: int):
-    return np.uint8 if low <= 8 else np.uint16 if low <= 16 else np.uint32 if low <= 32 else np.uint64
 
 
 def decode(packed: np.ndarray, d: int, k: int) -> np.ndarray:

@@ -525,15 +525,15 @@ def _largestnumpy_view(row: np.ndarray, k: int, sample_k: int) -> np.ndarray:
 
 # Index packing with numpy: an index's low b bits are the first b bits of its little-endian 32-bit form,
 # so unpackbits/packbits move all of them at once (the torch path works bit by bit).
-def _word(b: int) -> str:
+def word_type(b: int) -> str:
     """The narrowest little-endian unsigned type that holds b bits (fewer bits to unpack and drop)."""
-    return "<u1" if b <= 8 else "<u2" if b <= 16 else "<u4"
+    return "<u1" if b <= 8 else "<u2" if b <= 16 else "<u4" if b <= 32 else "<u8"
 
 
 def pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
     """``(W, k)`` indices < 2^b -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
     w, k = idx.shape
-    word = np.dtype(_word(b))
+    word = np.dtype(word_type(b))
     # flat (un)packing: numpy's per-axis versions over an axis of a few bytes are 2-3x slower
     bits = np.unpackbits(idx.astype(word).view(np.uint8).reshape(-1), bitorder="little").reshape(w, k, 8 * word.itemsize)[:, :, :b]
     return np.packbits(bits.reshape(w, k * b), axis=1, bitorder="little")
@@ -542,7 +542,7 @@ def pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
 def unpack_index_bits(packed: np.ndarray, k: int, b: int) -> np.ndarray:
     """Inverse of :func:`pack_index_bits`: ``(W, bytes)`` -> ``(W, k)`` int64."""
     w = packed.shape[0]
-    word = np.dtype(_word(b))
+    word = np.dtype(word_type(b))
     words = np.zeros((w, k, 8 * word.itemsize), dtype=np.uint8)
     words[:, :, :b] = np.unpackbits(packed, axis=1, count=k * b, bitorder="little").reshape(w, k, b)
     return np.packbits(words.reshape(-1), bitorder="little").view(word).reshape(w, k).astype(np.int64)

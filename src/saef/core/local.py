@@ -109,6 +109,7 @@ class Adam:
         # The steps that exchange dense gradients and update v: the warm-up, or all of them when nothing
         # is compressed (then this is plain Adam; compressed values cannot carry g^2, so v freezes).
         self.full_precision_until = full_precision_until
+        self.unit = PerLayer(1.0, layout, "scale")  # what the rule multiplies the momentum by: nothing
         self.set(config.betas, config.eps, config.weight_decay)
 
     def set(self, betas, eps: Scalar, weight_decay: Scalar) -> None:
@@ -162,7 +163,7 @@ class Adam:
         return out
 
     def scale(self, lr: PerLayer) -> PerLayer:
-        return PerLayer(1.0, self.layout, "scale")  # the rule compresses the momentum itself
+        return self.unit  # the rule compresses the momentum itself
 
     def apply(self, state, x: Tensor, update: Tensor, lr: PerLayer) -> None:
         m, v, step = state.momentum, state.second_moment, state.step_size
