@@ -1,33 +1,41 @@
-"""Top-k's indices at their information limit: the Elias-Fano code (saef.compress.indexcode) against today's
-explicit ceil(log2 d)-bit indices and the bound log2 C(d, k), per layer, and its cost in time.
+"""Top-k's indices at their information limit: top-k's payload (Elias-Fano indices, saef.compress.indexcode)
+against the explicit ceil(log2 d)-bit indices it sent before and the bound log2 C(d, k), per layer, and
+its encode + decode time against the top-k of an earlier revision.
 
-    python benchmarks/bench_indexcode.py                  # ResNet-20, ResNet-56 and the 5M MLP at 0.1, 1, 10 %
-    python benchmarks/bench_indexcode.py --timing-only
+    python benchmarks/bench_indexcode.py                     # ResNet-20, ResNet-56 and the 5M MLP at 0.1, 1, 10 %
+    python benchmarks/bench_indexcode.py --timing-only --against 227476f
 
-Table 1 (bits, computed from the formulas, checked against real codes on every layer): per model, rho and
-value width, the payload of today's top-k and of top-k with the shorter of the two index codes chosen per
-layer, each as a ratio to the bound log2 C(d, k) + k * (value bits), the worst layer and the whole model.
-Table 2 (time): today's top-k encode + decode of one tensor beside the same plus sorting the kept indices
-and coding them with Elias-Fano both ways (an upper bound of the coded top-k: the explicit index packing it
-would replace is still counted), medians of interleaved rounds. Bits here are bit-exact per layer (no byte
-padding), for the three payloads alike.
+Table 1 (bits): per model, rho and value width, top-k's real payload of every layer (encoded, its size
+read from the tensors: byte padding included) and the explicit format's (k ceil(log2 d) bits padded to
+bytes, plus the values), each as a ratio to the bound log2 C(d, k) + k * (value bits): the worst layer,
+the worst layer of at least 8 kept entries, and the whole model; and the index bits per kept entry.
+Table 2 (time): encode + decode of one tensor by topk:0.01 here and at revision ``--against`` (its tree
+exported and its compiled kernels built in a temporary directory), each timed in its own process, the
+two processes alternating for ``--rounds`` rounds; the median of the rounds' medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 import saef
 from _timing import interleaved_medians, kernels_in_use
-from saef.compress import Layout
-from saef.compress.indexcode import coded_bits, decode, encode, explicit_bits, information_bits
+from saef.compress import Layout, payload_bits
+from saef.compress.indexcode import explicit_bits, information_bits
 from saef.zoo.models import build_model
 
 MODELS = {"resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 10), "mlp5m": ((1, 40), 10)}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def layer_sizes(name):
@@ -36,51 +44,65 @@ def layer_sizes(name):
 
 
 def bits_table(models, rhos):
-    rng = np.random.default_rng(0)
-    print("| model | rho | values | today / bound (worst layer) | today / bound (model) | coded / bound (worst layer) | coded / bound (model) | index bits per kept entry: today, coded, bound |")
-    print("|---|---:|---|---:|---:|---:|---:|---|")
+    print("| model | rho | values | explicit / bound (worst layer) | top-k / bound (worst layer) | top-k / bound (worst layer, k >= 8) "
+          "| explicit / bound (model) | top-k / bound (model) | index bits per kept entry: explicit, top-k, bound |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for name in models:
         sizes = layer_sizes(name)
+        layers = [torch.randn(1, d, generator=torch.Generator().manual_seed(d)) for d in sizes]
         for rho in rhos:
-            ks = [saef.make_compressor(f"topk:{rho}").k(d) for d in sizes]
-            for d, k in zip(sizes, ks):  # the formula is the code's real size, on every layer
-                idx = np.sort(rng.choice(d, size=k, replace=False))[None]
-                packed = encode(idx, d)
-                assert packed.shape[1] == -(-coded_bits(d, k) // 8) and np.array_equal(decode(packed, d, k), idx)
-            for value_bits in (32, 16):
-                today = [explicit_bits(d, k) + k * value_bits for d, k in zip(sizes, ks)]
-                coded = [min(explicit_bits(d, k), coded_bits(d, k)) + k * value_bits for d, k in zip(sizes, ks)]
+            for values in ("fp32", "fp16"):
+                spec = f"topk:{rho}" + ("" if values == "fp32" else ":fp16")
+                top, value_bits = saef.make_compressor(spec), 32 if values == "fp32" else 16
+                ks = [saef.make_compressor(f"topk:{rho}").k(d) for d in sizes]
+                real = [payload_bits(top.encode_rows(v)) for v in layers]  # this top-k, as sent
+                explicit = [8 * -(-explicit_bits(d, k) // 8) + k * value_bits for d, k in zip(sizes, ks)]
                 bound = [information_bits(d, k) + k * value_bits for d, k in zip(sizes, ks)]
-                worst = lambda payload: max(p / b for p, b in zip(payload, bound))  # noqa: E731
+                worst = lambda payload, least=0: max(p / b for p, b, k in zip(payload, bound, ks) if k >= least)  # noqa: E731
                 total = lambda payload: sum(payload) / sum(bound)  # noqa: E731
                 kept = sum(ks)
-                per_entry = (f"{sum(explicit_bits(d, k) for d, k in zip(sizes, ks)) / kept:.2f}, "
-                             f"{sum(min(explicit_bits(d, k), coded_bits(d, k)) for d, k in zip(sizes, ks)) / kept:.2f}, "
-                             f"{sum(information_bits(d, k) for d, k in zip(sizes, ks)) / kept:.2f}")
-                print(f"| {name} | {rho:g} | fp{value_bits} | {worst(today):.3f} | {total(today):.3f} | {worst(coded):.3f} "
-                      f"| {total(coded):.3f} | {per_entry} |", flush=True)
+                per_entry = ", ".join(f"{(sum(x) - value_bits * kept) / kept:.2f}" for x in (explicit, real, bound))
+                print(f"| {name} | {rho:g} | {values} | {worst(explicit):.3f} | {worst(real):.3f} | {worst(real, 8):.3f} "
+                      f"| {total(explicit):.3f} | {total(real):.3f} | {per_entry} |", flush=True)
 
 
-def timing_table(sizes, repeats):
-    print("| elements | topk:0.01 encode + decode µs | + sort + Elias-Fano encode + decode µs | ratio |")
-    print("|---:|---:|---:|---:|")
+def time_here(sizes, repeats):
+    """{elements: median seconds of topk:0.01 encode + decode} with the saef that this process imports."""
     top = saef.make_compressor("topk:0.01")
+    times = {}
     for n in sizes:
         layout = Layout([n], [(n,)])
         v = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
-        k = top.k(n)
-
-        def today():
+        def both():
             return top.decode_layers(top.encode_layers(v, layout), layout)
+        times[n] = interleaved_medians({"topk": both}, repeats if n < 10**7 else max(10, repeats // 5))["topk"]
+    return times
 
-        chosen = top.select(v)[1].numpy()  # the kept indices, as the encoder chooses them
 
-        def coded():  # the extra work of the code: sort the kept indices, code them, decode them
-            decode(encode(np.sort(chosen, axis=1), n), n, k)
-            return today()
+def export_revision(revision: str, into: Path) -> Path:
+    """The tree of ``revision`` in ``into``, with its compiled kernels built in place; returns its src."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "src", "setup.py", "pyproject.toml"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, check=True, capture_output=True)
+    return into / "src"
 
-        t = interleaved_medians({"today": today, "coded": coded}, repeats if n < 10**7 else max(10, repeats // 5))
-        print(f"| {n:,} | {1e6 * t['today']:.0f} | {1e6 * t['coded']:.0f} | {t['coded'] / t['today']:.2f}x |", flush=True)
+
+def timing_table(sizes, repeats, against, rounds):
+    print(f"| elements | topk:0.01 encode + decode µs, {against} | the same here | ratio |")
+    print("|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"then": export_revision(against, Path(tmp)), "now": ROOT / "src"}
+        medians = {name: {n: [] for n in sizes} for name in trees}
+        for _ in range(rounds):
+            for name, src in trees.items():
+                argv = [sys.executable, __file__, "--time-here", "--sizes", *map(str, sizes), "--repeats", str(repeats)]
+                out = subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True, text=True).stdout
+                for n, t in json.loads(out.splitlines()[-1]).items():
+                    medians[name][int(n)].append(t)
+    for n in sizes:
+        then, now = (statistics.median(medians[name][n]) for name in ("then", "now"))
+        print(f"| {n:,} | {1e6 * then:.0f} | {1e6 * now:.0f} | {now / then:.2f}x |", flush=True)
 
 
 def main():
@@ -89,13 +111,20 @@ def main():
     parser.add_argument("--rhos", nargs="+", type=float, default=[0.001, 0.01, 0.1])
     parser.add_argument("--sizes", nargs="+", type=int, default=[10**6, 10**7])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two processes of table 2")
+    parser.add_argument("--against", default="227476f", help="the revision whose top-k table 2 times (the last one "
+                        "with explicit indices)")
     parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--time-here", action="store_true", help=argparse.SUPPRESS)  # one process of table 2
     args = parser.parse_args()
+    if args.time_here:
+        print(json.dumps(time_here(args.sizes, args.repeats)))
+        return
     print(f"torch {torch.__version__}, {kernels_in_use()}, {torch.get_num_threads()} threads")
     if not args.timing_only:
         bits_table(args.models, args.rhos)
         print()
-    timing_table(args.sizes, args.repeats)
+    timing_table(args.sizes, args.repeats, args.against, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Bytes on the wire per step and worker, from real payloads, against fp32 and the explicit-index floor.
+"""Bytes on the wire per step and worker, from real payloads, against fp32 and a floor (explicit, or the information limit).
 
     python benchmarks/bench_wire.py
 
 For each model and compressor: the uplink payload one worker produces in one step (every layer encoded
 as Algorithm 1 encodes it; the distributed tests check that exactly these bytes are handed to
 torch.distributed), the fp32 dense payload (4 bytes per parameter, what an all-reduce is handed), and the
-floor of an explicit coding: 1 bit per element for sign, 32 + ceil(log2 d) bits per kept element for top-k
-(d the layer size); for the other compressors, their formula without byte padding (rand-k: the values; QSGD:
+floor of an explicit coding: 1 bit per element for sign; for top-k the information limit, 32 bits per kept
+value plus log2 C(d, k) for the set of k kept positions among d (the layer size); for the other compressors, their formula without byte padding (rand-k: the values; QSGD:
 the norm, a sign and b level bits per element; natural: 9 bits per element; PowerSGD: (n + m) R values),
 with 16-bit values under a :bf16/:fp16 suffix. Ratios: fp32 / payload (compression) and payload / floor
 (overhead over the floor).
@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 
 import saef
+from saef.compress.indexcode import information_bits
 from saef.zoo.models import build_model
 
 MODELS = {"cnn1d": ((1, 40), 10), "resnet20": ((3, 32, 32), 10), "resnet56": ((3, 32, 32), 100)}
@@ -36,7 +37,7 @@ def floor_bits(compressor, shape) -> int:
     if isinstance(compressor, saef.compress.ScaledSign):
         return d
     if isinstance(compressor, saef.compress.TopK):
-        return compressor.k(d) * (value + math.ceil(math.log2(d)) if d > 1 else value)
+        return math.ceil(compressor.k(d) * value + information_bits(d, compressor.k(d)))
     if isinstance(compressor, saef.compress.RandK):
         return compressor.k(d) * value
     if isinstance(compressor, saef.compress.QSGD):

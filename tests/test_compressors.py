@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import saef
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _strategies import tensors  # noqa: E402
-from saef.compress import TopK, index_bits, pack_bits, payload_bits, unpack_bits
+from _strategies import tensors, topk_index_bits  # noqa: E402
+from saef.compress import TopK, index_bits, indexcode, pack_bits, payload_bits, unpack_bits
 
 SPECS = ["identity", "sign", "topk:0.01", "topk:0.1", "topk:0.5", "topk:1"]  # topk:1 warns (pointless) but must work
 
@@ -55,8 +55,12 @@ def test_topk_keeps_exactly_k_largest(v, rho):
     if d == 0:
         return
     b = index_bits(d)
-    idx = (unpack_bits(packed, k * b).view(k, b).long() << torch.arange(b)).sum(-1) if b else torch.zeros(k, dtype=torch.long)
+    if indexcode.is_coded(d, k):
+        idx = torch.from_numpy(indexcode.decode(packed.numpy(), d, k))[0]
+    else:
+        idx = (unpack_bits(packed, k * b).view(k, b).long() << torch.arange(b)).sum(-1) if b else torch.zeros(k, dtype=torch.long)
     assert len(set(idx.tolist())) == k
+    assert idx.tolist() == sorted(idx.tolist())  # the kept entries in index order
     flat = v.reshape(-1)
     kept = flat.abs()[idx]
     rest = torch.ones(d, dtype=torch.bool)
@@ -79,8 +83,7 @@ def test_bits_match_payload_size_and_format(d):
     assert saef.make_compressor("sign").bits(saef.make_compressor("sign").encode(v)) == 8 * math.ceil(d / 8) + 32
     top = TopK(0.01)
     k = top.k(d)
-    b = max(d - 1, 0).bit_length()
-    assert top.bits(top.encode(v)) == 32 * k + 8 * math.ceil(k * b / 8)
+    assert top.bits(top.encode(v)) == 32 * k + topk_index_bits(d, k)
 
 
 def test_sign_of_zero_is_plus_one_and_scale_is_mean_abs():

@@ -15,7 +15,7 @@ import saef
 from saef.compress import SERVER, Context, Layout, PowerSGD, payload_bits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _strategies import tensors  # noqa: E402
+from _strategies import tensors, topk_index_bits  # noqa: E402
 
 NEW = ["randk:0.1", "randk:0.3:unbiased", "qsgd:1", "qsgd:4", "qsgd:255", "natural", "powersgd:1", "powersgd:3",
        "topk:0.1:bf16", "identity:fp16", "sign:bf16", "randk:0.3:bf16", "qsgd:4:fp16", "powersgd:2:bf16"]
@@ -46,7 +46,7 @@ def _bits(spec, shape):
     if name == "randk":
         return value_bits * k
     if name == "topk":
-        return value_bits * k + 8 * math.ceil(k * max(d - 1, 0).bit_length() / 8)
+        return value_bits * k + topk_index_bits(d, k)
     if name == "qsgd":
         s = int(rest.split(":")[0])
         return value_bits + 8 * math.ceil(d / 8) + 8 * math.ceil(d * s.bit_length() / 8)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import saef
-from saef.compress import kernels
+from saef.compress import indexcode, kernels
 from saef.compress import Layout
 
 pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef.compress._native was not built (no C compiler at install)")
@@ -63,16 +63,19 @@ def test_native_sign_equals_numpy_and_torch(sizes, dtype, rows, monkeypatch):
 @pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.3", "topk:1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_topk_equals_numpy_and_torch(sizes, spec, dtype, monkeypatch):
-    """The same kept entries (distinct magnitudes, so the set is unique), read back exactly by every
-    decoder; payload sizes equal."""
+    """The same kept entries (distinct magnitudes, so the set is unique) in the same payload bytes: every
+    path writes the entries in index order, coded or explicit as (d, k) says. Every decoder reads every
+    path's payload back exactly."""
     c, layout = saef.make_compressor(spec), Layout(sizes)
     v = torch.randn(2, layout.total, dtype=dtype, generator=torch.Generator().manual_seed(4))
     native = encode_with("native", c, v, layout, monkeypatch)
     expected = decode_with("torch", c, encode_with("torch", c, v, layout, monkeypatch), layout, monkeypatch)
     for path in ("native", "numpy", "torch"):
         other = encode_with(path, c, v, layout, monkeypatch)
-        assert [[t.shape for t in p] for p in native] == [[t.shape for t in p] for p in other]
+        assert all(torch.equal(a, b) for p, q in zip(native, other) for a, b in zip(p, q))
         assert torch.equal(decode_with(path, c, native, layout, monkeypatch), expected)
+        singles = [on_path(path, monkeypatch, c.encode_rows, v[:, s].contiguous()) for s in layout.slices]
+        assert all(torch.equal(a, b) for p, q in zip(native, singles) for a, b in zip(p, q))  # one layer at a time too
 
 
 def kept_set(c, v):
@@ -158,15 +161,20 @@ def test_native_reads_strided_rows(spec):
 
 @pytest.mark.parametrize("d", [2, 3, 255, 256, 257, 65537, 1 << 20])
 def test_native_index_stream_round_trip(d):
-    """The packed indices unpack to the kept indices, by the compiled and by the numpy unpacker."""
+    """The packed indices unpack to the kept indices, in index order, by the compiled and by the numpy
+    unpacker, in the section of the documented size (Elias-Fano, or explicit where that is shorter)."""
     c = saef.make_compressor("topk:0.3")
     v = torch.randn(2, d, generator=torch.Generator().manual_seed(d))
-    values, packed, local = kernels.native_topk_encode(v, k=c.k(d), indices=True)
-    layers = kernels.one_layer(d, c.k(d))
+    k = c.k(d)
+    values, packed, local = kernels.native_topk_encode(v, k=k, indices=True)
+    layers = kernels.one_layer(d, k)
     assert torch.equal(kernels.native_topk_indices(packed, layers), local)
-    b = kernels.index_bits(d)
-    assert np.array_equal(kernels.unpack_index_bits(packed.numpy(), c.k(d), b), local.numpy())
-    assert packed.shape[1] == -(-c.k(d) * b // 8)
+    assert torch.equal(local, local.sort(dim=1).values) and torch.equal(values, v.gather(1, local))
+    if indexcode.is_coded(d, k):
+        assert np.array_equal(indexcode.decode(packed.numpy(), d, k), local.numpy())
+    else:
+        assert np.array_equal(kernels.unpack_index_bits(packed.numpy(), k, kernels.index_bits(d)), local.numpy())
+    assert packed.shape[1] == -(-indexcode.section_bits(d, k) // 8)
 
 
 def test_native_rejects_mismatched_sizes():
@@ -227,12 +235,37 @@ def test_native_decoders_write_into_a_row_of_a_larger_buffer():
 
 
 def test_native_topk_decode_rejects_an_index_beyond_its_layer_and_writes_nothing():
-    c = saef.make_compressor("topk:0.05")  # d = 100: 5 indices of 7 bits each
-    values = torch.ones(1, 5)
-    packed = torch.from_numpy(kernels.pack_index_bits(np.array([[1, 2, 3, 4, 120]]), 7))
-    target = torch.zeros(1, 100)
+    c = saef.make_compressor("topk:0.34")  # d = 3, k = 1: one explicit index of 2 bits (the code needs 4)
+    assert not indexcode.is_coded(3, 1)
+    packed = torch.from_numpy(kernels.pack_index_bits(np.array([[3]]), 2))
+    target = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="beyond its layer size"):
-        c.subtract_decoded([(values, packed)], Layout([100]), target)
+        c.subtract_decoded([(torch.ones(1, 1), packed)], Layout([3]), target)
+    assert bool((target == 0).all())
+
+
+@pytest.mark.parametrize("corrupt", ["extra set bit", "missing set bit", "index beyond d", "repeated index"])
+def test_native_topk_decode_rejects_a_corrupt_code_and_writes_nothing(corrupt):
+    """d = 100, k = 5: the indices in Elias-Fano (4 low bits each, a 12-bit high vector). A high vector
+    with another number of set bits, or one that decodes to an index >= d or to indices not increasing,
+    is refused before anything is written."""
+    c, d, k = saef.make_compressor("topk:0.05"), 100, 5
+    assert indexcode.is_coded(d, k) and indexcode.low_bits(d, k) == 4
+    idx = {"index beyond d": [[1, 2, 3, 4, 99]]}.get(corrupt, [[1, 2, 3, 4, 90]])
+    packed = indexcode.encode(np.array(idx), d)
+    bits = np.unpackbits(packed, bitorder="little")
+    high = np.flatnonzero(bits[20:32]) + 20
+    if corrupt == "extra set bit":
+        bits[[b for b in range(20, 32) if b not in high][0]] = 1
+    elif corrupt == "missing set bit":
+        bits[high[-1]] = 0
+    elif corrupt == "index beyond d":  # 99 = 6 << 4 | 3: its low bits raised to 15 give 111
+        bits[16:20] = 1
+    else:  # the low bits of the second index made equal to the first's (both in high part 0)
+        bits[4:8] = bits[0:4]
+    target = torch.zeros(1, d)
+    with pytest.raises(ValueError, match="corrupt|set bits|increasing|beyond"):
+        c.subtract_decoded([(torch.ones(1, k), torch.from_numpy(np.packbits(bits, bitorder="little")[None]))], Layout([d]), target)
     assert bool((target == 0).all())
 
 

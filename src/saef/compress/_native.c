@@ -13,9 +13,12 @@
  *          one scale per (row, layer) = sum |x| / d, in the dtype of x.
  *   top-k: the k entries of largest |x| (NaN counts as largest, ties go to the larger index;
  *          a long row with fewer than k nonzero entries keeps them all, then its first zeros), their
- *          values in the dtype of x, and their layer-local indices as a little-endian bit stream, b =
- *          ceil(log2 d) bits each, entry e at stream bits [e b, e b + b); each layer's stream starts on
- *          a byte boundary.
+ *          values in the dtype of x, and their layer-local indices in whichever of two formats is
+ *          smaller for the layer's (d, k) (saef/compress/indexcode.py; both sides compute the choice):
+ *          explicit -- a little-endian bit stream, b = ceil(log2 d) bits each, entry e at stream bits
+ *          [e b, e b + b); or Elias-Fano -- their low L bits as such a stream of L-bit fields, then a bit
+ *          vector with bit (i_j >> L) + j set for the j-th index. The entries are in index order (the
+ *          values too). Each layer's index section starts on a byte boundary.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -380,11 +383,106 @@ static void unpack_index_stream(const uint8_t *in, int64_t k, int b, int64_t *id
     }
 }
 
+/* The index section of a layer of d elements with k kept: Elias-Fano ("coded") when that is shorter than
+ * the explicit k b bits, else explicit. The same rule as saef/compress/indexcode.py's section_bits. */
+typedef struct {
+    int coded;      /* 1: Elias-Fano; 0: explicit */
+    int width;      /* bits per field of the packed stream: L (coded) or b (explicit) */
+    int64_t high;   /* bits of the high bit vector (coded), else 0 */
+    int64_t bytes;  /* bytes of the whole section */
+} Section;
+
+static Section index_section(int64_t d, int64_t k)
+{
+    Section s;
+    int b = index_width(d), low = 0;
+    if (k > 0 && d > k)
+        for (int64_t q = d / k; q > 1; q >>= 1) ++low;
+    int64_t high = d > 0 ? k + ((d - 1) >> low) + 1 : k;
+    int64_t coded = k * low + high, explicit = k * b;
+    s.coded = coded < explicit;
+    s.width = s.coded ? low : b;
+    s.high = s.coded ? high : 0;
+    s.bytes = ((s.coded ? coded : explicit) + 7) / 8;
+    return s;
+}
+
+/* Sort k distinct indices in [0, d) through a bit set: d / 64 word reads plus k writes. `marks` is a
+ * zeroed scratch bit set of at least d bits, left zeroed. */
+static void sort_distinct(int64_t *idx, int64_t k, int64_t d, uint64_t *marks)
+{
+    for (int64_t e = 0; e < k; ++e) marks[idx[e] >> 6] |= 1ull << (idx[e] & 63);
+    int64_t n = 0;
+    for (int64_t w = 0; n < k && w < (d + 63) / 64; ++w) {
+        uint64_t word = marks[w];
+        marks[w] = 0;
+        while (word) {
+            idx[n++] = (w << 6) + __builtin_ctzll(word);
+            word &= word - 1;
+        }
+    }
+}
+
+/* Elias-Fano of one layer's sorted indices idx[0..k): the section written to out (s.bytes bytes). */
+static void coded_pack(const int64_t *idx, int64_t k, Section s, uint8_t *out)
+{
+    memset(out, 0, s.bytes);
+    uint64_t acc = 0, mask = s.width ? (~0ull >> (64 - s.width)) : 0;
+    int filled = 0;
+    uint8_t *at = out;
+    for (int64_t e = 0; e < k; ++e) { /* the low fields */
+        acc |= ((uint64_t)idx[e] & mask) << filled;
+        filled += s.width;
+        while (filled >= 8) { *at++ = (uint8_t)acc; acc >>= 8; filled -= 8; }
+    }
+    if (filled > 0) *at = (uint8_t)acc;
+    int64_t base = k * (int64_t)s.width;
+    for (int64_t e = 0; e < k; ++e) { /* the high bit vector */
+        int64_t bit = base + (idx[e] >> s.width) + e;
+        out[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+    }
+}
+
+/* Inverse of coded_pack into idx[0..k), sorted. Returns 1 (a corrupt section) unless the high bit vector
+ * holds exactly k set bits and the indices it gives are strictly increasing and below d. */
+static int coded_unpack(const uint8_t *in, int64_t k, int64_t d, Section s, int64_t *idx)
+{
+    unpack_index_stream(in, k, s.width, idx);
+    int64_t base = k * (int64_t)s.width, end = base + s.high, n = 0, previous = -1;
+    int bad = 0;
+    for (int64_t byte = base >> 3; byte < (end + 7) >> 3; ++byte) {
+        unsigned bits = in[byte];
+        if (byte == base >> 3) bits &= 0xffu << (base & 7);
+        if (byte == (end - 1) >> 3 && (end & 7)) bits &= 0xffu >> (8 - (end & 7));
+        while (bits) {
+            int64_t position = (byte << 3) + __builtin_ctz(bits) - base;
+            bits &= bits - 1;
+            if (n >= k) return 1;
+            int64_t i = ((position - n) << s.width) | idx[n];
+            bad |= i <= previous || i >= d;
+            previous = idx[n++] = i;
+        }
+    }
+    return bad || n != k;
+}
+
+/* The layer's indices from its section, in the layer's format; 1 if they are corrupt (coded) or any lies
+ * beyond the layer (explicit). */
+static int read_indices(const uint8_t *in, int64_t k, int64_t d, Section s, int64_t *idx)
+{
+    if (s.coded) return coded_unpack(in, k, d, s, idx);
+    unpack_index_stream(in, k, s.width, idx);
+    int bad = 0;
+    for (int64_t e = 0; e < k; ++e) bad |= idx[e] >= d;
+    return bad;
+}
+
 /* topk_encode(src, is_double, rows, row_stride, sizes, ks, nlayers, values, total_k, packed, row_bytes,
  *             local)
  * src and sizes as for sign_encode; ks: int64[nlayers], each in [0, size]; values: (rows, total_k) in the dtype of src, total_k = sum ks; packed:
- * (rows, row_bytes) uint8, row_bytes = sum ceil(k b / 8); local: (rows, total_k) int64 receives the
- * layer-local indices too (0 to skip). Raises MemoryError if a work buffer cannot be allocated. */
+ * (rows, row_bytes) uint8, row_bytes = the sum of the layers' index_section bytes; local: (rows, total_k)
+ * int64 receives the layer-local indices too (0 to skip), in the order of the values. Raises MemoryError
+ * if a work buffer cannot be allocated. */
 static PyObject *topk_encode(PyObject *self, PyObject *args)
 {
     unsigned long long src, sizes_p, ks_p, values_p, packed_p, local_p;
@@ -397,7 +495,10 @@ static PyObject *topk_encode(PyObject *self, PyObject *args)
     size_t width = is_double ? 8 : 4;
     Py_BEGIN_ALLOW_THREADS
     int64_t *scratch = local_p ? NULL : malloc((total_k > 0 ? total_k : 1) * sizeof(int64_t));
-    if (!local_p && !scratch) failed = 1;
+    int64_t longest = 0;
+    for (Py_ssize_t l = 0; l < nlayers; ++l) longest = sizes[l] > longest ? sizes[l] : longest;
+    uint64_t *marks = calloc((longest + 63) / 64 + 1, sizeof *marks);
+    if ((!local_p && !scratch) || !marks) failed = 1;
     for (Py_ssize_t r = 0; r < rows && !failed; ++r) {
         const char *x = (const char *)(uintptr_t)src + r * row_stride * width;
         char *values = (char *)(uintptr_t)values_p + r * total_k * width;
@@ -405,50 +506,76 @@ static PyObject *topk_encode(PyObject *self, PyObject *args)
         int64_t *local = local_p ? (int64_t *)(uintptr_t)local_p + r * total_k : scratch;
         for (Py_ssize_t l = 0; l < nlayers && !failed; ++l) {
             int64_t d = sizes[l], k = ks[l];
-            int b = index_width(d);
+            Section s = index_section(d, k);
             if (k > 0) {
                 if (top_indices(x, is_double, d, k, local) != 0) { failed = 1; break; }
+                sort_distinct(local, k, d, marks); /* every path writes the kept entries in index order */
+                if (s.coded)
+                    coded_pack(local, k, s, packed);
+                else
+                    pack_index_stream(local, k, s.width, packed);
                 if (is_double)
                     for (int64_t e = 0; e < k; ++e) ((double *)values)[e] = ((const double *)x)[local[e]];
                 else
                     for (int64_t e = 0; e < k; ++e) ((float *)values)[e] = ((const float *)x)[local[e]];
-                pack_index_stream(local, k, b, packed);
+            } else if (s.bytes) {
+                memset(packed, 0, s.bytes);
             }
             x += d * width;
             values += k * width;
-            packed += (k * b + 7) / 8;
+            packed += s.bytes;
             if (local_p) local += k;
         }
     }
     free(scratch);
+    free(marks);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
+/* Every row's layer-local indices from its packed index sections into local (rows, total_k); with
+ * offset, each layer's offset on the row is added. Returns 1 if any section is corrupt (read_indices). */
+static int read_all_indices(const uint8_t *packed_rows, Py_ssize_t rows, Py_ssize_t row_bytes, const int64_t *sizes,
+                            const int64_t *ks, Py_ssize_t nlayers, int64_t *local_rows, Py_ssize_t total_k, int offset)
+{
+    int bad = 0;
+    for (Py_ssize_t r = 0; r < rows && !bad; ++r) {
+        const uint8_t *packed = packed_rows + r * row_bytes;
+        int64_t *local = local_rows + r * total_k, start = 0;
+        for (Py_ssize_t l = 0; l < nlayers && !bad; ++l) {
+            int64_t d = sizes[l], k = ks[l];
+            Section s = index_section(d, k);
+            bad |= read_indices(packed, k, d, s, local);
+            if (offset)
+                for (int64_t e = 0; e < k; ++e) local[e] += start;
+            packed += s.bytes;
+            local += k;
+            start += d;
+        }
+    }
+    return bad;
+}
+
 /* topk_indices(packed, rows, row_bytes, sizes, ks, nlayers, local, total_k): the inverse of the index
- * packing of topk_encode, into local (rows, total_k) int64 layer-local indices. */
+ * packing of topk_encode, into local (rows, total_k) int64 layer-local indices. Raises ValueError on a
+ * corrupt section. */
 static PyObject *topk_indices(PyObject *self, PyObject *args)
 {
     unsigned long long packed_p, sizes_p, ks_p, local_p;
     Py_ssize_t rows, row_bytes, nlayers, total_k;
+    int bad;
     if (!PyArg_ParseTuple(args, "KnnKKnKn", &packed_p, &rows, &row_bytes, &sizes_p, &ks_p, &nlayers,
                           &local_p, &total_k))
         return NULL;
-    const int64_t *sizes = (const int64_t *)(uintptr_t)sizes_p, *ks = (const int64_t *)(uintptr_t)ks_p;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < rows; ++r) {
-        const uint8_t *packed = (const uint8_t *)(uintptr_t)packed_p + r * row_bytes;
-        int64_t *local = (int64_t *)(uintptr_t)local_p + r * total_k;
-        for (Py_ssize_t l = 0; l < nlayers; ++l) {
-            int64_t k = ks[l];
-            int b = index_width(sizes[l]);
-            unpack_index_stream(packed, k, b, local);
-            packed += (k * b + 7) / 8;
-            local += k;
-        }
-    }
+    bad = read_all_indices((const uint8_t *)(uintptr_t)packed_p, rows, row_bytes, (const int64_t *)(uintptr_t)sizes_p,
+                           (const int64_t *)(uintptr_t)ks_p, nlayers, (int64_t *)(uintptr_t)local_p, total_k, 0);
     Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "top-k payload holds a corrupt index section or an index beyond its layer size");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -564,22 +691,7 @@ static PyObject *topk_decode(PyObject *self, PyObject *args)
     if (!index) return PyErr_NoMemory();
     size_t width = is_double ? 8 : 4;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < rows && !bad; ++r) {
-        const uint8_t *packed = (const uint8_t *)(uintptr_t)packed_p + r * row_bytes;
-        int64_t *local = index + r * total_k, offset = 0;
-        for (Py_ssize_t l = 0; l < nlayers; ++l) {
-            int64_t d = sizes[l], k = ks[l];
-            int b = index_width(d);
-            unpack_index_stream(packed, k, b, local);
-            for (int64_t e = 0; e < k; ++e) {
-                bad |= local[e] >= d;
-                local[e] += offset;
-            }
-            packed += (k * b + 7) / 8;
-            local += k;
-            offset += d;
-        }
-    }
+    bad = read_all_indices((const uint8_t *)(uintptr_t)packed_p, rows, row_bytes, sizes, ks, nlayers, index, total_k, 1);
     for (Py_ssize_t r = 0; r < rows && !bad; ++r) {
         const int64_t *at = index + r * total_k;
         const char *values = (const char *)(uintptr_t)values_p + r * total_k * width;
@@ -598,7 +710,7 @@ static PyObject *topk_decode(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     free(index);
     if (bad) {
-        PyErr_SetString(PyExc_ValueError, "top-k payload holds an index beyond its layer size");
+        PyErr_SetString(PyExc_ValueError, "top-k payload holds a corrupt index section or an index beyond its layer size");
         return NULL;
     }
     Py_RETURN_NONE;

@@ -28,8 +28,11 @@ name                C(v)                                         payload (bits p
 ``identity``        v                    (delta = 1)             values: 32 d
 ``sign``            (||v||_1 / d) sign(v), sign(0) := +1         signs packed 8 per byte + one scale:
                     (delta = 1 / d)                              8 ceil(d / 8) + 32
-``topk:RHO``        the k = max(1, floor(RHO d)) entries of      values + indices packed in b = ceil(log2 d)
-                    largest magnitude  (delta = k / d)           bits each: 32 k + 8 ceil(k b / 8)
+``topk:RHO``        the k = max(1, floor(RHO d)) entries of      values in index order + the indices in the
+                    largest magnitude  (delta = k / d)           shorter of the Elias-Fano code (k L + k +
+                                                                 ((d - 1) >> L) + 1 bits, L = floor(log2(d/k)))
+                                                                 and k b bits, b = ceil(log2 d):
+                                                                 32 k + 8 ceil(min(EF, k b) / 8)
 ==================  ===========================================  ===============================================
 
 The others (``randk:RHO[:unbiased]``, ``qsgd:S``, ``natural``, ``powersgd:R``, and any ``SPEC:bf16`` /

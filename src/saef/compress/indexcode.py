@@ -14,8 +14,12 @@ Why this code rather than Golomb-Rice on the gaps (about as short, and chosen by
 depends on (d, k) only, so a receiver knows every payload's size before it arrives (the transports'
 all-to-all needs that; a Rice code's size depends on the gaps and would need its sizes exchanged first),
 and both directions are a few vectorised passes (positions of the set bits decode the high parts), where a
-Rice decoder walks the stream entry by entry. :func:`coded_bits` against :func:`explicit_bits` says which is
-smaller for a layer; both sides compute that choice, so no flag bit is sent.
+Rice decoder walks the stream entry by entry.
+
+Top-k's index section of a layer is whichever of the two is smaller (:func:`is_coded`): the code, or the
+explicit ceil(log2 d) bits per index (smaller only for layers of a few elements). Both sides compute that
+choice from (d, k), so no flag bit is sent. The compiled kernels (``_native.c``, ``index_section``) apply
+the same rule.
 
 Example::
 
@@ -31,9 +35,18 @@ import math
 
 import numpy as np
 
-from .kernels import index_bits, word_type
+__all__ = ["index_bits", "word_type", "low_bits", "coded_bits", "explicit_bits", "is_coded", "section_bits",
+           "information_bits", "encode", "decode"]
 
-__all__ = ["low_bits", "coded_bits", "explicit_bits", "information_bits", "encode", "decode"]
+
+def index_bits(d: int) -> int:
+    """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
+    return max(d - 1, 0).bit_length()
+
+
+def word_type(b: int) -> str:
+    """The narrowest little-endian unsigned type that holds b bits (fewer bits to unpack and drop)."""
+    return "<u1" if b <= 8 else "<u2" if b <= 16 else "<u4" if b <= 32 else "<u8"
 
 
 def low_bits(d: int, k: int) -> int:
@@ -58,6 +71,16 @@ def explicit_bits(d: int, k: int) -> int:
     return k * index_bits(d)
 
 
+def is_coded(d: int, k: int) -> bool:
+    """Whether top-k writes a layer's k indices in [0, d) with this code (shorter than the explicit bits)."""
+    return coded_bits(d, k) < explicit_bits(d, k)
+
+
+def section_bits(d: int, k: int) -> int:
+    """Bits of top-k's index section for a layer: the smaller of :func:`coded_bits` and :func:`explicit_bits`."""
+    return min(coded_bits(d, k), explicit_bits(d, k))
+
+
 def information_bits(d: int, k: int) -> float:
     """log2 C(d, k), the information in a k-subset of d positions."""
     return (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
@@ -72,11 +95,13 @@ def _check(idx: np.ndarray, d: int) -> None:
         raise ValueError("indices must be strictly increasing along each row")
 
 
-def encode(idx: np.ndarray, d: int) -> np.ndarray:
+def encode(idx: np.ndarray, d: int, check: bool = True) -> np.ndarray:
     """``(W, k)`` strictly increasing indices in [0, d) -> ``(W, ceil(coded_bits(d, k) / 8))`` uint8: the L-bit
-    low parts packed (bit j of entry e at stream bit e L + j), then the high bit vector."""
+    low parts packed (bit j of entry e at stream bit e L + j), then the high bit vector. ``check=False``
+    skips the checks of the indices (for callers that made them sorted and in range)."""
     idx = np.asarray(idx, dtype=np.int64)
-    _check(idx, d)
+    if check:
+        _check(idx, d)
     rows, k = idx.shape
     low = low_bits(d, k)
     high_length = _high_length(d, k, low)
@@ -106,4 +131,6 @@ def decode(packed: np.ndarray, d: int, k: int) -> np.ndarray:
     out = ((set_bits % high.shape[1]).reshape(rows, k) - np.arange(k, dtype=np.int64)) << low
     if low:  # the low bits back into numbers: each entry's L bits against their weights 2^j
         out |= bits[:, : k * low].reshape(rows, k, low) @ (np.int64(1) << np.arange(low, dtype=np.int64))
+    if k and (out[:, -1].max() >= d or (k > 1 and bool((out[:, 1:] <= out[:, :-1]).any()))):
+        raise ValueError(f"the code does not hold {k} strictly increasing indices in [0, {d})")
     return out

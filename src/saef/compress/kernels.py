@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .indexcode import index_bits, section_bits, word_type
+
 __all__ = ["pack_bits", "unpack_bits", "index_bits", "largest", "path", "KernelSet"]
 
 _BIT_WEIGHTS: Dict[torch.device, Tensor] = {}
@@ -160,7 +162,7 @@ class NativeLayers:
             self.ks = np.asarray(ks, dtype=np.int64)
             self.ks_address = self.ks.ctypes.data
             self.total_k = sum(ks)
-            index_bytes = [-(-k * index_bits(d) // 8) for d, k in zip(sizes, ks)]
+            index_bytes = [-(-section_bits(d, k) // 8) for d, k in zip(sizes, ks)]
             self.index_bytes = sum(index_bytes)
             # where each layer's values and index bytes start in a row of the payload
             self.value_starts = np.cumsum([0] + ks).tolist()
@@ -525,11 +527,6 @@ def _largestnumpy_view(row: np.ndarray, k: int, sample_k: int) -> np.ndarray:
 
 # Index packing with numpy: an index's low b bits are the first b bits of its little-endian 32-bit form,
 # so unpackbits/packbits move all of them at once (the torch path works bit by bit).
-def word_type(b: int) -> str:
-    """The narrowest little-endian unsigned type that holds b bits (fewer bits to unpack and drop)."""
-    return "<u1" if b <= 8 else "<u2" if b <= 16 else "<u4" if b <= 32 else "<u8"
-
-
 def pack_index_bits(idx: np.ndarray, b: int) -> np.ndarray:
     """``(W, k)`` indices < 2^b -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
     w, k = idx.shape
@@ -547,7 +544,3 @@ def unpack_index_bits(packed: np.ndarray, k: int, b: int) -> np.ndarray:
     words[:, :, :b] = np.unpackbits(packed, axis=1, count=k * b, bitorder="little").reshape(w, k, b)
     return np.packbits(words.reshape(-1), bitorder="little").view(word).reshape(w, k).astype(np.int64)
 
-
-def index_bits(d: int) -> int:
-    """Bits needed to write any index in ``range(d)``: ceil(log2 d), 0 for d <= 1."""
-    return max(d - 1, 0).bit_length()

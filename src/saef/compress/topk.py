@@ -1,5 +1,6 @@
 """The top-k compressor: keep the k = max(1, floor(rho d)) entries of largest magnitude, with their indices
-packed in ceil(log2 d) bits each.
+coded near their information content (Elias-Fano, :mod:`saef.compress.indexcode`) or, where that is not
+shorter, packed in ceil(log2 d) bits each.
 
 Its payload format and bit count are in the table of :mod:`saef.compress.base`; the kernels it runs (compiled,
 numpy or torch) are in :mod:`saef.compress.kernels`.
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import indexcode
 from .base import DecodesInPlace, Layout, Payload, kept_count, mean_of_rows
+from .indexcode import is_coded, low_bits
 from .kernels import (
     KernelSet,
     NativeLayers,
@@ -46,8 +49,10 @@ _NUMPY_INDICES_MIN = 1 << 12
 class TopK(DecodesInPlace):
     """Top-k sparsification: keep the k = max(1, floor(rho * d)) entries of largest magnitude.
 
-    Payload per row: the k kept values (dtype of ``v``) and their indices, each written in
-    b = ceil(log2 d) bits and packed into bytes -- the explicit-index floor up to byte padding.
+    Payload per row: the k kept values (dtype of ``v``), in index order, and their indices in the smaller
+    of two formats (:func:`saef.compress.indexcode.is_coded`, decided by (d, k) alone): the Elias-Fano code
+    (within 0.56 k bits of log2 C(d, k) where d / k is a power of two), or each index in b = ceil(log2 d)
+    bits (smaller only for layers of a few elements). Either is padded to whole bytes.
     delta = k / d: the kept entries are the largest, so they hold at least k/d of the squared norm.
     The work is done by the kernels of the tensor's path (:func:`saef.compress.kernels.path`): torch,
     numpy or compiled, below.
@@ -127,28 +132,29 @@ class TorchTopKKernels:
 
     def encode_rows(self, topk: TopK, rows: Tensor) -> Payload:
         values, idx = self.select(topk, rows)
-        b = index_bits(rows.shape[1])
-        if b == 0:
-            return values, torch.empty(rows.shape[0], 0, dtype=torch.uint8, device=rows.device)
-        return values, self._pack_row(idx, b)
+        idx, order = idx.sort(dim=1)  # every path writes the kept entries in index order (as the code needs)
+        return values.gather(1, order), self._pack_row(idx, rows.shape[1])
 
     @staticmethod
-    def _pack_row(idx: Tensor, b: int) -> Tensor:
-        """``(W, k)`` indices -> ``(W, ceil(k b / 8))`` bytes: bit j of entry e at stream bit e b + j."""
-        return pack_fixed(idx, b)
+    def _pack_row(idx: Tensor, d: int) -> Tensor:
+        """``(W, k)`` indices (sorted, where the layer is coded) -> their index section, ``(W, bytes)``."""
+        k = idx.shape[1]
+        if is_coded(d, k):
+            return encode_coded(idx, d)
+        return pack_fixed(idx, index_bits(d)) if index_bits(d) else idx.new_empty(idx.shape[0], 0, dtype=torch.uint8)
 
     def decode_rows(self, values: Tensor, packed: Tensor, d: int) -> Tensor:
         rows, k = values.shape
-        b = index_bits(d)
-        if b == 0:
-            idx = torch.zeros(rows, k, dtype=torch.int64, device=values.device)
-        else:
-            idx = self._unpack_row(packed, k, d, b)
+        idx = self._unpack_row(packed, k, d)
         return torch.zeros(rows, d, dtype=values.dtype, device=values.device).scatter_(1, idx, values)
 
     @staticmethod
-    def _unpack_row(packed: Tensor, k: int, d: int, b: int) -> Tensor:
-        return unpack_fixed(packed, k, b)
+    def _unpack_row(packed: Tensor, k: int, d: int) -> Tensor:
+        if is_coded(d, k):
+            return decode_coded(packed, d, k)
+        if index_bits(d) == 0:
+            return torch.zeros(packed.shape[0], k, dtype=torch.int64, device=packed.device)
+        return unpack_fixed(packed, k, index_bits(d))
 
     def encode_layers(self, topk: TopK, rows: Tensor, layout: Layout):
         """All layers' kept values ``(W, total k)`` and packed indices ``(W, bytes)``, layer after layer, or
@@ -168,11 +174,13 @@ class TorchTopKKernels:
             picked = largest(magnitude.index_select(1, gather).view(w * len(members), d), k).view(w, len(members), k)
             for j, i in enumerate(members):
                 local[i] = picked[:, j]
-        local_all = torch.cat(local, dim=1)  # (W, total_k), layer order
-        values = rows.gather(1, local_all + plan["layer_offset"])
-        if not plan["width"]:
+        # positions on the row, sorted: each layer's entries stay in its own span, in index order (as the
+        # code writes them)
+        flat = (torch.cat(local, dim=1) + plan["layer_offset"]).sort(dim=1).values
+        values = rows.gather(1, flat)
+        if not plan["width"] and not plan["coded"]:
             return values, rows.new_empty(w, 0, dtype=torch.uint8)
-        return values, self._pack_layers(local_all, plan)
+        return values, self._pack_layers(flat - plan["layer_offset"], plan)
 
     @staticmethod
     def _magnitude(rows: Tensor, layout: Layout) -> Tensor:
@@ -180,17 +188,22 @@ class TorchTopKKernels:
 
     @staticmethod
     def _pack_layers(local: Tensor, plan: Dict[str, object]) -> Tensor:
-        """``(W, total k)`` layer-local indices -> ``(W, bytes)`` through precomputed bit positions."""
+        """``(W, total k)`` layer-local indices (sorted within coded layers) -> ``(W, bytes)`` through
+        precomputed bit positions: the fixed-width fields (explicit indices, or the code's low bits) copied
+        from a bit table, then the code's high bits set."""
         w = local.shape[0]
         table = ((local.unsqueeze(-1) >> plan["shifts"]) & 1).to(torch.uint8).view(w, -1)
         table = torch.cat([table, table.new_zeros(w, 1)], dim=1)  # the filler bit
-        return pack_bits(table.index_select(1, plan["source"]).view(torch.bool))
+        stream = torch.cat([table.index_select(1, plan["source"]), table.new_zeros(w, 1)], dim=1)
+        if plan["coded"]:  # entries of explicit layers mark the extra column, dropped below
+            stream.scatter_(1, plan["high_base"] + (local >> plan["high_shift"]), 1)
+        return pack_bits(stream[:, :-1].view(torch.bool))
 
     def kept(self, topk: TopK, payloads: Sequence[Payload], layout: Layout) -> Tuple[Tensor, Tensor]:
         """All layers' kept values and their positions on the flat axis, both ``(W, total k)``."""
         plan = _plan(topk, layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
-        if plan["width"]:
+        if plan["width"] or plan["coded"]:
             local = self._unpack_layers(torch.cat([p[1] for p in payloads], dim=1), topk, layout, plan)
         else:
             local = torch.zeros_like(values, dtype=torch.int64)
@@ -202,7 +215,12 @@ class TorchTopKKernels:
         stream = unpack_bits(packed, packed.shape[1] * 8).to(torch.int64)
         stream = torch.cat([stream, stream.new_zeros(w, 1)], dim=1)  # the filler bit reads 0
         bits = stream.index_select(1, plan["position"].view(-1)).view(w, -1, plan["position"].shape[1])
-        return (bits << plan["shifts"]).sum(dim=2)
+        local = (bits << plan["shifts"]).sum(dim=2)
+        if plan["coded"]:
+            local = _add_high_parts(local, stream, plan)
+        if bool((local >= plan["layer_size"]).any()):
+            raise ValueError("top-k payload holds an index beyond its layer size")
+        return local
 
     def decode(self, topk: TopK, payloads: Sequence[Payload], layout: Layout, out: Tensor, mode: str) -> Tensor:
         """Write (into ``out``, or a fresh tensor), subtract from or add to ``out`` the decoded payloads."""
@@ -237,24 +255,24 @@ class NumpyTopKKernels(TorchTopKKernels):
         array = numpy_view(rows) if rows.is_floating_point() and d else None
         if array is None:
             return super().encode_rows(topk, rows)
-        b = index_bits(d)  # all in numpy: a handful of calls, no torch dispatch per step
-        idx = largest_array(np.abs(array), topk.k(d))
-        packed = pack_index_bits(idx, b) if b else np.zeros((rows.shape[0], 0), dtype=np.uint8)
+        k = topk.k(d)  # all in numpy: a handful of calls, no torch dispatch per step
+        idx = np.sort(largest_array(np.abs(array), k), axis=1)  # in index order, as on every path
+        packed = _pack_section(idx, d)
         # one row: a plain take (take_along_axis builds index grids, ~20 µs at small sizes)
         values = np.take(array[0], idx[0])[None] if len(array) == 1 else np.take_along_axis(array, idx, axis=1)
         return torch.from_numpy(values), torch.from_numpy(packed)
 
     @staticmethod
-    def _pack_row(idx: Tensor, b: int) -> Tensor:
+    def _pack_row(idx: Tensor, d: int) -> Tensor:
         if numpy_view(idx) is None:
-            return TorchTopKKernels._pack_row(idx, b)
-        return torch.from_numpy(pack_index_bits(idx.numpy(), b))
+            return TorchTopKKernels._pack_row(idx, d)
+        return torch.from_numpy(_pack_section(idx.numpy(), d))
 
     @staticmethod
-    def _unpack_row(packed: Tensor, k: int, d: int, b: int) -> Tensor:
+    def _unpack_row(packed: Tensor, k: int, d: int) -> Tensor:
         if numpy_view(packed) is None:
-            return TorchTopKKernels._unpack_row(packed, k, d, b)
-        return torch.from_numpy(unpack_index_bits(packed.numpy(), k, b))
+            return TorchTopKKernels._unpack_row(packed, k, d)
+        return torch.from_numpy(_unpack_section(packed.numpy(), k, d))
 
     @staticmethod
     def _magnitude(rows: Tensor, layout: Layout) -> Tensor:
@@ -271,7 +289,7 @@ class NumpyTopKKernels(TorchTopKKernels):
         if local.numel() < _NUMPY_INDICES_MIN or numpy_view(local) is None:
             return TorchTopKKernels._pack_layers(local, plan)
         starts, array = plan["starts"], local.numpy()
-        parts = [pack_index_bits(array[:, starts[i] : starts[i + 1]], b) for i, (k, b) in enumerate(zip(plan["ks"], plan["bits"])) if k and b]
+        parts = [_pack_section(array[:, starts[i] : starts[i + 1]], d) for i, d in enumerate(plan["sizes"])]
         return torch.from_numpy(np.concatenate(parts, axis=1) if parts else np.zeros((array.shape[0], 0), dtype=np.uint8))
 
     @staticmethod
@@ -280,9 +298,9 @@ class NumpyTopKKernels(TorchTopKKernels):
             return TorchTopKKernels._unpack_layers(packed, topk, layout, plan)
         starts, byte_start, array = plan["starts"], plan["byte_start"], packed.numpy()
         local = np.zeros((array.shape[0], starts[-1]), dtype=np.int64)
-        for i, (k, b) in enumerate(zip(plan["ks"], plan["bits"])):
-            if k and b:
-                local[:, starts[i] : starts[i + 1]] = unpack_index_bits(array[:, byte_start[i] : byte_start[i + 1]], k, b)
+        for i, (k, d) in enumerate(zip(plan["ks"], plan["sizes"])):
+            if k:
+                local[:, starts[i] : starts[i + 1]] = _unpack_section(array[:, byte_start[i] : byte_start[i + 1]], k, d)
         return torch.from_numpy(local)
 
 
@@ -308,7 +326,7 @@ class NativeTopKKernels(NumpyTopKKernels):
         return super().decode_rows(values, packed, d)
 
     @staticmethod
-    def _unpack_row(packed: Tensor, k: int, d: int, b: int) -> Tensor:
+    def _unpack_row(packed: Tensor, k: int, d: int) -> Tensor:
         return native_topk_indices(packed, one_layer(d, k))
 
     def encode_layers(self, topk: TopK, rows: Tensor, layout: Layout):
@@ -352,9 +370,11 @@ def _plan(topk: TopK, layout: Layout, device: torch.device) -> Dict[str, object]
 
 
 def _make_plan(topk: TopK, layout: Layout, device: torch.device) -> Dict[str, object]:
-    sizes, offsets = layout.sizes, layout.offsets
+    sizes, offsets = list(layout.sizes), layout.offsets
     ks = [topk.k(d) for d in sizes]
-    bits = [index_bits(d) for d in sizes]
+    coded = [is_coded(d, k) for d, k in zip(sizes, ks)]
+    # each layer's fixed-width fields: the code's low bits, or the explicit indices
+    bits = [low_bits(d, k) if c else index_bits(d) for d, k, c in zip(sizes, ks, coded)]
     groups: Dict[int, List[int]] = {}
     for i, d in enumerate(sizes):
         groups.setdefault(d, []).append(i)
@@ -364,28 +384,128 @@ def _make_plan(topk: TopK, layout: Layout, device: torch.device) -> Dict[str, ob
         if len(members) > 1:
             gather = torch.cat([torch.arange(offsets[i], offsets[i] + d) for i in members]).to(device)
         group_plan.append((d, members, gather))
-    # Where layer i's kept entries sit in the concatenation of all layers' kept entries (layer order).
+    # Where layer i's kept entries sit in the concatenation of all layers' kept entries (layer order), and
+    # where its index section starts in a payload row.
     starts = Layout(ks).offsets
-    total_k = starts[-1]
-    width = max(bits) if bits else 0
-    byte_start = Layout([-(-k * b // 8) for k, b in zip(ks, bits)]).offsets
-    total_bits = 8 * byte_start[-1]
-    # Bit j of kept entry e of layer i lies at 8 * byte_start[i] + e * b_i + j of the packed stream.
-    # source: for each stream bit, which (entry, j) of the (total_k, width) bit table it copies, or the
-    # filler (an extra zero at the end); position: the inverse, for unpacking (filler for j >= b_i).
-    filler_source = total_k * width
-    source = torch.full((total_bits,), filler_source, dtype=torch.int64)
-    position = torch.full((total_k, max(width, 1)), total_bits, dtype=torch.int64)
-    layer_offset = torch.empty(total_k, dtype=torch.int64)
+    byte_start = Layout([-(-indexcode.section_bits(d, k) // 8) for d, k in zip(sizes, ks)]).offsets
+    plan = dict(ks=ks, bits=bits, sizes=sizes, starts=starts, byte_start=byte_start, width=max(bits, default=0),
+                groups=group_plan, coded=any(coded))
+    per_entry = lambda values: np.repeat(np.asarray(values, dtype=np.int64), ks)  # noqa: E731 (one value per kept entry)
+    tables = dict(layer_offset=per_entry(offsets[:-1]), layer_size=per_entry(sizes), **_field_plan(plan),
+                  **_high_plan(plan, coded, per_entry))
+    plan.update({name: torch.from_numpy(np.ascontiguousarray(t)).to(device) for name, t in tables.items()})
+    plan["shifts"] = torch.arange(max(plan["width"], 1), dtype=torch.int64, device=device)
+    return plan
+
+
+def _field_plan(plan: Dict[str, object]) -> Dict[str, np.ndarray]:
+    """The fixed-width fields: bit j of kept entry e of layer i lies at 8 byte_start[i] + e b_i + j of the
+    packed stream. ``source``: for each stream bit, which (entry, j) of the ``(total k, width)`` bit table
+    it copies, or the filler (an extra zero at the end); ``position``: the inverse, for unpacking (the
+    filler for j >= b_i)."""
+    ks, bits, starts, byte_start, width = plan["ks"], plan["bits"], plan["starts"], plan["byte_start"], plan["width"]
+    total_k, total_bits = starts[-1], 8 * byte_start[-1]
+    source = np.full(total_bits, total_k * width, dtype=np.int64)
+    position = np.full((total_k, max(width, 1)), total_bits, dtype=np.int64)
     for i, (k, b) in enumerate(zip(ks, bits)):
-        layer_offset[starts[i] : starts[i + 1]] = offsets[i]
-        if k == 0 or b == 0:
-            continue
-        entries = torch.arange(starts[i], starts[i + 1]).unsqueeze(1)
-        js = torch.arange(b).unsqueeze(0)
-        stream = 8 * byte_start[i] + (entries - starts[i]) * b + js
-        source[stream.reshape(-1)] = (entries * width + js).reshape(-1)
-        position[starts[i] : starts[i + 1], :b] = stream
-    return dict(ks=ks, bits=bits, starts=starts, byte_start=byte_start, width=width, groups=group_plan,
-                source=source.to(device), position=position.to(device), layer_offset=layer_offset.to(device),
-                shifts=torch.arange(max(width, 1), dtype=torch.int64, device=device))
+        if k and b:
+            entries = np.arange(starts[i], starts[i + 1])[:, None]
+            stream = 8 * byte_start[i] + (entries - starts[i]) * b + np.arange(b)[None, :]
+            source[stream.reshape(-1)] = (entries * width + np.arange(b)[None, :]).reshape(-1)
+            position[starts[i] : starts[i + 1], :b] = stream
+    return dict(source=source, position=position)
+
+
+def _high_plan(plan: Dict[str, object], coded: List[bool], per_entry) -> Dict[str, np.ndarray]:
+    """The code's high bit vectors. Encoding sets bit high_base[e] + (index >> high_shift[e]) for kept
+    entry e, the j-th of layer i: high_base[e] = 8 byte_start[i] + k_i L_i + j (entries of explicit layers
+    point past the stream, to a column that is dropped). Decoding reads the coded layers' high bit vectors
+    concatenated (``high_positions``), where entry e's set bit must lie in [high_start[e], high_end[e])."""
+    ks, sizes, bits, starts, byte_start = plan["ks"], plan["sizes"], plan["bits"], plan["starts"], plan["byte_start"]
+    total_k, total_bits = starts[-1], 8 * byte_start[-1]
+    is_coded_entry = per_entry(coded).astype(bool)
+    entry_in_layer = np.arange(total_k, dtype=np.int64) - per_entry(starts[:-1])
+    vector_start = per_entry([8 * byte_start[i] + k * b for i, (k, b) in enumerate(zip(ks, bits))])
+    high_base = np.where(is_coded_entry, vector_start + entry_in_layer, total_bits)
+    high_shift = np.where(is_coded_entry, per_entry(bits), 62)
+    layers = [i for i in range(len(ks)) if coded[i]]
+    lengths = [indexcode.coded_bits(sizes[i], ks[i]) - ks[i] * bits[i] for i in layers]
+    first = 8 * np.asarray(byte_start[:-1], dtype=np.int64) + np.asarray(ks, dtype=np.int64) * np.asarray(bits, dtype=np.int64)
+    high_positions = np.concatenate([np.arange(first[i], first[i] + n) for i, n in zip(layers, lengths)] or [np.zeros(0, np.int64)])
+    coded_ks = [ks[i] for i in layers]
+    high_start = np.repeat(np.asarray(Layout(lengths).offsets[:-1], dtype=np.int64), coded_ks)
+    coded_entries = np.flatnonzero(is_coded_entry)
+    return dict(high_base=high_base, high_shift=high_shift, coded_entries=coded_entries,
+                high_positions=high_positions, high_start=high_start,
+                high_end=high_start + np.repeat(np.asarray(lengths, dtype=np.int64), coded_ks),
+                coded_rank=entry_in_layer[coded_entries], coded_shift=high_shift[coded_entries])
+
+
+def _add_high_parts(low: Tensor, stream: Tensor, plan: Dict[str, object]) -> Tensor:
+    """The code's indices: ``low`` (``(W, total k)`` fixed-width fields) with the coded entries' high parts
+    added, read from the set bits of ``stream`` (``(W, bits + 1)``, 0/1). Raises ValueError when a high bit
+    vector does not hold one set bit per entry."""
+    w = stream.shape[0]
+    entries = plan["coded_entries"]
+    high_bits = stream.index_select(1, plan["high_positions"])
+    found = high_bits.nonzero()  # (n, 2), row by row, each row's set bits in order
+    if found.shape[0] != w * entries.numel():
+        raise ValueError(f"the top-k index code holds {found.shape[0]} set bits, expected {entries.numel()} per row")
+    column = found[:, 1].view(w, -1)
+    start, end = plan["high_start"], plan["high_end"]
+    if bool(((column < start) | (column >= end)).any()):
+        raise ValueError("the top-k index code of a layer holds another number of set bits than its kept entries")
+    local = low.clone()
+    local[:, entries] += (column - start - plan["coded_rank"]) << plan["coded_shift"]
+    return local
+
+
+def encode_coded(idx: Tensor, d: int) -> Tensor:
+    """:func:`saef.compress.indexcode.encode` in torch, for any device: ``(W, k)`` sorted -> ``(W, bytes)``."""
+    rows, k = idx.shape
+    low = low_bits(d, k)
+    bits = torch.zeros(rows, indexcode.coded_bits(d, k), dtype=torch.bool, device=idx.device)
+    if low:
+        shifts = torch.arange(low, device=idx.device)
+        bits[:, : k * low] = ((idx.unsqueeze(-1) >> shifts) & 1).bool().view(rows, k * low)
+    bits.scatter_(1, k * low + (idx >> low) + torch.arange(k, device=idx.device), True)
+    return pack_bits(bits)
+
+
+def decode_coded(packed: Tensor, d: int, k: int) -> Tensor:
+    """Inverse of :func:`encode_coded`: ``(W, bytes)`` -> ``(W, k)`` int64, sorted. Raises ValueError when
+    a row's high bit vector holds other than k set bits or an index falls beyond d."""
+    rows = packed.shape[0]
+    low = low_bits(d, k)
+    bits = unpack_bits(packed, indexcode.coded_bits(d, k))
+    found = bits[:, k * low :].nonzero()
+    if found.shape[0] != rows * k or (rows > 1 and bool((found[:, 0].view(rows, k) != torch.arange(rows, device=packed.device).unsqueeze(1)).any())):
+        raise ValueError(f"the top-k index code holds {found.shape[0]} set bits, expected {k} in each of {rows} row(s)")
+    out = (found[:, 1].view(rows, k) - torch.arange(k, device=packed.device)) << low
+    if low:
+        weights = 1 << torch.arange(low, device=packed.device)
+        out += (bits[:, : k * low].view(rows, k, low).long() * weights).sum(2)
+    if bool((out >= d).any()):
+        raise ValueError(f"the top-k index code holds an index beyond {d}")
+    return out
+
+
+def _pack_section(idx: np.ndarray, d: int) -> np.ndarray:
+    """A layer's index section with numpy: ``(W, k)`` (sorted where the layer is coded) -> ``(W, bytes)``."""
+    k = idx.shape[1]
+    if is_coded(d, k):
+        return indexcode.encode(idx, d, check=False)
+    b = index_bits(d)
+    return pack_index_bits(idx, b) if k and b else np.zeros((idx.shape[0], 0), dtype=np.uint8)
+
+
+def _unpack_section(packed: np.ndarray, k: int, d: int) -> np.ndarray:
+    if is_coded(d, k):
+        return indexcode.decode(packed, d, k)
+    b = index_bits(d)
+    if not b:
+        return np.zeros((packed.shape[0], k), dtype=np.int64)
+    idx = unpack_index_bits(packed, k, b)
+    if idx.size and idx.max() >= d:
+        raise ValueError(f"top-k payload holds an index beyond its layer size {d}")
+    return idx
