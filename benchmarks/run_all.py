@@ -32,8 +32,10 @@ BENCHMARKS = {
     # (216 steps of 128; 32 full-precision steps, 15 %, as in saef reproduce adam; 8 evaluations)
     "network_gpt": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "4", "--models", "gpt", "--epochs", "1",
                     "--warmup", "32", "--gpt-lr", "3e-4", "--evals-per-epoch", "8", "--json", "benchmarks/results/network_gpt.json"],
+    # two hosts (network namespaces) joined by a rate-limited veth pair, 2 ranks each: per step, 100 Mbit/s and 1 Gbit/s
+    "network_two_hosts": ["bench_two_hosts.py"],
 }
-NETWORK = ("network", "network_tta4", "network_tta10", "network_gpt")
+NETWORK = ("network", "network_tta4", "network_tta10", "network_gpt", "network_two_hosts")
 
 
 def main():
