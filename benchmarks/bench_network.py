@@ -26,7 +26,7 @@ from pathlib import Path
 from _timing import kernels_in_use
 
 NAMESPACE = "saefbench"
-VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk"]
+VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk", "saef-topk-fp16"]
 # the GPT trains with Adam: torch.optim.AdamW under DDP (fp32, 16-bit and PowerSGD hooks), 1-bit Adam, SAEF-Adam.
 # PyTorch's bf16 hook needs CUDA and NCCL, so on gloo the fp16 hook stands for DDP's 16-bit all-reduce.
 GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]

@@ -24,8 +24,8 @@ BENCHMARKS = {
     "network_tta4": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "--models", "mlp5m", "--epochs", "4",
                      "--json", "benchmarks/results/network_tta4.json"],
     "network_tta10": ["bench_network.py", "--rates", "100mbit", "--workers", "2", "--models", "mlp5m", "--epochs", "10",
-                      "--variants", "ddp-powersgd", "saef-sign", "saef-topk", "--target-acc", "0.6485",
-                      "--json", "benchmarks/results/network_tta10.json"],
+                      "--variants", "ddp-powersgd", "saef-sign", "saef-topk", "saef-topk-fp16", "--target-acc", "0.6485",
+                      "--evals-per-epoch", "4", "--json", "benchmarks/results/network_tta10.json"],
     "gpt": ["bench_gpt.py"],
     "indexcode": ["bench_indexcode.py"],
     # the GPT with Adam at 100 Mbit/s: per step, and the time to DDP-AdamW-fp32's validation loss after 1 epoch
