@@ -65,17 +65,27 @@ def run_variant(variant, model, workers, args):
         quiet = subprocess.DEVNULL
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE if rank == 0 else quiet,
                                       stderr=subprocess.PIPE if rank == 0 else quiet, text=True))
+    return rank0_result(procs, args.timeout, f"{variant} {model} K={workers}")
+
+
+def rank0_result(procs, timeout: float, what: str) -> dict:
+    """The JSON line rank 0 prints last, once every rank has exited (rank 0 within ``timeout`` seconds, the
+    others a minute after it); ranks still running then are killed (with their children, for a process
+    started in a session of its own). RuntimeError with rank 0's error output if it failed."""
     try:
-        out, err = procs[0].communicate(timeout=args.timeout)
+        out, err = procs[0].communicate(timeout=timeout)
         for p in procs[1:]:
             p.wait(timeout=60)
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                if os.getpgid(p.pid) == p.pid:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
                 p.wait()
     if procs[0].returncode != 0:
-        raise RuntimeError(f"{variant} {model} K={workers} failed:\n{err[-2000:]}")
+        raise RuntimeError(f"{what} failed:\n{err[-2000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 

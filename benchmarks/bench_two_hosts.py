@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from _hosts import TwoHosts
 from _timing import kernels_in_use
-from bench_network import GPT_VARIANTS, VARIANTS, WORKER, ddp_fp32
+from bench_network import GPT_VARIANTS, VARIANTS, WORKER, ddp_fp32, rank0_result
 
 PORT = 29500  # each run has fresh namespaces, so every port is free
 
@@ -47,18 +46,7 @@ def run_variant(hosts, variant, model, args):
     """One variant on the two hosts: the rank-0 worker's JSON result."""
     world = 2 * args.per_host
     procs = [launch(hosts, rank, world, args.per_host, variant, model, args.steps) for rank in range(world)]
-    try:
-        out, err = procs[0].communicate(timeout=args.timeout)
-        for p in procs[1:]:
-            p.wait(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    if procs[0].returncode != 0:
-        raise RuntimeError(f"{variant} {model} 2x{args.per_host} failed:\n{err[-2000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    return rank0_result(procs, args.timeout, f"{variant} {model} 2x{args.per_host}")
 
 
 def measure(args):

@@ -41,13 +41,18 @@ def launch(argv, world, extra_env=None, **popen):
 
 
 def wait_all(procs, timeout):
+    """The exit codes of ``procs``, waiting ``timeout`` seconds in all; what is left is killed (with its
+    children, for a process started in a session of its own, such as torchrun)."""
     deadline = time.monotonic() + timeout
     try:
         return [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                if os.getpgid(p.pid) == p.pid:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
                 p.wait()
 
 

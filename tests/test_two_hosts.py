@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import _hosts  # noqa: E402
+from test_distributed import wait_all  # noqa: E402
 
 SRC = str(HERE.parent / "src")
 WHY_NOT = _hosts.unavailable()
@@ -42,18 +42,6 @@ def torchrun(hosts, host, out, log):
                             start_new_session=True)
 
 
-def finish(procs, timeout):
-    """Wait for every process (``timeout`` seconds in all); kill each one's process group that is left."""
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-
 def parameters(run, step, rank):
     checkpoint = torch.load(run / "checkpoints" / f"step-{step:08d}.rank{rank}.pt", weights_only=False)
     return checkpoint["state"]["trainer"]
@@ -70,7 +58,7 @@ def test_two_hosts_over_a_slow_link_equal_the_simulator(tmp_path):
             sim = subprocess.Popen([sys.executable, "-m", "saef", "train", *ARGS, "--output", str(tmp_path / "sim")], env=env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
             nodes = [torchrun(hosts, h, tmp_path / "dist", logs[h]) for h in range(2)]
-            codes = finish([*nodes, sim], timeout=50)
+            codes = wait_all([*nodes, sim], timeout=50)
             sent = [(hosts.sent_bytes(h), hosts.sent_bytes(h, "lo")) for h in range(2)]
     finally:
         for log in logs:
