@@ -13,7 +13,7 @@ K_SWEEP = (8, 16, 32, 64, 128, 256, 512, 1024)
 TABLE_K = (8, 64, 1024)
 TABLE_GBIT = (1, 10, 100)
 BASELINES = ("ddp-fp32", "ddp-bf16", "ddp-powersgd")
-SAEF = ("saef-sign", "saef-topk", "saef-topk-coded-fp16")
+SAEF = ("saef-sign", "saef-topk", "saef-topk-fp16")
 
 
 def gbit(bps: float) -> str:
@@ -145,7 +145,7 @@ def speed_check(results: Sequence[dict]) -> List[str]:
         if r["predicted"] is not None and r["compute"] >= 0.7 * r["predicted"]:
             implied = (r["step_s"] - r["latency"] - r["transfer"]) / r["compute"]
             groups.setdefault((r["file"], r["model"]), []).append(implied)
-    lines = ["| file | model | compute-bound rows | (measured - predicted communication) / compute measured today, median (range) |",
+    lines = ["| file | model | compute-bound rows | (measured - predicted communication) / the inputs' compute, median (range) |",
              "|---|---|---:|---|"]
     for (file, model), values in groups.items():
         lines.append(f"| {file} | {model} | {len(values)} | {np.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
@@ -241,8 +241,8 @@ def document(args, inputs: dict, results: Sequence[dict], steps: Dict[tuple, cm.
         + ") (DDP's overlap of its all-reduce with the backward pass is not "
         "counted: its first bucket of 1 MiB holds nearly all of ResNet-20 and the MLP's two last layers); latency: gloo's measured cost per "
         "collective at that K; saef's encode/decode from per-element rates. Rows are read from every "
-        "`results/network*.json`; top-k rows without a `topk_index` key are taken as explicit indices "
-        f"(`--topk-index {args.topk_index}`).", "",
+        "`results/network*.json`; top-k rows without a `topk_index` key are taken to send "
+        f"{args.topk_index} indices (`--topk-index {args.topk_index}`; rows measured before commit 002648e sent explicit ones).", "",
         *validation_table(results), "",
         "The compute-bound rows tell how fast the machine was when each file was measured, against the inputs "
         "measured for this report (a diagnostic only; nothing in the model is fitted to it):", "",
@@ -251,9 +251,10 @@ def document(args, inputs: dict, results: Sequence[dict], steps: Dict[tuple, cm.
         "one day as on another), so a row is only comparable with inputs measured beside it: where a file's median "
         "above is far from 1, its compute-bound rows miss by about that factor, while its communication-bound rows "
         "(the MLP's DDP rows, and saef's at 100 Mbit/s) test the network model whatever the day. "
-        "`network_costcheck.json` holds rows measured right after this report's `--measure` (bench_network.py's "
-        "own `run_variant`, in a private namespace): they test the whole model. To validate again, run "
-        "`bench_network.py` and `cost_model.py --measure` back to back on a quiet machine.", "",
+        + ("`network_costcheck.json` holds rows measured right after this report's `--measure` (bench_network.py's "
+           "own `run_variant`, in a private namespace): they test the whole model. "
+           if any(r["file"] == "network_costcheck.json" for r in results) else "")
+        + "To validate again, run `bench_network.py` and `cost_model.py --measure` back to back on a quiet machine.", "",
         *inputs_table(inputs), "",
         "## Predictions: switched full-duplex links, one per worker", "",
         "Assumptions, all stated, none fitted:", "",
@@ -269,7 +270,8 @@ def document(args, inputs: dict, results: Sequence[dict], steps: Dict[tuple, cm.
         f"the uplink and the downlink. Encode/decode: the per-element rates measured here on mlp5m's layers "
         f"(4.9M elements, the closest to these models' layer sizes) divided by {args.codec_speedup:g} "
         "(`--codec-speedup`: a GPU's memory-bound kernels against this 2-core CPU). "
-        "Top-k 1% fp16+coded: fp16 values and Elias-Fano indices (`saef.compress.indexcode.coded_bits`).", "",
+        "Top-k: indices in the library's Elias-Fano code where it is shorter (`saef.compress.indexcode.coded_bits`); "
+        "fp16: its values in 16 bits.", "",
         "Predicted step (s; the shortest in bold):", "",
         *prediction_table(steps), "",
         "Bandwidth (Gbit/s) below which the saef variant's step is shorter than the baseline's (\"all\": over all of "

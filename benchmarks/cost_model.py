@@ -120,7 +120,8 @@ class Variant:
     """How a variant communicates. ``scheme``: ``"ring"`` (DDP's all-reduce of ``value_bits`` values),
     ``"powersgd"`` (DDP's PowerSGD hook, rank ``rank``), ``"sharded"`` or ``"rank0"`` (saef's server,
     ``compressor`` both ways: ``"sign"`` or ``"topk"`` keeping ``rho`` with ``value_bits`` values and
-    ``index`` = ``"explicit"`` or ``"coded"`` indices)."""
+    ``index`` = ``"coded"`` (the library's format since 002648e: Elias-Fano where shorter) or ``"explicit"``
+    (ceil(log2 d) bits each, the format before) indices)."""
 
     scheme: str
     label: str
@@ -138,8 +139,8 @@ VARIANTS: Dict[str, Variant] = {
     "ddp-powersgd": Variant("powersgd", "PowerSGD r=4"),
     "saef-sign": Variant("sharded", "saef sign", compressor="sign"),
     "saef-ef-sign": Variant("sharded", "saef EF sign", compressor="sign"),
-    "saef-topk": Variant("sharded", "saef top-k 1%", compressor="topk"),
-    "saef-topk-coded-fp16": Variant("sharded", "saef top-k 1% fp16+coded", 16, "topk", index="coded"),
+    "saef-topk": Variant("sharded", "saef top-k 1%", compressor="topk", index="coded"),
+    "saef-topk-fp16": Variant("sharded", "saef top-k 1% fp16", 16, "topk", index="coded"),
     "saef-sign-rank0": Variant("rank0", "saef sign, rank-0 server", compressor="sign"),
     # the GPT's Adam variants move what their SGD counterparts move
     "ddp-adamw-fp32": Variant("ring", "DDP AdamW fp32"),
@@ -162,7 +163,7 @@ def sign_bits(d: int) -> int:
 
 def topk_bits(d: int, rho: float = 0.01, value_bits: int = 32, index: str = "explicit") -> int:
     """Top-k: k values, and the k indices in ceil(log2 d) bits each, padded to a byte (``explicit``, the
-    format of the measured rows), or the smaller of that and the Elias-Fano code (``coded``)."""
+    format until commit 002648e), or the smaller of that and the Elias-Fano code (``coded``, since then)."""
     k = kept(rho, d)
     index_bits = k * max(d - 1, 0).bit_length()
     if index == "coded":
@@ -378,7 +379,7 @@ def row_topology(row: dict):
     return SharedMedium(k, rate)
 
 
-def zoo_step(row: dict, inputs: dict, topk_index: str = "explicit", sharing: str = "measured") -> Optional[Dict[str, float]]:
+def zoo_step(row: dict, inputs: dict, topk_index: str = "coded", sharing: str = "measured") -> Optional[Dict[str, float]]:
     """The predicted step of a measured row: compute (the variant's measured step without a network at this
     local batch, plus saef's K-dependent server work, times the CPU sharing), gloo's measured latency per
     collective at this K, and the transfers over the row's topology. None when an input is missing."""
@@ -432,7 +433,7 @@ def measured_rows(paths: Sequence[Path]) -> List[dict]:
     return rows
 
 
-def validate(rows: Sequence[dict], inputs: dict, topk_index: str = "explicit", sharing: str = "measured",
+def validate(rows: Sequence[dict], inputs: dict, topk_index: str = "coded", sharing: str = "measured",
              tolerance: float = 0.25) -> List[dict]:
     """Predicted against measured, row by row: the terms, the ratio predicted / measured, and whether it
     is within ``tolerance``."""
@@ -532,8 +533,8 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-us", type=float, default=20.0, help="predictions: alpha, seconds per message round (default 20 us)")
     parser.add_argument("--codec-speedup", type=float, default=20.0,
                         help="predictions: saef's encode/decode on a GPU this many times faster than measured here (default 20)")
-    parser.add_argument("--topk-index", choices=("explicit", "coded"), default="explicit",
-                        help="top-k's index format of measured rows without a topk_index key (explicit: the 2026-11-28 rows)")
+    parser.add_argument("--topk-index", choices=("explicit", "coded"), default="coded",
+                        help="top-k's index format of measured rows without a topk_index key (explicit: rows measured before 002648e)")
     parser.add_argument("--cpu-sharing", choices=("measured", "cores"), default="measured",
                         help="validation: K ranks' slowdown on this machine's cores, measured, or max(1, K / cores)")
     parser.add_argument("--rows", type=Path, nargs="+", default=None,

@@ -171,12 +171,13 @@ def test_adam_facade_on_processes_equals_simulator(tmp_path_factory, world):
 
 def test_resnet20_wire_ratios(tmp_path_factory):
     """On ResNet-20 the sign mode hands >= 31x fewer uplink bytes to torch.distributed than the fp32
-    all-reduce payload, top-k 1 % >= 60x fewer; the baseline hands exactly the fp32 payload."""
+    all-reduce payload, top-k 1 % >= 75x fewer (78.3x with its Elias-Fano indices, 67.3x with explicit
+    ones); the baseline hands exactly the fp32 payload."""
     wire = dist_results(tmp_path_factory, 2)[0]["resnet20"]
     fp32 = wire["identity"]["fp32"]
     assert wire["identity"]["uplink"] == fp32 == 4 * 269722
     assert fp32 / wire["sign"]["uplink"] >= 31
-    assert fp32 / wire["topk:0.01"]["uplink"] >= 60
+    assert fp32 / wire["topk:0.01"]["uplink"] >= 75
     for entry in wire.values():
         assert entry["uplink"] * 8 == entry["bits_up"]
 
