@@ -31,7 +31,19 @@ SAEF_VARIANTS = {"saef-ef-sign": dict(method="ef", compressor="sign", momentum=0
                  "saef-adam": dict(method="saef", compressor="sign", optimizer="adam")}
 
 
-def make_trainer(variant, model, lr, warmup, eps=1e-8):
+STEP_AFTER_BACKWARD = []  # seconds, per step of a saef variant without overlap
+
+
+def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
+    if variant == "compute-only":  # this rank's forward, backward and a local SGD step: no communication at all
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+        def step(inputs, targets):
+            opt.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            opt.step()
+
+        return step, (lambda: model)
     if variant.startswith("ddp"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
@@ -60,7 +72,18 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8):
     settings = SAEF_VARIANTS[variant]
     if settings.get("optimizer") == "adam":
         settings = {**settings, "warmup_steps": warmup, "eps": eps}
-    worker = DistributedWorker(model, double_way=True, **settings)
+    worker = DistributedWorker(model, double_way=True, overlap_bytes=int(overlap_mb * (1 << 20)), **settings)
+    # The time of the algorithm's step after backward (compression, both exchanges, decoding, the update):
+    # the step's communication, where it does not overlap backward.
+    STEP_AFTER_BACKWARD.clear()
+    timed = worker.algorithm.step
+
+    def step_after_backward(*a, **k):
+        start = time.perf_counter()
+        timed(*a, **k)
+        STEP_AFTER_BACKWARD.append(time.perf_counter() - start)
+
+    worker.algorithm.step = step_after_backward
     import copy
 
     eval_model = copy.deepcopy(model)
@@ -91,6 +114,8 @@ def main():
     parser.add_argument("--eps", type=float, default=1e-8, help="training: saef's Adam eps")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="training: evaluations per epoch (the clock stops for them)")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--overlap-mb", type=float, default=0.0, help="saef variants: overlap with backward, buckets of this many MB (0: no overlap)")
+    parser.add_argument("--local-workers", type=int, default=None, help="the batch is cut for this many workers (default: the world size)")
     parser.add_argument("--data-dir", default="~/.cache/saef")
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -110,9 +135,9 @@ def main():
     model = build_model(args.model, data)
     # Timed: the compressed phase, from the second step (PowerSGD from its third). Adam's v then holds one
     # step's gradients, so eps = 1 keeps the few timed steps finite; values do not change a step's cost.
-    step, current = make_trainer(args.variant, model, args.lr, warmup=1, eps=1.0)
+    step, current = make_trainer(args.variant, model, args.lr, warmup=1, eps=1.0, overlap_mb=args.overlap_mb)
     order = torch.Generator().manual_seed(0)
-    per = args.batch // world
+    per = args.batch // (args.local_workers or world)
 
     def batches():
         while True:
@@ -130,10 +155,12 @@ def main():
         if i >= 3:
             times.append(time.perf_counter() - start)
     result = {"variant": args.variant, "model": args.model, "workers": world, "step_s": statistics.median(times)}
+    if STEP_AFTER_BACKWARD:
+        result["after_backward_s"] = statistics.median(STEP_AFTER_BACKWARD[3:])
     if args.epochs:
         torch.manual_seed(0)
         model = build_model(args.model, data)
-        step, current = make_trainer(args.variant, model, args.lr, args.warmup, args.eps)
+        step, current = make_trainer(args.variant, model, args.lr, args.warmup, args.eps, overlap_mb=args.overlap_mb)
         order.manual_seed(0)
         curve, train_time = [], 0.0
         steps_per_epoch = len(data.train.targets) // args.batch

@@ -34,8 +34,10 @@ BENCHMARKS = {
                     "--warmup", "32", "--gpt-lr", "3e-4", "--evals-per-epoch", "8", "--json", "benchmarks/results/network_gpt.json"],
     # two hosts (network namespaces) joined by a rate-limited veth pair, 2 ranks each: per step, 100 Mbit/s and 1 Gbit/s
     "network_two_hosts": ["bench_two_hosts.py"],
+    # the step overlapped with backward, without, and with no communication: ResNet-20 at 100 and 10 Mbit/s, K = 4
+    "network_overlap": ["bench_overlap.py", "--rates", "100mbit", "10mbit"],
 }
-NETWORK = ("network", "network_tta4", "network_tta10", "network_gpt", "network_two_hosts")
+NETWORK = ("network", "network_tta4", "network_tta10", "network_gpt", "network_two_hosts", "network_overlap")
 
 
 def main():

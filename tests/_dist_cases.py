@@ -15,6 +15,12 @@ CASES += [("saef", "powersgd:2", True, None, "sharded"), ("direct", "qsgd:4", Tr
 # Adam's compressed momentum (1-bit Adam with ef, SAEF-Adam with saef), its warm-up ending at step 4
 CASES += [("ef", "sign", True, None, "sharded", "adam"), ("saef", "sign", True, 2, "rank0", "adam"),
           ("saef", "topk:0.1", False, None, "sharded", "adam"), ("direct", "topk:0.1", True, None, "rank0", "adam")]
+# Overlapped steps (bytes of gradients per bucket): the tiny model's 8 layers in 4 buckets, or one per layer
+OVERLAP_BYTES = (400, 1)
+# A NaN in one rank's gradient of the first layer at NAN_STEP, with a finite loss (every rank skips the step)
+NAN_STEP = 7
+NAN_CASES = [("saef", "sign", True, 2, "sharded"), ("ef21", "topk:0.1", True, None, "rank0"),
+             ("saef", "powersgd:2", True, None, "sharded"), ("saef", "sign", True, 2, "rank0", "adam")]
 ADAM = {"optimizer": "adam", "betas": (0.9, 0.99), "eps": 1e-3, "warmup_steps": 4}
 
 

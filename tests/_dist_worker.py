@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from saef.backends.distributed import DistributedWorker, init_distributed
+from saef.core import NonFiniteStep
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _dist_cases import ADAM, CASES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, NAN_CASES, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
 
@@ -19,20 +20,37 @@ def wire(worker):
     return {k[len("wire_"):]: v for k, v in worker.transport.ledger.counts.items() if k.startswith("wire_")}
 
 
-def run_case(case, world):
-    worker = DistributedWorker(tiny_model(), server=case[4], **algorithm_settings(case))
-    wire_errors = []
+def poison(worker, step, world):
+    """At step NAN_STEP, the last rank's gradient of the first layer (the last bucket backward makes) turns
+    NaN, with a finite loss; the other ranks have sent their other buckets by then. Returns the hook."""
+    if step != NAN_STEP or worker.rank != world - 1:
+        return None
+    return worker.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+
+
+def run_case(case, world, overlap_bytes=0, nan=False):
+    worker = DistributedWorker(tiny_model(), server=case[4], overlap_bytes=overlap_bytes, **algorithm_settings(case))
+    wire_errors, skipped = [], []
     for step in range(STEPS):
         before_bits, before_wire = dict(worker.bits), wire(worker)
         inputs, targets = shard(*batch(step, world), worker.rank, world)
-        worker.step(inputs, targets, lr=0.05)
+        hook = poison(worker, step, world) if nan else None
+        try:
+            worker.step(inputs, targets, lr=0.05)
+        except NonFiniteStep:
+            skipped.append(step)
+            continue
+        finally:
+            if hook is not None:
+                hook.remove()
         worker.mismatch()  # diagnostics traffic must not be counted as error averaging
         sent = {k: wire(worker)[k] - before_wire[k] for k in before_wire}
         bits = {k: worker.bits[k] - before_bits[k] for k in BITS}
         if (sent["uplink_sent"] * 8, sent["downlink_received"] * 8, (sent["averaging_sent"] + sent["averaging_received"]) * 8) != (bits["bits_up"], bits["bits_down"], bits["bits_averaging"]) \
                 or (sent["diagnostics_sent"] == 0) == worker.has_diagnostics:  # read-outs only where the rule has them
             wire_errors.append((step, sent, bits))
-    return {"x": worker.x.clone(), "bits": dict(worker.bits), "wire_errors": wire_errors}
+    return {"x": worker.x.clone(), "bits": dict(worker.bits), "wire_errors": wire_errors, "skipped": skipped,
+            "state": worker.state.state_dict()["tensors"]}
 
 
 def _user_loop(opt, model, world):
@@ -91,6 +109,11 @@ def main():
     init_distributed("cpu", timeout_s=60)
     world = dist.get_world_size()
     results = {case: run_case(case, world) for case in CASES}
+    for n, case in enumerate(CASES):  # the same cases, overlapped with backward: buckets of a few layers, or one per layer
+        results["overlap", case] = run_case(case, world, OVERLAP_BYTES[n % 2])
+    for case in NAN_CASES:
+        results["nan", case] = run_case(case, world, nan=True)
+        results["nan overlap", case] = run_case(case, world, OVERLAP_BYTES[0], nan=True)
     results["facade"] = run_facade(world)
     results["adam facade"] = run_adam_facade(world)
     if world == 2:

@@ -16,7 +16,7 @@ import saef
 from saef.backends.distributed import assign_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_cases import ADAM, CASES, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, NAN_CASES, NAN_STEP, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
 
 HERE = Path(__file__).parent
 SRC = str(HERE.parent / "src")
@@ -99,6 +99,43 @@ def test_processes_equal_simulator(tmp_path_factory, world):
             assert got["wire_errors"] == [], (case, rank, got["wire_errors"][:1])
             assert got["bits"] == sim.bits, (case, rank)
             assert torch.allclose(got["x"], sim.x, rtol=1e-5, atol=atol), (case, rank, (got["x"] - sim.x).abs().max())
+
+
+def _same_run(a, b):
+    """Bit-identical: parameters, every state tensor, bit counts, skipped steps."""
+    return (torch.equal(a["x"], b["x"]) and a["bits"] == b["bits"] and a["skipped"] == b["skipped"]
+            and a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_steps_are_bit_identical_and_equal_the_simulator(tmp_path_factory, world):
+    """With the step overlapped with backward (buckets of about half the layers, or one per layer), every
+    case of test_processes_equal_simulator ends on the same parameters, state tensors and bit counts, bit
+    for bit, as without, and so matches the simulator as that test states; and every step its bytes on the
+    wire equal its bits."""
+    ranks = dist_results(tmp_path_factory, world)
+    for case in CASES:
+        for rank, results in enumerate(ranks):
+            overlapped, plain = results["overlap", case], results[case]
+            assert overlapped["wire_errors"] == [], (case, rank, overlapped["wire_errors"][:1])
+            assert _same_run(overlapped, plain), (case, rank, (overlapped["x"] - plain["x"]).abs().max())
+    sim = simulate_case(CASES[0], world)
+    assert torch.allclose(ranks[0]["overlap", CASES[0]]["x"], sim.x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_step_with_a_nan_on_one_rank_changes_nothing(tmp_path_factory, world):
+    """A NaN in the last rank's gradient of the first layer at one step, with a finite loss: overlapped, the
+    other ranks have sent (and started to settle) their other buckets before they learn of it, yet every rank
+    skips that step and the run ends bit-identical to the run without overlap, which votes before it
+    changes anything."""
+    ranks = dist_results(tmp_path_factory, world)
+    for case in NAN_CASES:
+        for rank, results in enumerate(ranks):
+            overlapped, plain = results["nan overlap", case], results["nan", case]
+            assert plain["skipped"] == [NAN_STEP], (case, rank, plain["skipped"])
+            assert _same_run(overlapped, plain), (case, rank, overlapped["skipped"], (overlapped["x"] - plain["x"]).abs().max())
+            assert not torch.equal(plain["x"], results[case]["x"]) or case not in CASES  # the skip mattered
 
 
 def in_process(case, world):
@@ -204,6 +241,35 @@ def test_torchrun_trains_with_records(tmp_path):
     assert (out / "summary.json").exists()
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and "(dist)" in result.stdout
+
+
+def test_torchrun_overlapped_run_and_its_resume_repeat_the_plain_run(tmp_path):
+    """``saef train --backend dist --overlap`` (buckets of a few layers) writes the same records as the run
+    without it, every metric of every epoch but the times; and a run begun without overlap and resumed with
+    it (overlap changes no state, so resuming may switch it) writes them too."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["--backend", "dist", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--compressor", "sign",
+              "--average-every", "3", "--quiet"]
+
+    def train(out, *flags):
+        result = subprocess.run([*torchrun, "--master_port", str(free_port()), "-m", "saef", "train", *common,
+                                 "--output", str(out), *flags], env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    def rows(out):
+        import json
+
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_time")}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    train(tmp_path / "plain", "--epochs", "2")
+    train(tmp_path / "overlap", "--epochs", "2", "--overlap", "--bucket-mb", "0.002")
+    train(tmp_path / "switched", "--epochs", "1")
+    train(tmp_path / "switched", "--resume", str(tmp_path / "switched"), "--epochs", "2", "--overlap", "--bucket-mb", "0.002")
+    assert len(rows(tmp_path / "plain")) == 2
+    assert rows(tmp_path / "overlap") == rows(tmp_path / "plain")
+    assert rows(tmp_path / "switched") == rows(tmp_path / "plain")
 
 
 def test_dead_rank_stops_the_others(tmp_path):

@@ -65,6 +65,8 @@ HELP = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "backend": "sim (K workers in this process) or dist (one worker per torch.distributed rank)",
     "server": "dist only: sharded (each rank serves a share of the layers) or rank0",
+    "overlap": "dist only: compress and send each bucket of layers while backward makes the next (same results)",
+    "bucket_mb": "dist only, with --overlap: the most MB of gradients in one bucket",
     "timeout": "dist only: seconds any wait on another rank (the rendezvous included) may take before failing; finite",
     "checkpoint_every": "also checkpoint every N steps (0: only at the end of each epoch)",
     "keep_checkpoints": "how many recent checkpoints to keep",

@@ -92,6 +92,8 @@ class TrainConfig:
     backend: str = "sim"  # sim: K workers in this process; dist: one worker per torch.distributed rank
     server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
     timeout: float = 300.0  # dist only: seconds a collective may wait for a dead or hung rank
+    overlap: bool = False  # dist only: each bucket of layers is compressed and sent while backward makes the rest
+    bucket_mb: float = 1.0  # dist only, with overlap: the most MB of gradients in one bucket
     output: Optional[str] = None  # run directory; default runs/<dataset>-<model>-<method>-...-<time>
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
@@ -150,6 +152,8 @@ class TrainConfig:
             bad("backend", self.backend, f"choose one of {', '.join(available_backends())}")
         if not 0 < self.timeout <= MAX_TIMEOUT:  # every wait is bounded by it, so it must be finite
             bad("timeout", self.timeout, f"must be a finite number of seconds, > 0 and <= {MAX_TIMEOUT:g}")
+        if not 0 < self.bucket_mb <= 1 << 20:
+            bad("bucket_mb", self.bucket_mb, "must be a number of MB > 0 and <= 1048576")
         if self.server not in ("sharded", "rank0"):
             bad("server", self.server, "choose sharded or rank0")
         try:  # the algorithm's own settings are validated where they are defined, once

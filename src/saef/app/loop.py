@@ -105,7 +105,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     errors, estimates) afresh from the saved model iterate instead (required when the number of workers, method or
     compressor changed).
     """
-    backend = make_backend(config.backend, device=config.device, timeout=config.timeout, server=config.server)
+    backend = make_backend(config.backend, device=config.device, timeout=config.timeout, server=config.server,
+                           overlap_bytes=int(config.bucket_mb * (1 << 20)) if config.overlap else 0)
     run = None
     try:
         run = _start(config, backend, log, progress, resume, reset_errors, changed)

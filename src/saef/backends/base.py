@@ -44,14 +44,17 @@ class Backend:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         timeout: seconds any wait on another process may take (where there are others).
         server: where the server's work runs (``sharded`` or ``rank0``; where it means something).
+        overlap_bytes: the most bytes of gradients in a bucket of a step overlapped with backward (0: no
+            overlap; where it means something).
     """
 
     name = "backend"
     rank = 0  # this process's index
     processes = 1  # processes in the job
 
-    def __init__(self, *, device: str = "auto", timeout: float = 300.0, server: str = "sharded"):
+    def __init__(self, *, device: str = "auto", timeout: float = 300.0, server: str = "sharded", overlap_bytes: int = 0):
         self.device_name, self.timeout, self.server = device, timeout, server
+        self.overlap_bytes = int(overlap_bytes)
 
     def start(self, workers: int) -> Tuple[torch.device, int]:
         """Join the job; returns this process's device and the number of workers K (``workers`` asked)."""

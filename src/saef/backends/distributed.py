@@ -17,6 +17,9 @@ What crosses the network, per step (all of it payloads of :mod:`saef.compress`):
 * nothing compressed either way (e.g. the full-precision baseline): no server work, the dense mean of the
   gradients' directions by :meth:`DistributedTransport.exact_mean`, as DDP's all-reduce moves it.
 
+With ``overlap_bytes`` (``--overlap``), the two exchanges run once per bucket of layers, each started
+during backward as soon as its gradients are made (:mod:`saef.core.overlap`); the bytes are the same.
+
 Bytes are counted from the buffers handed to ``torch.distributed``, in the transport's ledger
 (``wire_<direction>_<sent|received>``): the uplink input buffer is exactly this worker's payload, the
 downlink output buffer exactly what this worker receives, so the per-worker bit counts equal the
@@ -33,6 +36,7 @@ the simulator produce the same parameters bit for bit.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import threading
@@ -43,7 +47,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compress import Compressor, Identity, Layout, Payload, mean_of_rows, payload_bits
-from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Transport, WorkerBase, all_finite, check_precision, check_dense, flatten,
+from ..core.overlap import OverlappedStep
+from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, Pending, Transport, WorkerBase, all_finite, check_precision, check_dense, flatten,
                     model_penalty, write_flat)
 from .base import Backend, PeerFailed, RanksDisagree
 
@@ -134,9 +139,10 @@ class DistributedTransport(Transport):
         self._layouts = None  # payload templates and sub-layouts are per layer: rebuilt on the next step
         self.__dict__.pop("_sub_layouts", None)
 
-    def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str, meanwhile=None) -> List[Tensor]:
-        """Send ``chunks[r]`` (tensors, as raw bytes) to rank r and receive ``recv_sizes[r]`` bytes from
-        rank r, running ``meanwhile()`` while the bytes travel. Payload sizes are a function of the layer
+    def _exchange(self, chunks: List[List[Tensor]], recv_sizes: List[int], direction: str) -> Pending:
+        """Start sending ``chunks[r]`` (tensors, as raw bytes) to rank r and receiving ``recv_sizes[r]``
+        bytes from rank r; the pending result is the bytes received from each rank. The send buffer is a
+        copy: what the chunks view may change once this returns. Payload sizes are a function of the layer
         sizes (true of every built-in compressor), so each rank knows what it will receive without asking."""
         parts = [[_as_bytes(t) for t in chunk] for chunk in chunks]
         send_sizes = [sum(p.numel() for p in part) for part in parts]
@@ -144,12 +150,14 @@ class DistributedTransport(Transport):
         send = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=self.device)
         work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group, async_op=True)
-        if meanwhile is not None:  # the send buffer is a copy: meanwhile may change what it was made from
-            meanwhile()
-        work.wait()
-        self.ledger.add(f"wire_{direction}_sent", send.numel())
-        self.ledger.add(f"wire_{direction}_received", recv.numel())
-        return list(torch.split(recv, recv_sizes))
+
+        def finish():
+            work.wait()
+            self.ledger.add(f"wire_{direction}_sent", send.numel())
+            self.ledger.add(f"wire_{direction}_received", recv.numel())
+            return list(torch.split(recv, recv_sizes))
+
+        return Pending(finish)
 
     @staticmethod
     def _unpack(buffer: Tensor, layouts: List[Payload]) -> List[Payload]:
@@ -170,43 +178,70 @@ class DistributedTransport(Transport):
     def worker_ids(self):
         return [self.rank]
 
+    def part(self, layers):
+        part = copy.copy(self)  # the same group and ledger; the layers' owners; caches of its own
+        part.owner = [self.owner[i] for i in layers]
+        part._sizes = [self._sizes[i] for i in layers]
+        part._layouts = None
+        part.__dict__.pop("_sub_layouts", None)
+        return part
+
     def average_uplink(self, payloads, compressor, layout, meanwhile=None, context=None):
+        pending = self.begin_uplink(payloads, compressor, layout, context)
+        if meanwhile is not None:
+            meanwhile()
+        return pending.wait()
+
+    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
+        pending = self.begin_downlink(payloads, decoded, compressor, layout, context)
+        if meanwhile is not None:
+            meanwhile()
+        return pending.wait()
+
+    def begin_uplink(self, payloads, compressor, layout, context=None):
         self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads))
         if self.server == "allreduce":
-            mean = self._allreduce_mean(payloads, compressor, layout)
-            if meanwhile is not None:
-                meanwhile()
-            return mean
+            return Pending.done(self._allreduce_mean(payloads, compressor, layout))
         chunks: List[List[Tensor]] = [[] for _ in range(self.num_workers)]
         for i, payload in enumerate(payloads):
             chunks[self.owner[i]].extend(payload)
         mine = self._layers_of(self.rank, len(layout))
-        # Every sender packs our layers in layer order, shaped like our own payload for them.
+        # Every sender packs our layers in layer order, shaped like our own payload for them (only the
+        # shapes and dtypes of ours are read, so it does not matter that their values may change meanwhile).
+        templates = [payloads[i] for i in mine]
         expected = sum(payload_bits(payloads[i]) for i in mine) // 8
-        received = self._exchange(chunks, [expected] * self.num_workers, "uplink", meanwhile)
-        if not mine:
-            return torch.zeros(0, dtype=self.dtype, device=self.device)
-        from_each = [self._unpack(buffer, [payloads[i] for i in mine]) for buffer in received]
-        # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
-        stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
+        exchange = self._exchange(chunks, [expected] * self.num_workers, "uplink")
         senders = None if context is None else context.with_senders(range(self.num_workers))  # rows in rank order
-        return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank), **compressor.context_args(senders))
 
-    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
+        def mean():
+            received = exchange.wait()
+            if not mine:
+                return torch.zeros(0, dtype=self.dtype, device=self.device)
+            from_each = [self._unpack(buffer, templates) for buffer in received]
+            # Layer by layer, the K senders' rows stacked in rank order: (K, ...) payloads, as simulated.
+            stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
+            return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank), **compressor.context_args(senders))
+
+        return Pending(mean)
+
+    def begin_downlink(self, payloads, decoded, compressor, layout, context=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
             if not isinstance(compressor, Identity):
                 raise ValueError("server='allreduce' sends dense values both ways; with a server compressor use "
                                  "server='sharded' or 'rank0'")
             self.ledger.add("wire_downlink_received", self._allreduce_bytes)
             self.ledger.add("bits_down", self._allreduce_bytes * 8)
-            if meanwhile is not None:
-                meanwhile()
-            return decoded
+            return Pending.done(decoded)
         templates = self._downlink_layouts(compressor, layout)
         own = [t for payload in payloads for t in payload]
         by_owner = [self._layers_of(r, len(layout)) for r in range(self.num_workers)]
         recv_sizes = [sum(payload_bits(templates[i]) for i in layers) // 8 for layers in by_owner]
-        received = self._exchange([own] * self.num_workers, recv_sizes, "downlink", meanwhile)
+        exchange = self._exchange([own] * self.num_workers, recv_sizes, "downlink")
+        self.ledger.add("bits_down", sum(recv_sizes) * 8)
+        return Pending(lambda: self._decode_update(exchange.wait(), by_owner, templates, decoded, compressor, layout, context))
+
+    def _decode_update(self, received, by_owner, templates, decoded, compressor, layout, context):
+        """The dense update (P,) from every owner's server payloads (this rank's own: ``decoded``)."""
         # One buffer for the update, reused every step (a fresh 20 MB tensor costs page faults each time).
         update = layout.memo(("downlink-update", decoded.dtype, decoded.device), lambda: decoded.new_empty(layout.total))
         for source, (buffer, layers) in enumerate(zip(received, by_owner)):
@@ -224,7 +259,6 @@ class DistributedTransport(Transport):
                 dense = compressor.decode_layers(payloads, sub, **compressor.context_args(context))[0]
             for i, s in zip(layers, sub.slices):  # one copy per layer: index_copy_ was ~5x slower
                 update[layout.slices[i]] = dense[s]
-        self.ledger.add("bits_down", sum(recv_sizes) * 8)
         return update
 
     def _layers_of(self, rank: int, num_layers: int) -> List[int]:
@@ -383,12 +417,15 @@ class DistributedWorker(WorkerBase):
         server: ``"sharded"`` or ``"rank0"``. Where nothing is compressed either way, the mean travels as
             in an all-reduce instead (``"allreduce"``), whatever is asked.
         precision: ``"fp32"`` or ``"bf16"`` (the forward under autocast), as for the simulator.
+        overlap_bytes: 0 (the default): the step's exchanges start after backward. Else buckets of at most
+            this many bytes of gradients are compressed and sent while backward makes the rest
+            (:class:`~saef.core.overlap.OverlappedStep`): the same parameters, state and bits.
     """
 
     cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch
 
     def __init__(self, model: nn.Module, *, config: ErrorFeedbackConfig = None, server: str = "sharded", loss_fn=None,
-                 precision: str = "fp32", **algorithm):
+                 precision: str = "fp32", overlap_bytes: int = 0, **algorithm):
         import torch.nn.functional as F
 
         config = ErrorFeedbackConfig.build(config, **algorithm)
@@ -406,6 +443,8 @@ class DistributedWorker(WorkerBase):
         self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device)
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         self.state = self.algorithm.init_state(self.x)
+        self.overlapped = OverlappedStep(self.algorithm, self.params, overlap_bytes, self.transport.all_finite) \
+            if overlap_bytes else None
         self.rank, self.workers = self.transport.rank, self.transport.num_workers
         self.num_workers = self.workers
         self.worker_ids = [self.rank]
@@ -422,15 +461,26 @@ class DistributedWorker(WorkerBase):
             penalty = model_penalty(self.model, [p.unsqueeze(0) for p in self.params])
             if penalty is not None:
                 loss = loss + penalty[0]
-            loss.backward()
+            try:
+                (self._exchange_after if self.overlapped is None else self._exchange_during)(loss, lr)
+            except NonFiniteStep as error:
+                raise NonFiniteStep(f"{error} (this rank's loss {loss.item()})") from None
+        return loss.detach()
+
+    def _exchange_after(self, loss: Tensor, lr) -> None:
+        """Backward, then the step."""
+        loss.backward()
         # Per layer, straight from .grad: a flat copy of 5M gradients cost more than the optimizer's arithmetic.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         check_dense(grads)
         # Every rank must skip together: a vote (a rank with a NaN vetoes the step).
         if not self.transport.all_finite(bool(all_finite(*grads, loss.detach()))):
-            raise NonFiniteStep(f"non-finite loss or gradient on some rank (this rank's loss {loss.item()})")
+            raise NonFiniteStep("non-finite loss or gradient on some rank")
         self.algorithm.step(self.state, self.x, grads, lr)
-        return loss.detach()
+
+    def _exchange_during(self, loss: Tensor, lr) -> None:
+        """The step's buckets go out while backward runs (:class:`~saef.core.overlap.OverlappedStep`)."""
+        self.overlapped.run(self.state, self.x, lr, loss.backward, bool(all_finite(loss.detach())))
 
     def average(self, value: float) -> float:
         """Mean of a per-rank number over all ranks."""
@@ -533,7 +583,7 @@ class DistributedBackend(Backend):
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
     def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> DistributedWorker:
-        return DistributedWorker(model, config=config, server=self.server, precision=precision)
+        return DistributedWorker(model, config=config, server=self.server, precision=precision, overlap_bytes=self.overlap_bytes)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -35,7 +35,7 @@ def available_backends() -> Tuple[str, ...]:
 
 
 def make_backend(name: str, **options) -> Backend:
-    """The backend ``name``, constructed with ``options`` (device, timeout, server)."""
+    """The backend ``name``, constructed with ``options`` (device, timeout, server, overlap_bytes)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; registered: {', '.join(available_backends())}")
     target = _BACKENDS[name]

@@ -9,8 +9,8 @@ from .algorithm import ErrorFeedback, ErrorFeedbackState
 from .config import ErrorFeedbackConfig
 from .flat import NonFiniteStep, all_finite, check_dense, flatten, unflatten, write_flat
 from .ledger import BitLedger
-from .transport import Transport
+from .transport import Pending, Transport
 from .worker import PRECISIONS, Worker, WorkerBase, check_precision, model_penalty
 
 __all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "check_dense", "flatten",
-           "unflatten", "write_flat", "BitLedger", "Transport", "Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]
+           "unflatten", "write_flat", "BitLedger", "Pending", "Transport", "Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]

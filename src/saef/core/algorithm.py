@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -79,11 +79,13 @@ class ErrorFeedback:
         >>> ef.step(state, x, grads=torch.ones(2, 3), lr=0.1)
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport):
+    def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport,
+                 ids: Optional[Sequence[int]] = None):
         self.config = config
         self.transport = transport
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
-        self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes)
+        # ids: each layer's index in the whole model (a part of it keeps them: random draws derive from them)
+        self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes, ids)
         self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
         self.optimizer = make_optimizer(config, self.layout)
@@ -188,26 +190,82 @@ class ErrorFeedback:
                 ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
             lr: the learning rate of this step (>= 0): one number, or one per layer (parameter groups).
         """
+        rule = self.rule_for(state)
+        for _ in self.stages(state, x, grads, lr, rule):
+            pass
+        self.end_step(state, rule)
+
+    def rule_for(self, state: ErrorFeedbackState):
+        """The rule of the next step: the warm-up's (identity compressors) or the configured one."""
+        return self.warmup_rule if self.in_warmup(state) else self.rule
+
+    def stages(self, state: ErrorFeedbackState, x: Tensor, grads, lr: Scalar, rule) -> Iterator[None]:
+        """The step without its end (:meth:`end_step`), in four stretches; it pauses (yields) where it has
+        handed payloads to the network, so that a caller can run other work while they travel (an
+        overlapped step, :mod:`saef.core.overlap`, runs the stretches of several parts in turn):
+
+        1. the direction, what each worker compresses, and its payloads, handed to the uplink;
+        2. the worker's state settled; the mean received; the server's payloads handed to the downlink and
+           its state settled;
+        3. the update received;
+        4. every worker applies it.
+
+        Arguments as for :meth:`step`; ``rule`` is :meth:`rule_for` of the state.
+        """
         pairs = self._gradient_pairs(grads)
         lr = self.per_layer(lr, "lr")
         if any(v < 0 for _, v in lr.runs):  # (one run per distinct stretch: no pass over every layer)
             raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
-        rule = self.warmup_rule if self.in_warmup(state) else self.rule
         plan = rule.plan
         plan.up, plan.down = self.contexts(state)
         direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
         sent = rule.uplink(state, x, direction, self.optimizer.scale(lr))
         payloads = plan.uplink.encode_layers(sent, self.layout, **plan.uplink.context_args(plan.up))
-        mean = self.transport.average_uplink(payloads, plan.uplink, self.layout,
-                                             meanwhile=lambda: rule.settle_worker(state, payloads), context=plan.up)
+        uplink = self.transport.begin_uplink(payloads, plan.uplink, self.layout, context=plan.up)
+        yield
+        rule.settle_worker(state, payloads)  # (the transport has copied or consumed the payloads)
+        mean = uplink.wait()
         served = rule.serve(state, x, mean, lr) if plan.owned else None
         server_payloads, applied = self._server_payloads(plan, served, mean)
-        update = self.transport.share_downlink(server_payloads, applied, plan.downlink, self.layout,
-                                               meanwhile=lambda: served is not None and rule.settle_server(state, served, applied),
-                                               context=plan.down)
+        downlink = self.transport.begin_downlink(server_payloads, applied, plan.downlink, self.layout, context=plan.down)
+        if served is not None:
+            rule.settle_server(state, served, applied)
+        yield
+        update = downlink.wait()
+        yield
         rule.apply(state, x, update, lr)
+
+    def end_step(self, state: ErrorFeedbackState, rule) -> None:
+        """After the stages of every layer: the step counter moves, then the rule's end of step (error
+        averaging), over all layers at once."""
         state.step += 1
         rule.end_step(state)
+
+    # --- parts: consecutive layers stepped on their own (the buckets of an overlapped step) --------------
+    def part(self, layers: range) -> "ErrorFeedback":
+        """The algorithm over the consecutive ``layers`` of this one, with their ids, the transport's part
+        for them (:meth:`Transport.part`) and this one's per-layer settings of the local optimizer. Every
+        operation of a step but its end is layer-wise, so the stages of the parts of a partition, followed
+        by :meth:`end_step` of the whole, are the whole's step, bit for bit."""
+        layers = list(layers)
+        if not layers or layers != list(range(layers[0], layers[-1] + 1)) or layers[-1] >= len(self.shapes):
+            raise ValueError(f"a part is a non-empty range of consecutive layers of 0 .. {len(self.shapes) - 1}, got {layers}")
+        part = ErrorFeedback([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
+                             ids=[self.layout.ids[i] for i in layers])
+        for name, value in vars(self.optimizer).items():  # momentum, betas, ...: the layers' own values
+            if isinstance(value, PerLayer):
+                setattr(part.optimizer, name, value.subset(layers, part.layout))
+        return part
+
+    def part_state(self, state: ErrorFeedbackState, layers: range) -> ErrorFeedbackState:
+        """The state of :meth:`part` ``(layers)``: views of this state's columns for those layers (what a
+        part's step changes, it changes here), at the same step."""
+        layers = list(layers)
+        tensors = {}
+        for name, tensor in state.tensors.items():
+            first, last = self.layer_columns(name, layers[0]), self.layer_columns(name, layers[-1])
+            tensors[name] = tensor[..., first.start:last.stop]
+        return ErrorFeedbackState(state.step, tensors)
 
     def per_layer(self, value: Scalar, name: str) -> PerLayer:
         """``value`` (one number or one per layer) over this algorithm's layers."""

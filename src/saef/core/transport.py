@@ -31,11 +31,33 @@ from torch import Tensor
 from ..compress import Compressor, Context, Layout, Payload
 from .ledger import BitLedger
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "Pending"]
+
+
+class Pending:
+    """Payloads under way: :meth:`wait` blocks until they have arrived and returns what they make (a mean,
+    an update). Made by :meth:`Transport.begin_uplink` and :meth:`Transport.begin_downlink`."""
+
+    def __init__(self, finish: Callable[[], Tensor]):
+        self._finish = finish
+
+    @classmethod
+    def done(cls, value: Tensor) -> "Pending":
+        """Payloads that had arrived when they were handed over (a transport that moves nothing)."""
+        return cls(lambda: value)
+
+    def wait(self) -> Tensor:
+        return self._finish()
 
 
 class Transport:
-    """Interface between the algorithm and the wire. See the module docstring for what each method moves."""
+    """Interface between the algorithm and the wire. See the module docstring for what each method moves.
+
+    The step (:meth:`saef.core.algorithm.ErrorFeedback.stages`) hands payloads over with
+    :meth:`begin_uplink` and :meth:`begin_downlink`, does its own work, and then waits for them. Their
+    defaults move everything at once through :meth:`average_uplink` and :meth:`share_downlink`; a
+    transport whose payloads travel while the process works overrides them (the distributed one).
+    """
 
     num_workers: int  # K: workers in the whole job
     num_local: int  # W: workers whose state lives in this process (rows of the algorithm's tensors)
@@ -88,6 +110,26 @@ class Transport:
                 ``payloads`` view (the server error), but not ``decoded``.
         """
         raise NotImplementedError
+
+    def begin_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
+                     context: Optional[Context] = None) -> Pending:
+        """Hand the uplink payloads over; :meth:`Pending.wait` returns :meth:`average_uplink`'s mean. Once
+        this returns, the tensors the payloads view may be overwritten (the transport has copied or
+        consumed them). This default averages at once."""
+        return Pending.done(self.average_uplink(payloads, compressor, layout, context=context))
+
+    def begin_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
+                       context: Optional[Context] = None) -> Pending:
+        """Hand the server's payloads over; :meth:`Pending.wait` returns :meth:`share_downlink`'s update.
+        Once this returns, the tensors the payloads view may be overwritten, but not ``decoded``. This
+        default shares at once."""
+        return Pending.done(self.share_downlink(payloads, decoded, compressor, layout, context=context))
+
+    def part(self, layers: Sequence[int]) -> "Transport":
+        """The transport of the consecutive ``layers`` alone (a bucket of an overlapped step): their owners,
+        this process's workers, and this transport's ledger, so that the parts' traffic adds up to the
+        whole's. This default is right for a transport that keeps nothing per layer."""
+        return self
 
     def mean_over_workers(self, rows: Tensor, purpose: str = "averaging") -> Tensor:
         """Mean of ``(W, n)`` rows over all K workers, ``(n,)``, rows added in worker order. ``purpose`` is

@@ -1,0 +1,189 @@
+"""A step whose communication overlaps the backward pass: buckets of layers, each started as its
+gradients are made.
+
+The step of :class:`~saef.core.algorithm.ErrorFeedback` is layer-wise up to its end (error averaging), so
+it can run on parts of the model (:meth:`ErrorFeedback.part`). :class:`OverlappedStep` cuts the layers
+into buckets of consecutive layers, last layers first (the order in which backward makes gradients), and
+hooks every parameter (``register_post_accumulate_grad_hook``). When the gradients of bucket b are all
+there, it runs b's first stage (direction, payloads, uplink handed over) and then the second stage of
+bucket b - 1 (mean received, server payloads handed over): the network moves bucket b while backward
+computes bucket b + 1. After backward, the remaining stages run in bucket order, then the step's end over
+all layers. Every rank starts the same exchanges in the same order (bucket order, whatever order the
+hooks fire in), as collectives require.
+
+The arithmetic is the non-overlapped step's, layer for layer, so an overlapped run gives the same
+parameters, state and bit counts bit for bit (``tests/test_distributed.py``).
+
+A NaN or Inf: the step must change nothing, on every rank, but a rank learns of another's NaN only after
+its own buckets were sent. So before a bucket's first stage its part of the state is copied, the update
+of x (the last stage) waits for the vote on finite gradients, and a step that some rank found
+non-finite puts the copies back and raises :class:`~saef.core.flat.NonFiniteStep`. The bits the
+algorithm counts are restored too; the ``wire_*`` counters keep the bytes that really moved. A bucket with
+a non-finite gradient sends zeros instead (its step is undone anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence
+
+import torch
+from torch import Tensor
+
+from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .flat import NonFiniteStep, all_finite, check_dense
+from .ledger import PER_WORKER
+from .perlayer import PerLayer
+
+__all__ = ["OverlappedStep", "make_buckets"]
+
+
+def make_buckets(sizes: Sequence[int], bucket_bytes: int, element_size: int = 4) -> List[range]:
+    """Consecutive layers, from the last one back, gathered while they hold at most ``bucket_bytes`` of
+    gradients (a layer larger than that is a bucket of its own). Returned in that order (last layers first);
+    each range ascends."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got bucket_bytes={bucket_bytes!r}")
+    buckets, stop, held = [], len(sizes), 0
+    for i in reversed(range(len(sizes))):
+        size = sizes[i] * element_size
+        if stop - i > 1 and held + size > bucket_bytes:  # the layers i + 1 .. stop - 1 are full
+            buckets.append(range(i + 1, stop))
+            stop, held = i + 1, 0
+        held += size
+    if stop > 0:
+        buckets.append(range(0, stop))
+    return buckets
+
+
+class OverlappedStep:
+    """Steps of ``algorithm`` on the gradients of ``params`` (W = 1: one rank's model), overlapped with
+    their backward pass.
+
+    Args:
+        algorithm: the step over all layers, one per parameter of ``params``, in order.
+        params: the parameters whose ``.grad`` backward makes (hooked here once).
+        bucket_bytes: the most bytes of gradients in a bucket (> 0).
+        vote: ``vote(finite) -> bool``, whether every process found its step finite (a collective).
+
+    Example (in a worker's step)::
+
+        overlapped = OverlappedStep(algorithm, params, 1 << 20, transport.all_finite)
+        overlapped.run(state, x, lr, lambda: loss.backward(), loss_finite)
+    """
+
+    def __init__(self, algorithm: ErrorFeedback, params: Sequence[Tensor], bucket_bytes: int,
+                 vote: Callable[[bool], bool]):
+        self.algorithm, self.params, self.vote = algorithm, list(params), vote
+        if len(self.params) != len(algorithm.shapes):
+            raise ValueError(f"{len(self.params)} parameters for an algorithm of {len(algorithm.shapes)} layers")
+        element = self.params[0].element_size() if self.params else 4
+        self.buckets = make_buckets(algorithm.sizes, bucket_bytes, element)
+        self.parts = [algorithm.part(b) for b in self.buckets]
+        self.bucket_of = {i: b for b, layers in enumerate(self.buckets) for i in layers}
+        self._step = None  # the step under way; None: hooks do nothing (a backward outside a step)
+        self._copies = {}  # per bucket and state tensor: where its part of the state is copied, reused each step
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(lambda _, i=i: self._made(i))
+
+    def run(self, state: ErrorFeedbackState, x: Tensor, lr, backward: Callable[[], None], finite: bool = True) -> None:
+        """One step: ``backward()`` makes the gradients (at the points the caller wrote), the buckets go out
+        as they are made; ``finite``: whether what the caller checked before (the loss) is finite."""
+        step = _Step(self, state, x, lr, finite)
+        self._step = step
+        try:
+            backward()
+        finally:
+            self._step = None
+        step.finish()
+
+    def copy_state(self, b: int, state: ErrorFeedbackState):
+        """Copies of bucket b's part of the state, in buffers kept from step to step."""
+        copies = {}
+        for name, tensor in state.tensors.items():
+            key = (b, name)
+            if key not in self._copies or self._copies[key].shape != tensor.shape:
+                self._copies[key] = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            copies[name] = self._copies[key].copy_(tensor)
+        return copies
+
+    def _made(self, layer: int) -> None:
+        if self._step is not None:
+            self._step.made(layer)
+
+
+class _Step:
+    """The bookkeeping of one overlapped step."""
+
+    def __init__(self, owner: OverlappedStep, state: ErrorFeedbackState, x: Tensor, lr, finite: bool):
+        self.owner, self.state, self.x = owner, state, x
+        algorithm = owner.algorithm
+        self.rule = algorithm.rule_for(state)  # decided before the step counter moves, as in ErrorFeedback.step
+        self.lr = lr if isinstance(lr, PerLayer) else algorithm.per_layer(lr, "lr")
+        self.finite = bool(finite)
+        self.missing = [len(b) for b in owner.buckets]  # gradients each bucket still waits for
+        self.stages: List = []  # per bucket started: the generator of its stages
+        self.served = 0  # buckets whose second stage has run
+        self.saved = []  # per bucket started: copies of its part of the state
+        ledger = algorithm.transport.ledger
+        self.bits = {key: ledger.counts[key] for key in PER_WORKER}
+
+    def made(self, layer: int) -> None:
+        b = self.owner.bucket_of[layer]
+        self.missing[b] -= 1
+        while len(self.stages) < len(self.missing) and self.missing[len(self.stages)] == 0:  # in bucket order
+            self._start(len(self.stages))
+
+    @torch.no_grad()
+    def _start(self, b: int) -> None:
+        """Bucket b's first stage, then the second of the bucket before it (so that its mean has had the
+        time of one bucket's backward to arrive)."""
+        owner, algorithm = self.owner, self.owner.algorithm
+        layers, part = owner.buckets[b], owner.parts[b]
+        grads = [owner.params[i].grad if owner.params[i].grad is not None else torch.zeros_like(owner.params[i])
+                 for i in layers]
+        check_dense(grads)
+        if not all_finite(*grads):  # the step will be undone: send something harmless meanwhile
+            self.finite = False
+            grads = [torch.zeros_like(g) for g in grads]
+        state = algorithm.part_state(self.state, layers)
+        self.saved.append(owner.copy_state(b, state))
+        span = algorithm.layout.span(layers)
+        lr = self.lr.subset(list(layers), part.layout)
+        stages = part.stages(state, self.x[span], grads, lr, part.rule_for(state))
+        next(stages)  # direction, payloads, uplink handed over
+        self.stages.append(stages)
+        if b > 0:
+            self._serve()
+
+    def _serve(self) -> None:
+        next(self.stages[self.served])  # mean received, the server's payloads handed over
+        self.served += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """After backward: the buckets not yet started (parameters backward did not reach: zero gradients),
+        the second stages left, the vote, then the updates and the step's end, or the state put back."""
+        owner = self.owner
+        while len(self.stages) < len(owner.buckets):
+            self._start(len(self.stages))
+        while self.served < len(self.stages):
+            self._serve()
+        finite = owner.vote(self.finite)
+        for stages in self.stages:
+            next(stages)  # the update received
+        if not finite:
+            self._restore()
+            raise NonFiniteStep("non-finite loss or gradient on some rank" if self.finite else
+                                "non-finite loss or gradient on this rank")
+        for stages in self.stages:
+            for _ in stages:  # every worker applies the update
+                pass
+        owner.algorithm.end_step(self.state, self.rule)
+
+    def _restore(self) -> None:
+        algorithm = self.owner.algorithm
+        for layers, saved in zip(self.owner.buckets, self.saved):
+            state = algorithm.part_state(self.state, layers)
+            for name, tensor in state.tensors.items():
+                tensor.copy_(saved[name])
+        algorithm.transport.ledger.counts.update(self.bits)

@@ -1,0 +1,133 @@
+"""The step overlapped with backward (saef.core.overlap) in one process, against the plain step: buckets,
+bit-identical results, buckets sent before backward ends, and a NaN that changes nothing. Across gloo
+processes: tests/test_distributed.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+from saef.core import NonFiniteStep, flatten
+from saef.core.overlap import OverlappedStep, make_buckets
+
+CASES = [
+    dict(method="saef", compressor="sign", average_every=2, momentum=0.9, weight_decay=1e-3),
+    dict(method="ef", compressor="topk:0.2", double_way=False, momentum=0.9),
+    dict(method="ef21", compressor="topk:0.2", momentum=0.9),
+    dict(method="direct", compressor="randk:0.3", momentum=0.5),  # random draws derive from layer ids
+    dict(method="saef", compressor="powersgd:2", momentum=0.9),  # compressor state per sender
+    dict(method="saef", compressor="sign", optimizer="adam", betas=(0.9, 0.99), eps=1e-3, warmup_steps=3),
+    dict(method="ef", compressor="identity", double_way=False, momentum=0.9),
+]
+
+
+def test_buckets_cover_the_layers_last_first_within_the_cap():
+    """Hand-computed: layers of 4-byte elements cut from the last one back at 40 bytes; a layer over the cap
+    is a bucket of its own; every layer once, each bucket ascending and consecutive."""
+    sizes = [3, 20, 2, 5, 1, 4]
+    assert make_buckets(sizes, 40) == [range(3, 6), range(2, 3), range(1, 2), range(0, 1)]
+    assert make_buckets(sizes, 1 << 20) == [range(0, 6)]
+    assert make_buckets(sizes, 1) == [range(i, i + 1) for i in reversed(range(6))]
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        make_buckets(sizes, 0)
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+class Runner:
+    """One worker's loop (W = 1, in-process transport), stepped plainly or overlapped."""
+
+    def __init__(self, settings, bucket_bytes=None, make=model):
+        self.model = make()
+        self.params = list(self.model.parameters())
+        config = ErrorFeedbackConfig(seed=3, **settings)
+        self.algorithm = ErrorFeedback([p.shape for p in self.params], config, InProcessTransport(1))
+        self.x = flatten([p.detach() for p in self.params]).clone()
+        self.state = self.algorithm.init_state(self.x)
+        self.overlapped = OverlappedStep(self.algorithm, self.params, bucket_bytes, lambda ok: ok) if bucket_bytes else None
+
+    def loss(self, t):
+        g = torch.Generator().manual_seed(t)
+        self.algorithm.write_gradient_points(self.state, self.x, [p.data for p in self.params])
+        for p in self.params:
+            p.grad = None
+        return F.cross_entropy(self.model(torch.randn(8, 5, generator=g)), torch.randint(0, 3, (8,), generator=g))
+
+    def step(self, t, lr=0.05):
+        loss = self.loss(t)
+        if self.overlapped is None:
+            loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]  # as a rank takes them
+            self.algorithm.step(self.state, self.x, grads, lr)
+        else:
+            self.overlapped.run(self.state, self.x, lr, loss.backward)
+
+
+@pytest.mark.parametrize("settings", CASES, ids=lambda s: f"{s['method']}-{s['compressor']}-{s.get('optimizer', 'sgd')}")
+@pytest.mark.parametrize("bucket_bytes", [1, 200])
+def test_overlapped_equals_plain_bit_for_bit(settings, bucket_bytes):
+    """12 steps overlapped (one bucket per layer, or a few layers each) end on the plain step's parameters,
+    state tensors and bits, bit for bit."""
+    plain, overlapped = Runner(settings), Runner(settings, bucket_bytes)
+    assert len(overlapped.overlapped.buckets) > 1
+    for t in range(12):
+        plain.step(t, lr=0.05 * 0.9**t)
+        overlapped.step(t, lr=0.05 * 0.9**t)
+    assert torch.equal(plain.x, overlapped.x)
+    assert plain.state.step == overlapped.state.step == 12
+    for name, tensor in plain.state.tensors.items():
+        assert torch.equal(tensor, overlapped.state.tensors[name]), name
+    assert plain.algorithm.transport.ledger.counts == overlapped.algorithm.transport.ledger.counts
+
+
+def test_buckets_go_out_while_backward_runs():
+    """When backward reaches the first layer's gradient, the buckets of the later layers have already been
+    handed to the transport (their uplink bits are counted), and the step is not yet taken."""
+    runner = Runner(CASES[0], bucket_bytes=1)
+    seen = []
+    runner.params[0].register_hook(lambda g: seen.append((runner.algorithm.transport.ledger.counts["bits_up"], runner.state.step)))
+    runner.step(0)
+    (bits_then, step_then), = seen
+    assert 0 < bits_then < runner.algorithm.transport.ledger.counts["bits_up"]
+    assert step_then == 0 and runner.state.step == 1
+
+
+def test_a_nan_in_the_last_bucket_changes_nothing():
+    """A NaN in the first layer's gradient (the last bucket), after the other buckets have settled their
+    state: NonFiniteStep, and x, every state tensor and the bits are as before the step."""
+    runner = Runner(CASES[0], bucket_bytes=1)
+    for t in range(3):
+        runner.step(t)
+    before = (runner.x.clone(), runner.state.state_dict(), dict(runner.algorithm.transport.ledger.counts))
+    hook = runner.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(NonFiniteStep):
+        runner.step(3)
+    hook.remove()
+    assert torch.equal(runner.x, before[0]) and runner.state.step == before[1]["step"]
+    for name, tensor in runner.state.tensors.items():
+        assert torch.equal(tensor, before[1]["tensors"][name]), name
+    assert runner.algorithm.transport.ledger.counts == before[2]
+    runner.step(3)  # and the next step runs
+    assert runner.state.step == 4
+
+
+def test_a_parameter_backward_does_not_reach_sends_zeros():
+    """A parameter the loss does not use (no gradient, its hook never fires): its bucket goes out after
+    backward with a zero gradient, as the plain step takes it, and the buckets after it follow in order."""
+    def with_unused():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
+        m.register_parameter("unused", nn.Parameter(torch.ones(4)))
+        return m
+
+    plain, overlapped = Runner(CASES[1], make=with_unused), Runner(CASES[1], bucket_bytes=1, make=with_unused)
+    assert overlapped.params[0].shape == (4,)  # the module's own parameter comes first: the last bucket
+    for t in range(3):
+        plain.step(t)
+        overlapped.step(t)
+    assert torch.equal(plain.x, overlapped.x)
+    assert torch.equal(plain.state.worker_momentum, overlapped.state.worker_momentum)
