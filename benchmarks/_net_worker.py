@@ -34,16 +34,19 @@ SAEF_VARIANTS = {"saef-ef-sign": dict(method="ef", compressor="sign", momentum=0
 STEP_AFTER_BACKWARD = []  # seconds, per step of a saef variant without overlap
 
 
+def local_step(forward, opt):
+    """A training step of ``forward`` (a model, or DDP around one) with the torch optimizer ``opt``."""
+    def step(inputs, targets):
+        opt.zero_grad()
+        F.cross_entropy(forward(inputs), targets).backward()
+        opt.step()
+
+    return step
+
+
 def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
     if variant == "compute-only":  # this rank's forward, backward and a local SGD step: no communication at all
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-        def step(inputs, targets):
-            opt.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
-            opt.step()
-
-        return step, (lambda: model)
+        return local_step(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)), (lambda: model)
     if variant.startswith("ddp"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
@@ -62,13 +65,7 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
             opt = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=0.0)  # (saef's Adam runs: wd 0 too)
         else:
             opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
-
-        def step(inputs, targets):
-            opt.zero_grad()
-            F.cross_entropy(ddp(inputs), targets).backward()
-            opt.step()
-
-        return step, (lambda: model)
+        return local_step(ddp, opt), (lambda: model)
     settings = SAEF_VARIANTS[variant]
     if settings.get("optimizer") == "adam":
         settings = {**settings, "warmup_steps": warmup, "eps": eps}

@@ -49,6 +49,26 @@ def delete_namespace() -> None:
     sh("ip", "netns", "del", NAMESPACE, check=False)
 
 
+def in_namespaces(script: str, rates, work) -> None:
+    """``work(rate)`` for each rate, inside a fresh namespace whose loopback has that rate; the namespace
+    is deleted afterwards, also on SIGINT or SIGTERM. Exits with a message without root."""
+    if os.geteuid() != 0:
+        sys.exit(f"{script} needs root to create a network namespace (ip netns add)")
+
+    def interrupted(signum, frame):
+        delete_namespace()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        for rate in rates:
+            make_namespace(rate)
+            work(rate)
+    finally:
+        delete_namespace()
+
+
 def run_variant(variant, model, workers, args):
     with socket.socket() as s:  # any free port number; the namespace has its own port space
         s.bind(("127.0.0.1", 0))
@@ -123,33 +143,23 @@ def main():
     parser.add_argument("--json", default="benchmarks/results/network.json", help="where to write the raw results")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_network.py needs root to create a network namespace (ip netns add)")
-
-    def interrupted(signum, frame):
-        delete_namespace()
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
     results = []
-    try:
-        for rate in args.rates:
-            make_namespace(rate)
-            for model in args.models:
-                for k in args.workers:
-                    for variant in args.variants or (GPT_VARIANTS if model == "gpt" else VARIANTS):
-                        epochs = args.epochs if not model.startswith("resnet") else 0
-                        try:
-                            r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
-                        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:  # report it, go on
-                            r = {"variant": variant, "model": model, "workers": k, "step_s": None, "error": str(error).splitlines()[-1][:200]}
-                        r["rate"] = rate
-                        results.append(r)
-                        shown = "failed: " + r["error"] if r["step_s"] is None else f"{1e3 * r['step_s']:.1f} ms/step"
-                        print(f"# {rate} {model} K={k} {variant}: {shown}", file=sys.stderr, flush=True)
-    finally:
-        delete_namespace()
+
+    def at(rate):
+        for model in args.models:
+            for k in args.workers:
+                for variant in args.variants or (GPT_VARIANTS if model == "gpt" else VARIANTS):
+                    epochs = args.epochs if not model.startswith("resnet") else 0
+                    try:
+                        r = run_variant(variant, model, k, argparse.Namespace(**{**vars(args), "epochs": epochs}))
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:  # report it, go on
+                        r = {"variant": variant, "model": model, "workers": k, "step_s": None, "error": str(error).splitlines()[-1][:200]}
+                    r["rate"] = rate
+                    results.append(r)
+                    shown = "failed: " + r["error"] if r["step_s"] is None else f"{1e3 * r['step_s']:.1f} ms/step"
+                    print(f"# {rate} {model} K={k} {variant}: {shown}", file=sys.stderr, flush=True)
+
+    in_namespaces("bench_network.py", args.rates, at)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"saef: {kernels_in_use()}")
