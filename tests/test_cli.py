@@ -124,6 +124,20 @@ def test_flags_override_config_file(tmp_path):
     assert config["epochs"] == 1 and config["lr_milestones"] == [1] and config["average_every"] is None
 
 
+def test_simulator_names_the_multi_process_settings_it_does_not_use(tmp_path, capsys):
+    """--overlap and --server change nothing in one process: the run says so once, and its rows are those of
+    the same run without them; a run without them gets no note."""
+    rows = {}
+    for name, flags in (("plain", []), ("flagged", ["--overlap", "--server", "rank0"])):
+        out = tmp_path / name
+        assert main(["train", *FAST, "--epochs", "1", "--output", str(out), *flags]) == 0
+        printed = capsys.readouterr().out
+        assert ("does not use server, overlap" in printed) == bool(flags)
+        rows[name] = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "wall_time")}
+                      for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows["flagged"] == rows["plain"]
+
+
 def test_adam_settings_reach_the_algorithm_from_toml_and_flags(tmp_path):
     """optimizer, betas and eps in a TOML file (betas overridden by a flag) make the run's algorithm Adam
     with those settings (its state holds m and v), and the records name them."""

@@ -179,6 +179,9 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     run.log(f"saef: training {config.model} on {config.dataset} ({len(data.train)} train / {len(data.test)} test) "
             f"with {config.method} {config.worker_compressor}, K={config.workers} ({config.backend}), on {device}; "
             f"records in {output}")
+    if backend.ignored():
+        run.log(f"saef: note: the {config.backend} backend does not use {', '.join(backend.ignored())} "
+                f"(settings of a multi-process job); they change nothing here")
     return run
 
 

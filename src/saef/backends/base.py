@@ -92,6 +92,11 @@ class Backend:
     def close(self) -> None:
         """Leave the job (after a run that ended normally)."""
 
+    def ignored(self) -> List[str]:
+        """The options this backend was given away from their defaults but does not use (the loop names
+        them once at the start, so a setting that does nothing is not mistaken for one that does)."""
+        return []
+
     def failure_message(self, error: BaseException) -> Optional[str]:
         """One line for a failure of the backend itself (a peer died, the network broke), or None."""
         return None

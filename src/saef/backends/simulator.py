@@ -321,5 +321,12 @@ class SimulatorBackend(Backend):
         self.workers = workers
         return resolve_device(self.device_name), workers
 
+    def ignored(self) -> List[str]:
+        """One process has no peer to wait for, no server to place and no exchange to overlap."""
+        default = Backend()
+        given = {"server": self.server != default.server, "timeout": self.timeout != default.timeout,
+                 "overlap": self.overlap_bytes != default.overlap_bytes}
+        return [name for name, changed in given.items() if changed]
+
     def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> Simulator:
         return Simulator(model, workers=self.workers, config=config, precision=precision)
