@@ -7,8 +7,9 @@
 # Rows: every compressor's encode + decode on the device (checked: what is decoded stays on the device, and for
 # the deterministic ones equals what the CPU decodes from the same input),
 # the simulator's step on the GPU (ResNet-20, K = 4, SAEF top-k), the GPT step with SAEF-Adam in fp32 and
-# bf16, and two processes with the NCCL backend on two GPUs (their parameters checked against the
-# simulator; skipped with one GPU, where NCCL refuses two ranks on one device). Each row says ok, skipped
+# bf16, the step overlapped with backward against the plain one (bit for bit, one process: the hooks run on
+# autograd's device threads), and two processes with the NCCL backend on two GPUs (their parameters checked
+# against the simulator; skipped with one GPU, where NCCL refuses two ranks on one device). Each row says ok, skipped
 # or FAILED with the reason; the script exits 1 if any row failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -91,6 +92,45 @@ def gpt(precision):
     return f"GPT 438k, K = 4, batch 64 x 64: {1e3 * seconds:.1f} ms/step"
 row("GPT SAEF-Adam fp32", lambda: gpt("fp32"))
 row("GPT SAEF-Adam bf16", lambda: gpt("bf16"))
+
+def overlapped_step():
+    """One worker (in-process transport) on ResNet-20 on the device: the step overlapped with backward
+    (hooks run on autograd's device threads there) against the plain step, bit for bit, and both timed."""
+    from types import SimpleNamespace
+    from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+    from saef.core import flatten
+    from saef.core.overlap import OverlappedStep
+    from saef.zoo.models import build_model
+    data = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 10, (64,), device=device)
+    def runner(overlap):
+        torch.manual_seed(0)
+        model = build_model("resnet20", SimpleNamespace(num_classes=10, input_shape=(3, 32, 32))).to(device)
+        params = list(model.parameters())
+        algorithm = ErrorFeedback([p.shape for p in params], ErrorFeedbackConfig(compressor="topk:0.01", momentum=0.9),
+                                  InProcessTransport(1))
+        x = flatten([p.detach() for p in params]).clone()
+        state = algorithm.init_state(x)
+        stepper = OverlappedStep(algorithm, params, 1 << 18, lambda ok: ok) if overlap else None
+        def step():
+            algorithm.write_gradient_points(state, x, [p.data for p in params])
+            for p in params:
+                p.grad = None
+            loss = torch.nn.functional.cross_entropy(model(data[0]), data[1])
+            if stepper is None:
+                loss.backward()
+                algorithm.step(state, x, [p.grad for p in params], 0.1)
+            else:
+                stepper.run(state, x, 0.1, loss.backward)
+        return step, x, state
+    (plain, x_plain, s_plain), (overlapped, x_over, s_over) = runner(False), runner(True)
+    for _ in range(3):
+        plain(); overlapped()
+    sync()
+    assert torch.equal(x_plain, x_over), f"x differs by {(x_plain - x_over).abs().max().item():.1e}"
+    assert all(torch.equal(s_plain.tensors[k], s_over.tensors[k]) for k in s_plain.tensors), "the state differs"
+    t_plain, t_over = timed(plain, repeats=10), timed(overlapped, repeats=10)
+    return f"ResNet-20, batch 64, 256 KB buckets: bit-identical; {1e3 * t_plain:.1f} ms plain, {1e3 * t_over:.1f} ms overlapped"
+row("overlapped step (1 process)", overlapped_step)
 
 def nccl_two_processes():
     worker = textwrap.dedent('''
