@@ -3,7 +3,8 @@ MASTER_ADDR=127.0.0.1, MASTER_PORT inside a rate-limited network namespace). Ran
 
 Variants: ddp-fp32, ddp-fp16, ddp-powersgd (PyTorch's DDP and its built-in communication hooks), and
 saef-ef-sign, saef-sign, saef-topk, saef-topk-fp16 (top-k 1 % with 16-bit values; saef's distributed worker,
-double-way, sharded server), all with momentum SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-fp16, ddp-adamw-bf16 (its hook needs CUDA and NCCL),
+double-way, sharded server), saef-fp32 (the same worker with nothing compressed: as many bytes as DDP fp32) and saef-fp16 (16-bit
+values both ways, as DDP's fp16 hook sends, through the sharded server), all with momentum SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-fp16, ddp-adamw-bf16 (its hook needs CUDA and NCCL),
 ddp-adamw-powersgd (torch.optim.AdamW under DDP and its hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up.
 """
 
@@ -23,7 +24,9 @@ from saef.backends.distributed import DistributedWorker
 from saef.zoo.models import build_model
 
 
-SAEF_VARIANTS = {"saef-ef-sign": dict(method="ef", compressor="sign", momentum=0.9),
+SAEF_VARIANTS = {"saef-fp32": dict(method="saef", compressor="identity", momentum=0.9),  # nothing compressed
+                 "saef-fp16": dict(method="saef", compressor="identity:fp16", momentum=0.9),  # 16-bit values both ways
+                 "saef-ef-sign": dict(method="ef", compressor="sign", momentum=0.9),
                  "saef-sign": dict(method="saef", compressor="sign", momentum=0.9),
                  "saef-topk": dict(method="saef", compressor="topk:0.01", momentum=0.9),
                  "saef-topk-fp16": dict(method="saef", compressor="topk:0.01:fp16", momentum=0.9),

@@ -21,11 +21,12 @@ def wire(worker):
 
 
 def poison(worker, step, world):
-    """At step NAN_STEP, the last rank's gradient of the first layer (the last bucket backward makes) turns
-    NaN, with a finite loss; the other ranks have sent their other buckets by then. Returns the hook."""
+    """At step NAN_STEP, the last rank's gradient of the first layer's bias (a bucket before the last one,
+    which starts only after the vote) turns NaN, with a finite loss; the other ranks have sent and settled
+    that bucket and the ones before it by then. Returns the hook."""
     if step != NAN_STEP or worker.rank != world - 1:
         return None
-    return worker.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+    return worker.params[1].register_hook(lambda g: torch.full_like(g, float("nan")))
 
 
 def run_case(case, world, overlap_bytes=0, nan=False):

@@ -125,8 +125,9 @@ def test_overlapped_steps_are_bit_identical_and_equal_the_simulator(tmp_path_fac
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_overlapped_step_with_a_nan_on_one_rank_changes_nothing(tmp_path_factory, world):
-    """A NaN in the last rank's gradient of the first layer at one step, with a finite loss: overlapped, the
-    other ranks have sent (and started to settle) their other buckets before they learn of it, yet every rank
+    """A NaN in the last rank's gradient of the first layer's bias at one step, with a finite loss:
+    overlapped, the other ranks have sent and settled that bucket and the ones before it before they learn
+    of it, yet every rank
     skips that step and the run ends bit-identical to the run without overlap, which votes before it
     changes anything."""
     ranks = dist_results(tmp_path_factory, world)

@@ -2,13 +2,15 @@
 bit-identical results, buckets sent before backward ends, and a NaN that changes nothing. Across gloo
 processes: tests/test_distributed.py."""
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
-from saef.core import NonFiniteStep, flatten
+from saef.core import NonFiniteStep, Pending, flatten
 from saef.core.overlap import OverlappedStep, make_buckets
 
 CASES = [
@@ -41,11 +43,11 @@ def model():
 class Runner:
     """One worker's loop (W = 1, in-process transport), stepped plainly or overlapped."""
 
-    def __init__(self, settings, bucket_bytes=None, make=model):
+    def __init__(self, settings, bucket_bytes=None, make=model, transport=None):
         self.model = make()
         self.params = list(self.model.parameters())
         config = ErrorFeedbackConfig(seed=3, **settings)
-        self.algorithm = ErrorFeedback([p.shape for p in self.params], config, InProcessTransport(1))
+        self.algorithm = ErrorFeedback([p.shape for p in self.params], config, transport or InProcessTransport(1))
         self.x = flatten([p.detach() for p in self.params]).clone()
         self.state = self.algorithm.init_state(self.x)
         self.overlapped = OverlappedStep(self.algorithm, self.params, bucket_bytes, lambda ok: ok) if bucket_bytes else None
@@ -67,6 +69,38 @@ class Runner:
             self.overlapped.run(self.state, self.x, lr, loss.backward)
 
 
+class Arriving(InProcessTransport):
+    """An in-process transport whose directions run apart and whose uplinks "arrive" when a seeded draw
+    says so (each time one is asked, with probability ``chance``; for good once it has), so that second
+    stages run at moments that differ from step to step, as over a network. ``waits`` records, for every
+    uplink waited for before it was ready, whether backward had ended (``backward_done``)."""
+
+    directions_apart = True
+
+    def __init__(self, seed, chance=0.5):
+        super().__init__(1)
+        self.draw, self.chance = random.Random(seed), chance
+        self.backward_done, self.waits, self.served_during_backward = True, [], 0
+
+    def begin_uplink(self, *args, **kwargs):
+        mean = super().begin_uplink(*args, **kwargs)
+        arrived = []
+
+        def ready():
+            if not arrived and self.draw.random() < self.chance:
+                arrived.append(True)
+            return bool(arrived)
+
+        def wait():
+            if not arrived:
+                self.waits.append(self.backward_done)
+            elif not self.backward_done:
+                self.served_during_backward += 1
+            return mean.wait()
+
+        return Pending(wait, ready)
+
+
 @pytest.mark.parametrize("settings", CASES, ids=lambda s: f"{s['method']}-{s['compressor']}-{s.get('optimizer', 'sgd')}")
 @pytest.mark.parametrize("bucket_bytes", [1, 200])
 def test_overlapped_equals_plain_bit_for_bit(settings, bucket_bytes):
@@ -82,6 +116,49 @@ def test_overlapped_equals_plain_bit_for_bit(settings, bucket_bytes):
     for name, tensor in plain.state.tensors.items():
         assert torch.equal(tensor, overlapped.state.tensors[name]), name
     assert plain.algorithm.transport.ledger.counts == overlapped.algorithm.transport.ledger.counts
+
+
+@pytest.mark.parametrize("settings", CASES[:6], ids=lambda s: f"{s['method']}-{s['compressor']}-{s.get('optimizer', 'sgd')}")
+def test_second_stages_as_uplinks_arrive_equal_plain_and_never_wait_during_backward(settings):
+    """Over a transport whose directions run apart, each bucket's second stage runs when its uplink has
+    arrived, at moments drawn at random: 12 steps still end on the plain step's parameters, state and
+    bits, bit for bit; some second stages ran during backward, and no uplink was waited for before
+    backward had ended."""
+    plain = Runner(settings)
+    transport = Arriving(seed=5)
+    overlapped = Runner(settings, bucket_bytes=1, transport=transport)
+
+    def backward(loss):
+        transport.backward_done = False
+        loss.backward()
+        transport.backward_done = True
+
+    for t in range(12):
+        plain.step(t, lr=0.05 * 0.9**t)
+        overlapped.overlapped.run(overlapped.state, overlapped.x, 0.05 * 0.9**t, lambda: backward(overlapped.loss(t)))
+    assert torch.equal(plain.x, overlapped.x)
+    for name, tensor in plain.state.tensors.items():
+        assert torch.equal(tensor, overlapped.state.tensors[name]), name
+    assert plain.algorithm.transport.ledger.counts == overlapped.algorithm.transport.ledger.counts
+    assert transport.served_during_backward > 0 and transport.waits and all(transport.waits)
+
+
+def test_without_directions_apart_the_second_stages_keep_fixed_moments():
+    """Over a transport whose directions share a channel, bucket b - 1's second stage runs when bucket b
+    starts, whether or not its uplink says it has arrived (the same moment on every rank); the last bucket
+    starts after backward, so the second stages of the last two run then."""
+    transport = Arriving(seed=0, chance=0.0)
+    transport.directions_apart = False
+    runner = Runner(CASES[0], bucket_bytes=1, transport=transport)
+    loss = runner.loss(0)
+
+    def backward():
+        transport.backward_done = False
+        loss.backward()
+        transport.backward_done = True
+
+    runner.overlapped.run(runner.state, runner.x, 0.05, backward)
+    assert transport.waits == [False] * (len(runner.overlapped.buckets) - 2) + [True, True]
 
 
 def test_buckets_go_out_while_backward_runs():
@@ -113,6 +190,27 @@ def test_a_nan_in_the_last_bucket_changes_nothing():
     assert runner.algorithm.transport.ledger.counts == before[2]
     runner.step(3)  # and the next step runs
     assert runner.state.step == 4
+
+
+def test_a_nan_in_a_middle_bucket_changes_nothing_and_the_last_bucket_is_not_copied():
+    """A NaN in a bucket before the last (the second layer's weight), after the buckets of the later layers
+    have settled their state: NonFiniteStep, and x, every state tensor and the bits are as before the step.
+    The last bucket is stepped only once the step is known to be kept, so no copy of its state is made."""
+    runner = Runner(CASES[0], bucket_bytes=1)
+    last = runner.overlapped.buckets[-1]
+    for t in range(3):
+        runner.step(t)
+    before = (runner.x.clone(), runner.state.state_dict(), dict(runner.algorithm.transport.ledger.counts))
+    hook = runner.params[2].register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(NonFiniteStep, match="on this rank"):
+        runner.step(3)
+    hook.remove()
+    assert torch.equal(runner.x, before[0]) and runner.state.step == before[1]["step"]
+    for name, tensor in runner.state.tensors.items():
+        assert torch.equal(tensor, before[1]["tensors"][name]), name
+    assert runner.algorithm.transport.ledger.counts == before[2]
+    copied = {b for b, _ in runner.overlapped._copies}
+    assert copied == set(range(len(runner.overlapped.buckets) - 1)) and last == range(0, 1)
 
 
 def test_a_parameter_backward_does_not_reach_sends_zeros():

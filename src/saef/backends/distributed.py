@@ -73,6 +73,15 @@ def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _timeout_of(group, device) -> "datetime.timedelta | None":
+    """The timeout ``group`` (None: the world) bounds its collectives with, so that groups made beside it
+    bound theirs alike; None (torch's default) where this version of torch does not tell."""
+    try:
+        return (group or dist.group.WORLD)._get_backend(torch.device(device)).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _as_bytes(t: Tensor) -> Tensor:
     t = t.reshape(-1)
     if t.numel() and t.stride(0) != 1:  # e.g. one scale sliced out of a (W, layers) tensor
@@ -95,14 +104,27 @@ class DistributedTransport(Transport):
             ``"allreduce"`` (identity compressor only: one dense all-reduce, the full-precision baseline).
         group: the process group (default: the world).
         dtype, device: of the parameters (payload layouts are derived from them).
+        directions_apart: False (the default): both exchanges go through ``group``, so every rank must
+            start them in one order. True: the uplink and the downlink each get a process group of their
+            own (made here, a collective of ``group``'s ranks, with its timeout), so that a rank may start
+            the downlink of one bucket whenever its uplink has arrived, while other uplinks are under way,
+            and the ranks still agree on the order of each group's collectives (an overlapped step).
     """
 
-    def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu"):
+    def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu",
+                 directions_apart: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call saef.backends.distributed.init_distributed() first")
         if server not in SERVERS:
             raise ValueError(f"server must be one of {SERVERS}, got server={server!r}")
         self.group = group
+        self.directions_apart = bool(directions_apart)
+        # The group of each direction's all_to_all: the transport's own, or one each (see directions_apart).
+        self.channels = dict.fromkeys(("uplink", "downlink"), group)
+        if self.directions_apart:
+            ranks = None if group is None else dist.get_process_group_ranks(group)
+            timeout = _timeout_of(group, device)
+            self.channels = {direction: dist.new_group(ranks, timeout=timeout) for direction in self.channels}
         self.rank = dist.get_rank(group)
         self.num_workers = dist.get_world_size(group)
         self.num_local = 1
@@ -149,7 +171,7 @@ class DistributedTransport(Transport):
         flat = [p for part in parts for p in part]
         send = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=self.device)
-        work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group, async_op=True)
+        work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.channels[direction], async_op=True)
 
         def finish():
             work.wait()
@@ -157,7 +179,7 @@ class DistributedTransport(Transport):
             self.ledger.add(f"wire_{direction}_received", recv.numel())
             return list(torch.split(recv, recv_sizes))
 
-        return Pending(finish)
+        return Pending(finish, work.is_completed)
 
     @staticmethod
     def _unpack(buffer: Tensor, layouts: List[Payload]) -> List[Payload]:
@@ -222,7 +244,7 @@ class DistributedTransport(Transport):
             stacked = [tuple(torch.cat(parts, dim=0) for parts in zip(*layer)) for layer in zip(*from_each)]
             return compressor.decode_mean_layers(stacked, self._owned_layout(layout, self.rank), **compressor.context_args(senders))
 
-        return Pending(mean)
+        return Pending(mean, exchange.ready)
 
     def begin_downlink(self, payloads, decoded, compressor, layout, context=None):
         if self.server == "allreduce":  # every rank ran the server's work on the same all-reduced mean
@@ -238,7 +260,8 @@ class DistributedTransport(Transport):
         recv_sizes = [sum(payload_bits(templates[i]) for i in layers) // 8 for layers in by_owner]
         exchange = self._exchange([own] * self.num_workers, recv_sizes, "downlink")
         self.ledger.add("bits_down", sum(recv_sizes) * 8)
-        return Pending(lambda: self._decode_update(exchange.wait(), by_owner, templates, decoded, compressor, layout, context))
+        return Pending(lambda: self._decode_update(exchange.wait(), by_owner, templates, decoded, compressor, layout, context),
+                       exchange.ready)
 
     def _decode_update(self, received, by_owner, templates, decoded, compressor, layout, context):
         """The dense update (P,) from every owner's server payloads (this rank's own: ``decoded``)."""
@@ -440,7 +463,8 @@ class DistributedWorker(WorkerBase):
                 dist.broadcast(tensor, src=0)
         self.shapes = [tuple(p.shape) for p in self.params]
         self.x = flatten([p.detach() for p in self.params]).clone()
-        self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device)
+        self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device,
+                                              directions_apart=bool(overlap_bytes))
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         self.state = self.algorithm.init_state(self.x)
         self.overlapped = OverlappedStep(self.algorithm, self.params, overlap_bytes, self.transport.all_finite) \

@@ -28,7 +28,7 @@ from .config import ErrorFeedbackConfig
 from .local import make_optimizer
 from .perlayer import PerLayer, Scalar
 from .rules import Plan, rule_class
-from .transport import Transport
+from .transport import Pending, Transport
 
 __all__ = ["ErrorFeedbackState", "ErrorFeedback"]
 
@@ -199,15 +199,16 @@ class ErrorFeedback:
         """The rule of the next step: the warm-up's (identity compressors) or the configured one."""
         return self.warmup_rule if self.in_warmup(state) else self.rule
 
-    def stages(self, state: ErrorFeedbackState, x: Tensor, grads, lr: Scalar, rule) -> Iterator[None]:
-        """The step without its end (:meth:`end_step`), in four stretches; it pauses (yields) where it has
-        handed payloads to the network, so that a caller can run other work while they travel (an
-        overlapped step, :mod:`saef.core.overlap`, runs the stretches of several parts in turn):
+    def stages(self, state: ErrorFeedbackState, x: Tensor, grads, lr: Scalar, rule) -> Iterator[Optional[Pending]]:
+        """The step without its end (:meth:`end_step`), in four stretches; it pauses where it has handed
+        payloads to the network, so that a caller can run other work while they travel (an overlapped
+        step, :mod:`saef.core.overlap`, runs the stretches of several parts in turn):
 
-        1. the direction, what each worker compresses, and its payloads, handed to the uplink;
+        1. the direction, what each worker compresses, and its payloads, handed to the uplink (yields the
+           uplink's :class:`~saef.core.transport.Pending`, which stretch 2 waits for);
         2. the worker's state settled; the mean received; the server's payloads handed to the downlink and
-           its state settled;
-        3. the update received;
+           its state settled (yields the downlink's :class:`~saef.core.transport.Pending`);
+        3. the update received (yields None);
         4. every worker applies it.
 
         Arguments as for :meth:`step`; ``rule`` is :meth:`rule_for` of the state.
@@ -222,7 +223,7 @@ class ErrorFeedback:
         sent = rule.uplink(state, x, direction, self.optimizer.scale(lr))
         payloads = plan.uplink.encode_layers(sent, self.layout, **plan.uplink.context_args(plan.up))
         uplink = self.transport.begin_uplink(payloads, plan.uplink, self.layout, context=plan.up)
-        yield
+        yield uplink
         rule.settle_worker(state, payloads)  # (the transport has copied or consumed the payloads)
         mean = uplink.wait()
         served = rule.serve(state, x, mean, lr) if plan.owned else None
@@ -230,7 +231,7 @@ class ErrorFeedback:
         downlink = self.transport.begin_downlink(server_payloads, applied, plan.downlink, self.layout, context=plan.down)
         if served is not None:
             rule.settle_server(state, served, applied)
-        yield
+        yield downlink
         update = downlink.wait()
         yield
         rule.apply(state, x, update, lr)

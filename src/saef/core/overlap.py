@@ -5,11 +5,18 @@ The step of :class:`~saef.core.algorithm.ErrorFeedback` is layer-wise up to its 
 it can run on parts of the model (:meth:`ErrorFeedback.part`). :class:`OverlappedStep` cuts the layers
 into buckets of consecutive layers, last layers first (the order in which backward makes gradients), and
 hooks every parameter (``register_post_accumulate_grad_hook``). When the gradients of bucket b are all
-there, it runs b's first stage (direction, payloads, uplink handed over) and then the second stage of
-bucket b - 1 (mean received, server payloads handed over): the network moves bucket b while backward
-computes bucket b + 1. After backward, the remaining stages run in bucket order, then the step's end over
-all layers. Every rank starts the same exchanges in the same order (bucket order, whatever order the
-hooks fire in), as collectives require.
+there, it runs b's first stage (direction, payloads, uplink handed over): the network moves bucket b while
+backward computes bucket b + 1. The second stage of a bucket (mean received, server payloads handed over)
+runs, in bucket order, as soon as its uplink has arrived: at every hook, the transport is asked whether
+it has (:meth:`Pending.ready`, which never waits), so backward is never held up by the network. After
+backward, the remaining stages run in bucket order, then the step's end over all layers.
+
+Collectives must be started in one order on every rank. The first stages go in bucket order, whatever
+order the hooks fire in. Whether an uplink has arrived when a hook fires differs from rank to rank, so
+the downlinks may start at other moments relative to the uplinks on each rank: that needs a transport
+whose two directions run on channels of their own (``transport.directions_apart``; the distributed one
+makes a process group for each). Over a transport without them, bucket b - 1's second stage runs when
+bucket b has started, the same moment on every rank (it may wait for b - 1's mean).
 
 The arithmetic is the non-overlapped step's, layer for layer, so an overlapped run gives the same
 parameters, state and bit counts bit for bit (``tests/test_distributed.py``).
@@ -19,12 +26,15 @@ its own buckets were sent. So before a bucket's first stage its part of the stat
 of x (the last stage) waits for the vote on finite gradients, and a step that some rank found
 non-finite puts the copies back and raises :class:`~saef.core.flat.NonFiniteStep`. The bits the
 algorithm counts are restored too; the ``wire_*`` counters keep the bytes that really moved. A bucket with
-a non-finite gradient sends zeros instead (its step is undone anyway).
+a non-finite gradient sends zeros instead (its step is undone anyway). The last bucket (the first
+layers) starts only after backward, once the vote is in: backward has ended when its gradients are made,
+so waiting for the vote costs it nothing, and its state, never touched by a step that is undone, needs
+no copy (the copies are the overlap's cost: with one bucket, none is made).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -122,7 +132,10 @@ class _Step:
         self.finite = bool(finite)
         self.missing = [len(b) for b in owner.buckets]  # gradients each bucket still waits for
         self.stages: List = []  # per bucket started: the generator of its stages
+        self.uplinks: List = []  # per bucket started: its uplink under way (a Pending)
         self.served = 0  # buckets whose second stage has run
+        # Second stages as uplinks arrive (never waiting), or at fixed moments (see the module docstring).
+        self.as_they_arrive = bool(getattr(algorithm.transport, "directions_apart", False))
         self.saved = []  # per bucket started: copies of its part of the state
         ledger = algorithm.transport.ledger
         self.bits = {key: ledger.counts[key] for key in PER_WORKER}
@@ -130,45 +143,70 @@ class _Step:
     def made(self, layer: int) -> None:
         b = self.owner.bucket_of[layer]
         self.missing[b] -= 1
-        while len(self.stages) < len(self.missing) and self.missing[len(self.stages)] == 0:  # in bucket order
+        last = len(self.missing) - 1  # (started by finish, after the vote)
+        while len(self.stages) < last and self.missing[len(self.stages)] == 0:  # in bucket order
             self._start(len(self.stages))
+        self._serve_due()
+
+    def _serve_due(self) -> None:
+        """The second stages due while backward runs: of every started bucket whose uplink has arrived, in
+        bucket order; over a transport whose directions share one channel, of every bucket but the
+        newest (its mean has had the time of one bucket's backward to arrive)."""
+        if self.as_they_arrive:
+            while self.served < len(self.stages) and self.uplinks[self.served].ready():
+                self._serve()
+        else:
+            while self.served < len(self.stages) - 1:
+                self._serve()
+
+    def _gradients(self, b: int) -> List[Tensor]:
+        """Bucket b's gradients (zeros where backward made none); a NaN or Inf among them turns
+        ``self.finite`` False, and zeros are returned instead (the step will be undone: something
+        harmless is sent meanwhile)."""
+        params = [self.owner.params[i] for i in self.owner.buckets[b]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        check_dense(grads)
+        if all_finite(*grads):
+            return grads
+        self.finite = False
+        return [torch.zeros_like(g) for g in grads]
 
     @torch.no_grad()
-    def _start(self, b: int) -> None:
-        """Bucket b's first stage, then the second of the bucket before it (so that its mean has had the
-        time of one bucket's backward to arrive)."""
+    def _start(self, b: int, grads: Optional[List[Tensor]] = None) -> None:
+        """Bucket b's first stage: its direction and payloads, handed to the uplink. ``grads``: given once
+        the vote has kept the step on every rank (the state then needs no copy)."""
         owner, algorithm = self.owner, self.owner.algorithm
         layers, part = owner.buckets[b], owner.parts[b]
-        grads = [owner.params[i].grad if owner.params[i].grad is not None else torch.zeros_like(owner.params[i])
-                 for i in layers]
-        check_dense(grads)
-        if not all_finite(*grads):  # the step will be undone: send something harmless meanwhile
-            self.finite = False
-            grads = [torch.zeros_like(g) for g in grads]
         state = algorithm.part_state(self.state, layers)
-        self.saved.append(owner.copy_state(b, state))
+        if grads is None:
+            grads = self._gradients(b)
+            self.saved.append(owner.copy_state(b, state))
         span = algorithm.layout.span(layers)
         lr = self.lr.subset(list(layers), part.layout)
         stages = part.stages(state, self.x[span], grads, lr, part.rule_for(state))
-        next(stages)  # direction, payloads, uplink handed over
+        self.uplinks.append(next(stages))  # direction, payloads, uplink handed over
         self.stages.append(stages)
-        if b > 0:
-            self._serve()
 
+    @torch.no_grad()
     def _serve(self) -> None:
         next(self.stages[self.served])  # mean received, the server's payloads handed over
         self.served += 1
 
     @torch.no_grad()
     def finish(self) -> None:
-        """After backward: the buckets not yet started (parameters backward did not reach: zero gradients),
-        the second stages left, the vote, then the updates and the step's end, or the state put back."""
+        """After backward: the buckets not yet started but the last (parameters backward did not reach:
+        zero gradients), the vote, the last bucket if the step is kept, the second stages left, then the
+        updates and the step's end, or the state put back."""
         owner = self.owner
-        while len(self.stages) < len(owner.buckets):
+        last = len(owner.buckets) - 1
+        while len(self.stages) < last:
             self._start(len(self.stages))
+        grads = self._gradients(last)
+        finite = owner.vote(self.finite)
+        if finite:
+            self._start(last, grads)
         while self.served < len(self.stages):
             self._serve()
-        finite = owner.vote(self.finite)
         for stages in self.stages:
             next(stages)  # the update received
         if not finite:

@@ -36,15 +36,19 @@ __all__ = ["Transport", "Pending"]
 
 class Pending:
     """Payloads under way: :meth:`wait` blocks until they have arrived and returns what they make (a mean,
-    an update). Made by :meth:`Transport.begin_uplink` and :meth:`Transport.begin_downlink`."""
+    an update); :meth:`ready` tells, without blocking, whether :meth:`wait` would return without waiting
+    for the network. Made by :meth:`Transport.begin_uplink` and :meth:`Transport.begin_downlink`."""
 
-    def __init__(self, finish: Callable[[], Tensor]):
-        self._finish = finish
+    def __init__(self, finish: Callable[[], Tensor], ready: Callable[[], bool] = lambda: True):
+        self._finish, self._ready = finish, ready
 
     @classmethod
     def done(cls, value: Tensor) -> "Pending":
         """Payloads that had arrived when they were handed over (a transport that moves nothing)."""
         return cls(lambda: value)
+
+    def ready(self) -> bool:
+        return bool(self._ready())
 
     def wait(self) -> Tensor:
         return self._finish()
