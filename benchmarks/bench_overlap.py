@@ -3,6 +3,8 @@ communication, on a rate-limited loopback.
 
     sudo python benchmarks/bench_overlap.py                   # ResNet-20, K = 4, 100 Mbit/s, sign and top-k 1 %
     sudo python benchmarks/bench_overlap.py --models resnet20 mlp5m --bucket-mb 0.25 1 4 --steps 10
+    sudo python benchmarks/bench_overlap.py --workers 2 4 --variants saef-fp16 saef-sign saef-fp32 --rounds 2
+        # saef-fp16 (16-bit values both ways) and saef-fp32 (nothing compressed) give overlap more to hide
 
 Needs root (a network namespace whose loopback is limited by tc tbf, as bench_network.py makes; deleted
 afterwards, also when interrupted). Rows, each the median over --rounds runs (every row once per round,

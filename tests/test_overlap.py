@@ -173,35 +173,14 @@ def test_buckets_go_out_while_backward_runs():
     assert step_then == 0 and runner.state.step == 1
 
 
-def test_a_nan_in_the_last_bucket_changes_nothing():
-    """A NaN in the first layer's gradient (the last bucket), after the other buckets have settled their
-    state: NonFiniteStep, and x, every state tensor and the bits are as before the step."""
+def nan_step_changes_nothing(layer):
+    """Three steps, then a step whose gradient of parameter ``layer`` turns NaN: NonFiniteStep, and x,
+    every state tensor and the bits are as before that step. Returns the runner."""
     runner = Runner(CASES[0], bucket_bytes=1)
     for t in range(3):
         runner.step(t)
     before = (runner.x.clone(), runner.state.state_dict(), dict(runner.algorithm.transport.ledger.counts))
-    hook = runner.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
-    with pytest.raises(NonFiniteStep):
-        runner.step(3)
-    hook.remove()
-    assert torch.equal(runner.x, before[0]) and runner.state.step == before[1]["step"]
-    for name, tensor in runner.state.tensors.items():
-        assert torch.equal(tensor, before[1]["tensors"][name]), name
-    assert runner.algorithm.transport.ledger.counts == before[2]
-    runner.step(3)  # and the next step runs
-    assert runner.state.step == 4
-
-
-def test_a_nan_in_a_middle_bucket_changes_nothing_and_the_last_bucket_is_not_copied():
-    """A NaN in a bucket before the last (the second layer's weight), after the buckets of the later layers
-    have settled their state: NonFiniteStep, and x, every state tensor and the bits are as before the step.
-    The last bucket is stepped only once the step is known to be kept, so no copy of its state is made."""
-    runner = Runner(CASES[0], bucket_bytes=1)
-    last = runner.overlapped.buckets[-1]
-    for t in range(3):
-        runner.step(t)
-    before = (runner.x.clone(), runner.state.state_dict(), dict(runner.algorithm.transport.ledger.counts))
-    hook = runner.params[2].register_hook(lambda g: torch.full_like(g, float("nan")))
+    hook = runner.params[layer].register_hook(lambda g: torch.full_like(g, float("nan")))
     with pytest.raises(NonFiniteStep, match="on this rank"):
         runner.step(3)
     hook.remove()
@@ -209,8 +188,25 @@ def test_a_nan_in_a_middle_bucket_changes_nothing_and_the_last_bucket_is_not_cop
     for name, tensor in runner.state.tensors.items():
         assert torch.equal(tensor, before[1]["tensors"][name]), name
     assert runner.algorithm.transport.ledger.counts == before[2]
-    copied = {b for b, _ in runner.overlapped._copies}
-    assert copied == set(range(len(runner.overlapped.buckets) - 1)) and last == range(0, 1)
+    return runner
+
+
+def test_a_nan_in_the_last_bucket_changes_nothing():
+    """A NaN in the first layer's gradient (the last bucket), after the other buckets have settled their
+    state: nothing changes, and the next step runs."""
+    runner = nan_step_changes_nothing(0)
+    runner.step(3)
+    assert runner.state.step == 4
+
+
+def test_a_nan_in_a_middle_bucket_changes_nothing_and_the_last_bucket_is_not_copied():
+    """A NaN in a bucket before the last (the second layer's weight), after the buckets of the later layers
+    have settled their state: nothing changes (their copies are put back). The last bucket is stepped
+    only once the step is known to be kept, so no copy of its state is ever made."""
+    runner = nan_step_changes_nothing(2)
+    buckets = runner.overlapped.buckets
+    assert buckets[-1] == range(0, 1)
+    assert {b for b, _ in runner.overlapped._copies} == set(range(len(buckets) - 1))
 
 
 def test_a_parameter_backward_does_not_reach_sends_zeros():
