@@ -17,8 +17,8 @@ CASES += [("ef", "sign", True, None, "sharded", "adam"), ("saef", "sign", True, 
           ("saef", "topk:0.1", False, None, "sharded", "adam"), ("direct", "topk:0.1", True, None, "rank0", "adam")]
 # Overlapped steps (bytes of gradients per bucket): the tiny model's 8 layers in 4 buckets, or one per layer
 OVERLAP_BYTES = (400, 1)
-# A NaN in one rank's gradient of the first layer's bias at NAN_STEP, with a finite loss (every rank skips the
-# step); overlapped, that bias is in the third of the 4 buckets, not the last (which waits for the vote)
+# A NaN in one rank's gradient of the first layer at NAN_STEP, with a finite loss (every rank skips the step);
+# overlapped, its bias is in the third of the 4 buckets and its weight in the last (which waits for the vote)
 NAN_STEP = 7
 NAN_CASES = [("saef", "sign", True, 2, "sharded"), ("ef21", "topk:0.1", True, None, "rank0"),
              ("saef", "powersgd:2", True, None, "sharded"), ("saef", "sign", True, 2, "rank0", "adam")]

@@ -2,12 +2,13 @@
 and MASTER_PORT set). Rank 0 saves what every case produced to the file named by argv[1]."""
 
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
-from saef.backends.distributed import DistributedWorker, init_distributed
-from saef.core import NonFiniteStep
+from saef.backends.distributed import DistributedTransport, DistributedWorker, init_distributed
+from saef.core import NonFiniteStep, Pending
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _dist_cases import ADAM, CASES, NAN_CASES, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
@@ -20,22 +21,44 @@ def wire(worker):
     return {k[len("wire_"):]: v for k, v in worker.transport.ledger.counts.items() if k.startswith("wire_")}
 
 
-def poison(worker, step, world):
-    """At step NAN_STEP, the last rank's gradient of the first layer's bias (a bucket before the last one,
-    which starts only after the vote) turns NaN, with a finite loss; the other ranks have sent and settled
-    that bucket and the ones before it by then. Returns the hook."""
+def poison(worker, step, world, layer):
+    """At step NAN_STEP, the last rank's gradient of parameter ``layer`` turns NaN, with a finite loss:
+    overlapped, the first layer's weight (0) is the last bucket, which starts only after the vote, and its
+    bias (1) a bucket before it, which the other ranks have sent and settled by then. Returns the hook."""
     if step != NAN_STEP or worker.rank != world - 1:
         return None
-    return worker.params[1].register_hook(lambda g: torch.full_like(g, float("nan")))
+    return worker.params[layer].register_hook(lambda g: torch.full_like(g, float("nan")))
 
 
-def run_case(case, world, overlap_bytes=0, nan=False):
+def skew_arrivals(rank):
+    """Overlapped steps with the ranks' second stages at the most different moments: rank 0's uplinks never
+    say they have arrived (it serves every bucket after backward), the other ranks' wait until they have
+    when asked (they serve each bucket in the first hook after it was sent). Over one shared channel the
+    ranks' collectives would then start in different orders."""
+    begin = DistributedTransport.begin_uplink
+
+    def begin_uplink(self, *args, **kwargs):
+        pending = begin(self, *args, **kwargs)
+        if rank == 0:
+            return Pending(pending.wait, lambda: False)
+
+        def arrived():
+            while not pending.ready():
+                time.sleep(1e-4)
+            return True
+
+        return Pending(pending.wait, arrived)
+
+    DistributedTransport.begin_uplink = begin_uplink
+
+
+def run_case(case, world, overlap_bytes=0, nan=None):
     worker = DistributedWorker(tiny_model(), server=case[4], overlap_bytes=overlap_bytes, **algorithm_settings(case))
     wire_errors, skipped = [], []
     for step in range(STEPS):
         before_bits, before_wire = dict(worker.bits), wire(worker)
         inputs, targets = shard(*batch(step, world), worker.rank, world)
-        hook = poison(worker, step, world) if nan else None
+        hook = poison(worker, step, world, nan) if nan is not None else None
         try:
             worker.step(inputs, targets, lr=0.05)
         except NonFiniteStep:
@@ -110,11 +133,14 @@ def main():
     init_distributed("cpu", timeout_s=60)
     world = dist.get_world_size()
     results = {case: run_case(case, world) for case in CASES}
+    for case in NAN_CASES:
+        results["nan", case] = run_case(case, world, nan=1)
+    skew_arrivals(dist.get_rank())  # (only the overlapped steps ask whether uplinks have arrived)
     for n, case in enumerate(CASES):  # the same cases, overlapped with backward: buckets of a few layers, or one per layer
         results["overlap", case] = run_case(case, world, OVERLAP_BYTES[n % 2])
-    for case in NAN_CASES:
-        results["nan", case] = run_case(case, world, nan=True)
-        results["nan overlap", case] = run_case(case, world, OVERLAP_BYTES[0], nan=True)
+    for case in NAN_CASES:  # a NaN in a middle bucket, and in the last one
+        results["nan overlap", case] = run_case(case, world, OVERLAP_BYTES[0], nan=1)
+        results["nan overlap last", case] = run_case(case, world, OVERLAP_BYTES[0], nan=0)
     results["facade"] = run_facade(world)
     results["adam facade"] = run_adam_facade(world)
     if world == 2:

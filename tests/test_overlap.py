@@ -161,6 +161,77 @@ def test_without_directions_apart_the_second_stages_keep_fixed_moments():
     assert transport.waits == [False] * (len(runner.overlapped.buckets) - 2) + [True, True]
 
 
+class Recording(InProcessTransport):
+    """An in-process transport that writes down, in order, the collectives a rank would start: "up" and
+    "down" (its directions share one channel)."""
+
+    directions_apart = False
+
+    def __init__(self):
+        super().__init__(1)
+        self.events = []
+
+    def begin_uplink(self, *args, **kwargs):
+        self.events.append("up")
+        return super().begin_uplink(*args, **kwargs)
+
+    def begin_downlink(self, *args, **kwargs):
+        self.events.append("down")
+        return super().begin_downlink(*args, **kwargs)
+
+
+class Tail(nn.Module):
+    """The model's last parameter, which the loss uses (``used``) or not: without a gradient, its hook
+    never fires, so no bucket can start before backward has ended."""
+
+    def __init__(self, used):
+        super().__init__()
+        self.weight, self.used = nn.Parameter(torch.zeros(3)), used
+
+    def forward(self, x):
+        return x + self.weight if self.used else x
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_over_one_channel_collectives_start_in_one_order_however_hooks_fire(used):
+    """Over a transport whose directions share a channel, the collectives start in one fixed order --
+    up, up, down, ..., the vote, the last bucket's up, then the last downs -- whether the buckets start
+    during backward (every parameter gets a gradient) or all after it (the last parameter gets none)."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3), Tail(used))
+
+    transport = Recording()
+    runner = Runner(CASES[0], make=make, transport=transport)
+    runner.overlapped = OverlappedStep(runner.algorithm, runner.params, 1, lambda ok: transport.events.append("vote") or ok)
+    n = len(runner.overlapped.buckets)
+    runner.step(0)
+    assert n == 5
+    assert transport.events == ["up"] + ["up", "down"] * (n - 2) + ["vote", "up", "down", "down"]
+
+
+def test_an_error_in_backward_puts_the_stepped_buckets_back():
+    """An exception raised in backward after some buckets were stepped (here by a hook on the first
+    layer's gradient): it reaches the caller, and x, every state tensor and the bits are as before."""
+    runner = Runner(CASES[0], bucket_bytes=1)
+    runner.step(0)
+    before = (runner.x.clone(), runner.state.state_dict(), dict(runner.algorithm.transport.ledger.counts))
+
+    def fail(grad):
+        raise RuntimeError("a failure inside backward")
+
+    hook = runner.params[0].register_hook(fail)
+    with pytest.raises(RuntimeError, match="inside backward"):
+        runner.step(1)
+    hook.remove()
+    assert runner.algorithm.transport.ledger.counts["bits_up"] == before[2]["bits_up"]
+    assert torch.equal(runner.x, before[0]) and runner.state.step == before[1]["step"]
+    for name, tensor in runner.state.tensors.items():
+        assert torch.equal(tensor, before[1]["tensors"][name]), name
+    runner.step(1)
+    assert runner.state.step == 2
+
+
 def test_buckets_go_out_while_backward_runs():
     """When backward reaches the first layer's gradient, the buckets of the later layers have already been
     handed to the transport (their uplink bits are counted), and the step is not yet taken."""

@@ -40,6 +40,7 @@ import copy
 import datetime
 import os
 import threading
+import warnings
 from typing import Dict, List, Sequence
 
 import torch
@@ -52,7 +53,8 @@ from ..core import (BitLedger, ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep
                     model_penalty, write_flat)
 from .base import Backend, PeerFailed, RanksDisagree
 
-__all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "SERVERS"]
+__all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "assign_layers", "direction_groups",
+           "SERVERS"]
 
 SERVERS = ("sharded", "rank0", "allreduce")  # allreduce: nothing compressed either way (the full-precision baseline)
 
@@ -73,12 +75,36 @@ def assign_layers(sizes: Sequence[int], ranks: int) -> List[int]:
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+_DIRECTION_GROUPS: Dict[object, Dict[str, object]] = {}  # per base group: its uplink and downlink groups
+
+
+def direction_groups(group=None, device="cpu") -> Dict[str, object]:
+    """A process group for the uplink and one for the downlink, of ``group``'s ranks (None: the world),
+    made the first time a rank asks (every rank of ``group`` must, at the same point) and kept for the
+    process group's life, so that workers made again (resumed, or one per test) do not add groups. Their
+    timeout is ``group``'s. Each has run one collective before this returns: a backend that connects a
+    group at its first collective (NCCL) must not do so inside a hook while another rank waits in a
+    collective of another group."""
+    base = group or dist.group.WORLD
+    if base not in _DIRECTION_GROUPS:
+        ranks = dist.get_process_group_ranks(base)
+        timeout = _timeout_of(base, device)
+        made = {direction: dist.new_group(ranks, timeout=timeout, use_local_synchronization=True)
+                for direction in ("uplink", "downlink")}
+        for made_group in made.values():
+            dist.all_reduce(torch.zeros(1, device=device), group=made_group)
+        _DIRECTION_GROUPS[base] = made
+    return _DIRECTION_GROUPS[base]
+
+
 def _timeout_of(group, device) -> "datetime.timedelta | None":
-    """The timeout ``group`` (None: the world) bounds its collectives with, so that groups made beside it
-    bound theirs alike; None (torch's default) where this version of torch does not tell."""
+    """The timeout ``group`` bounds its collectives with, so that groups made beside it bound theirs
+    alike; None (torch's default, with a warning) where this version of torch does not tell."""
     try:
-        return (group or dist.group.WORLD)._get_backend(torch.device(device)).options._timeout
+        return group._get_backend(torch.device(device)).options._timeout
     except (AttributeError, RuntimeError):
+        warnings.warn("this torch does not tell a process group's timeout: the overlapped step's groups get "
+                      "torch's default timeout, not --timeout", stacklevel=3)
         return None
 
 
@@ -106,9 +132,9 @@ class DistributedTransport(Transport):
         dtype, device: of the parameters (payload layouts are derived from them).
         directions_apart: False (the default): both exchanges go through ``group``, so every rank must
             start them in one order. True: the uplink and the downlink each get a process group of their
-            own (made here, a collective of ``group``'s ranks, with its timeout), so that a rank may start
-            the downlink of one bucket whenever its uplink has arrived, while other uplinks are under way,
-            and the ranks still agree on the order of each group's collectives (an overlapped step).
+            own (:func:`direction_groups`), so that a rank may start the downlink of one bucket whenever
+            its uplink has arrived, while other uplinks are under way, and the ranks still agree on the
+            order of each group's collectives (an overlapped step).
     """
 
     def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu",
@@ -122,9 +148,7 @@ class DistributedTransport(Transport):
         # The group of each direction's all_to_all: the transport's own, or one each (see directions_apart).
         self.channels = dict.fromkeys(("uplink", "downlink"), group)
         if self.directions_apart:
-            ranks = None if group is None else dist.get_process_group_ranks(group)
-            timeout = _timeout_of(group, device)
-            self.channels = {direction: dist.new_group(ranks, timeout=timeout) for direction in self.channels}
+            self.channels = direction_groups(group, device)
         self.rank = dist.get_rank(group)
         self.num_workers = dist.get_world_size(group)
         self.num_local = 1
@@ -463,8 +487,11 @@ class DistributedWorker(WorkerBase):
                 dist.broadcast(tensor, src=0)
         self.shapes = [tuple(p.shape) for p in self.params]
         self.x = flatten([p.detach() for p in self.params]).clone()
+        # Second stages as uplinks arrive need a group per direction: on gloo. On NCCL, collectives of
+        # several communicators started in other orders on each rank can hang, so the fixed schedule.
+        apart = bool(overlap_bytes) and server != "allreduce" and dist.get_backend() == "gloo"
         self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device,
-                                              directions_apart=bool(overlap_bytes))
+                                              directions_apart=apart)
         self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
         self.state = self.algorithm.init_state(self.x)
         self.overlapped = OverlappedStep(self.algorithm, self.params, overlap_bytes, self.transport.all_finite) \

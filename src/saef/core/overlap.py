@@ -15,8 +15,9 @@ Collectives must be started in one order on every rank. The first stages go in b
 order the hooks fire in. Whether an uplink has arrived when a hook fires differs from rank to rank, so
 the downlinks may start at other moments relative to the uplinks on each rank: that needs a transport
 whose two directions run on channels of their own (``transport.directions_apart``; the distributed one
-makes a process group for each). Over a transport without them, bucket b - 1's second stage runs when
-bucket b has started, the same moment on every rank (it may wait for b - 1's mean).
+makes a process group for each on gloo). Over a transport without them, bucket b - 1's second stage runs
+right after bucket b's first, in hooks and after backward alike, so every rank starts its collectives
+in one order however its hooks fire (it may wait for b - 1's mean).
 
 The arithmetic is the non-overlapped step's, layer for layer, so an overlapped run gives the same
 parameters, state and bit counts bit for bit (``tests/test_distributed.py``).
@@ -102,6 +103,9 @@ class OverlappedStep:
         self._step = step
         try:
             backward()
+        except BaseException:  # the buckets already stepped are put back (the step never happened)
+            step.restore()
+            raise
         finally:
             self._step = None
         step.finish()
@@ -146,18 +150,8 @@ class _Step:
         last = len(self.missing) - 1  # (started by finish, after the vote)
         while len(self.stages) < last and self.missing[len(self.stages)] == 0:  # in bucket order
             self._start(len(self.stages))
-        self._serve_due()
-
-    def _serve_due(self) -> None:
-        """The second stages due while backward runs: of every started bucket whose uplink has arrived, in
-        bucket order; over a transport whose directions share one channel, of every bucket but the
-        newest (its mean has had the time of one bucket's backward to arrive)."""
-        if self.as_they_arrive:
-            while self.served < len(self.stages) and self.uplinks[self.served].ready():
-                self._serve()
-        else:
-            while self.served < len(self.stages) - 1:
-                self._serve()
+        while self.as_they_arrive and self.served < len(self.stages) and self.uplinks[self.served].ready():
+            self._serve()  # in bucket order, never waiting
 
     def _gradients(self, b: int) -> List[Tensor]:
         """Bucket b's gradients (zeros where backward made none); a NaN or Inf among them turns
@@ -186,6 +180,8 @@ class _Step:
         stages = part.stages(state, self.x[span], grads, lr, part.rule_for(state))
         self.uplinks.append(next(stages))  # direction, payloads, uplink handed over
         self.stages.append(stages)
+        if not self.as_they_arrive and b > 0:  # the fixed moment of bucket b - 1's second stage
+            self._serve()
 
     @torch.no_grad()
     def _serve(self) -> None:
@@ -210,7 +206,7 @@ class _Step:
         for stages in self.stages:
             next(stages)  # the update received
         if not finite:
-            self._restore()
+            self.restore()
             raise NonFiniteStep("non-finite loss or gradient on some rank" if self.finite else
                                 "non-finite loss or gradient on this rank")
         for stages in self.stages:
@@ -218,7 +214,8 @@ class _Step:
                 pass
         owner.algorithm.end_step(self.state, self.rule)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Every bucket started puts its state back, and the bits counted are as before the step."""
         algorithm = self.owner.algorithm
         for layers, saved in zip(self.owner.buckets, self.saved):
             state = algorithm.part_state(self.state, layers)
