@@ -91,6 +91,8 @@ class OverlappedStep:
         self.buckets = make_buckets(algorithm.sizes, bucket_bytes, element)
         self.parts = [algorithm.part(b) for b in self.buckets]
         self.bucket_of = {i: b for b, layers in enumerate(self.buckets) for i in layers}
+        # Second stages as uplinks arrive (never waiting), or at fixed moments (see the module docstring).
+        self.as_they_arrive = algorithm.transport.directions_apart
         self._step = None  # the step under way; None: hooks do nothing (a backward outside a step)
         self._copies = {}  # per bucket and state tensor: where its part of the state is copied, reused each step
         for i, p in enumerate(self.params):
@@ -138,8 +140,6 @@ class _Step:
         self.stages: List = []  # per bucket started: the generator of its stages
         self.uplinks: List = []  # per bucket started: its uplink under way (a Pending)
         self.served = 0  # buckets whose second stage has run
-        # Second stages as uplinks arrive (never waiting), or at fixed moments (see the module docstring).
-        self.as_they_arrive = bool(getattr(algorithm.transport, "directions_apart", False))
         self.saved = []  # per bucket started: copies of its part of the state
         ledger = algorithm.transport.ledger
         self.bits = {key: ledger.counts[key] for key in PER_WORKER}
@@ -150,7 +150,7 @@ class _Step:
         last = len(self.missing) - 1  # (started by finish, after the vote)
         while len(self.stages) < last and self.missing[len(self.stages)] == 0:  # in bucket order
             self._start(len(self.stages))
-        while self.as_they_arrive and self.served < len(self.stages) and self.uplinks[self.served].ready():
+        while self.owner.as_they_arrive and self.served < len(self.stages) and self.uplinks[self.served].ready():
             self._serve()  # in bucket order, never waiting
 
     def _gradients(self, b: int) -> List[Tensor]:
@@ -180,7 +180,7 @@ class _Step:
         stages = part.stages(state, self.x[span], grads, lr, part.rule_for(state))
         self.uplinks.append(next(stages))  # direction, payloads, uplink handed over
         self.stages.append(stages)
-        if not self.as_they_arrive and b > 0:  # the fixed moment of bucket b - 1's second stage
+        if not owner.as_they_arrive and b > 0:  # the fixed moment of bucket b - 1's second stage
             self._serve()
 
     @torch.no_grad()

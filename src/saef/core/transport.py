@@ -66,6 +66,10 @@ class Transport:
     num_workers: int  # K: workers in the whole job
     num_local: int  # W: workers whose state lives in this process (rows of the algorithm's tensors)
     ledger: BitLedger  # the bits this process's workers sent and received
+    # Whether the uplink and the downlink run on channels of their own, so that a process may start one
+    # bucket's downlink while other uplinks are under way, at moments that differ between processes
+    # (an overlapped step then serves buckets as their uplinks arrive; see saef.core.overlap).
+    directions_apart: bool = False
 
     def owns(self, layer: int, num_layers: int) -> bool:
         """Whether the server's work for ``layer`` runs in this process."""
