@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from saef.zoo.data import epoch_batches, load_dataset
+from saef.zoo.datasets import epoch_batches, load_dataset
 from saef.backends.distributed import DistributedWorker
 from saef.zoo.models import build_model
 

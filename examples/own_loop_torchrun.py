@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import saef
-from saef.zoo.data import epoch_batches, load_dataset
+from saef.zoo.datasets import epoch_batches, load_dataset
 from saef.zoo.models import build_model
 
 

@@ -1,4 +1,4 @@
-"""Tests for saef.zoo.data: readers, the safe unpickler, augmentation, MNIST-1D generation and caching, batching."""
+"""Tests for saef.zoo.datasets: readers, the safe unpickler, augmentation, MNIST-1D generation and caching, batching."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saef.zoo import data as data_module
-from saef.zoo.data import (
+from saef.zoo.datasets import cifar as cifar_module
+from saef.zoo.datasets import (
     CIFAR_STATS,
     DATASETS,
     RestrictedUnpickler,
@@ -103,7 +103,7 @@ def test_restricted_unpickler_refuses_arbitrary_globals(tmp_path, monkeypatch):
         with open(tmp_path / "evil", "rb") as handle:
             RestrictedUnpickler(handle, encoding="bytes").load()
     with pytest.raises(ValueError, match="evil"):
-        data_module._read_cifar_batch(tmp_path / "evil", b"labels")
+        cifar_module._read_cifar_batch(tmp_path / "evil", b"labels")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -245,7 +245,7 @@ def test_hold_out_moves_the_last_samples_out_of_training(tmp_path):
     import subprocess
     import sys
 
-    from saef.zoo.data import hold_out, load_dataset
+    from saef.zoo.datasets import hold_out, load_dataset
 
     data = load_dataset("synthetic", tmp_path, size=100)
     held = hold_out(data, 30)

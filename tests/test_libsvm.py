@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from saef.app.feed import evaluate, gradient_norm_sq
-from saef.zoo.data import load_dataset, load_libsvm
+from saef.zoo.datasets import load_dataset, load_libsvm
 from saef.zoo.models import build_model
 
 SRC = str(Path(__file__).parent.parent / "src")

@@ -290,7 +290,7 @@ def make_cache(tmp_path, damage):
     """An MNIST-1D cache of 100 samples under tmp_path/data, damaged as asked."""
     import numpy as np
 
-    from saef.zoo.data import _generate_mnist1d
+    from saef.zoo.datasets.mnist1d import _generate_mnist1d
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -394,7 +394,7 @@ def test_cifar_reader_never_allocates_what_a_file_only_declares(tmp_path, payloa
 
     import numpy as np
 
-    from saef.zoo.data import _read_cifar_batch
+    from saef.zoo.datasets.cifar import _read_cifar_batch
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": payload, b"labels": [0] * 64}, protocol=2))

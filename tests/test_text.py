@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import saef
 from saef.app.cli import main
-from saef.zoo.data import load_dataset
+from saef.zoo.datasets import load_dataset
 from saef.zoo.models import build_model
-from saef.zoo.text import byte_windows, read_corpus, split_corpus
+from saef.zoo.datasets.text import byte_windows, read_corpus, split_corpus
 
 TEXT = SimpleNamespace(num_classes=256, input_shape=(16,), name="text")
 

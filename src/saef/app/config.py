@@ -31,7 +31,7 @@ else:  # pragma: no cover - Python 3.10
 from ..backends.registry import available_backends
 from ..core import PRECISIONS, ErrorFeedbackConfig
 from ..core.rules import available_rules
-from ..zoo.data import DATASETS, GENERATED
+from ..zoo.datasets import DATASETS, GENERATED
 from ..zoo.models import MODELS
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume_config"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import model_penalty
-from ..zoo.data import Data, DatasetSplit
+from ..zoo.datasets import Data, DatasetSplit
 
 __all__ = ["evaluate", "gradient_norm_sq", "shard_generator", "local_batch"]
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..backends.registry import make_backend
 from ..core import NonFiniteStep, Worker
-from ..zoo.data import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
+from ..zoo.datasets import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
 from . import checkpoint, hooks
 from .config import TrainConfig, default_output

@@ -1,2 +1,2 @@
-"""Datasets (:mod:`.data`) and models (:mod:`.models`): what ``saef train`` trains on. Imports nothing
-else of saef but :mod:`saef.files`."""
+"""Datasets (:mod:`.datasets`, one module per source behind a registry) and models (:mod:`.models`): what
+``saef train`` trains on. Imports nothing else of saef but :mod:`saef.files`."""

@@ -48,7 +48,7 @@ def build_model(name: str, data: Any, *, width: int | None = None, layers: int =
     Args:
         name: one of :data:`MODELS`.
         data: anything with ``num_classes`` (int) and ``input_shape`` (one sample's shape, channels first),
-            e.g. a :class:`saef.zoo.data.Data`.
+            e.g. a :class:`saef.zoo.datasets.Data`.
         width: hidden units of ``mlp`` (default 100) and ``mlp5m`` (2208), channels of ``cnn1d`` (25), channels
             of the first stage of the CIFAR ResNets (16; stages use width, 2 width, 4 width), the model width of
             ``gpt`` (128). Not for resnet50.

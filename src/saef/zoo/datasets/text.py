@@ -1,4 +1,5 @@
-"""A byte-level text corpus that every machine has: the Python standard library's own ``.py`` files.
+"""``text``: byte-level language modelling on a corpus that every machine has, the Python standard
+library's own ``.py`` files (or a text file the user names as ``data_file``).
 
 :func:`read_corpus` reads the running interpreter's standard library (``sysconfig``'s ``stdlib`` folder,
 ``site-packages`` left out) in sorted path order up to a fixed number of bytes, or any text file the user
@@ -13,12 +14,16 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .base import Data, DatasetSplit
+from .registry import DatasetRequest, register_dataset
 
 __all__ = ["CORPUS_BYTES", "read_corpus", "byte_windows", "split_corpus"]
 
@@ -78,3 +83,25 @@ def split_corpus(corpus: bytes) -> Tuple[bytes, bytes]:
     """Contiguous train and validation parts: the first 90 % and the last 10 % of the bytes."""
     cut = len(corpus) - int(len(corpus) * VALIDATION_FRACTION)
     return corpus[:cut], corpus[cut:]
+
+
+def _load(request: DatasetRequest) -> Data:
+    return _load_text(request.data_file, request.size, request.context)
+
+
+def _load_text(data_file: Path | None, size: int | None, context: int) -> Data:
+    """Byte-level language modelling (:func:`read_corpus`): train on the first 90 % of the corpus, validate
+    (the test split) on the last 10 %, both cut into windows of ``context`` next-byte predictions."""
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"context must be a positive integer, got {context!r}")
+    corpus, _ = read_corpus(data_file, size)
+    train, val = split_corpus(corpus)
+    try:
+        splits = [DatasetSplit(*byte_windows(part, context)) for part in (train, val)]
+    except ValueError as error:
+        raise ValueError(f"the text corpus ({len(corpus)} bytes) is too short for context {context}: {error}") from None
+    digest = hashlib.sha256(corpus).hexdigest()
+    return Data(splits[0], splits[1], 256, (context,), "text", digest=digest, tokens=True)
+
+
+register_dataset("text", _load, data_file=True)
