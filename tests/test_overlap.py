@@ -296,3 +296,26 @@ def test_a_parameter_backward_does_not_reach_sends_zeros():
         overlapped.step(t)
     assert torch.equal(plain.x, overlapped.x)
     assert torch.equal(plain.state.worker_momentum, overlapped.state.worker_momentum)
+
+
+@pytest.mark.parametrize("settings, later", [
+    (CASES[0], dict(momentum=[0.5, 0.9, 0.0, 0.7, 0.9, 0.3], weight_decay=[0.0, 1e-2, 0.0, 1e-3, 0.0, 0.0])),
+    (CASES[0], dict(momentum=0.8, weight_decay=2e-3)),
+    (CASES[5], dict(betas=[(0.8, 0.9)] * 3 + [(0.9, 0.95)] * 3, eps=1e-4, weight_decay=[0.0, 1e-2] * 3)),
+], ids=["sgd-per-layer", "sgd-uniform", "adam-per-layer"])
+def test_a_set_after_the_buckets_were_made_reaches_them(settings, later):
+    """The buckets' optimizers read their per-layer settings from the one optimizer at every step: after
+    ``optimizer.set`` (as saef.SAEF does each step for its parameter groups), overlapped steps still end on
+    the plain step's parameters and state, bit for bit (they would not with settings copied at the start)."""
+    plain, overlapped = Runner(settings), Runner(settings, bucket_bytes=1)
+    names = type(plain.algorithm.optimizer).settings
+    for t in range(8):
+        if t == 3:
+            for runner in (plain, overlapped):
+                runner.algorithm.optimizer.set(*(later[name] for name in names))
+        plain.step(t, lr=0.05)
+        overlapped.step(t, lr=0.05)
+    assert not torch.equal(plain.x, Runner(settings).x)
+    assert torch.equal(plain.x, overlapped.x)
+    for name, tensor in plain.state.tensors.items():
+        assert torch.equal(tensor, overlapped.state.tensors[name]), name

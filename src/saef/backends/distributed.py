@@ -232,18 +232,6 @@ class DistributedTransport(Transport):
         part.__dict__.pop("_sub_layouts", None)
         return part
 
-    def average_uplink(self, payloads, compressor, layout, meanwhile=None, context=None):
-        pending = self.begin_uplink(payloads, compressor, layout, context)
-        if meanwhile is not None:
-            meanwhile()
-        return pending.wait()
-
-    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
-        pending = self.begin_downlink(payloads, decoded, compressor, layout, context)
-        if meanwhile is not None:
-            meanwhile()
-        return pending.wait()
-
     def begin_uplink(self, payloads, compressor, layout, context=None):
         self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads))
         if self.server == "allreduce":

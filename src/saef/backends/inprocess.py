@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..compress import mean_of_rows, payload_bits
-from ..core import BitLedger, Transport
+from ..core import BitLedger, Pending, Transport
 
 __all__ = ["InProcessTransport"]
 
@@ -26,18 +26,14 @@ class InProcessTransport(Transport):
     def owns(self, layer: int, num_layers: int) -> bool:
         return True
 
-    def average_uplink(self, payloads, compressor, layout, meanwhile=None, context=None):
+    def begin_uplink(self, payloads, compressor, layout, context=None):
+        # Decoded at once: the payloads view the workers' error, which the step settles next.
         self.ledger.add("bits_up", sum(payload_bits(p) for p in payloads) // self.num_workers)
-        mean = compressor.decode_mean_layers(payloads, layout, **compressor.context_args(context))
-        if meanwhile is not None:
-            meanwhile()
-        return mean
+        return Pending.done(compressor.decode_mean_layers(payloads, layout, **compressor.context_args(context)))
 
-    def share_downlink(self, payloads, decoded, compressor, layout, meanwhile=None, context=None):
-        if meanwhile is not None:
-            meanwhile()
+    def begin_downlink(self, payloads, decoded, compressor, layout, context=None):
         self.ledger.add("bits_down", sum(payload_bits(p) for p in payloads))
-        return decoded
+        return Pending.done(decoded)  # the server is here: what it sends is what every worker applies
 
     def mean_over_workers(self, rows, purpose="averaging"):
         if purpose == "averaging":  # each worker sends its row and receives the mean: counted both ways

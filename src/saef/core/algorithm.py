@@ -5,32 +5,39 @@ state of shape ``(W, P)``, where W is the number of workers whose state lives in
 simulator, one on a real rank). Compression is layer-wise: each layer is a slice ``[offset, offset + d)``
 of the flat axis. What each worker and the server keep is the feedback rule's (:mod:`saef.core.rules`);
 the direction a worker compresses comes from the local optimizer (:mod:`saef.core.local`); communication
-goes through a :class:`~saef.core.transport.Transport`. One step::
+goes through a :class:`~saef.core.transport.Transport`. One step, as the phases of a :class:`Flight`::
 
-    m_k  <- local optimizer (gradient at the rule's point z_k)
-    u_k   = rule.uplink(m_k)             worker k sends C(u_k); the rule settles the worker's state
-    mean  = mean_k C(u_k)                (the transport: at the owner of each layer)
-    s     = rule.serve(mean)             the server sends C_s(s); the rule settles the server's state
-    rule.apply(C_s(s))                   every worker applies what the server sent
+    begin   m_k  <- local optimizer (gradient at the rule's point z_k)
+            u_k   = rule.uplink(m_k)         worker k hands C(u_k) to the uplink (transport.begin_uplink)
+    serve   rule.settle_worker(C(u_k))       the worker's state, while the payloads travel
+            mean  = mean_k C(u_k)            (the transport: at the owner of each layer)
+            s     = rule.serve(mean)         the server hands C_s(s) to the downlink (transport.begin_downlink)
+            rule.settle_server(C_s(s))       the server's state
+    finish  rule.apply(C_s(s))               every worker applies what the server sent
+    end     step counter + 1; rule.end_step  (error averaging, over all layers: ErrorFeedback.end_step)
+
+:meth:`ErrorFeedback.step` runs them one after the other. Every phase but the end is layer-wise, so the
+flights of the parts of a partition of the layers (:meth:`ErrorFeedback.part`), followed by one end of
+the whole, are the whole's step bit for bit: what an overlapped step (:mod:`saef.core.overlap`) relies on.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..compress import SERVER, Context, Identity, Layout
-from .config import ErrorFeedbackConfig
-from .local import make_optimizer
+from .config import ErrorFeedbackConfig, check_lr
+from .local import LocalOptimizer, make_optimizer
 from .perlayer import PerLayer, Scalar
 from .rules import Plan, rule_class
 from .transport import Pending, Transport
 
-__all__ = ["ErrorFeedbackState", "ErrorFeedback"]
+__all__ = ["ErrorFeedbackState", "ErrorFeedback", "Flight"]
 
 
 class ErrorFeedbackState:
@@ -80,7 +87,7 @@ class ErrorFeedback:
     """
 
     def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport,
-                 ids: Optional[Sequence[int]] = None):
+                 ids: Optional[Sequence[int]] = None, optimizer: Optional[LocalOptimizer] = None):
         self.config = config
         self.transport = transport
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
@@ -88,7 +95,8 @@ class ErrorFeedback:
         self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes, ids)
         self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
-        self.optimizer = make_optimizer(config, self.layout)
+        # The local optimizer: the config's, or (a part's) one that reads its settings from the whole's.
+        self.optimizer = make_optimizer(config, self.layout) if optimizer is None else optimizer
         self.plan = Plan(self.layout, transport, self.uplink, self.downlink, self.optimizer)
         self.rule = rule_class(config.method)(config, self.plan)
         # The full-precision warm-up: the same rule over identity compressors both ways (its errors stay
@@ -179,9 +187,9 @@ class ErrorFeedback:
                              f"layer sizes {self.sizes}, got shapes {got}")
         return tensors
 
-    # --- one step ----------------------------------------------------------------------------------
+    # --- one step ---------------------------------------------------------------------------------
     def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> None:
-        """Apply one step in place to ``x`` and ``state``.
+        """Apply one step in place to ``x`` and ``state``: its phases (:class:`Flight`) one after the other.
 
         Args:
             x: the parameters every worker holds, (P,), updated in place.
@@ -190,73 +198,44 @@ class ErrorFeedback:
                 ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
             lr: the learning rate of this step (>= 0): one number, or one per layer (parameter groups).
         """
-        rule = self.rule_for(state)
-        for _ in self.stages(state, x, grads, lr, rule):
-            pass
-        self.end_step(state, rule)
+        flight = self.begin(state, x, grads, lr)
+        flight.serve()
+        flight.finish()
+        self.end_step(state)
+
+    def begin(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> "Flight":
+        """The first phase of a step (arguments as for :meth:`step`): each worker's direction, what it
+        compresses, and its payloads handed to the uplink. Returns the step in flight, whose
+        :meth:`Flight.serve` and :meth:`Flight.finish` run the rest of it but :meth:`end_step`."""
+        lr = self.per_layer(lr, "lr")
+        for _, value in lr.runs:  # (one run per distinct stretch: no pass over every layer)
+            check_lr(value)
+        return Flight(self, state, x, self._gradient_pairs(grads), lr)
 
     def rule_for(self, state: ErrorFeedbackState):
-        """The rule of the next step: the warm-up's (identity compressors) or the configured one."""
+        """The rule of the step the state is at: the warm-up's (identity compressors) or the configured one."""
         return self.warmup_rule if self.in_warmup(state) else self.rule
 
-    def stages(self, state: ErrorFeedbackState, x: Tensor, grads, lr: Scalar, rule) -> Iterator[Optional[Pending]]:
-        """The step without its end (:meth:`end_step`), in four stretches; it pauses where it has handed
-        payloads to the network, so that a caller can run other work while they travel (an overlapped
-        step, :mod:`saef.core.overlap`, runs the stretches of several parts in turn):
-
-        1. the direction, what each worker compresses, and its payloads, handed to the uplink (yields the
-           uplink's :class:`~saef.core.transport.Pending`, which stretch 2 waits for);
-        2. the worker's state settled; the mean received; the server's payloads handed to the downlink and
-           its state settled (yields the downlink's :class:`~saef.core.transport.Pending`);
-        3. the update received (yields None);
-        4. every worker applies it.
-
-        Arguments as for :meth:`step`; ``rule`` is :meth:`rule_for` of the state.
-        """
-        pairs = self._gradient_pairs(grads)
-        lr = self.per_layer(lr, "lr")
-        if any(v < 0 for _, v in lr.runs):  # (one run per distinct stretch: no pass over every layer)
-            raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
-        plan = rule.plan
-        plan.up, plan.down = self.contexts(state)
-        direction = self.optimizer.update(state, pairs, lambda: rule.points(state, x))
-        sent = rule.uplink(state, x, direction, self.optimizer.scale(lr))
-        payloads = plan.uplink.encode_layers(sent, self.layout, **plan.uplink.context_args(plan.up))
-        uplink = self.transport.begin_uplink(payloads, plan.uplink, self.layout, context=plan.up)
-        yield uplink
-        rule.settle_worker(state, payloads)  # (the transport has copied or consumed the payloads)
-        mean = uplink.wait()
-        served = rule.serve(state, x, mean, lr) if plan.owned else None
-        server_payloads, applied = self._server_payloads(plan, served, mean)
-        downlink = self.transport.begin_downlink(server_payloads, applied, plan.downlink, self.layout, context=plan.down)
-        if served is not None:
-            rule.settle_server(state, served, applied)
-        yield downlink
-        update = downlink.wait()
-        yield
-        rule.apply(state, x, update, lr)
-
-    def end_step(self, state: ErrorFeedbackState, rule) -> None:
-        """After the stages of every layer: the step counter moves, then the rule's end of step (error
-        averaging), over all layers at once."""
+    def end_step(self, state: ErrorFeedbackState) -> None:
+        """After every layer's step has finished (the flights of all parts, for an overlapped step): the
+        step counter moves, then the rule's end of step (error averaging), over all layers at once."""
+        rule = self.rule_for(state)  # the rule the step ran with (decided before the counter moves)
         state.step += 1
         rule.end_step(state)
 
     # --- parts: consecutive layers stepped on their own (the buckets of an overlapped step) --------------
     def part(self, layers: range) -> "ErrorFeedback":
         """The algorithm over the consecutive ``layers`` of this one, with their ids, the transport's part
-        for them (:meth:`Transport.part`) and this one's per-layer settings of the local optimizer. Every
-        operation of a step but its end is layer-wise, so the stages of the parts of a partition, followed
-        by :meth:`end_step` of the whole, are the whole's step, bit for bit."""
+        for them (:meth:`Transport.part`) and the local optimizer's part (:meth:`LocalOptimizer.part`),
+        which reads its per-layer settings from this one's at every step. Every phase of a step but its end
+        is layer-wise, so the flights of the parts of a partition, followed by :meth:`end_step` of the
+        whole, are the whole's step, bit for bit."""
         layers = list(layers)
         if not layers or layers != list(range(layers[0], layers[-1] + 1)) or layers[-1] >= len(self.shapes):
             raise ValueError(f"a part is a non-empty range of consecutive layers of 0 .. {len(self.shapes) - 1}, got {layers}")
-        part = ErrorFeedback([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
-                             ids=[self.layout.ids[i] for i in layers])
-        for name, value in vars(self.optimizer).items():  # momentum, betas, ...: the layers' own values
-            if isinstance(value, PerLayer):
-                setattr(part.optimizer, name, value.subset(layers, part.layout))
-        return part
+        return ErrorFeedback([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
+                             ids=[self.layout.ids[i] for i in layers],
+                             optimizer=self.optimizer.part(layers, self.layout.subset(layers)))
 
     def part_state(self, state: ErrorFeedbackState, layers: range) -> ErrorFeedbackState:
         """The state of :meth:`part` ``(layers)``: views of this state's columns for those layers (what a
@@ -279,17 +258,6 @@ class ErrorFeedback:
                 raise ValueError(f"grads must have shape {(w, self.num_params)} (workers, parameters), got {tuple(grads.shape)}")
             return [(grads, slice(None))]
         return [(g.reshape(w, -1), s) for g, s in zip(self._check_layers(grads, "grads"), self.layout.slices)]
-
-    @staticmethod
-    def _server_payloads(plan: Plan, served: Optional[Tensor], mean: Tensor):
-        """The server's payloads of the layers owned here, and their dense values C_s(served)."""
-        if served is None:  # no layer served in this process
-            return [], mean.new_zeros(0)
-        owned = plan.owned_layout
-        context = plan.downlink.context_args(plan.down)
-        payloads = plan.downlink.encode_layers(served.unsqueeze(0), owned, **context)
-        applied = plan.downlink.decode_layers_into(payloads, owned, plan.buffer("applied", served.unsqueeze(0)), **context)[0]
-        return payloads, applied
 
     # --- read-outs ---------------------------------------------------------------------------------
     def compression_error(self, state: ErrorFeedbackState) -> Tensor:
@@ -323,3 +291,88 @@ class ErrorFeedback:
         local = (total.unsqueeze(0) - self.optimizer.shift(state, state.worker_error)).square().sum()
         spread = self.transport.sum_over_processes(local.reshape(1))[0] / self.transport.num_workers
         return {"mismatch_ef": float(total.square().sum()), "mismatch_saef": float(spread)}
+
+
+class Flight:
+    """One step of an :class:`ErrorFeedback` under way (made by :meth:`ErrorFeedback.begin`), in named
+    phases that run in this order::
+
+        flight = algorithm.begin(state, x, grads, lr)  # direction, what each worker compresses, uplink handed over
+        flight.serve()    # worker's state settled; the mean received; the server's work, downlink handed over
+        flight.finish()   # the update received; every worker applies it
+        algorithm.end_step(state)                      # the counter moves; error averaging
+
+    Between the phases the payloads travel, so a caller may do other work there: an overlapped step
+    (:mod:`saef.core.overlap`) runs the phases of several parts in turn, asks :meth:`received` before it
+    serves (it never waits during backward), and :meth:`land` waits for every part's update before it
+    decides whether to apply them. Everything of this one step lives here (the rule, lr, the compressors'
+    contexts, the payloads under way); nothing of it is left in the algorithm or its rule's plan.
+    """
+
+    def __init__(self, algorithm: "ErrorFeedback", state: ErrorFeedbackState, x: Tensor, pairs, lr: PerLayer):
+        self.algorithm, self.state, self.x, self.lr = algorithm, state, x, lr
+        self.rule = rule = algorithm.rule_for(state)  # the warm-up's or the configured one, for the whole step
+        plan = rule.plan
+        self.uplink_context, self.downlink_context = algorithm.contexts(state)
+        direction = algorithm.optimizer.update(state, pairs, lambda: rule.points(state, x))
+        sent = rule.uplink(state, x, direction, algorithm.optimizer.scale(lr))
+        self._payloads = plan.uplink.encode_layers(sent, algorithm.layout, **plan.uplink.context_args(self.uplink_context))
+        self._uplink: Optional[Pending] = algorithm.transport.begin_uplink(
+            self._payloads, plan.uplink, algorithm.layout, context=self.uplink_context)
+        self._downlink: Optional[Pending] = None
+        self._update: Optional[Tensor] = None
+        self.phase = "begun"  # then "served", "landed", "finished"
+
+    def _enter(self, phase: str, after: Sequence[str]) -> None:
+        if self.phase not in after:
+            raise RuntimeError(f"a step in flight cannot go to {phase!r} from {self.phase!r} "
+                               "(its phases run in order: begin, serve, finish)")
+        self.phase = phase
+
+    def received(self) -> bool:
+        """Whether the uplink's mean has arrived, so that :meth:`serve` would not wait for the network
+        (asked without waiting)."""
+        return self._uplink is not None and self._uplink.ready()
+
+    def serve(self) -> None:
+        """The second phase: the workers' state settled (the transport holds its own copy of the
+        payloads), the mean of the uplink waited for, the server's work for the layers owned here, its
+        payloads handed to the downlink and its state settled."""
+        self._enter("served", ("begun",))
+        algorithm, rule, state = self.algorithm, self.rule, self.state
+        plan = rule.plan
+        rule.settle_worker(state, self._payloads, self.uplink_context)
+        mean = self._uplink.wait()
+        self._payloads = self._uplink = None
+        served = rule.serve(state, self.x, mean, self.lr) if plan.owned else None
+        server_payloads, applied = self._server_payloads(plan, served, mean)
+        self._downlink = algorithm.transport.begin_downlink(server_payloads, applied, plan.downlink, algorithm.layout,
+                                                            context=self.downlink_context)
+        if served is not None:
+            rule.settle_server(state, served, applied)
+
+    def land(self) -> None:
+        """Wait for the update the server sent (part of :meth:`finish`; apart, so that an overlapped step
+        can have every part's update arrive before it decides to apply them or to undo the step)."""
+        self._enter("landed", ("served",))
+        self._update = self._downlink.wait()
+        self._downlink = None
+
+    def finish(self) -> None:
+        """The last phase: the update received (if :meth:`land` did not already), and every worker applies
+        it. The step then ends with :meth:`ErrorFeedback.end_step`, over all layers."""
+        if self.phase == "served":
+            self.land()
+        self._enter("finished", ("landed",))
+        self.rule.apply(self.state, self.x, self._update, self.lr)
+        self._update = None
+
+    def _server_payloads(self, plan: Plan, served: Optional[Tensor], mean: Tensor):
+        """The server's payloads of the layers owned here, and their dense values C_s(served)."""
+        if served is None:  # no layer served in this process
+            return [], mean.new_zeros(0)
+        owned = plan.owned_layout
+        context = plan.downlink.context_args(self.downlink_context)
+        payloads = plan.downlink.encode_layers(served.unsqueeze(0), owned, **context)
+        applied = plan.downlink.decode_layers_into(payloads, owned, plan.buffer("applied", served.unsqueeze(0)), **context)[0]
+        return payloads, applied

@@ -2,34 +2,98 @@
 how the parameters move by what the server sends back.
 
 A local optimizer keeps named state tensors (per worker, with a leading axis of W rows, or shared, of shape
-(P,)) and offers the algorithm (:mod:`saef.core.algorithm`) four things:
+(P,)) and per-layer hyperparameters (a :class:`~saef.core.perlayer.LayerSettings`); what the algorithm
+(:mod:`saef.core.algorithm`) and the rules call is declared by :class:`LocalOptimizer`, chiefly::
 
     update(state, grads, points)   each worker's direction m_k, (W, P), from its gradient
     scale(lr)                      what the rule multiplies the direction by before it adds its error
     apply(state, x, update, lr)    x moves by what the server sent (in the direction's scaled units)
     shift(state, error, columns)   an error in those units as a shift of the parameters (SAEF's point, x~)
 
-Two are registered: ``sgd`` (momentum SGD, the paper's) and ``adam`` (compressed-momentum Adam, 1-bit Adam's
-scheme; with the SAEF rule, SAEF-Adam). :func:`make_optimizer` builds the one a configuration names.
+Two are registered (:func:`register_optimizer`, :func:`optimizer_class`): ``sgd`` (momentum SGD, the
+paper's) and ``adam`` (compressed-momentum Adam, 1-bit Adam's scheme; with the SAEF rule, SAEF-Adam).
+:func:`make_optimizer` builds the one a configuration names.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ..compress import Layout
-from .perlayer import PerLayer, Scalar
+from .perlayer import LayerSettings, PerLayer, Scalar
 
-__all__ = ["MomentumSGD", "Adam", "available_optimizers", "make_optimizer", "optimizer_class"]
+__all__ = ["LocalOptimizer", "MomentumSGD", "Adam", "register_optimizer", "available_optimizers", "make_optimizer",
+           "optimizer_class"]
 
 Grads = Sequence[Tuple[Tensor, slice]]  # pairs of a (W, n) gradient and the stretch of the flat axis it covers
 
 
-class MomentumSGD:
+@runtime_checkable
+class LocalOptimizer(Protocol):
+    """What a local optimizer offers the algorithm and the rules. A class registered with
+    :func:`register_optimizer` is built as ``cls(layout, config, full_precision_until)``: the layers, the
+    :class:`~saef.core.ErrorFeedbackConfig` (its settings are the starting values), and the steps before
+    which it runs in full precision (the warm-up; infinity when nothing is compressed)."""
+
+    name: ClassVar[str]  # the name a configuration uses (``optimizer="sgd"``)
+    settings: ClassVar[Tuple[str, ...]]  # the per-group hyperparameters, in the order :meth:`set` takes them
+    kept_on_reset: ClassVar[Tuple[str, ...]]  # state tensors a reset of the errors carries over
+    layout: Layout  # the layers it steps
+
+    def init(self, x: Tensor, rows: int) -> Dict[str, Tensor]:
+        """The named state at the start, for parameters ``x`` (P,) and ``rows`` (W) local workers."""
+
+    def set(self, *values) -> None:
+        """This step's hyperparameters, in the order of :attr:`settings`: one value each, or one per layer.
+        Parts made by :meth:`part` read them from here."""
+
+    def part(self, layers: Sequence[int], layout: Layout) -> "LocalOptimizer":
+        """The optimizer of the consecutive ``layers`` (over ``layout``, their sub-layout): the same
+        arithmetic, its hyperparameters read from this one at every step (a later :meth:`set` reaches it)."""
+
+    def update(self, state, grads: Grads, points: Callable[[], Tensor]) -> Tensor:
+        """Each worker's direction m_k, (W, P), from ``grads`` and ``points()``, the (W, P) gradient points
+        (called only when needed, e.g. for weight decay)."""
+
+    def scale(self, lr: PerLayer) -> PerLayer:
+        """What the rule multiplies the direction by before it adds its error (lr for momentum SGD)."""
+
+    def apply(self, state, x: Tensor, update: Tensor, lr: PerLayer) -> None:
+        """Move ``x`` in place by what the server sent, ``update`` (in the direction's scaled units)."""
+
+    def shift(self, state, error: Tensor, columns: slice = slice(None)) -> Tensor:
+        """``error`` (in the direction's scaled units) on the stretch ``columns``, as a shift of the
+        parameters (SAEF's gradient point, x~)."""
+
+    def check_new_layers(self, state, reset: bool = False) -> None:
+        """Raise ValueError where the state cannot start from zero at its step (new layers, or a reset of
+        the errors with ``reset``)."""
+
+
+class _LayerSettingsMixin:
+    """What both built-in optimizers share: their hyperparameters in a :class:`LayerSettings`, and parts
+    that read them from the whole's."""
+
+    settings: Tuple[str, ...] = ()
+
+    def __init__(self, layout: Layout, config, full_precision_until: float = 0,
+                 settings: Optional[LayerSettings] = None):
+        self.layout, self.config = layout, config
+        # The steps that exchange dense values (the warm-up, or all of them when nothing is compressed).
+        self.full_precision_until = full_precision_until
+        self.hyper = LayerSettings(layout) if settings is None else settings
+        if settings is None:
+            self.set(*(getattr(config, name) for name in self.settings))
+
+    def part(self, layers: Sequence[int], layout: Layout):
+        return type(self)(layout, self.config, self.full_precision_until, self.hyper.view(layers, layout))
+
+
+class MomentumSGD(_LayerSettingsMixin):
     """Momentum SGD, as ``torch.optim.SGD`` keeps it: ``m_k <- mu m_k + g_k + wd z_k`` (m_k = g_k + wd z_k
     when mu = 0), where z_k is the point the gradient was taken at. The rule compresses lr m_k (plus its
     error), so what the server sends is a step of the parameters: ``x <- x - update``. mu and wd may differ by
@@ -38,14 +102,13 @@ class MomentumSGD:
     name = "sgd"
     settings = ("momentum", "weight_decay")  # the per-group hyperparameters (saef.SAEF's param_groups)
 
-    def __init__(self, layout: Layout, config, full_precision_until: float = 0):
-        self.layout = layout
-        self.set(config.momentum, config.weight_decay)
-
     def set(self, momentum: Scalar, weight_decay: Scalar) -> None:
         """This step's momentum and weight decay: one number each, or one per layer."""
-        self.momentum = PerLayer(momentum, self.layout, "momentum")
-        self.weight_decay = PerLayer(weight_decay, self.layout, "weight_decay")
+        self.hyper.put("momentum", momentum)
+        self.hyper.put("weight_decay", weight_decay)
+
+    momentum = property(lambda self: self.hyper["momentum"], doc="mu, per layer")
+    weight_decay = property(lambda self: self.hyper["weight_decay"], doc="wd, per layer")
 
     def init(self, x: Tensor, rows: int) -> Dict[str, Tensor]:
         return {"worker_momentum": x.new_zeros(rows, x.numel())}  # m_k, (W, P): each worker's momentum
@@ -84,7 +147,7 @@ class MomentumSGD:
         return error[..., columns]  # the error is already in the parameters' units
 
 
-class Adam:
+class Adam(_LayerSettingsMixin):
     """Compressed-momentum Adam without bias correction, with decoupled weight decay (1-bit Adam's scheme).
 
     Per layer, step t, learning rate lr_t, ``d = sqrt(v) + eps``::
@@ -104,22 +167,27 @@ class Adam:
     name = "adam"
     settings = ("betas", "eps", "weight_decay")
 
-    def __init__(self, layout: Layout, config, full_precision_until: float = 0):
-        self.layout = layout
-        # The steps that exchange dense gradients and update v: the warm-up, or all of them when nothing
-        # is compressed (then this is plain Adam; compressed values cannot carry g^2, so v freezes).
-        self.full_precision_until = full_precision_until
+    def __init__(self, layout: Layout, config, full_precision_until: float = 0,
+                 settings: Optional[LayerSettings] = None):
+        # full_precision_until: the steps that exchange dense gradients and update v -- the warm-up, or all
+        # of them when nothing is compressed (then this is plain Adam; compressed values cannot carry g^2,
+        # so v freezes).
         self.unit = PerLayer(1.0, layout, "scale")  # what the rule multiplies the momentum by: nothing
-        self.set(config.betas, config.eps, config.weight_decay)
+        super().__init__(layout, config, full_precision_until, settings)
 
     def set(self, betas, eps: Scalar, weight_decay: Scalar) -> None:
         """This step's (b1, b2), eps and weight decay: one value each, or one per layer."""
         per_layer = not (len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas))
         b1, b2 = zip(*betas) if per_layer else betas
-        self.b1 = PerLayer(list(b1) if per_layer else b1, self.layout, "betas[0]")
-        self.b2 = PerLayer(list(b2) if per_layer else b2, self.layout, "betas[1]")
-        self.eps = PerLayer(eps, self.layout, "eps")
-        self.weight_decay = PerLayer(weight_decay, self.layout, "weight_decay")
+        self.hyper.put("b1", PerLayer(list(b1) if per_layer else b1, self.layout, "betas[0]"))
+        self.hyper.put("b2", PerLayer(list(b2) if per_layer else b2, self.layout, "betas[1]"))
+        self.hyper.put("eps", eps)
+        self.hyper.put("weight_decay", weight_decay)
+
+    b1 = property(lambda self: self.hyper["b1"], doc="beta_1, per layer")
+    b2 = property(lambda self: self.hyper["b2"], doc="beta_2, per layer")
+    eps = property(lambda self: self.hyper["eps"], doc="eps, per layer")
+    weight_decay = property(lambda self: self.hyper["weight_decay"], doc="decoupled weight decay, per layer")
 
     def init(self, x: Tensor, rows: int) -> Dict[str, Tensor]:
         return {
@@ -196,22 +264,45 @@ class Adam:
         return error[..., columns] * state.step_size[columns]
 
 
-_OPTIMIZERS = {"sgd": MomentumSGD, "adam": Adam}
+_OPTIMIZERS: Dict[str, Type[LocalOptimizer]] = {}
+
+
+def register_optimizer(optimizer: Type[LocalOptimizer], *, overwrite: bool = False) -> None:
+    """Make ``optimizer`` (a class with every member of :class:`LocalOptimizer`) available under its
+    ``name`` (``ErrorFeedbackConfig(optimizer=...)``)."""
+    missing = [member for member in _members() if not hasattr(optimizer, member) and member != "layout"]
+    if not isinstance(optimizer, type) or missing:
+        raise ValueError(f"a local optimizer must be a class with every member of LocalOptimizer, got {optimizer!r}"
+                         + (f" (missing {', '.join(missing)})" if missing else ""))
+    if optimizer.name in _OPTIMIZERS and not overwrite:
+        raise ValueError(f"local optimizer {optimizer.name!r} is already registered (pass overwrite=True to replace it)")
+    _OPTIMIZERS[optimizer.name] = optimizer
+
+
+def _members() -> Tuple[str, ...]:
+    """The members :class:`LocalOptimizer` declares (attributes and methods)."""
+    declared = set(LocalOptimizer.__annotations__) | {name for name, value in vars(LocalOptimizer).items()
+                                                      if callable(value) and not name.startswith("_")}
+    return tuple(sorted(declared))
 
 
 def available_optimizers() -> Tuple[str, ...]:
     return tuple(_OPTIMIZERS)
 
 
-def optimizer_class(name: str):
+def optimizer_class(name: str) -> Type[LocalOptimizer]:
     """The local optimizer registered as ``name`` (ValueError naming the choices otherwise)."""
     if name not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got optimizer={name!r}")
     return _OPTIMIZERS[name]
 
 
-def make_optimizer(config, layout: Layout):
+def make_optimizer(config, layout: Layout) -> LocalOptimizer:
     """The local optimizer of ``config`` over ``layout``: full precision through the warm-up, or for good
     when nothing is compressed."""
     until = math.inf if config.lossless else config.warmup_steps
     return optimizer_class(config.optimizer)(layout, config, until)
+
+
+for _optimizer in (MomentumSGD, Adam):
+    register_optimizer(_optimizer)

@@ -2,29 +2,30 @@
 gradients are made.
 
 The step of :class:`~saef.core.algorithm.ErrorFeedback` is layer-wise up to its end (error averaging), so
-it can run on parts of the model (:meth:`ErrorFeedback.part`). :class:`OverlappedStep` cuts the layers
-into buckets of consecutive layers, last layers first (the order in which backward makes gradients), and
-hooks every parameter (``register_post_accumulate_grad_hook``). When the gradients of bucket b are all
-there, it runs b's first stage (direction, payloads, uplink handed over): the network moves bucket b while
-backward computes bucket b + 1. The second stage of a bucket (mean received, server payloads handed over)
-runs, in bucket order, as soon as its uplink has arrived: at every hook, the transport is asked whether
-it has (:meth:`Pending.ready`, which never waits), so backward is never held up by the network. After
-backward, the remaining stages run in bucket order, then the step's end over all layers.
+it can run on parts of the model (:meth:`ErrorFeedback.part`), each part's step a
+:class:`~saef.core.algorithm.Flight` with named phases. :class:`OverlappedStep` cuts the layers into
+buckets of consecutive layers, last layers first (the order in which backward makes gradients), and hooks
+every parameter (``register_post_accumulate_grad_hook``). When the gradients of bucket b are all there,
+it begins b's flight (direction, payloads, uplink handed over): the network moves bucket b while backward
+computes bucket b + 1. A flight serves (mean received, server payloads handed over), in bucket order, as
+soon as its uplink has arrived: at every hook, the flight is asked whether it has
+(:meth:`Flight.received`, which never waits), so backward is never held up by the network. After
+backward, the remaining phases run in bucket order, then the step's end over all layers.
 
-Collectives must be started in one order on every rank. The first stages go in bucket order, whatever
-order the hooks fire in. Whether an uplink has arrived when a hook fires differs from rank to rank, so
-the downlinks may start at other moments relative to the uplinks on each rank: that needs a transport
-whose two directions run on channels of their own (``transport.directions_apart``; the distributed one
-makes a process group for each on gloo). Over a transport without them, bucket b - 1's second stage runs
-right after bucket b's first, in hooks and after backward alike, so every rank starts its collectives
-in one order however its hooks fire (it may wait for b - 1's mean).
+Collectives must be started in one order on every rank. The flights begin in bucket order, whatever order
+the hooks fire in. Whether an uplink has arrived when a hook fires differs from rank to rank, so the
+downlinks may start at other moments relative to the uplinks on each rank: that needs a transport whose
+two directions run on channels of their own (``transport.directions_apart``; the distributed one makes a
+process group for each on gloo). Over a transport without them, bucket b - 1 serves right after bucket b
+begins, in hooks and after backward alike, so every rank starts its collectives in one order however its
+hooks fire (it may wait for b - 1's mean).
 
 The arithmetic is the non-overlapped step's, layer for layer, so an overlapped run gives the same
 parameters, state and bit counts bit for bit (``tests/test_distributed.py``).
 
 A NaN or Inf: the step must change nothing, on every rank, but a rank learns of another's NaN only after
-its own buckets were sent. So before a bucket's first stage its part of the state is copied, the update
-of x (the last stage) waits for the vote on finite gradients, and a step that some rank found
+its own buckets were sent. So before a bucket's flight begins its part of the state is copied, the update
+of x (the flight's finish) waits for the vote on finite gradients, and a step that some rank found
 non-finite puts the copies back and raises :class:`~saef.core.flat.NonFiniteStep`. The bits the
 algorithm counts are restored too; the ``wire_*`` counters keep the bytes that really moved. A bucket with
 a non-finite gradient sends zeros instead (its step is undone anyway). The last bucket (the first
@@ -40,7 +41,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .algorithm import ErrorFeedback, ErrorFeedbackState, Flight
 from .flat import NonFiniteStep, all_finite, check_dense
 from .ledger import PER_WORKER
 from .perlayer import PerLayer
@@ -91,7 +92,7 @@ class OverlappedStep:
         self.buckets = make_buckets(algorithm.sizes, bucket_bytes, element)
         self.parts = [algorithm.part(b) for b in self.buckets]
         self.bucket_of = {i: b for b, layers in enumerate(self.buckets) for i in layers}
-        # Second stages as uplinks arrive (never waiting), or at fixed moments (see the module docstring).
+        # Flights served as their uplinks arrive (never waiting), or at fixed moments (see the module docstring).
         self.as_they_arrive = algorithm.transport.directions_apart
         self._step = None  # the step under way; None: hooks do nothing (a backward outside a step)
         self._copies = {}  # per bucket and state tensor: where its part of the state is copied, reused each step
@@ -133,13 +134,11 @@ class _Step:
     def __init__(self, owner: OverlappedStep, state: ErrorFeedbackState, x: Tensor, lr, finite: bool):
         self.owner, self.state, self.x = owner, state, x
         algorithm = owner.algorithm
-        self.rule = algorithm.rule_for(state)  # decided before the step counter moves, as in ErrorFeedback.step
         self.lr = lr if isinstance(lr, PerLayer) else algorithm.per_layer(lr, "lr")
         self.finite = bool(finite)
         self.missing = [len(b) for b in owner.buckets]  # gradients each bucket still waits for
-        self.stages: List = []  # per bucket started: the generator of its stages
-        self.uplinks: List = []  # per bucket started: its uplink under way (a Pending)
-        self.served = 0  # buckets whose second stage has run
+        self.flights: List[Flight] = []  # per bucket started: its step in flight
+        self.served = 0  # buckets whose flight has served
         self.saved = []  # per bucket started: copies of its part of the state
         ledger = algorithm.transport.ledger
         self.bits = {key: ledger.counts[key] for key in PER_WORKER}
@@ -148,9 +147,9 @@ class _Step:
         b = self.owner.bucket_of[layer]
         self.missing[b] -= 1
         last = len(self.missing) - 1  # (started by finish, after the vote)
-        while len(self.stages) < last and self.missing[len(self.stages)] == 0:  # in bucket order
-            self._start(len(self.stages))
-        while self.owner.as_they_arrive and self.served < len(self.stages) and self.uplinks[self.served].ready():
+        while len(self.flights) < last and self.missing[len(self.flights)] == 0:  # in bucket order
+            self._start(len(self.flights))
+        while self.owner.as_they_arrive and self.served < len(self.flights) and self.flights[self.served].received():
             self._serve()  # in bucket order, never waiting
 
     def _gradients(self, b: int) -> List[Tensor]:
@@ -167,7 +166,8 @@ class _Step:
 
     @torch.no_grad()
     def _start(self, b: int, grads: Optional[List[Tensor]] = None) -> None:
-        """Bucket b's first stage: its direction and payloads, handed to the uplink. ``grads``: given once
+        """Bucket b's first phase (:meth:`ErrorFeedback.begin`): its direction and payloads, handed to the
+        uplink. ``grads``: given once
         the vote has kept the step on every rank (the state then needs no copy)."""
         owner, algorithm = self.owner, self.owner.algorithm
         layers, part = owner.buckets[b], owner.parts[b]
@@ -177,42 +177,39 @@ class _Step:
             self.saved.append(owner.copy_state(b, state))
         span = algorithm.layout.span(layers)
         lr = self.lr.subset(list(layers), part.layout)
-        stages = part.stages(state, self.x[span], grads, lr, part.rule_for(state))
-        self.uplinks.append(next(stages))  # direction, payloads, uplink handed over
-        self.stages.append(stages)
-        if not owner.as_they_arrive and b > 0:  # the fixed moment of bucket b - 1's second stage
+        self.flights.append(part.begin(state, self.x[span], grads, lr))
+        if not owner.as_they_arrive and b > 0:  # the fixed moment of bucket b - 1's second phase
             self._serve()
 
     @torch.no_grad()
     def _serve(self) -> None:
-        next(self.stages[self.served])  # mean received, the server's payloads handed over
+        self.flights[self.served].serve()  # mean received, the server's payloads handed over
         self.served += 1
 
     @torch.no_grad()
     def finish(self) -> None:
         """After backward: the buckets not yet started but the last (parameters backward did not reach:
-        zero gradients), the vote, the last bucket if the step is kept, the second stages left, then the
-        updates and the step's end, or the state put back."""
+        zero gradients), the vote, the last bucket if the step is kept, the flights left to serve, every
+        update received, then the updates applied and the step's end, or the state put back."""
         owner = self.owner
         last = len(owner.buckets) - 1
-        while len(self.stages) < last:
-            self._start(len(self.stages))
+        while len(self.flights) < last:
+            self._start(len(self.flights))
         grads = self._gradients(last)
         finite = owner.vote(self.finite)
         if finite:
             self._start(last, grads)
-        while self.served < len(self.stages):
+        while self.served < len(self.flights):
             self._serve()
-        for stages in self.stages:
-            next(stages)  # the update received
+        for flight in self.flights:
+            flight.land()  # the update received (every collective of the step done before it may be undone)
         if not finite:
             self.restore()
             raise NonFiniteStep("non-finite loss or gradient on some rank" if self.finite else
                                 "non-finite loss or gradient on this rank")
-        for stages in self.stages:
-            for _ in stages:  # every worker applies the update
-                pass
-        owner.algorithm.end_step(self.state, self.rule)
+        for flight in self.flights:
+            flight.finish()  # every worker applies the update
+        owner.algorithm.end_step(self.state)
 
     def restore(self) -> None:
         """Every bucket started puts its state back, and the bits counted are as before the step."""

@@ -2,20 +2,21 @@
 
 A step applies a hyperparameter element-wise on the flat axis. :class:`PerLayer` holds it as runs of equal
 values over that axis, so a step does one operation per run -- and exactly the one operation of a single
-scalar when every layer agrees (the common case, kept bit-identical to it).
+scalar when every layer agrees (the common case, kept bit-identical to it). :class:`LayerSettings` holds a
+local optimizer's named hyperparameters of this kind, once for the whole model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..compress import Layout
 
-__all__ = ["PerLayer", "Scalar"]
+__all__ = ["PerLayer", "LayerSettings", "Scalar"]
 
 Scalar = Union[float, Sequence[float]]  # one value for every layer, or one per layer
 
@@ -93,3 +94,46 @@ class PerLayer:
         if self.uniform:
             return f"PerLayer({self.runs[0][1]!r})"
         return f"PerLayer({list(self.values)!r})"
+
+
+class LayerSettings:
+    """A local optimizer's per-layer hyperparameters by name (momentum, betas, eps, weight decay, ...).
+
+    The whole model's settings are held once (:meth:`put`). The settings of some of its layers (a part of
+    the model, e.g. a bucket of an overlapped step) are a view made by :meth:`view`: it holds no values of
+    its own and looks each one up in the whole's at every read, so that settings put after the view was
+    made (a ``set`` at each step of :class:`saef.SAEF`, for schedulers) reach it.
+
+    Example::
+
+        >>> whole = LayerSettings(Layout([3, 4, 5]))
+        >>> whole.put("momentum", 0.9); tail = whole.view([1, 2], Layout([4, 5]))
+        >>> whole.put("momentum", [0.9, 0.8, 0.7]); tail["momentum"].values
+        (0.8, 0.7)
+    """
+
+    def __init__(self, layout: Layout, parent: Optional["LayerSettings"] = None, layers: Sequence[int] = ()):
+        self.layout = layout
+        self._parent, self._layers = parent, list(layers)
+        self._own: Dict[str, PerLayer] = {}
+        # A view's subsets, by name: (the whole's value it was cut from, the subset); cut again when that changes.
+        self._cut: Dict[str, Tuple[PerLayer, PerLayer]] = {}
+
+    def put(self, name: str, value: Union[Scalar, PerLayer]) -> None:
+        """Set ``name`` to ``value`` (one number, one per layer, or a :class:`PerLayer` over this layout)."""
+        if self._parent is not None:
+            raise ValueError(f"the settings of a part of the layers are read from the whole's; set {name!r} there")
+        self._own[name] = value if isinstance(value, PerLayer) else PerLayer(value, self.layout, name)
+
+    def __getitem__(self, name: str) -> PerLayer:
+        if self._parent is None:
+            return self._own[name]
+        whole = self._parent[name]
+        cut = self._cut.get(name)
+        if cut is None or cut[0] is not whole:  # set anew since the last read
+            cut = self._cut[name] = (whole, whole.subset(self._layers, self.layout))
+        return cut[1]
+
+    def view(self, layers: Sequence[int], layout: Layout) -> "LayerSettings":
+        """The settings of ``layers`` (indices into this layout), over ``layout`` (their sub-layout)."""
+        return LayerSettings(layout, self, layers)

@@ -9,12 +9,16 @@ server's work for the layers it :meth:`owns <Transport.owns>`. Implementations l
 What moves, per step and per layer i (a layer is one parameter tensor of ``d_i`` elements):
 
 * uplink: each worker's payload for layer i goes to the owner of layer i, which averages the K decoded
-  rows (:meth:`Transport.average_uplink`);
+  rows (:meth:`Transport.begin_uplink`);
 * downlink: the owner's (server-compressed) payload for layer i goes to every worker
-  (:meth:`Transport.share_downlink`);
+  (:meth:`Transport.begin_downlink`);
 * error averaging and diagnostics: a mean of dense ``(W, n)`` rows over all K workers
   (:meth:`Transport.mean_over_workers`), a sum of values over processes (:meth:`Transport.sum_over_processes`),
   and the whole of a server-side tensor each owner holds a part of (:meth:`Transport.server_total`).
+
+The two directions are asynchronous: ``begin_*`` hands the payloads over and returns a :class:`Pending`,
+which the step (:class:`~saef.core.algorithm.Flight`) waits for in a later phase, so that payloads travel
+while the process works. A transport that moves nothing returns :meth:`Pending.done`.
 
 Every transport records what moves in its :class:`~saef.core.ledger.BitLedger`, measured from the payload
 tensors handed over. Averages use one arithmetic everywhere (rows added in worker order, then divided; see
@@ -57,10 +61,9 @@ class Pending:
 class Transport:
     """Interface between the algorithm and the wire. See the module docstring for what each method moves.
 
-    The step (:meth:`saef.core.algorithm.ErrorFeedback.stages`) hands payloads over with
-    :meth:`begin_uplink` and :meth:`begin_downlink`, does its own work, and then waits for them. Their
-    defaults move everything at once through :meth:`average_uplink` and :meth:`share_downlink`; a
-    transport whose payloads travel while the process works overrides them (the distributed one).
+    The step's phases (:class:`saef.core.algorithm.Flight`) hand payloads over with :meth:`begin_uplink`
+    (in ``begin``) and :meth:`begin_downlink` (in ``serve``), and wait for what they return in the next
+    phase. Every process must start them in one order, unless :attr:`directions_apart`.
     """
 
     num_workers: int  # K: workers in the whole job
@@ -85,10 +88,12 @@ class Transport:
         """The ids (0 .. K-1) of the workers hosted here, in row order (default: all of them)."""
         return list(range(self.num_local))
 
-    def average_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
-                       meanwhile: Optional[Callable[[], None]] = None, context: Optional[Context] = None) -> Tensor:
-        """Mean over all K workers of the decoded uplink payloads, for the layers owned here, computed by
-        ``compressor.decode_mean_layers`` (the same arithmetic in every transport).
+    def begin_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
+                     context: Optional[Context] = None) -> Pending:
+        """Hand the workers' uplink payloads over. :meth:`Pending.wait` returns the mean over all K workers
+        of the decoded payloads, for the layers owned here, computed by ``compressor.decode_mean_layers``
+        (the same arithmetic in every transport). Once this returns, the tensors the payloads view may be
+        overwritten (the transport has copied or consumed them: the worker's state is settled meanwhile).
 
         Args:
             payloads: per layer, the payload of the W local workers (leading row axis W).
@@ -96,42 +101,27 @@ class Transport:
             layout: where each layer lies on the flat axis.
             context: the senders' :class:`~saef.compress.Context` (a random compressor's decoder redraws
                 from it; the owner decodes rows of all K workers).
-            meanwhile: local work to run while the payloads travel. It may overwrite tensors that
-                ``payloads`` view (the error a payload was made from): the transport has copied or
-                consumed the payloads before it calls it.
 
         Returns:
-            the mean, the owned layers end to end in layer order. It may live in a buffer the compressor
-            reuses: use it before the next uplink.
+            the mean under way: the owned layers end to end in layer order. It may live in a buffer the
+            compressor reuses: use it before the next uplink.
         """
         raise NotImplementedError
 
-    def share_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
-                       meanwhile: Optional[Callable[[], None]] = None, context: Optional[Context] = None) -> Tensor:
-        """Give every worker the server's payload for every layer; returns the dense update ``(P,)``.
+    def begin_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
+                       context: Optional[Context] = None) -> Pending:
+        """Hand the server's payloads over, for every worker. :meth:`Pending.wait` returns the dense update
+        ``(P,)``. Once this returns, the tensors the payloads view may be overwritten (the server error),
+        but not ``decoded``.
 
         Args:
             payloads: the one-row server payloads of the layers owned here, in layer order.
             decoded: their dense values end to end (what this process applies for its own layers).
+            compressor: the server's compressor, to decode the other owners' payloads.
+            layout: where each layer lies on the flat axis.
             context: the server's :class:`~saef.compress.Context` (to decode the other owners' payloads).
-            meanwhile: local work to run while the payloads travel. It may overwrite tensors that
-                ``payloads`` view (the server error), but not ``decoded``.
         """
         raise NotImplementedError
-
-    def begin_uplink(self, payloads: Sequence[Payload], compressor: Compressor, layout: Layout,
-                     context: Optional[Context] = None) -> Pending:
-        """Hand the uplink payloads over; :meth:`Pending.wait` returns :meth:`average_uplink`'s mean. Once
-        this returns, the tensors the payloads view may be overwritten (the transport has copied or
-        consumed them). This default averages at once."""
-        return Pending.done(self.average_uplink(payloads, compressor, layout, context=context))
-
-    def begin_downlink(self, payloads: Sequence[Payload], decoded: Tensor, compressor: Compressor, layout: Layout,
-                       context: Optional[Context] = None) -> Pending:
-        """Hand the server's payloads over; :meth:`Pending.wait` returns :meth:`share_downlink`'s update.
-        Once this returns, the tensors the payloads view may be overwritten, but not ``decoded``. This
-        default shares at once."""
-        return Pending.done(self.share_downlink(payloads, decoded, compressor, layout, context=context))
 
     def part(self, layers: Sequence[int]) -> "Transport":
         """The transport of the consecutive ``layers`` alone (a bucket of an overlapped step): their owners,

@@ -1,25 +1,28 @@
 """The feedback-rule interface, and the plan that tells a rule where it runs.
 
-A step of every rule has the same skeleton (:meth:`saef.core.algorithm.ErrorFeedback.step`): the local
-optimizer turns gradients into each worker's direction m_k; the rule says what each worker compresses and
-keeps, what the server compresses and keeps, and how the parameters move. The transport in between does
-not know which rule runs. A rule's methods, in the order a step calls them::
+A step of every rule has the same skeleton (:class:`saef.core.algorithm.Flight`): the local optimizer
+turns gradients into each worker's direction m_k; the rule says what each worker compresses and keeps,
+what the server compresses and keeps, and how the parameters move. The transport in between does not
+know which rule runs. A rule's methods, in the order a step calls them, by phase of the step::
 
-    points(state, x)              where worker k takes its gradient, (W, P)
-    uplink(state, x, m, scale)    what each worker compresses, (W, P)
-    settle_worker(state, sent)    the worker's state after sending (runs while the payloads travel)
-    serve(state, x, mean, lr)     what the server compresses, from the mean of the workers' payloads
-    settle_server(state, served, applied)   the server's state after sending C_s(served)
-    apply(state, x, update, lr)   every worker applies what the server sent
-    end_step(state)               after the step counter moved (e.g. error averaging)
+    begin   points(state, x)              where worker k takes its gradient, (W, P)
+            uplink(state, x, m, scale)    what each worker compresses, (W, P)
+    serve   settle_worker(state, sent, context)     the worker's state after sending C(uplink)
+            serve(state, x, mean, lr)     what the server compresses, from the mean of the workers' payloads
+            settle_server(state, served, applied)   the server's state after sending C_s(served)
+    finish  apply(state, x, update, lr)   every worker applies what the server sent
+    end     end_step(state)               after the step counter moved (e.g. error averaging)
 
-``lr`` and ``scale`` are :class:`~saef.core.perlayer.PerLayer` (one value, or one per layer for parameter
-groups): apply them with their ``add`` and ``multiply``. ``scale`` is the local optimizer's (lr for momentum
-SGD, whose server reply is a step of x; 1 for Adam, whose reply is the new momentum), and so is how x moves
-by the reply (``plan.optimizer.apply``). State is named tensors (:meth:`init`); worker-side tensors have a leading axis of W rows, server-side
-tensors span all P parameters. A server-side tensor that only the server updates holds the owned layers
-(zero elsewhere) where the server is sharded; one that every worker updates from what the server sends
-(EF21's g, single-way) is whole on every process.
+Everything that belongs to one step comes in as an argument: ``context`` is the uplink's
+:class:`~saef.compress.Context` of this step (the seed, step and senders a random compressor redraws
+from, a stateful one's state); ``lr`` and ``scale`` are :class:`~saef.core.perlayer.PerLayer` (one value,
+or one per layer for parameter groups): apply them with their ``add`` and ``multiply``. ``scale`` is the
+local optimizer's (lr for momentum SGD, whose server reply is a step of x; 1 for Adam, whose reply is the
+new momentum), and so is how x moves by the reply (``plan.optimizer.apply``). The :class:`Plan` holds only
+what stays the same from step to step. State is named tensors (:meth:`FeedbackRule.init`); worker-side
+tensors have a leading axis of W rows, server-side tensors span all P parameters. A server-side tensor
+that only the server updates holds the owned layers (zero elsewhere) where the server is sharded; one that
+every worker updates from what the server sends (EF21's g, single-way) is whole on every process.
 """
 
 from __future__ import annotations
@@ -29,22 +32,22 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ...compress import Compressor, Layout, Payload
+from ...compress import Compressor, Context, Layout, Payload
 from ..perlayer import PerLayer
 
 __all__ = ["FeedbackRule", "Plan"]
 
 
 class Plan:
-    """Where a rule runs: the layers, the workers hosted here (W of K), the layers whose server work runs
-    here, the two compressors, and buffers reused every step."""
+    """Where a rule runs, the same at every step: the layers, the workers hosted here (W of K), the layers
+    whose server work runs here, the two compressors, the local optimizer, and buffers reused every step.
+    Nothing of one step is kept here (a step's contexts are the arguments of the rule's methods)."""
 
     def __init__(self, layout: Layout, transport, uplink: Compressor, downlink: Compressor, optimizer):
         self.layout = layout
         self.transport = transport
         self.optimizer = optimizer  # the local optimizer (saef.core.local): how x moves by the server's reply
         self.uplink, self.downlink = uplink, downlink
-        self.up = self.down = None  # this step's Contexts of the two compressors (set by the step)
         self.num_local, self.num_workers = transport.num_local, transport.num_workers
         self.owned = [i for i in range(len(layout)) if transport.owns(i, len(layout))]
         self.owned_layout = layout if len(self.owned) == len(layout) else layout.subset(self.owned)
@@ -105,8 +108,9 @@ class FeedbackRule:
         momentum SGD, 1 for Adam)."""
         raise NotImplementedError
 
-    def settle_worker(self, state, payloads: Sequence[Payload]) -> None:
-        """Nothing to keep by default."""
+    def settle_worker(self, state, payloads: Sequence[Payload], context: Context) -> None:
+        """After the workers' ``payloads`` (C(uplink), made in ``context``) were handed over: nothing to
+        keep by default."""
 
     def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         return mean

@@ -47,9 +47,9 @@ class ErrorFeedbackRule(FeedbackRule):
         # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
         return scale.add(state.worker_error, direction)  # D_k = e_k + lr m_k (Adam: e_k + m_k)
 
-    def settle_worker(self, state, payloads) -> None:
+    def settle_worker(self, state, payloads, context) -> None:
         uplink = self.plan.uplink
-        uplink.subtract_decoded(payloads, self.plan.layout, state.worker_error, **uplink.context_args(self.plan.up))  # e_k <- D_k - C(D_k)
+        uplink.subtract_decoded(payloads, self.plan.layout, state.worker_error, **uplink.context_args(context))  # e_k <- D_k - C(D_k)
 
     def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         return self.plan.owned_part(state.server_error).add_(mean)  # D = e_s + mean_k C(D_k)

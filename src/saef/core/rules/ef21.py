@@ -49,9 +49,9 @@ class EF21(FeedbackRule):
     def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
         return torch.sub(direction, state.worker_estimate, out=self.plan.buffer("ef21-uplink", direction))  # v_k - g_k
 
-    def settle_worker(self, state, payloads) -> None:
+    def settle_worker(self, state, payloads, context) -> None:
         uplink = self.plan.uplink
-        uplink.add_decoded(payloads, self.plan.layout, state.worker_estimate, **uplink.context_args(self.plan.up))  # g_k <- g_k + c_k
+        uplink.add_decoded(payloads, self.plan.layout, state.worker_estimate, **uplink.context_args(context))  # g_k <- g_k + c_k
 
     def serve(self, state, x: Tensor, mean: Tensor, lr: PerLayer) -> Tensor:
         if not self.config.double_way:  # the dense mean goes back; every worker updates g and x itself
