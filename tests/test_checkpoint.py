@@ -68,6 +68,7 @@ def reference(tmp_path_factory):
 KILL_STEPS = [16, 32] + random.Random(7).sample(range(1, 64), 3)  # epoch ends and random steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", KILL_STEPS)
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, step):
     """SIGKILL at a step, then --resume: records and parameters, momentum and errors equal the uninterrupted run."""
@@ -85,6 +86,7 @@ OTHER_METHODS = [["--method", "ef", "--double-way"], ["--method", "ef21", "--dou
                  ["--method", "direct", "--double-way"], ["--method", "sgd", "--compressor", "identity"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", OTHER_METHODS, ids=lambda m: "-".join(a.strip("-") for a in m))
 def test_every_rule_resumes_bit_identically(tmp_path, method):
     """For every rule (and full-precision SGD): SIGKILL mid-epoch (step 27), then --resume ends with the
@@ -108,6 +110,7 @@ COMPRESSOR_RUNS = [(["--compressor", "randk:0.1"], 27), (["--compressor", "power
                    (["--compressor", "qsgd:4:fp16", "--method", "direct"], 27), (SAEF_ADAM, 10), (SAEF_ADAM, 27)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, step", COMPRESSOR_RUNS, ids=lambda v: "-".join(a.strip("-") for a in v) if isinstance(v, list) else str(v))
 def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra, step):
     """SIGKILL, then --resume, ends with the records (the phase column included), parameters, every state
@@ -127,6 +130,7 @@ def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra,
         assert [r["phase"] for r in records(out)] == ["warmup", "warmup+compressed", "compressed", "compressed"]  # 16 steps an epoch
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     """Killed while writing the step-15 checkpoint: the torn file is never listed, step 10 loads, and the
     resumed run still ends bit-identical."""
@@ -144,6 +148,7 @@ def _newest_file(run_dir):
     return Path(run_dir) / "checkpoints" / next(iter(entry["files"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_newest_checkpoint_falls_back(reference, tmp_path, damage):
     """A truncated or corrupted newest checkpoint fails its checksum; resume warns and uses the previous one,
@@ -159,6 +164,7 @@ def test_damaged_newest_checkpoint_falls_back(reference, tmp_path, damage):
     assert_identical(reference, out)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_refused(tmp_path):
     """With no usable checkpoint, resume exits 2 naming the damaged files, and changes nothing."""
     out = tmp_path / "run"
@@ -248,6 +254,7 @@ def test_nan_in_data_never_reaches_state():
         assert torch.equal(getattr(sim.state, key), value)
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_after_consecutive_skips(tmp_path):
     """An lr so large that the loss turns NaN: steps are skipped, then the run stops (exit 1) with a clear
     message after --max-nonfinite-skips in a row, and no summary marks it complete."""
@@ -310,7 +317,7 @@ def test_empty_model_is_refused():
 
 def _dist(argv, out, fault=None, world=2):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_distributed import launch, wait_all
+    from _procs import launch, wait_all
 
     extra = {"SAEF_FAULT": fault} if fault else {"SAEF_FAULT": ""}
     procs = launch([FAULTS, "train", *argv, "--output", str(out)], world, extra_env=extra,
@@ -340,6 +347,7 @@ def _assert_ranks_identical(a, b, world=2):
             assert torch.equal(tensor, sb["algorithm"]["tensors"][key]), (rank, key)
 
 
+@pytest.mark.slow
 def test_distributed_sigkill_then_resume_is_bit_identical(dist_reference, tmp_path):
     """2 gloo processes: rank 1 is SIGKILLed mid-epoch, rank 0 stops with an error; --resume on both ranks
     ends bit-identical (records, and each rank's parameters, momentum, worker and server error)."""
@@ -351,6 +359,7 @@ def test_distributed_sigkill_then_resume_is_bit_identical(dist_reference, tmp_pa
     _assert_ranks_identical(dist_reference, out)
 
 
+@pytest.mark.slow
 def test_distributed_ef21_resumes_bit_identically(tmp_path):
     """EF21 double-way on 2 gloo processes keeps the true model and g with each layer's owner: rank 1 is
     SIGKILLed mid-epoch, and --resume on both ranks ends bit-identical to an uninterrupted run."""
@@ -367,13 +376,14 @@ def test_distributed_ef21_resumes_bit_identically(tmp_path):
     assert {"worker_estimate", "server_estimate", "server_model"} <= set(state)
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_automatically(dist_reference, tmp_path):
     """Under torchrun --max-restarts 1, a rank killed mid-run is restarted with the others, they resume from
     the last complete checkpoint by themselves, and the run ends bit-identical."""
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), SAEF_FAULT="kill-at-step:37@1")
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_distributed import free_port
+    from _procs import free_port
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), FAULTS, "train", *DIST,

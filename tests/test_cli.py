@@ -170,6 +170,7 @@ def test_missing_cifar_folder_names_where_to_put_files(tmp_path, capsys):
     assert "cifar-10-batches-py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     """``python -m saef`` runs the same command line (here: a bad rho, exit code 2)."""
     result = subprocess.run([sys.executable, "-m", "saef", "train", "--compressor", "topk:2"], capture_output=True, text=True, timeout=120)

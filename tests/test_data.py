@@ -236,6 +236,7 @@ def test_imagenet_without_torchvision_says_how_to_install(tmp_path, monkeypatch)
         load_dataset("imagenet", tmp_path)
 
 
+@pytest.mark.slow
 def test_hold_out_moves_the_last_samples_out_of_training(tmp_path):
     """hold_out(data, n): the last n training samples become the validation split and leave the training
     split; a LIBSVM test split that was the training file follows the smaller training split; bad sizes are

@@ -1,9 +1,7 @@
 """torch.distributed (gloo on 127.0.0.1) against the simulator: same parameters, same bits, only payloads
 on the wire, and a clear failure when a rank dies. Every process is bounded in time and cleaned up."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,43 +15,9 @@ from saef.backends.distributed import assign_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_cases import ADAM, CASES, NAN_CASES, NAN_STEP, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
+from _procs import child_env, free_port, launch, wait_all  # noqa: E402
 
 HERE = Path(__file__).parent
-SRC = str(HERE.parent / "src")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(argv, world, extra_env=None, **popen):
-    """Start ``world`` ranks of ``argv`` on loopback, as torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   **(extra_env or {}))
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, **popen))
-    return procs
-
-
-def wait_all(procs, timeout):
-    """The exit codes of ``procs``, waiting ``timeout`` seconds in all; what is left is killed (with its
-    children, for a process started in a session of its own, such as torchrun)."""
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                if os.getpgid(p.pid) == p.pid:
-                    os.killpg(p.pid, signal.SIGKILL)
-                else:
-                    p.kill()
-                p.wait()
 
 
 def simulate_case(case, world):
@@ -76,6 +40,7 @@ def dist_results(tmp_path_factory, world):
     return _RESULTS[world]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_processes_equal_simulator(tmp_path_factory, world):
     """K gloo processes and the simulator agree after 20 steps (allclose rtol 1e-5, atol 1e-6) with
@@ -107,6 +72,7 @@ def _same_run(a, b):
             and a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_overlapped_steps_are_bit_identical_and_equal_the_simulator(tmp_path_factory, world):
     """With the step overlapped with backward (buckets of about half the layers, or one per layer), every
@@ -124,6 +90,7 @@ def test_overlapped_steps_are_bit_identical_and_equal_the_simulator(tmp_path_fac
     assert torch.allclose(ranks[0]["overlap", CASES[0]]["x"], sim.x, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_overlapped_step_with_a_nan_on_one_rank_changes_nothing(tmp_path_factory, world):
     """A NaN in the last rank's gradient of the first layer's bias (a middle bucket) or weight (the last
@@ -155,6 +122,7 @@ def in_process(case, world):
     return x, state, algorithm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_transports_are_bit_identical_on_the_same_gradients(tmp_path, world):
     """Given the same gradients, the in-process and the torch.distributed transports produce identical
@@ -186,6 +154,7 @@ def test_transports_are_bit_identical_on_the_same_gradients(tmp_path, world):
                         assert torch.equal(mine[s], tensor[s]), (case, rank, name, i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_optimizer_facade_on_processes_equals_simulator(tmp_path_factory, world):
     """The SAEF optimizer in a user's loop on K processes equals the simulator with K workers."""
@@ -197,6 +166,7 @@ def test_optimizer_facade_on_processes_equals_simulator(tmp_path_factory, world)
         assert results["facade"]["bits_up"] == sim.bits["bits_up"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_adam_facade_on_processes_equals_simulator(tmp_path_factory, world):
     """saef.SAEF(optimizer="adam") in a user's loop on K processes equals the simulator with K workers
@@ -209,6 +179,7 @@ def test_adam_facade_on_processes_equals_simulator(tmp_path_factory, world):
         assert results["adam facade"]["bits_up"] == sim.bits["bits_up"]
 
 
+@pytest.mark.slow
 def test_resnet20_wire_ratios(tmp_path_factory):
     """On ResNet-20 the sign mode hands >= 31x fewer uplink bytes to torch.distributed than the fp32
     all-reduce payload, top-k 1 % >= 75x fewer (78.3x with its Elias-Fano indices, 67.3x with explicit
@@ -231,12 +202,13 @@ def test_layer_assignment_is_balanced_and_whole():
     assert max(load) - min(load) <= max(sizes)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_records(tmp_path):
     """``torchrun --nproc_per_node 2 -m saef train --backend dist`` trains and rank 0 writes the records."""
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     result = subprocess.run([*torchrun, "-m", "saef", "train", "--backend", "dist", "--dataset", "synthetic", "--model", "mlp",
                              "--batch-size", "32", "--epochs", "2", "--compressor", "sign", "--quiet", "--output", str(out)],
                             env=env, capture_output=True, text=True, timeout=180)
@@ -246,12 +218,13 @@ def test_torchrun_trains_with_records(tmp_path):
     assert len(rows) == 2 and "(dist)" in result.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_overlapped_run_and_its_resume_repeat_the_plain_run(tmp_path):
     """``saef train --backend dist --overlap`` (buckets of a few layers) writes the same records as the run
     without it, every metric of every epoch but the times; and a run begun without overlap and resumed with
     it (overlap changes no state, so resuming may switch it) writes them too."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     common = ["--backend", "dist", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--compressor", "sign",
               "--average-every", "3", "--quiet"]
 
@@ -275,6 +248,7 @@ def test_torchrun_overlapped_run_and_its_resume_repeat_the_plain_run(tmp_path):
     assert rows(tmp_path / "switched") == rows(tmp_path / "plain")
 
 
+@pytest.mark.slow
 def test_dead_rank_stops_the_others(tmp_path):
     """One of three ranks is killed mid-training: the others exit non-zero with a clear message, well
     within the timeout."""

@@ -102,6 +102,7 @@ def rows(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_full_batch_sgd_is_gradient_descent_on_f(tmp_path):
     """--full-batch with the identity compressor (method sgd, K = 4 contiguous shards of a label-sorted file,
     momentum 0) is gradient descent on f: x_T and ||grad f(x_t)||^2 after each step equal a float64 GD
@@ -135,11 +136,12 @@ def test_full_batch_sgd_is_gradient_descent_on_f(tmp_path):
     assert norms[-1] < 0.5 * norms[0]
 
 
+@pytest.mark.slow
 def test_distributed_full_batch_matches_the_simulator(tmp_path):
     """Two gloo processes (each adding the regulariser to its loss) and the simulator agree on the metrics
     of a full-batch EF21 run (rtol 1e-5)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_distributed import launch, wait_all
+    from _procs import launch, wait_all
 
     f = write_libsvm(tmp_path / "p.svm")
     args = ["--dataset", "libsvm", "--data-file", str(f), "--model", "logreg", "--full-batch", "--workers", "2",
@@ -156,6 +158,7 @@ def test_distributed_full_batch_matches_the_simulator(tmp_path):
         assert a["bits_up"] == b["bits_up"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_data_file(tmp_path):
     """The file's SHA-256 is part of the run's identity: after the file changes, --resume is refused with a
     message, and nothing of the run is lost."""

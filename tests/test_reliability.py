@@ -22,15 +22,9 @@ from saef.core import NonFiniteStep
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from test_distributed import free_port, wait_all  # noqa: E402
+from _procs import FAULTS, child_env, free_port, rank_env, wait_all, wait_for  # noqa: E402
 
-SRC = str(HERE.parent / "src")
 FAST = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--quiet"]
-
-
-def rank_env(rank, world, port):
-    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def ranks_with(per_rank_flags, out, timeout=60):
@@ -44,6 +38,7 @@ def ranks_with(per_rank_flags, out, timeout=60):
     return codes, [p.stderr.read() for p in procs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,key", [(["--seed", "1"], "seed"), (["--compressor", "sign"], "compressor")])
 def test_ranks_that_disagree_all_stop_with_one_line(tmp_path, flags, key):
     """Two ranks started with different settings (a seed: would run silently; a compressor: would abort
@@ -85,6 +80,7 @@ class SilentServer:
         self.socket.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peer", ["silent server", "nobody"])
 def test_rendezvous_is_bounded_by_the_timeout(tmp_path, peer):
     """A rank whose rendezvous finds a server that never answers, or no rank 0 at all, stops within
@@ -149,13 +145,14 @@ def test_a_diverging_run_keeps_its_healthy_checkpoint(tmp_path, monkeypatch):
 
 
 def cli(args, fault=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     env.pop("SAEF_FAULT", None)
     if fault:
         env["SAEF_FAULT"] = fault
-    return subprocess.run([sys.executable, str(HERE / "_faults.py"), *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, FAULTS, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_killed_before_its_first_checkpoint_resume_starts_again(tmp_path):
     """A run killed before its first checkpoint is not a dead end: --resume starts it again from the
     beginning in the same directory, says so, and ends with the records of an uninterrupted run."""
@@ -191,21 +188,13 @@ def test_resume_refuses_fewer_epochs_and_logs_every_change(tmp_path, capsys):
     assert "dataset_size" in state["config"]
 
 
-def wait_for(predicate, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
+@pytest.mark.slow
 def test_a_run_directory_has_one_writer(tmp_path):
     """While a run trains, a second `saef train --resume` of its directory is refused (exit 2, naming the
     holder's pid) and writes nothing; after the holder is SIGKILLed the lock is gone with it (no stale
     lock) and the resume works."""
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     holder = subprocess.Popen([sys.executable, "-m", "saef", "train", *FAST, "--dataset-size", "4096", "--epochs", "50",
                                "--checkpoint-every", "10", "--output", str(out)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -226,10 +215,11 @@ def test_a_run_directory_has_one_writer(tmp_path):
     assert "is being written" not in resumed.stderr
 
 
+@pytest.mark.slow
 def test_reproduce_stops_its_children_on_sigterm(tmp_path):
     """SIGTERM to `saef reproduce` reaches its `saef train` children, which it waits for: none is left
     running after it exits."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     runs = tmp_path / "runs"
     parent = subprocess.Popen([sys.executable, "-m", "saef", "reproduce", "fig3", "--seeds", "1", "--runs", str(runs),
                                "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -630,6 +620,7 @@ def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
     assert torch.equal(model.unused.weight, start) and not torch.equal(model.used.weight, Partial().used.weight)
 
 
+@pytest.mark.slow
 def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     """Rank 0 alone opens the run directory; when it cannot (here it exists and is not empty) every rank
     stops at once with exit 2 -- rank 0 with its own message, the others naming rank 0's -- instead of

@@ -2,7 +2,6 @@
 (benchmarks/_hosts.py), torchrun's c10d rendezvous across them, two ranks on each host. Needs root and
 ``ip netns``; skipped otherwise. Every process is bounded in time, and the hosts are removed afterwards."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,12 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import _hosts  # noqa: E402
-from test_distributed import wait_all  # noqa: E402
 
-SRC = str(HERE.parent / "src")
+sys.path.insert(0, str(HERE))
+from _procs import child_env, wait_all  # noqa: E402
+
 WHY_NOT = _hosts.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"two hosts: {WHY_NOT}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=f"two hosts: {WHY_NOT}")]
 
 # 20 steps (two epochs of 10), as test_distributed's comparison with the simulator
 ARGS = ["--dataset", "synthetic", "--dataset-size", "320", "--model", "mlp", "--batch-size", "32", "--epochs", "2",
@@ -27,7 +27,7 @@ PORT = 29400  # a fresh namespace: every port is free
 
 
 def env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    return child_env(**extra)
 
 
 def torchrun(hosts, host, out, log):
