@@ -4,8 +4,8 @@ score chose (never the test set's), from run directories written here."""
 import json
 import math
 
-from saef.app import baselines, reproduce
-from saef.app.reproduce import Run, plan
+from saef.studies import baselines, reproduce, runs as study_runs
+from saef.studies.reproduce import Run, plan
 
 
 def test_plan_covers_every_method_and_lr_once_with_seed_0():
@@ -19,7 +19,7 @@ def test_plan_covers_every_method_and_lr_once_with_seed_0():
     assert all(r.config["full_batch"] and r.config["workers"] == 20 and not r.config["double_way"] for r in a9a)
     assert {r.config["compressor"] for r in a9a} == {"topk:0.01", "topk:0.1", "randk:0.01:unbiased", "randk:0.1:unbiased"}
     assert not [r for r in plan("baselines", seeds=1) if r.config["dataset"] == "libsvm"]  # no file: no a9a part
-    argv = reproduce._command(a9a[0], reproduce.Path("/tmp/x"), None)
+    argv = study_runs._command(a9a[0], study_runs.Path("/tmp/x"), None)
     assert "--full-batch" in argv and "True" not in argv
 
 
@@ -58,7 +58,7 @@ def test_each_method_is_reported_at_the_lr_its_held_out_score_chose(tmp_path):
         if val is not None:
             _write(tmp_path / run.name, [_row(1, 0.9, 0.9), _row(2, 0.97, val)])
         runs.append(run)
-    read = lambda d: reproduce._rows(d) if reproduce.is_done(d) else None  # noqa: E731
+    read = lambda d: reproduce.read_rows(d) if reproduce.is_done(d) else None  # noqa: E731
     chosen = baselines.select(runs, tmp_path, read)
     by_dataset = {dict(k)["dataset"]: v for k, v in chosen.items()}
     assert by_dataset["mnist1d"]["lr"] == 0.1 and len(by_dataset["mnist1d"]["seeds"]) == 2
@@ -78,7 +78,20 @@ def test_confirm_runs_the_other_seeds_at_each_chosen_lr(tmp_path):
         lr = run.config["lr"]
         good = 1 - abs(math.log10(lr) + 1)
         _write(tmp_path / run.name, [_row(1, 0.5, val_acc=good, grad=10 ** -good)])
-    more = baselines.confirm(Run.make, first, 3, tmp_path, lambda d: reproduce._rows(d))
+    more = baselines.confirm(Run.make, first, 3, tmp_path, lambda d: reproduce.read_rows(d))
     assert {(r.config["dataset"], r.config["lr"], r.config["seed"]) for r in more} == {
         (d, 0.1, s) for d in ("mnist1d", "libsvm") for s in (1, 2)}
     assert all(r.config["compressor"] != "topk:0.01" for r in more if r.config["dataset"] == "libsvm")
+
+
+def test_baselines_without_the_a9a_file_is_a_one_line_error(tmp_path, capsys):
+    """`saef reproduce baselines` looks nowhere by default for a9a: without --libsvm-file, or with one that is
+    not a file, it exits 2 with one line on stderr naming the flag, and starts no run."""
+    for extra in ([], ["--libsvm-file", str(tmp_path / "missing")]):
+        code = reproduce.main(["baselines", "--dry-run", "--runs", str(tmp_path / "runs"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "--libsvm-file" in err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "a9a").write_text("+1 1:1\n")
+    assert reproduce.main(["baselines", "--dry-run", "--runs", str(tmp_path / "runs"), "--libsvm-file", str(tmp_path / "a9a")]) == 0
+    assert "libsvm_a9a" in capsys.readouterr().out

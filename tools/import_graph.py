@@ -10,8 +10,13 @@ Layers, lowest first (a module may import its own layer and the layers below it,
     core       saef.core.*                compress, core
     zoo        saef.zoo.*                 base, zoo
     backends   saef.backends.*            compress, core, backends (no backend imports another)
-    app        saef.app.*                 base, compress, core, zoo, app, and of the backends only
+    app        saef.app.* but the CLI     base, compress, core, zoo, app, and of the backends only
                                           saef.backends.registry (and its Backend base)
+    studies    saef.studies.*             base, app, studies (a study runs `saef train` in child
+                                          processes and reads their records with saef.app.records/plots)
+    cli        saef.app.cli               what app may import, and studies: the command line is the
+                                          top of the application, dispatching `train`/`plot` to the app
+                                          and `reproduce` to the studies
     saef       the package root           anything (it re-exports the public API)
 
 Also: no import cycles (a package's ``__init__`` re-exporting its modules does not count as an edge into
@@ -27,7 +32,8 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent / "src" / "saef"
-LAYERS = ["base", "compress", "core", "zoo", "backends", "app", "saef"]
+LAYERS = ["base", "compress", "core", "zoo", "backends", "app", "studies", "cli", "saef"]
+CLI = "saef.app.cli"
 BASE = {"saef.files", "saef._version"}
 ALLOWED = {
     "base": set(),
@@ -36,6 +42,8 @@ ALLOWED = {
     "zoo": {"base", "zoo"},
     "backends": {"compress", "core", "backends"},
     "app": {"base", "compress", "core", "zoo", "app", "backends"},
+    "studies": {"base", "app", "studies"},
+    "cli": {"base", "compress", "core", "zoo", "app", "backends", "studies"},
     "saef": set(LAYERS),
 }
 # Within the backends, each backend is a unit of its own; base and registry are shared.
@@ -76,6 +84,8 @@ def _imports(name: str, path: Path, known: Set[str]) -> Set[str]:
 def layer_of(module: str) -> str:
     if module in BASE:
         return "base"
+    if module == CLI:
+        return "cli"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "saef"
 
@@ -130,7 +140,7 @@ def violations(edges: Dict[str, Set[str]]) -> List[str]:
         for target in sorted(targets):
             if layer_of(target) not in ALLOWED[layer]:
                 problems.append(f"{module} imports {target}: layer {layer} may not import layer {layer_of(target)}")
-            elif layer == "app" and layer_of(target) == "backends" and target not in APP_MAY_IMPORT_FROM_BACKENDS:
+            elif layer in ("app", "cli") and layer_of(target) == "backends" and target not in APP_MAY_IMPORT_FROM_BACKENDS:
                 problems.append(f"{module} imports {target}: the app reaches backends through saef.backends.registry only")
             elif module in BACKEND_UNITS and target in BACKEND_UNITS and BACKEND_UNITS[module] != BACKEND_UNITS[target]:
                 problems.append(f"{module} imports {target}: one backend imports another")

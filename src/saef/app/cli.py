@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reproduce"]:
-        from .reproduce import main as reproduce
+        from ..studies.reproduce import main as reproduce
 
         return reproduce(argv[1:])
     args = _parser().parse_args(argv)

@@ -2,7 +2,7 @@
 
 The default GPT (2 layers, width 128, context 64) on the default corpus (2 MB of the standard library's
 ``.py`` files), K = 4, global batch 64, the same steps, warm-up and lr schedule for every method, several
-seeds each (every run one ``saef train``, see :mod:`saef.app.reproduce`):
+seeds each (every run one ``saef train``, see :mod:`saef.studies.reproduce`):
 
 * Adam in full precision (the dense mean, as an all-reduce moves it; v updated every step);
 * 1-bit Adam: the EF rule with Adam, scaled sign, double-way (v frozen after the warm-up);
@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .plots import mean_std, run_label, save_figure, traffic_bits
+from ..app.plots import mean_std, run_label, save_figure, traffic_bits
 
 __all__ = ["plan", "report", "METHODS", "TITLE"]
 

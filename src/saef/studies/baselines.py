@@ -1,6 +1,6 @@
 """``saef reproduce baselines``: SAEF beside the modern baselines, each at its own best learning rate.
 
-Two problems, every run one ``saef train`` (see :mod:`saef.app.reproduce`):
+Two problems, every run one ``saef train`` (see :mod:`saef.studies.reproduce`):
 
 * MNIST-1D / 1-D CNN, K = 8, double-way, momentum 0.9, one lr schedule for all: full-precision SGDM; EF,
   SAEF (p = never and p = 10) and EF21-SGDM with top-k 1 %, scaled sign, PowerSGD rank 1 and rank 2; and
@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import mean_std, save_figure, traffic_bits
+from ..app.plots import mean_std, save_figure, traffic_bits
 
 __all__ = ["plan", "confirm", "select", "report"]
 

@@ -1,36 +1,30 @@
-"""``saef reproduce``: the paper's experiments (Table 1, Figures 1 and 3) and a study of SAEF beside the
-modern baselines (:mod:`saef.app.baselines`), as sets of independent runs.
+"""``saef reproduce``: the paper's experiments (Table 1, Figures 1 and 3) and the studies of SAEF beside the
+modern baselines (:mod:`saef.studies.baselines`) and of compressed-momentum Adam (:mod:`saef.studies.adam`),
+as sets of independent runs.
 
     saef reproduce table1 --jobs 2          # MNIST-1D analogue of Table 1 (5 seeds), on a 2-core CPU
     saef reproduce fig1 fig3 --jobs 2
     saef reproduce baselines --jobs 2 --libsvm-file a9a   # EF21, PowerSGD, QSGD, rand-k ... at tuned lrs
-    saef reproduce adam --jobs 2            # 1-bit Adam and SAEF-Adam on the byte-level GPT (saef.app.adam_study)
+    saef reproduce adam --jobs 2            # 1-bit Adam and SAEF-Adam on the byte-level GPT
     saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
 
-Each run is one ``saef train`` process with its own directory under ``--runs`` named after its settings, so
-runs are shared between experiments, finished runs (with ``summary.json``) are reused, and a run that
-crashes or is interrupted loses nothing else: it is simply run again next time. The Markdown tables and
-PNG figures are then rebuilt from the run directories into ``--out`` (default ``docs/results``).
+Each run is one ``saef train`` process (:mod:`saef.studies.runs`) with its own directory under ``--runs``
+named after its settings, so runs are shared between experiments, finished runs (with ``summary.json``) are
+reused, and a run that crashes or is interrupted loses nothing else: it is simply run again next time. The
+Markdown tables and PNG figures are then rebuilt from the run directories into ``--out`` (default
+``docs/results``). ``baselines`` needs the a9a LIBSVM file (``--libsvm-file``; exit 2 without it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..files import DirectoryBusy, claim, release
+from .runs import Run, is_done, read_rows, run_all
 
 __all__ = ["EXPERIMENTS", "SETTINGS", "Run", "plan", "run_all", "main"]
 
@@ -46,33 +40,6 @@ SETTINGS: Dict[str, Dict[str, object]] = {
 }
 # Table 1 is read before the first decay; our analogue trains 15 epochs and decays after 10.
 TABLE1_SHORT = {"mnist1d": dict(epochs=15, lr_milestones=[10]), "paper": {}}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run: its settings (``saef train`` config keys) and a readable unique name."""
-
-    settings: tuple  # sorted (key, value) pairs
-
-    @classmethod
-    def make(cls, **settings) -> "Run":
-        settings.setdefault("average_every", None)  # so that equal runs compare equal
-        return cls(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())))
-
-    @property
-    def config(self) -> Dict[str, object]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.settings}
-
-    @property
-    def name(self) -> str:
-        c = self.config
-        dataset = c["dataset"] if not c.get("data_file") else f"{c['dataset']}_{Path(str(c['data_file'])).name}"
-        parts = [dataset, c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
-                 f"K{c['workers']}", "DC" if c.get("double_way", True) else "SC", f"p{c.get('average_every') or 'inf'}",
-                 f"mu{c['momentum']}" if c.get("optimizer", "sgd") == "sgd" else c["optimizer"], f"e{c['epochs']}"]
-        if c.get("holdout") or c.get("full_batch"):  # the studies with an lr grid name the lr (the older runs do not)
-            parts += [f"lr{c['lr']:g}", f"h{c['holdout']}" if c.get("holdout") else "fb"]
-        return "-".join(parts + [f"seed{c['seed']}"])
 
 
 def _table1(setting: str, seeds: int) -> List[Run]:
@@ -111,13 +78,12 @@ def _baselines(setting: str, seeds: int, libsvm_file: Optional[str] = None) -> L
 
 
 def _adam(setting: str, seeds: int) -> List[Run]:
-    from . import adam_study
+    from . import adam
 
-    return adam_study.plan(Run.make, seeds)
+    return adam.plan(Run.make, seeds)
 
 
 EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3), "adam": (_adam, 3)}
-DEFAULT_LIBSVM = Path("../shared/data/a9a")  # where the development machine keeps a9a (--libsvm-file)
 
 
 def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None, libsvm_file: Optional[str] = None) -> List[Run]:
@@ -126,147 +92,9 @@ def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None,
     return make(setting, default_seeds if seeds is None else seeds, **extra)
 
 
-def is_done(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists()
-
-
-def _command(run: Run, run_dir: Path, data_dir: Optional[str]) -> List[str]:
-    argv = [sys.executable, "-m", "saef", "train", "--quiet", "--output", str(run_dir)]
-    for key, value in run.config.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "double_way":
-            argv.append("--double-way" if value else "--single-way")
-        elif key == "average_every":
-            argv += [flag, "never" if value is None else str(value)]
-        elif key == "lr_milestones":
-            argv += [flag, ",".join(str(m) for m in value)]
-        elif isinstance(value, bool):  # an on/off switch
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    return argv
-
-
-class _Children:
-    """The ``saef train`` processes of a reproduce run. SIGINT and SIGTERM sent to ``saef reproduce`` go on
-    to every child; reproduce then starts no more runs and waits for the children (killing those still
-    alive a minute later): stopping reproduce never leaves runs training behind it."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.running: set = set()
-        self.stopping = None  # the signal that asked us to stop
-
-    def run(self, argv: List[str], **popen) -> int:
-        with self.lock:
-            if self.stopping:
-                return -1
-            process = subprocess.Popen(argv, **popen)
-            self.running.add(process)
-        try:
-            return process.wait()
-        finally:
-            with self.lock:
-                self.running.discard(process)
-
-    def _signal_children(self, signum: int) -> None:
-        for child in list(self.running):
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    @contextlib.contextmanager
-    def forwarding_signals(self):
-        """While inside, SIGINT/SIGTERM only note the signal and pass it on to the children; the main loop
-        sees :attr:`stopping` and calls :meth:`stop` (a handler that took locks could deadlock)."""
-        self.stopping = None
-        if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
-            yield
-            return
-
-        def note(signum, frame):
-            self.stopping = signum
-            self._signal_children(signum)
-
-        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def stop(self, pool) -> None:
-        """Start nothing more, wait for the children (a minute in all), then exit 128 + the signal."""
-        pool.shutdown(wait=False, cancel_futures=True)
-        self._signal_children(self.stopping)  # (one may have started just as the signal came)
-        deadline = time.monotonic() + 60
-        for child in list(self.running):
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        raise SystemExit(128 + self.stopping)
-
-
-_CHILDREN = _Children()
-
-
-def run_all(runs: Sequence[Run], runs_dir: Path, jobs: int = 1, data_dir: Optional[str] = None, log=print) -> Dict[Run, bool]:
-    """Run every run that is not finished yet, ``jobs`` at a time; returns which runs succeeded."""
-    runs = list({run.name: run for run in runs}.values())  # experiments share runs (same name, same run)
-    todo = [r for r in runs if not is_done(runs_dir / r.name)]
-    log(f"saef reproduce: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run with {jobs} job(s)")
-    ok = {r: True for r in runs if r not in todo}
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
-    start = time.monotonic()
-
-    def one(run: Run) -> bool:
-        run_dir = runs_dir / run.name
-        if run_dir.exists():  # an unfinished earlier attempt: start it again from scratch, unless it is alive
-            try:
-                claim(run_dir)
-            except DirectoryBusy as busy:
-                log(f"saef reproduce: skipping {run.name}: {busy}")
-                return False
-            shutil.rmtree(run_dir)
-            release(run_dir)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log_path = runs_dir / f"{run.name}.log"
-        with open(log_path, "w") as handle:
-            code = _CHILDREN.run(_command(run, run_dir, data_dir), stdout=handle, stderr=subprocess.STDOUT, env=env)
-        return code == 0 and is_done(run_dir)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool, _CHILDREN.forwarding_signals():
-        pending = {pool.submit(one, run): run for run in todo}
-        finished = 0
-        while pending:
-            done, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
-            if _CHILDREN.stopping:
-                _CHILDREN.stop(pool)
-            for future in done:
-                run = pending.pop(future)
-                ok[run] = future.result()
-                finished += 1
-                status = "done" if ok[run] else f"FAILED (see {runs_dir / (run.name + '.log')})"
-                elapsed = time.monotonic() - start
-                eta = elapsed / finished * (len(todo) - finished)
-                log(f"[{finished}/{len(todo)}] {status}: {run.name}  ({elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left)")
-    return ok
-
-
-def _rows(run_dir: Path) -> List[dict]:
-    from .records import read_metrics
-
-    return read_metrics(run_dir)
-
-
 def _mean_std(values: Sequence[float]) -> str:
     """Accuracies as percentages, mean ± std."""
-    from .plots import mean_std
+    from ..app.plots import mean_std
 
     return mean_std(values, 100)
 
@@ -279,7 +107,7 @@ def table1_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
         if not is_done(runs_dir / run.name):
             continue
         last = (c["lr_milestones"] or [c["epochs"]])[0]
-        best = max(r["test_acc"] for r in _rows(runs_dir / run.name) if r["epoch"] <= last)
+        best = max(r["test_acc"] for r in read_rows(runs_dir / run.name) if r["epoch"] <= last)
         cells.setdefault((c["compressor"], c["method"], c["average_every"]), []).append(best)
     columns = [("ef", None)] + [("saef", p) for p in (None, 40, 20, 10, 5, 1)]
     head = "| top-k | EF | " + " | ".join(f"SAEF p={'∞' if p is None else p}" for _, p in columns[1:]) + " |"
@@ -295,7 +123,7 @@ def table1_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
 
 def figures(experiment: str, runs: Sequence[Run], runs_dir: Path, out: Path) -> List[Path]:
     """The experiment's figures, each an overlay of runs grouped over seeds (mean ± std)."""
-    from .plots import plot_runs
+    from ..app.plots import plot_runs
 
     done = [r for r in runs if is_done(runs_dir / r.name)]
     made = []
@@ -322,14 +150,14 @@ def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .plots import run_label, save_figure
+    from ..app.plots import run_label, save_figure
 
     fig = Figure(figsize=(12, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     groups: Dict[str, List[List[dict]]] = {}
     for run in runs:
-        groups.setdefault(run_label(run.config), []).append(_rows(runs_dir / run.name))
+        groups.setdefault(run_label(run.config), []).append(read_rows(runs_dir / run.name))
     for index, (label, seeds) in enumerate(sorted(groups.items())):
         color = f"C{index}"
         n = min(len(r) for r in seeds)
@@ -363,14 +191,14 @@ def _mismatch_figure(runs: Sequence[Run], runs_dir: Path, path: Path) -> Path:
 def summary_markdown(runs: Sequence[Run], runs_dir: Path) -> str:
     """Per configuration, over seeds: final and best test accuracy at x, final at x~, final train loss,
     and the bits one worker sent and received."""
-    from .plots import run_label, traffic_bits
+    from ..app.plots import run_label, traffic_bits
 
     groups: Dict[str, List[List[dict]]] = {}
     for run in runs:
         if is_done(runs_dir / run.name):
             c = run.config
             label = f"{run_label(c)}, mu={c['momentum']}"
-            groups.setdefault(label, []).append(_rows(runs_dir / run.name))
+            groups.setdefault(label, []).append(read_rows(runs_dir / run.name))
     lines = ["| run | seeds | final test acc. at x (%) | best (%) | final at x~ (%) | final train loss | MB per worker (up + down + averaging) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, seeds in sorted(groups.items()):
@@ -390,12 +218,12 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
 
     suffix = "" if setting == "mnist1d" else f"-{setting}"
     text = f"# {name} ({setting})\n\n"
-    studies = {"baselines": "baselines", "adam": "adam_study"}  # experiments with their own report
+    studies = {"baselines": "baselines", "adam": "adam"}  # experiments with their own report
     if name in studies:
         import importlib
 
         study = importlib.import_module(f".{studies[name]}", __package__)
-        body, made = study.report(runs, runs_dir, out, lambda d: _rows(d) if is_done(d) else None)
+        body, made = study.report(runs, runs_dir, out, lambda d: read_rows(d) if is_done(d) else None)
         path = out / f"{name}-tables{suffix}.md"
         text = f"# {getattr(study, 'TITLE', f'{name} ({setting})')}\n\n" + body
     else:
@@ -411,15 +239,15 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
 
 
 def _libsvm_file(given: Optional[str]) -> Optional[str]:
-    """The a9a file of the baselines study: the one given (which must exist), else the default if it exists."""
-    if given is not None:
-        if not Path(given).is_file():
-            raise SystemExit(f"saef reproduce: --libsvm-file {given} is not a file")
-        return str(Path(given).resolve())
-    if DEFAULT_LIBSVM.is_file():
-        return str(DEFAULT_LIBSVM.resolve())
-    print(f"saef reproduce: no --libsvm-file and no {DEFAULT_LIBSVM}: the a9a part of baselines is left out", file=sys.stderr)
-    return None
+    """The a9a file of the baselines study as an absolute path; None, after a one-line error on stderr, when
+    it is not given or not a file (there is no default place to look for it)."""
+    if given is None:
+        print("saef reproduce: baselines needs the a9a LIBSVM file: --libsvm-file FILE", file=sys.stderr)
+        return None
+    if not Path(given).is_file():
+        print(f"saef reproduce: --libsvm-file {given} is not a file", file=sys.stderr)
+        return None
+    return str(Path(given).resolve())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -433,14 +261,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", default="runs/reproduce", help="where the run directories go (default runs/reproduce)")
     parser.add_argument("--out", default="docs/results", help="where tables and figures go (default docs/results)")
     parser.add_argument("--data-dir", default=None, help="dataset folder (see saef train --data-dir)")
-    parser.add_argument("--libsvm-file", default=None, help=f"baselines: the a9a LIBSVM file (default {DEFAULT_LIBSVM} if it exists; "
-                        "without it the a9a part is left out)")
+    parser.add_argument("--libsvm-file", default=None, help="baselines (required there): the a9a LIBSVM file "
+                        "(https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html#a9a)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
         parser.error("--jobs and --seeds must be >= 1")
     runs_dir, out = Path(args.runs) / args.setting, Path(args.out)
     libsvm = _libsvm_file(args.libsvm_file) if "baselines" in args.experiments else None
+    if "baselines" in args.experiments and libsvm is None:
+        return 2
     plans = {name: plan(name, args.setting, args.seeds, libsvm) for name in args.experiments}
     if args.dry_run:
         for name, runs in plans.items():
@@ -452,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "baselines" in plans:  # its second phase: the other seeds at each method's chosen lr
         from . import baselines
 
-        read = lambda d: _rows(d) if is_done(d) else None  # noqa: E731
+        read = lambda d: read_rows(d) if is_done(d) else None  # noqa: E731
         more = baselines.confirm(Run.make, plans["baselines"], args.seeds or EXPERIMENTS["baselines"][1], runs_dir, read)
         ok.update(run_all(more, runs_dir, args.jobs, args.data_dir))
         plans["baselines"] = plans["baselines"] + more
