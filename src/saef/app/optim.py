@@ -17,7 +17,6 @@ rank is one of K workers)::
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from ..backends.registry import optimizer_transport
 from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, check_dense, flatten, write_flat
-from ..core.config import check_betas, check_eps, check_momentum, check_weight_decay
+from ..core.config import check_betas, check_eps, check_lr, check_momentum, check_weight_decay
 from ..core.local import optimizer_class
 
 __all__ = ["SAEF"]
@@ -104,8 +103,7 @@ class SAEF(torch.optim.Optimizer):
         server: str = "sharded",
         **algorithm,
     ):
-        if not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr):
-            raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}")
+        check_lr(lr)
         given = {k: v for k, v in (("momentum", momentum), ("weight_decay", weight_decay), ("betas", betas), ("eps", eps))
                  if v is not None}
         if optimizer != "sgd":
@@ -169,9 +167,7 @@ class SAEF(torch.optim.Optimizer):
         per_group = []
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
-            value = float(lr) if isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool) else math.nan
-            if not (value >= 0) or math.isinf(value):
-                raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r} in parameter group {i}")
+            value = check_lr(lr, f" in parameter group {i}")
             per_group.append((value, *(_CHECKS[name](group[name]) for name in names)))
         if len(set(per_group)) == 1:  # the common case: one value each
             lr, *settings = per_group[0]

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from ..core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_precision, check_dense, flatten, model_penalty,
                     unflatten, write_flat)
+from ..core.config import check_lr
 from .base import Backend, resolve_device
 from .inprocess import InProcessTransport
 from .stacked import stack_model
@@ -283,8 +283,8 @@ def simulate(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got steps={steps!r}")
     lr_at = lr if callable(lr) else (lambda t: lr)
-    if not callable(lr) and (not isinstance(lr, (int, float)) or not (lr >= 0) or math.isinf(lr)):
-        raise ValueError(f"lr must be a finite number >= 0 or a function of the step, got lr={lr!r}")
+    if not callable(lr):
+        check_lr(lr, " (or give a function of the step)")
     shapes = [tuple(t.shape) for t in x0]
     algorithm = ErrorFeedback(shapes, config, InProcessTransport(workers))
     x = flatten([t.detach() for t in x0]).clone()

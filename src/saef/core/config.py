@@ -8,6 +8,7 @@ full-precision baseline there is just ``method="ef"`` with the identity compress
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,22 @@ from ..compress import Compressor, Identity, make_compressor
 from .local import available_optimizers
 from .rules.registry import available_rules, rule_class
 
-__all__ = ["ErrorFeedbackConfig", "check_betas", "check_eps", "check_momentum", "check_weight_decay"]
+__all__ = ["ErrorFeedbackConfig", "check_betas", "check_eps", "check_lr", "check_momentum", "check_weight_decay"]
+
+
+def check_lr(lr, where: str = "") -> float:
+    """lr as a float, if it is a finite number >= 0 (a Python number or a one-element tensor); else
+    ValueError naming it (``where`` is appended to the message, e.g. " in parameter group 2").
+
+    The one check of a learning rate: ``saef train``'s config, ``saef.SAEF``, ``saef.simulate`` and each
+    step of the algorithm call it."""
+    try:
+        value = math.nan if isinstance(lr, (bool, str, bytes)) else float(lr)
+    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of more than one element)
+        value = math.nan
+    if not (value >= 0.0) or math.isinf(value):
+        raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}{where}")
+    return value
 
 
 def check_momentum(mu):
@@ -33,8 +49,6 @@ def check_weight_decay(wd):
         raise ValueError(f"weight_decay must be a finite number >= 0, got weight_decay={wd!r}")
     return wd
 
-_FIELDS = ("method", "optimizer", "momentum", "betas", "eps", "weight_decay", "compressor", "server_compressor",
-           "double_way", "average_every", "warmup_steps", "seed")
 _ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8}
 
 
@@ -143,9 +157,9 @@ class ErrorFeedbackConfig:
     @classmethod
     def build(cls, config: Optional["ErrorFeedbackConfig"] = None, **settings) -> "ErrorFeedbackConfig":
         """``config`` itself, or one made from keyword ``settings`` (the fields above); not both."""
-        unknown = sorted(set(settings) - set(_FIELDS))
+        unknown = sorted(set(settings) - set(cls.FIELDS))
         if unknown:
-            raise TypeError(f"unexpected argument {unknown[0]!r}; the algorithm's settings are {', '.join(_FIELDS)}")
+            raise TypeError(f"unexpected argument {unknown[0]!r}; the algorithm's settings are {', '.join(cls.FIELDS)}")
         if config is None:
             return cls(**settings)
         if not isinstance(config, cls):
@@ -167,3 +181,6 @@ class ErrorFeedbackConfig:
         or Adam with v updated every step -- and there is no compression error to diagnose)."""
         # exactly the built-in Identity: a subclass may send less than its input
         return type(self.compressor) is Identity and type(self.downlink_compressor) is Identity
+
+
+ErrorFeedbackConfig.FIELDS = tuple(f.name for f in dataclasses.fields(ErrorFeedbackConfig))  # the settings, in order
