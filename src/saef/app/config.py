@@ -17,9 +17,8 @@ Example ``run.toml``::
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -30,18 +29,17 @@ else:  # pragma: no cover - Python 3.10
 
 from ..backends.registry import available_backends
 from ..core import PRECISIONS, ErrorFeedbackConfig
+from ..core.config import check_lr
 from ..core.rules import available_rules
 from ..zoo.datasets import DATASETS, GENERATED
 from ..zoo.models import MODELS
+from . import schema
+from .schema import FREE, REFUSED, RESETS_ERRORS, ConfigError, key
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "train_methods", "resume_config"]
 
-# On resume: keys whose change would make the saved worker errors meaningless (refused unless the user
-# asks to reset the errors), and keys that define another run altogether (always refused).
-ERROR_STATE_KEYS = ("workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps")
-FIXED_KEYS = ("dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed", "backend",
-              "context", "gpt_layers", "gpt_width", "gpt_heads", "precision")
-
+_INT_MAX = (1 << 31) - 1
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer than any wait a run should make
 
 
 def train_methods():
@@ -49,83 +47,119 @@ def train_methods():
     return ("sgd",) + available_rules()
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+def _increasing(milestones) -> None:
+    if list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"lr_milestones = {milestones!r} is not allowed: must be increasing epochs >= 1")
+
+
+def _device(device: str) -> None:
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"device = {device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run (see ``saef train --help`` for each key)."""
+    """Everything that defines a training run: each key declared once (:func:`saef.app.schema.key`) with its
+    default, help line, range or choices, and what changing it on ``--resume`` means; the flags, the
+    validation, the resume rules and the checkpoint identity are derived from these declarations."""
 
-    method: str = "saef"  # sgd (full-precision baseline), or a feedback rule: ef, saef, ef21, direct
-    optimizer: str = "sgd"  # the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam)
-    compressor: Optional[str] = None  # identity | sign | topk:RHO | randk:RHO[:unbiased] | qsgd:S | natural | powersgd:R, [:bf16|:fp16]; default topk:0.01 (identity for sgd)
-    server_compressor: Optional[str] = None  # the server's compressor; default: the workers'
-    workers: int = 4
-    double_way: bool = True
-    average_every: Optional[int] = None  # error-averaging period p; None = never
-    warmup_steps: int = 0  # the first N steps exchange dense fp32 values, then the compressors take over
-    momentum: float = 0.9  # optimizer sgd only
-    betas: Optional[List[float]] = None  # optimizer adam: b1, b2 (default 0.9, 0.999)
-    eps: Optional[float] = None  # optimizer adam (default 1e-8)
-    weight_decay: float = 0.0
-    lr: float = 0.1
-    lr_milestones: List[int] = field(default_factory=lambda: [20])  # epochs after which lr is multiplied by lr_decay
-    lr_decay: float = 0.1
-    epochs: int = 30
-    batch_size: int = 128  # global batch, split evenly over the workers
-    seed: int = 0
-    dataset: str = "mnist1d"
-    dataset_size: Optional[int] = None  # dataset-specific: samples generated (mnist1d) or kept
-    data_file: Optional[str] = None  # libsvm: the LIBSVM/svmlight file to train on; text: a text file (default: Python's stdlib)
-    test_file: Optional[str] = None  # libsvm: a file to test on (default: the training file: the objective's metrics)
-    holdout: int = 0  # the last N training samples are not trained on but evaluated as a validation split
-    full_batch: bool = False  # every step, each worker takes its whole contiguous shard (gradient descent; one step an epoch)
-    data_dir: str = "~/.cache/saef"
-    model: str = "cnn1d"
-    gpt_layers: int = 2  # model gpt: transformer blocks
-    gpt_width: int = 128  # model gpt: width (a multiple of gpt_heads)
-    gpt_heads: int = 4  # model gpt: attention heads
-    context: int = 64  # dataset text / model gpt: bytes per sample (the model's context)
-    precision: str = "fp32"  # fp32, or bf16: forward and backward under autocast (parameters, momentum and errors stay fp32)
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
-    backend: str = "sim"  # sim: K workers in this process; dist: one worker per torch.distributed rank
-    server: str = "sharded"  # dist only: sharded (each rank serves a share of layers) or rank0
-    timeout: float = 300.0  # dist only: seconds a collective may wait for a dead or hung rank
-    overlap: bool = False  # dist only: each bucket of layers is compressed and sent while backward makes the rest
-    bucket_mb: float = 1.0  # dist only, with overlap: the most MB of gradients in one bucket
-    output: Optional[str] = None  # run directory; default runs/<dataset>-<model>-<method>-...-<time>
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
-    keep_checkpoints: int = 3  # how many recent checkpoints to keep
-    max_nonfinite_skips: int = 5  # steps with NaN/Inf are skipped; stop after this many in a row (0: stop at once)
+    # --- the algorithm ---
+    method: str = key("saef", on_resume=RESETS_ERRORS, choices=train_methods,
+                      help="sgd (full-precision momentum SGD baseline) or a feedback rule: ef, saef, ef21 (EF21-SGDM with an "
+                           "EF21-P downlink), direct (compressed SGD without feedback)")
+    optimizer: str = key("sgd", on_resume=RESETS_ERRORS,  # (its names are checked by the algorithm's config)
+                         help="the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam: 1-bit Adam with ef, "
+                              "SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
+                              "optimizer's full-precision baseline")
+    compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
+                                    help="identity, sign, topk:RHO, randk:RHO[:unbiased], qsgd:S, natural or powersgd:R, any that "
+                                         "sends floats with :bf16 or :fp16 for 16-bit values (default topk:0.01; identity for sgd)")
+    server_compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
+                                           help="the server's compressor in double-way mode (default: the workers')")
+    workers: int = key(4, on_resume=RESETS_ERRORS, range=(1, 1 << 16), help="number of workers K")
+    double_way: bool = key(True, on_resume=RESETS_ERRORS, off_flag="--single-way",
+                           help="compress what the server sends back (--single-way: send the dense average)")
+    average_every: Optional[int] = key(None, on_resume=FREE, range=(1, _INT_MAX), none_word="never",
+                                       help="error-averaging period p in steps, or 'never' (ef and saef only)")
+    warmup_steps: int = key(0, on_resume=RESETS_ERRORS, range=(0, _INT_MAX),
+                            help="the first N steps exchange dense fp32 values both ways (counted), then the compressors take over")
+    momentum: float = key(0.9, on_resume=FREE, help="momentum mu in [0, 1) (optimizer sgd)")
+    betas: Optional[List[float]] = key(None, on_resume=FREE, help="optimizer adam: b1,b2, each in [0, 1) (default 0.9,0.999)")
+    eps: Optional[float] = key(None, on_resume=FREE, help="optimizer adam: eps > 0 added to sqrt(v) (default 1e-8)")
+    weight_decay: float = key(0.0, on_resume=FREE,
+                              help="weight decay (sgd: added to the gradient; adam: decoupled, x <- x - lr wd x)")
+    # --- the schedule ---
+    lr: float = key(0.1, on_resume=FREE, check=check_lr, help="learning rate")
+    lr_milestones: List[int] = key([20], on_resume=FREE, range=(1, _INT_MAX), check=_increasing,
+                                   help="comma-separated epochs after which the lr is multiplied by --lr-decay")
+    lr_decay: float = key(0.1, on_resume=FREE, range=(0, 1), low_open=True, help="learning-rate decay factor at each milestone")
+    epochs: int = key(30, on_resume=FREE, range=(1, _INT_MAX), help="number of epochs")
+    batch_size: int = key(128, on_resume=REFUSED, range=(1, _INT_MAX), help="global batch size (divisible by workers)")
+    seed: int = key(0, on_resume=REFUSED, range=(0, (1 << 32) - 1),  # (MNIST-1D seeds numpy's legacy generator)
+                    help="random seed (model init, data order, augmentation, random compressors' draws)")
+    # --- data and model ---
+    dataset: str = key("mnist1d", on_resume=REFUSED, choices=lambda: tuple(DATASETS),
+                       help="mnist1d, digits, cifar10, cifar100, imagenet, synthetic, libsvm (with --data-file) or text "
+                            "(bytes of Python's standard library .py files; with model gpt)")
+    dataset_size: Optional[int] = key(None, on_resume=REFUSED, range=(1, _INT_MAX),
+                                      help="samples to generate (mnist1d) or keep (others); text: bytes of the corpus (default 2000000)")
+    data_file: Optional[str] = key(None, on_resume=REFUSED,
+                                   help="libsvm: the LIBSVM/svmlight file to train on (labels -1/+1 or 0/1); text: a text file to "
+                                        "model instead of the standard library's .py files")
+    test_file: Optional[str] = key(None, on_resume=REFUSED,
+                                   help="libsvm: a file to test on (default: the training file, so the metrics are the objective's)")
+    holdout: int = key(0, on_resume=REFUSED, range=(0, _INT_MAX),
+                       help="the last N training samples are not trained on but evaluated each epoch (val_loss, val_acc), "
+                            "to choose hyperparameters without looking at the test set")
+    full_batch: bool = key(False, on_resume=REFUSED,
+                           help="each worker takes its whole contiguous shard every step (gradient descent; one step an "
+                                "epoch); adds ||grad f(x)||^2 on the training set to the metrics")
+    data_dir: str = key("~/.cache/saef", on_resume=FREE, help="folder holding the datasets (MNIST-1D is generated and cached there)")
+    model: str = key("cnn1d", on_resume=REFUSED, choices=lambda: tuple(MODELS),
+                     help="mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50, logreg (binary, non-convex regulariser), gpt "
+                          "(byte-level transformer, with dataset text)")
+    gpt_layers: int = key(2, on_resume=REFUSED, range=(1, 1024), help="model gpt: transformer blocks")
+    gpt_width: int = key(128, on_resume=REFUSED, range=(1, 1 << 16), help="model gpt: width (a multiple of --gpt-heads)")
+    gpt_heads: int = key(4, on_resume=REFUSED, range=(1, 1024), help="model gpt: attention heads")
+    context: int = key(64, on_resume=REFUSED, range=(1, 1 << 20),
+                       help="dataset text / model gpt: bytes per sample, the model's context")
+    # --- where and how it runs ---
+    precision: str = key("fp32", on_resume=REFUSED, choices=lambda: tuple(PRECISIONS),
+                         help="fp32, or bf16: forward and backward under autocast; parameters, momentum and errors stay fp32")
+    device: str = key("auto", on_resume=FREE, check=_device, help="auto (cuda when available), cpu, cuda or cuda:N")
+    backend: str = key("sim", on_resume=REFUSED, choices=available_backends,
+                       help="sim (K workers in this process) or dist (one worker per torch.distributed rank)")
+    server: str = key("sharded", on_resume=FREE, choices=("sharded", "rank0"),
+                      help="dist only: sharded (each rank serves a share of the layers) or rank0")
+    timeout: float = key(300.0, on_resume=FREE, range=(0, MAX_TIMEOUT), low_open=True,  # every wait is bounded by it
+                         help="dist only: seconds any wait on another rank (the rendezvous included) may take before "
+                              "failing; finite")
+    overlap: bool = key(False, on_resume=FREE,
+                        help="dist only: compress and send each bucket of layers while backward makes the next (same results)")
+    bucket_mb: float = key(1.0, on_resume=FREE, range=(0, 1 << 20), low_open=True,
+                           help="dist only, with --overlap: the most MB of gradients in one bucket")
+    # --- records and checkpoints ---
+    output: Optional[str] = key(None, on_resume=FREE, help="run directory (default: runs/<dataset>-<model>-<method>-...-<time>)")
+    checkpoint_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
+                                help="also checkpoint every N steps (0: only at the end of each epoch)")
+    keep_checkpoints: int = key(3, on_resume=FREE, range=(1, 1 << 16), help="how many recent checkpoints to keep")
+    max_nonfinite_skips: int = key(5, on_resume=FREE, range=(0, _INT_MAX),
+                                   help="steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (0: at once)")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-        self._check_values()
+        for f in dataclasses.fields(self):  # each key by its declaration: type, range, choices, check
+            schema.check_value(f, getattr(self, f.name))
+        self._check_relations()
 
-    def _check_values(self) -> None:
+    def _check_relations(self) -> None:
+        """What one key's declaration cannot say: how keys constrain each other."""
         def bad(key, value, allowed):
             raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
-        for key, (low, high) in _INTEGER_RANGES.items():  # every integer key has a range, named when broken
-            value = getattr(self, key)
-            values = value if isinstance(value, list) else [value]
-            if any(v is not None and not low <= v <= high for v in values):
-                bad(key, value, f"must be {'integers' if isinstance(value, list) else 'an integer'} from {low} to {high}")
-
-        if self.method not in train_methods():
-            bad("method", self.method, f"choose one of {', '.join(train_methods())}")
         if self.method == "sgd" and self.compressor not in (None, "identity"):
             bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
         if self.method == "sgd" and self.average_every is not None:
             bad("average_every", self.average_every, "method sgd has no error to average; leave it unset")
-        if not (self.lr >= 0) or math.isinf(self.lr):
-            bad("lr", self.lr, "must be a finite number >= 0")
-        if not 0 < self.lr_decay <= 1:
-            bad("lr_decay", self.lr_decay, "must be in (0, 1]")
-        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
-            bad("lr_milestones", self.lr_milestones, "must be increasing epochs >= 1")
         if self.batch_size % self.workers and not self.full_batch:
             bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
         if self.dataset == "libsvm" and not self.data_file:
@@ -138,24 +172,8 @@ class TrainConfig:
             bad("model", self.model, f"model gpt and dataset text go together (dataset is {self.dataset})")
         if self.gpt_width % self.gpt_heads:
             bad("gpt_width", self.gpt_width, f"must be a multiple of gpt_heads = {self.gpt_heads}")
-        if self.precision not in PRECISIONS:
-            bad("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
-        if self.dataset not in DATASETS:
-            bad("dataset", self.dataset, f"choose one of {', '.join(DATASETS)}")
         if self.dataset_size is not None and self.dataset_size > GENERATED.get(self.dataset, self.dataset_size):
             bad("dataset_size", self.dataset_size, f"{self.dataset} generates at most {GENERATED[self.dataset]} here")
-        if self.model not in MODELS:
-            bad("model", self.model, f"choose one of {', '.join(MODELS)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            bad("device", self.device, "choose auto, cpu, cuda or cuda:N")
-        if self.backend not in available_backends():
-            bad("backend", self.backend, f"choose one of {', '.join(available_backends())}")
-        if not 0 < self.timeout <= MAX_TIMEOUT:  # every wait is bounded by it, so it must be finite
-            bad("timeout", self.timeout, f"must be a finite number of seconds, > 0 and <= {MAX_TIMEOUT:g}")
-        if not 0 < self.bucket_mb <= 1 << 20:
-            bad("bucket_mb", self.bucket_mb, "must be a number of MB > 0 and <= 1048576")
-        if self.server not in ("sharded", "rank0"):
-            bad("server", self.server, "choose sharded or rank0")
         try:  # the algorithm's own settings are validated where they are defined, once
             self.algorithm()
         except ValueError as error:
@@ -171,22 +189,16 @@ class TrainConfig:
     def algorithm(self) -> ErrorFeedbackConfig:
         """The algorithm this run trains with, resolved once: ``sgd`` is EF with the identity compressor,
         single-way and without error averaging (exactly momentum SGD)."""
-        sgd = self.method == "sgd"
-        adam = self.optimizer == "adam"
-        return ErrorFeedbackConfig(
-            method="ef" if sgd else self.method,
-            optimizer=self.optimizer,
-            momentum=0.0 if adam else self.momentum,  # (Adam's momentum is b1)
-            betas=None if self.betas is None else tuple(self.betas),
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            compressor=self.worker_compressor,
-            server_compressor=self.server_compressor,
-            double_way=self.double_way and not sgd,
-            average_every=self.average_every,
-            warmup_steps=self.warmup_steps,
-            seed=self.seed,
-        )
+        sgd, adam = self.method == "sgd", self.optimizer == "adam"
+        shared = {name: getattr(self, name) for name in ErrorFeedbackConfig.FIELDS if name in _FIELDS}  # same name, same meaning
+        return ErrorFeedbackConfig(**{
+            **shared,
+            "method": "ef" if sgd else self.method,
+            "momentum": 0.0 if adam else self.momentum,  # (Adam's momentum is b1)
+            "betas": None if self.betas is None else tuple(self.betas),
+            "compressor": self.worker_compressor,
+            "double_way": self.double_way and not sgd,
+        })
 
     @property
     def description(self) -> str:
@@ -214,42 +226,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-
-MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer than any wait a run should make
-_INT_MAX = (1 << 31) - 1
-# The range of every integer key, checked before anything uses it (MNIST-1D seeds numpy's legacy generator,
-# which takes 0 .. 2^32 - 1).
-_INTEGER_RANGES = {
-    "workers": (1, 1 << 16), "average_every": (1, _INT_MAX), "lr_milestones": (1, _INT_MAX), "epochs": (1, _INT_MAX),
-    "batch_size": (1, _INT_MAX), "seed": (0, (1 << 32) - 1), "dataset_size": (1, _INT_MAX),
-    "gpt_layers": (1, 1024), "gpt_width": (1, 1 << 16), "gpt_heads": (1, 1024), "context": (1, 1 << 20),
-    "checkpoint_every": (0, _INT_MAX), "warmup_steps": (0, _INT_MAX), "holdout": (0, _INT_MAX), "keep_checkpoints": (1, 1 << 16), "max_nonfinite_skips": (0, _INT_MAX),
-}
-
-
-def _check_type(key: str, value: Any, annotation: str) -> None:
-    optional = annotation.startswith("Optional[")
-    base = annotation[len("Optional[") : -1] if optional else annotation
-    if value is None:
-        if optional:
-            return
-        raise ConfigError(f"{key} must be set (a {base})")
-    ok = {
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "List[int]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
-        "List[float]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in v),
-    }[base](value)
-    if not ok:
-        raise ConfigError(f"{key} must be {_describe(base)}, got {value!r} ({type(value).__name__})")
-
-
-def _describe(base: str) -> str:
-    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "List[int]": "a list of integers",
-            "List[float]": "a list of numbers"}[base]
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
@@ -266,19 +243,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         except OSError as error:  # a directory, no permission, ...
             raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values = _never_as_none(values)
-    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    values = schema.none_words(TrainConfig, values)
+    unknown = sorted(set(values) - _FIELDS)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
     try:
         return TrainConfig(**values)
     except TypeError as error:  # pragma: no cover - guarded by the unknown-key check
         raise ConfigError(str(error)) from None
-
-
-def _never_as_none(values: Dict[str, Any]) -> Dict[str, Any]:
-    """``average_every = "never"`` (a flag or a TOML value) is None, which no flag can say."""
-    return {key: (None if key == "average_every" and value == "never" else value) for key, value in values.items()}
 
 
 def default_output(config: TrainConfig, stamp: str) -> Path:
@@ -295,24 +267,16 @@ def default_output(config: TrainConfig, stamp: str) -> Path:
 def resume_config(saved: Dict[str, Any], overrides: Dict[str, Any], reset_errors: bool) -> "tuple[TrainConfig, Dict[str, Any]]":
     """The config of a resumed run: the saved one with ``overrides`` (flags the user gave) applied.
 
-    Returns ``(config, changed)``. Raises :class:`ConfigError` when an override changes what the saved state
-    depends on: worker count, method or compressors (unless ``reset_errors``), or the data and model.
+    Returns ``(config, changed)``. Raises :class:`ConfigError` when an override changes a key whose
+    declaration says a change is refused, or resets the errors (unless ``reset_errors``): worker count,
+    method or compressors; the data, the model, the seed, the precision or the backend.
     """
-    known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
-    given = _never_as_none({k: v for k, v in overrides.items() if v is not None and k in _FIELD_TYPES})
-    base = TrainConfig(**known)
-    changed = {k: (getattr(base, k) if k != "compressor" else base.worker_compressor, v) for k, v in given.items()
-               if (getattr(base, k) if k != "compressor" else base.worker_compressor) != v}
-    changed.pop("output", None)
-    for key in FIXED_KEYS:
-        if key in changed:
-            raise ConfigError(f"{key} cannot change on resume ({changed[key][0]!r} -> {changed[key][1]!r}); start a new run")
-    for key in ERROR_STATE_KEYS:
-        if key in changed and not reset_errors:
-            raise ConfigError(
-                f"{key} changed on resume ({changed[key][0]!r} -> {changed[key][1]!r}): the saved worker errors cannot be "
-                "carried over; pass --reset-errors to start them from zero (this is logged in the records)"
-            )
+    known = {k: v for k, v in saved.items() if k in _FIELDS}
+    given = schema.none_words(TrainConfig, {k: v for k, v in overrides.items() if v is not None and k in _FIELDS})
+    resolved = TrainConfig(**known).to_dict()  # (the compressor as resolved: topk:0.01 when unset)
+    changed = {k: (resolved[k], v) for k, v in given.items() if resolved[k] != v}
+    changed.pop("output", None)  # (the run directory itself, wherever it now is)
+    schema.refuse_resume_changes(TrainConfig, changed, reset_errors)
     try:
         return TrainConfig(**{**known, **given}), changed
     except TypeError as error:  # pragma: no cover

@@ -29,7 +29,7 @@ from ..backends.registry import make_backend
 from ..core import NonFiniteStep, Worker
 from ..zoo.datasets import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
-from . import checkpoint, hooks
+from . import checkpoint, hooks, schema
 from .config import TrainConfig, default_output
 from .feed import evaluate, gradient_norm_sq, local_batch
 from .records import RunRecord, environment
@@ -203,9 +203,10 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
         return
     if not isinstance(saved, dict):
         raise checkpoint.CheckpointError(f"the newest checkpoint in {run.folder} does not hold a saef run's state")
-    if not reset_errors and saved.get("config") != _state_config(run.config, run.data):
-        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with {saved.get('config')}, "
-                                         f"not {_state_config(run.config, run.data)}")
+    differences = schema.identity_differences(TrainConfig, saved.get("config"), _state_config(run.config, run.data), reset_errors)
+    if differences:  # config.json no longer says what the checkpoint was written with
+        raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with another run's settings: "
+                                         f"{'; '.join(differences)}; resume it with the settings it was written with")
     try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
         run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
         run.loop = LoopState.from_dict(saved["loop"])
@@ -241,15 +242,9 @@ def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
 
 
 def _state_config(config: TrainConfig, data: Data) -> Dict[str, Any]:
-    """The settings (and data files' contents) a checkpoint must agree with to be resumed without --reset-errors."""
-    d = config.to_dict()
-    keys = ("workers", "method", "compressor", "server_compressor", "double_way", "warmup_steps", "model", "dataset",
-            "dataset_size", "data_file", "test_file", "holdout", "full_batch", "batch_size", "seed")
-    # keys added later are named only where they differ from their defaults, so that checkpoints from
-    # before they existed still match
-    later = {k: d[k] for k in ("optimizer", "context", "gpt_layers", "gpt_width", "gpt_heads")
-             if d[k] != TrainConfig.__dataclass_fields__[k].default}
-    return {**{k: d[k] for k in keys}, **later, "data sha256": data.digest}
+    """What a checkpoint records of its run, to be checked when it is resumed: every key whose change on resume
+    is not free (by its declaration, :func:`saef.app.schema.identity`) and the data files' contents."""
+    return {**schema.identity(config), "data sha256": data.digest}
 
 
 def _save_checkpoint(run: Run) -> None:
