@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import saef
-from saef.compress import indexcode, kernels
+from saef.compress import indexcode, kernels, packing
 from saef.compress import Layout
 
 pytestmark = pytest.mark.skipif(kernels.NATIVE is None, reason="saef.compress._native was not built (no C compiler at install)")
@@ -173,7 +173,7 @@ def test_native_index_stream_round_trip(d):
     if indexcode.is_coded(d, k):
         assert np.array_equal(indexcode.decode(packed.numpy(), d, k), local.numpy())
     else:
-        assert np.array_equal(kernels.unpack_index_bits(packed.numpy(), k, kernels.index_bits(d)), local.numpy())
+        assert np.array_equal(packing.unpack_index_bits(packed.numpy(), k, kernels.index_bits(d)), local.numpy())
     assert packed.shape[1] == -(-indexcode.section_bits(d, k) // 8)
 
 
@@ -237,7 +237,7 @@ def test_native_decoders_write_into_a_row_of_a_larger_buffer():
 def test_native_topk_decode_rejects_an_index_beyond_its_layer_and_writes_nothing():
     c = saef.make_compressor("topk:0.34")  # d = 3, k = 1: one explicit index of 2 bits (the code needs 4)
     assert not indexcode.is_coded(3, 1)
-    packed = torch.from_numpy(kernels.pack_index_bits(np.array([[3]]), 2))
+    packed = torch.from_numpy(packing.pack_index_bits(np.array([[3]]), 2))
     target = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="beyond its layer size"):
         c.subtract_decoded([(torch.ones(1, 1), packed)], Layout([3]), target)

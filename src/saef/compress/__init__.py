@@ -2,11 +2,13 @@
 
 The lowest layer of saef: it imports nothing else of the package. :mod:`.base` holds the interface and the
 payload accounting, :mod:`.sign` and :mod:`.topk` the built-in compressors, :mod:`.kernels` (with the
-optional compiled :mod:`._native`) the kernels behind them, :mod:`.registry` the names.
+optional compiled :mod:`._native`) the kernels behind them, :mod:`.packing` the bits on the wire,
+:mod:`.registry` the names.
 """
 
 from .base import SERVER, Compressor, Context, Identity, Layout, Payload, mean_of_rows, payload_bits
-from .kernels import index_bits, largest, pack_bits, unpack_bits
+from .kernels import index_bits, largest
+from .packing import pack_bits, unpack_bits
 from .powersgd import PowerSGD
 from .precision import Precision
 from .quantize import QSGD, Natural

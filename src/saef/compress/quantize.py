@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import Compressor, Payload
-from .kernels import pack_bits, pack_fixed, unpack_bits, unpack_fixed
+from .packing import pack_bits, pack_fixed, unpack_bits, unpack_fixed
 
 __all__ = ["QSGD", "Natural"]
 

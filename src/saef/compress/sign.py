@@ -22,11 +22,8 @@ from .kernels import (
     native_sign_encode,
     numpy_view,
     one_layer,
-    pack_bits,
-    pack_nonnegative,
-    pack_nonnegative_array,
-    sign_lookup,
 )
+from .packing import pack_bits, pack_nonnegative, pack_nonnegative_array, sign_lookup
 
 __all__ = ["ScaledSign"]
 

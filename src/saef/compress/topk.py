@@ -3,7 +3,8 @@ coded near their information content (Elias-Fano, :mod:`saef.compress.indexcode`
 shorter, packed in ceil(log2 d) bits each.
 
 Its payload format and bit count are in the table of :mod:`saef.compress.base`; the kernels it runs (compiled,
-numpy or torch) are in :mod:`saef.compress.kernels`.
+numpy or torch) are below, over the helpers of :mod:`saef.compress.kernels`, and where its indices go in a
+payload (the index plan and section packers) is :mod:`saef.compress.topk_index`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import indexcode
 from .base import DecodesInPlace, Layout, Payload, kept_count, mean_of_rows
-from .indexcode import is_coded, low_bits
+from .indexcode import is_coded
 from .kernels import (
     KernelSet,
     NativeLayers,
@@ -30,13 +30,9 @@ from .kernels import (
     native_topk_indices,
     numpy_view,
     one_layer,
-    pack_bits,
-    pack_fixed,
-    pack_index_bits,
-    unpack_bits,
-    unpack_fixed,
-    unpack_index_bits,
 )
+from .packing import pack_bits, pack_fixed, unpack_bits, unpack_fixed
+from .topk_index import add_high_parts, decode_coded, encode_coded, index_plan, pack_section, unpack_section
 
 __all__ = ["TopK"]
 
@@ -161,7 +157,7 @@ class TorchTopKKernels:
         None when a layer is empty."""
         if any(d == 0 for d in layout.sizes):
             return None
-        plan = _plan(topk, layout, rows.device)
+        plan = index_plan(topk, layout, rows.device)
         w = rows.shape[0]
         magnitude = self._magnitude(rows, layout)
         local: List[Tensor] = [None] * len(layout)  # per layer, (W, k) indices within the layer
@@ -201,7 +197,7 @@ class TorchTopKKernels:
 
     def kept(self, topk: TopK, payloads: Sequence[Payload], layout: Layout) -> Tuple[Tensor, Tensor]:
         """All layers' kept values and their positions on the flat axis, both ``(W, total k)``."""
-        plan = _plan(topk, layout, payloads[0][0].device)
+        plan = index_plan(topk, layout, payloads[0][0].device)
         values = torch.cat([p[0] for p in payloads], dim=1)
         if plan["width"] or plan["coded"]:
             local = self._unpack_layers(torch.cat([p[1] for p in payloads], dim=1), topk, layout, plan)
@@ -217,7 +213,7 @@ class TorchTopKKernels:
         bits = stream.index_select(1, plan["position"].view(-1)).view(w, -1, plan["position"].shape[1])
         local = (bits << plan["shifts"]).sum(dim=2)
         if plan["coded"]:
-            local = _add_high_parts(local, stream, plan)
+            local = add_high_parts(local, stream, plan)
         if bool((local >= plan["layer_size"]).any()):
             raise ValueError("top-k payload holds an index beyond its layer size")
         return local
@@ -257,7 +253,7 @@ class NumpyTopKKernels(TorchTopKKernels):
             return super().encode_rows(topk, rows)
         k = topk.k(d)  # all in numpy: a handful of calls, no torch dispatch per step
         idx = np.sort(largest_array(np.abs(array), k), axis=1)  # in index order, as on every path
-        packed = _pack_section(idx, d)
+        packed = pack_section(idx, d)
         # one row: a plain take (take_along_axis builds index grids, ~20 µs at small sizes)
         values = np.take(array[0], idx[0])[None] if len(array) == 1 else np.take_along_axis(array, idx, axis=1)
         return torch.from_numpy(values), torch.from_numpy(packed)
@@ -266,13 +262,13 @@ class NumpyTopKKernels(TorchTopKKernels):
     def _pack_row(idx: Tensor, d: int) -> Tensor:
         if numpy_view(idx) is None:
             return TorchTopKKernels._pack_row(idx, d)
-        return torch.from_numpy(_pack_section(idx.numpy(), d))
+        return torch.from_numpy(pack_section(idx.numpy(), d))
 
     @staticmethod
     def _unpack_row(packed: Tensor, k: int, d: int) -> Tensor:
         if numpy_view(packed) is None:
             return TorchTopKKernels._unpack_row(packed, k, d)
-        return torch.from_numpy(_unpack_section(packed.numpy(), k, d))
+        return torch.from_numpy(unpack_section(packed.numpy(), k, d))
 
     @staticmethod
     def _magnitude(rows: Tensor, layout: Layout) -> Tensor:
@@ -289,7 +285,7 @@ class NumpyTopKKernels(TorchTopKKernels):
         if local.numel() < _NUMPY_INDICES_MIN or numpy_view(local) is None:
             return TorchTopKKernels._pack_layers(local, plan)
         starts, array = plan["starts"], local.numpy()
-        parts = [_pack_section(array[:, starts[i] : starts[i + 1]], d) for i, d in enumerate(plan["sizes"])]
+        parts = [pack_section(array[:, starts[i] : starts[i + 1]], d) for i, d in enumerate(plan["sizes"])]
         return torch.from_numpy(np.concatenate(parts, axis=1) if parts else np.zeros((array.shape[0], 0), dtype=np.uint8))
 
     @staticmethod
@@ -300,7 +296,7 @@ class NumpyTopKKernels(TorchTopKKernels):
         local = np.zeros((array.shape[0], starts[-1]), dtype=np.int64)
         for i, (k, d) in enumerate(zip(plan["ks"], plan["sizes"])):
             if k:
-                local[:, starts[i] : starts[i + 1]] = _unpack_section(array[:, byte_start[i] : byte_start[i + 1]], k, d)
+                local[:, starts[i] : starts[i + 1]] = unpack_section(array[:, byte_start[i] : byte_start[i + 1]], k, d)
         return torch.from_numpy(local)
 
 
@@ -362,150 +358,3 @@ class NativeTopKKernels(NumpyTopKKernels):
 
 
 _KERNELS = KernelSet(TorchTopKKernels(), NumpyTopKKernels(), NativeTopKKernels())
-
-
-def _plan(topk: TopK, layout: Layout, device: torch.device) -> Dict[str, object]:
-    """Where every layer's kept entries and index bits lie (made once per layout and device)."""
-    return layout.memo(("topk-plan", type(topk), topk.rho, device), lambda: _make_plan(topk, layout, device))
-
-
-def _make_plan(topk: TopK, layout: Layout, device: torch.device) -> Dict[str, object]:
-    sizes, offsets = list(layout.sizes), layout.offsets
-    ks = [topk.k(d) for d in sizes]
-    coded = [is_coded(d, k) for d, k in zip(sizes, ks)]
-    # each layer's fixed-width fields: the code's low bits, or the explicit indices
-    bits = [low_bits(d, k) if c else index_bits(d) for d, k, c in zip(sizes, ks, coded)]
-    groups: Dict[int, List[int]] = {}
-    for i, d in enumerate(sizes):
-        groups.setdefault(d, []).append(i)
-    group_plan = []
-    for d, members in groups.items():
-        gather = None
-        if len(members) > 1:
-            gather = torch.cat([torch.arange(offsets[i], offsets[i] + d) for i in members]).to(device)
-        group_plan.append((d, members, gather))
-    # Where layer i's kept entries sit in the concatenation of all layers' kept entries (layer order), and
-    # where its index section starts in a payload row.
-    starts = Layout(ks).offsets
-    byte_start = Layout([-(-indexcode.section_bits(d, k) // 8) for d, k in zip(sizes, ks)]).offsets
-    plan = dict(ks=ks, bits=bits, sizes=sizes, starts=starts, byte_start=byte_start, width=max(bits, default=0),
-                groups=group_plan, coded=any(coded))
-    per_entry = lambda values: np.repeat(np.asarray(values, dtype=np.int64), ks)  # noqa: E731 (one value per kept entry)
-    tables = dict(layer_offset=per_entry(offsets[:-1]), layer_size=per_entry(sizes), **_field_plan(plan),
-                  **_high_plan(plan, coded, per_entry))
-    plan.update({name: torch.from_numpy(np.ascontiguousarray(t)).to(device) for name, t in tables.items()})
-    plan["shifts"] = torch.arange(max(plan["width"], 1), dtype=torch.int64, device=device)
-    return plan
-
-
-def _field_plan(plan: Dict[str, object]) -> Dict[str, np.ndarray]:
-    """The fixed-width fields: bit j of kept entry e of layer i lies at 8 byte_start[i] + e b_i + j of the
-    packed stream. ``source``: for each stream bit, which (entry, j) of the ``(total k, width)`` bit table
-    it copies, or the filler (an extra zero at the end); ``position``: the inverse, for unpacking (the
-    filler for j >= b_i)."""
-    ks, bits, starts, byte_start, width = plan["ks"], plan["bits"], plan["starts"], plan["byte_start"], plan["width"]
-    total_k, total_bits = starts[-1], 8 * byte_start[-1]
-    source = np.full(total_bits, total_k * width, dtype=np.int64)
-    position = np.full((total_k, max(width, 1)), total_bits, dtype=np.int64)
-    for i, (k, b) in enumerate(zip(ks, bits)):
-        if k and b:
-            entries = np.arange(starts[i], starts[i + 1])[:, None]
-            stream = 8 * byte_start[i] + (entries - starts[i]) * b + np.arange(b)[None, :]
-            source[stream.reshape(-1)] = (entries * width + np.arange(b)[None, :]).reshape(-1)
-            position[starts[i] : starts[i + 1], :b] = stream
-    return dict(source=source, position=position)
-
-
-def _high_plan(plan: Dict[str, object], coded: List[bool], per_entry) -> Dict[str, np.ndarray]:
-    """The code's high bit vectors. Encoding sets bit high_base[e] + (index >> high_shift[e]) for kept
-    entry e, the j-th of layer i: high_base[e] = 8 byte_start[i] + k_i L_i + j (entries of explicit layers
-    point past the stream, to a column that is dropped). Decoding reads the coded layers' high bit vectors
-    concatenated (``high_positions``), where entry e's set bit must lie in [high_start[e], high_end[e])."""
-    ks, sizes, bits, starts, byte_start = plan["ks"], plan["sizes"], plan["bits"], plan["starts"], plan["byte_start"]
-    total_k, total_bits = starts[-1], 8 * byte_start[-1]
-    is_coded_entry = per_entry(coded).astype(bool)
-    entry_in_layer = np.arange(total_k, dtype=np.int64) - per_entry(starts[:-1])
-    vector_start = per_entry([8 * byte_start[i] + k * b for i, (k, b) in enumerate(zip(ks, bits))])
-    high_base = np.where(is_coded_entry, vector_start + entry_in_layer, total_bits)
-    high_shift = np.where(is_coded_entry, per_entry(bits), 62)
-    layers = [i for i in range(len(ks)) if coded[i]]
-    lengths = [indexcode.coded_bits(sizes[i], ks[i]) - ks[i] * bits[i] for i in layers]
-    first = 8 * np.asarray(byte_start[:-1], dtype=np.int64) + np.asarray(ks, dtype=np.int64) * np.asarray(bits, dtype=np.int64)
-    high_positions = np.concatenate([np.arange(first[i], first[i] + n) for i, n in zip(layers, lengths)] or [np.zeros(0, np.int64)])
-    coded_ks = [ks[i] for i in layers]
-    high_start = np.repeat(np.asarray(Layout(lengths).offsets[:-1], dtype=np.int64), coded_ks)
-    coded_entries = np.flatnonzero(is_coded_entry)
-    return dict(high_base=high_base, high_shift=high_shift, coded_entries=coded_entries,
-                high_positions=high_positions, high_start=high_start,
-                high_end=high_start + np.repeat(np.asarray(lengths, dtype=np.int64), coded_ks),
-                coded_rank=entry_in_layer[coded_entries], coded_shift=high_shift[coded_entries])
-
-
-def _add_high_parts(low: Tensor, stream: Tensor, plan: Dict[str, object]) -> Tensor:
-    """The code's indices: ``low`` (``(W, total k)`` fixed-width fields) with the coded entries' high parts
-    added, read from the set bits of ``stream`` (``(W, bits + 1)``, 0/1). Raises ValueError when a high bit
-    vector does not hold one set bit per entry."""
-    w = stream.shape[0]
-    entries = plan["coded_entries"]
-    high_bits = stream.index_select(1, plan["high_positions"])
-    found = high_bits.nonzero()  # (n, 2), row by row, each row's set bits in order
-    if found.shape[0] != w * entries.numel():
-        raise ValueError(f"the top-k index code holds {found.shape[0]} set bits, expected {entries.numel()} per row")
-    column = found[:, 1].view(w, -1)
-    start, end = plan["high_start"], plan["high_end"]
-    if bool(((column < start) | (column >= end)).any()):
-        raise ValueError("the top-k index code of a layer holds another number of set bits than its kept entries")
-    local = low.clone()
-    local[:, entries] += (column - start - plan["coded_rank"]) << plan["coded_shift"]
-    return local
-
-
-def encode_coded(idx: Tensor, d: int) -> Tensor:
-    """:func:`saef.compress.indexcode.encode` in torch, for any device: ``(W, k)`` sorted -> ``(W, bytes)``."""
-    rows, k = idx.shape
-    low = low_bits(d, k)
-    bits = torch.zeros(rows, indexcode.coded_bits(d, k), dtype=torch.bool, device=idx.device)
-    if low:
-        shifts = torch.arange(low, device=idx.device)
-        bits[:, : k * low] = ((idx.unsqueeze(-1) >> shifts) & 1).bool().view(rows, k * low)
-    bits.scatter_(1, k * low + (idx >> low) + torch.arange(k, device=idx.device), True)
-    return pack_bits(bits)
-
-
-def decode_coded(packed: Tensor, d: int, k: int) -> Tensor:
-    """Inverse of :func:`encode_coded`: ``(W, bytes)`` -> ``(W, k)`` int64, sorted. Raises ValueError when
-    a row's high bit vector holds other than k set bits or an index falls beyond d."""
-    rows = packed.shape[0]
-    low = low_bits(d, k)
-    bits = unpack_bits(packed, indexcode.coded_bits(d, k))
-    found = bits[:, k * low :].nonzero()
-    if found.shape[0] != rows * k or (rows > 1 and bool((found[:, 0].view(rows, k) != torch.arange(rows, device=packed.device).unsqueeze(1)).any())):
-        raise ValueError(f"the top-k index code holds {found.shape[0]} set bits, expected {k} in each of {rows} row(s)")
-    out = (found[:, 1].view(rows, k) - torch.arange(k, device=packed.device)) << low
-    if low:
-        weights = 1 << torch.arange(low, device=packed.device)
-        out += (bits[:, : k * low].view(rows, k, low).long() * weights).sum(2)
-    if bool((out >= d).any()):
-        raise ValueError(f"the top-k index code holds an index beyond {d}")
-    return out
-
-
-def _pack_section(idx: np.ndarray, d: int) -> np.ndarray:
-    """A layer's index section with numpy: ``(W, k)`` (sorted where the layer is coded) -> ``(W, bytes)``."""
-    k = idx.shape[1]
-    if is_coded(d, k):
-        return indexcode.encode(idx, d, check=False)
-    b = index_bits(d)
-    return pack_index_bits(idx, b) if k and b else np.zeros((idx.shape[0], 0), dtype=np.uint8)
-
-
-def _unpack_section(packed: np.ndarray, k: int, d: int) -> np.ndarray:
-    if is_coded(d, k):
-        return indexcode.decode(packed, d, k)
-    b = index_bits(d)
-    if not b:
-        return np.zeros((packed.shape[0], k), dtype=np.int64)
-    idx = unpack_index_bits(packed, k, b)
-    if idx.size and idx.max() >= d:
-        raise ValueError(f"top-k payload holds an index beyond its layer size {d}")
-    return idx

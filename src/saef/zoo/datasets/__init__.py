@@ -8,6 +8,8 @@ are read from files the user has put under ``root`` or named.
 
 Example::
 
+    >>> import torch
+    >>> from saef.zoo.datasets import epoch_batches, load_dataset
     >>> data = load_dataset("synthetic", root="unused")
     >>> g = torch.Generator().manual_seed(0)
     >>> for indices in epoch_batches(len(data.train), 64, g):

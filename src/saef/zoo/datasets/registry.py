@@ -9,6 +9,8 @@ subset of the training split, bytes of a corpus): each loader applies it.
 
 Example::
 
+    >>> import torch
+    >>> from saef.zoo.datasets import Data, DatasetSplit, load_dataset, register_dataset
     >>> def tiny(request):
     ...     split = DatasetSplit(torch.zeros(4, 1, 2), torch.tensor([0, 1, 0, 1]))
     ...     return Data(split, split, 2, (1, 2), request.name)

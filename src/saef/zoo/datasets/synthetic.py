@@ -4,6 +4,7 @@ steps. ``size`` training samples (default 512); the test split gets a quarter as
 
 Example::
 
+    >>> from saef.zoo.datasets import load_dataset
     >>> load_dataset("synthetic", root="unused", size=100).input_shape
     (1, 40)
 """
