@@ -49,6 +49,16 @@ ALLOWED = {
 # Within the backends, each backend is a unit of its own; base and registry are shared.
 BACKEND_UNITS = {"saef.backends.simulator": "sim", "saef.backends.inprocess": "sim", "saef.backends.stacked": "sim",
                  "saef.backends.distributed": "dist"}
+
+
+def unit_of(module: str):
+    """The backend unit ``module`` belongs to (a backend may be a package: its modules are its unit), or None."""
+    for name, unit in BACKEND_UNITS.items():
+        if module == name or module.startswith(name + "."):
+            return unit
+    return None
+
+
 APP_MAY_IMPORT_FROM_BACKENDS = {"saef.backends.registry", "saef.backends.base", "saef.backends"}
 
 
@@ -142,7 +152,7 @@ def violations(edges: Dict[str, Set[str]]) -> List[str]:
                 problems.append(f"{module} imports {target}: layer {layer} may not import layer {layer_of(target)}")
             elif layer in ("app", "cli") and layer_of(target) == "backends" and target not in APP_MAY_IMPORT_FROM_BACKENDS:
                 problems.append(f"{module} imports {target}: the app reaches backends through saef.backends.registry only")
-            elif module in BACKEND_UNITS and target in BACKEND_UNITS and BACKEND_UNITS[module] != BACKEND_UNITS[target]:
+            elif unit_of(module) and unit_of(target) and unit_of(module) != unit_of(target):
                 problems.append(f"{module} imports {target}: one backend imports another")
     problems += [f"import cycle: {' <-> '.join(c)}" for c in cycles(edges)]
     return problems

@@ -1,16 +1,19 @@
 """The algorithm: feedback rules, local optimizers, the transport interface, the bit ledger.
 
-Imports :mod:`saef.compress` and nothing above it. :mod:`.algorithm` holds the step every rule shares,
-:mod:`.rules` the rules, :mod:`.local` the local optimizers, :mod:`.transport` the interface the backends
-implement, :mod:`.worker` the protocol the training loop uses.
+Imports :mod:`saef.compress` and nothing above it. :mod:`.algorithm` holds the step every rule shares (its
+phases: :class:`Flight`), :mod:`.rules` the rules, :mod:`.local` the local optimizers (their protocol and
+registry), :mod:`.transport` the interface the backends implement, :mod:`.worker` the protocol the training
+loop uses.
 """
 
-from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .algorithm import ErrorFeedback, ErrorFeedbackState, Flight
 from .config import ErrorFeedbackConfig
 from .flat import NonFiniteStep, all_finite, check_dense, flatten, unflatten, write_flat
 from .ledger import BitLedger
+from .local import LocalOptimizer, available_optimizers, optimizer_class, register_optimizer
 from .transport import Pending, Transport
 from .worker import PRECISIONS, Worker, WorkerBase, check_precision, model_penalty
 
-__all__ = ["ErrorFeedback", "ErrorFeedbackState", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "check_dense", "flatten",
+__all__ = ["ErrorFeedback", "ErrorFeedbackState", "Flight", "LocalOptimizer", "available_optimizers", "optimizer_class",
+           "register_optimizer", "ErrorFeedbackConfig", "NonFiniteStep", "all_finite", "check_dense", "flatten",
            "unflatten", "write_flat", "BitLedger", "Pending", "Transport", "Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]
