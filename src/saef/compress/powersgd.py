@@ -10,6 +10,12 @@ A layer of shape (n, ...) is the n x m matrix M (m: the product of the other dim
 draw of the context's generator (seed, layer, sender) and is part of the algorithm's state (checkpointed).
 Without a state (the single-tensor API), Q is drawn fresh on every call. Payload per layer: (n + m) R values,
 32 bits each in fp32.
+
+Not Vogels et al.'s all-reduce: there, every worker multiplies by one shared Q, P = mean_k M_k Q is
+all-reduced and orthonormalised before Q = mean_k M_k^T P is all-reduced, so the mean is itself rank R.
+Here each sender k keeps its own Q_k, computes its own P_k and Q_k and sends both (one message, no round
+between P and Q), and the server sums the K products P_k Q_k^T and divides by K: a mean of rank up to K R,
+decoded dense. Error feedback repairs each sender's own rank-R error, as for any other compressor.
 """
 
 from __future__ import annotations

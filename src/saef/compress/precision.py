@@ -5,6 +5,12 @@ when encoded (saturated at the wire dtype's largest finite value: 65504 for fp16
 parameters' dtype when decoded, so what is sent (and counted) is 16 bits a value, and the rounding is part
 of C(v) -- error feedback sees it like any other compression error.
 ``identity:bf16`` is what DDP's bf16 compression hook sends.
+
+The cast rounds to nearest, so it is deterministic and biased: a value moves by up to 2^-8 of itself in bf16
+(8 significant bits) and 2^-11 in fp16. On an unbiased compressor (``qsgd:S``, ``randk:RHO:unbiased``) that
+bias survives the expectation over the compressor's draws (``E C(v) != v``), so the wrapped compressor
+reports ``unbiased = False``; its delta is still the inner compressor's (refused for an unbiased one: use it
+with ``method="direct"``, knowing it is biased by the rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision(Compressor):
-    """``inner`` with its payload's floating-point values sent as ``wire`` (bf16 or fp16)."""
+    """``inner`` with its payload's floating-point values sent as ``wire`` (bf16 or fp16), rounded to nearest.
+
+    Random and stateful as ``inner`` is; never unbiased (see the module docstring: rounding to nearest
+    biases an unbiased compressor).
+
+    Args:
+        inner: a compressor whose payload holds floats (``sends_floats``), not itself a :class:`Precision`.
+        wire: ``"bf16"`` or ``"fp16"``.
+    """
+
+    unbiased = False  # rounding to nearest is biased, whatever the inner compressor is
 
     def __init__(self, inner: Compressor, wire: str):
         if wire not in WIRE_DTYPES:
@@ -33,7 +49,7 @@ class Precision(Compressor):
             raise ValueError(f"{inner.name} already has a value precision")
         self.inner, self.wire, self.dtype = inner, wire, WIRE_DTYPES[wire]
         self.name = f"{inner.name}:{wire}"
-        self.random, self.stateful, self.unbiased = inner.random, inner.stateful, inner.unbiased
+        self.random, self.stateful = inner.random, inner.stateful
 
     # --- casting ---------------------------------------------------------------------------------------
     def _down(self, payload: Payload) -> Payload:
@@ -70,6 +86,9 @@ class Precision(Compressor):
         self.inner.init_state(layout, context)
 
     def delta(self, d: int) -> float:
+        if self.inner.unbiased:
+            raise ValueError(f"{self.name} is not contractive ({self.inner.name} is unbiased, and rounding to "
+                             f"{self.wire} makes it biased): it has no delta (use it with method='direct')")
         return self.inner.delta(d)
 
     # --- layer API: the inner compressor's (vectorised) methods on payloads cast back -----------------

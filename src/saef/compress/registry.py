@@ -1,6 +1,12 @@
 """The compressor registry: compressors made from spec strings (``"sign"``, ``"topk:0.01"``,
 ``"randk:0.01:unbiased"``, ``"qsgd:4"``, ``"natural"``, ``"powersgd:2"``; any that sends floats also as
 ``"SPEC:bf16"`` or ``"SPEC:fp16"``), and :func:`register_compressor` for one's own.
+
+Two of them are not what their names may suggest: ``powersgd:R`` keeps its warm-start Q per sender, each
+sender sends its own P and Q, and the server averages the products P_k Q_k^T (not Vogels et al.'s
+all-reduce of one shared P and Q; :mod:`.powersgd`); and a ``:bf16`` / ``:fp16`` suffix rounds to nearest,
+so on an unbiased compressor (``qsgd:S``, ``randk:RHO:unbiased``) the result is biased and reports
+``unbiased = False`` (:mod:`.precision`).
 """
 
 from __future__ import annotations
