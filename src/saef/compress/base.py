@@ -1,9 +1,14 @@
 """Compressors: tensor -> payload (what goes on the wire) -> tensor, with exact bit counts.
 
-Every compressor acts on one parameter tensor at a time (layer-wise, as in the paper) and is pure: it
-keeps no state between calls. The same compressor also works on a *batch of rows* -- a ``(W, d)`` tensor
-holding W workers' flattened copies of one layer -- so that the simulator compresses K workers with one
-set of kernels. The single-tensor methods are thin wrappers over the row methods.
+Every compressor acts on one parameter tensor at a time (layer-wise, as in the paper). Most are
+deterministic functions of their input; the others say so with two flags and never hide state in the
+object: a *random* one (rand-k, QSGD, natural, PowerSGD's first Q) draws from generators derived from
+(seed, step, layer, sender) (:class:`Context`), so every party can redraw what it need not receive, and a
+*stateful* one (PowerSGD's warm-start Q, one per sender) keeps its state in the algorithm's named,
+checkpointed state, handed to it through the :class:`Context`. The same compressor also works on a
+*batch of rows* -- a ``(W, d)`` tensor holding W workers' flattened copies of one layer -- so that the
+simulator compresses K workers with one set of kernels. The single-tensor methods are thin wrappers over
+the row methods; :class:`Compressor` says which few methods a new compressor must write.
 
 A payload is a tuple of tensors whose leading axis is the row (worker) axis. Its size in bits is the size of
 those tensors, nothing nominal: :func:`payload_bits` reads ``numel * element_size``.
@@ -36,7 +41,9 @@ name                C(v)                                         payload (bits p
 ==================  ===========================================  ===============================================
 
 The others (``randk:RHO[:unbiased]``, ``qsgd:S``, ``natural``, ``powersgd:R``, and any ``SPEC:bf16`` /
-``SPEC:fp16``) document their formats in their modules.
+``SPEC:fp16``) document their formats in their modules. ``powersgd:R`` keeps a Q per sender and the server
+averages the senders' P_k Q_k^T (not Vogels et al.'s shared-Q all-reduce); a 16-bit suffix rounds to
+nearest, so it is never unbiased.
 
 Example::
 
@@ -193,17 +200,44 @@ def replayable(generators: Optional[Sequence[Optional[torch.Generator]]], rows: 
 
 
 class Compressor:
-    """Base class. Subclasses implement the row methods ``encode_rows``, ``decode_rows`` and
-    ``compress_rows`` (the dense C(v), computed directly: tests check it equals decode(encode(v))).
+    """Base class of the compressors: C(v) as a payload (what goes on the wire) and its decoding.
 
-    ``encode_layers`` / ``decode_layers`` compress every layer of a flat ``(W, P)`` tensor; the default
-    loops over layers, and a compressor may override them with a vectorised version that produces the
-    same payload format. ``decode_mean_layers`` is the server's average of W rows' payloads (default: the
-    mean of ``decode_layers``; top-k adds its sparse values without a dense ``(W, P)`` buffer).
-    ``decode_layers_into`` (decode into a given buffer), ``subtract_decoded`` (the error update
-    ``target -= decode``) and ``add_decoded`` (``target += decode``, EF21's estimate) let the training step
-    reuse its buffers; their defaults go through ``decode_layers``, so a new compressor needs only the row
-    methods.
+    A new compressor implements two methods, on rows (``(W, d)``, one row per worker, one layer):
+
+    * ``encode_rows(rows) -> Payload`` -- a tuple of tensors, each with W rows; its bits are counted from
+      them (:func:`payload_bits`), so the payload is exactly what would be sent;
+    * ``decode_rows(payload, d) -> Tensor`` -- the dense ``(W, d)`` values the payload stands for;
+
+    and sets ``name``. It should also give ``delta(d)`` if it is contractive (the delta of Assumption 4,
+    which the property tests check; the algorithm never calls it). Everything else has a default built on
+    those two, so such a compressor runs in the simulator, the distributed backends and every rule.
+
+    Optional, for speed: ``compress_rows`` (the dense C(v) computed directly; default decode(encode(v))),
+    the layer methods ``encode_layers`` / ``decode_layers`` (all layers of a flat ``(W, P)`` tensor at once
+    in the same payload format; default a loop over layers), ``decode_mean_layers`` (the server's average of
+    W rows' payloads; default the mean of ``decode_layers``, which top-k replaces by adding its sparse
+    values), and the buffer-reusing ``decode_layers_into``, ``subtract_decoded`` (the error update
+    ``target -= decode``) and ``add_decoded`` (EF21's ``target += decode``); :class:`DecodesInPlace` routes
+    those four through one decoder.
+
+    Optional, for randomness and state: ``random = True`` makes the row methods receive ``generators`` (one
+    per row, derived from the :class:`Context`); ``stateful = True`` with ``state_sizes`` and ``init_state``
+    gives it named per-sender state that its layer methods read and update through ``context.state``
+    (PowerSGD). ``unbiased = True`` says E C(v) = v (then it has no delta: it is for ``method="direct"``);
+    ``sends_floats = False`` refuses a ``:bf16`` / ``:fp16`` suffix.
+
+    Example (keeps every other entry; a test runs it through the simulator)::
+
+        >>> class EveryOther(Compressor):
+        ...     name = "every-other"
+        ...     def encode_rows(self, rows):
+        ...         return (rows[:, ::2].clone(),)
+        ...     def decode_rows(self, payload, d):
+        ...         out = payload[0].new_zeros(payload[0].shape[0], d)
+        ...         out[:, ::2] = payload[0]
+        ...         return out
+        >>> EveryOther().compress(torch.tensor([1.0, 2.0, 3.0]))
+        tensor([1., 0., 3.])
     """
 
     name: str = "compressor"
