@@ -20,7 +20,7 @@ from _procs import child_env, wait_all  # noqa: E402
 WHY_NOT = _hosts.unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=f"two hosts: {WHY_NOT}")]
 
-# 20 steps (two epochs of 10), as test_distributed's comparison with the simulator
+# 20 steps (two epochs of 10), compared with the simulator as in test_distributed
 ARGS = ["--dataset", "synthetic", "--dataset-size", "320", "--model", "mlp", "--batch-size", "32", "--epochs", "2",
         "--workers", "4", "--lr", "0.05", "--compressor", "sign", "--average-every", "3", "--quiet"]
 PORT = 29400  # a fresh namespace: every port is free
