@@ -22,6 +22,8 @@ from saef.core import NonFiniteStep
 
 SRC = str(Path(__file__).parent.parent / "src")
 FAULTS = str(Path(__file__).parent / "_faults.py")  # saef with a fault injected where SAEF_FAULT says
+# Only the runs that are killed need a process of their own: uninterrupted references and resumes run the
+# same command line in this process (main), which saves a Python and torch start-up each.
 # synthetic: 512 samples, batch 32 -> 16 steps per epoch, 64 steps; checkpoints every 5 steps and per epoch
 RUN = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--epochs", "4", "--checkpoint-every", "5",
        "--compressor", "topk:0.1", "--average-every", "3", "--quiet"]
@@ -60,8 +62,7 @@ def assert_identical(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = saef_cli(["train", *RUN, "--output", str(out)])
-    assert result.returncode == 0, result.stderr
+    assert main(["train", *RUN, "--output", str(out)]) == 0
     return out
 
 
@@ -76,8 +77,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, step):
     killed = saef_cli(["train", *RUN, "--output", str(out)], fault=f"kill-at-step:{step}")
     assert killed.returncode == -9
     assert not (out / "summary.json").exists()
-    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert_identical(reference, out)
 
 
@@ -95,10 +95,9 @@ def test_every_rule_resumes_bit_identically(tmp_path, method):
     run = [a for a in RUN if a not in ("--average-every", "3")]
     run = [a for a in run if a not in ("--compressor", "topk:0.1")] + (["--compressor", "topk:0.1"] if "sgd" not in method else []) + method
     reference, out = tmp_path / "reference", tmp_path / "run"
-    assert saef_cli(["train", *run, "--output", str(reference)]).returncode == 0
+    assert main(["train", *run, "--output", str(reference)]) == 0
     assert saef_cli(["train", *run, "--output", str(out)], fault="kill-at-step:27").returncode == -9
-    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert_identical(reference, out)
 
 
@@ -118,10 +117,9 @@ def test_random_and_stateful_compressors_resume_bit_identically(tmp_path, extra,
     come from (seed, step, layer, sender), and the compressor's state is checkpointed."""
     run = [a for a in RUN if a not in ("--average-every", "3", "--compressor", "topk:0.1")] + extra
     reference, out = tmp_path / "reference", tmp_path / "run"
-    assert saef_cli(["train", *run, "--output", str(reference)]).returncode == 0
+    assert main(["train", *run, "--output", str(reference)]) == 0
     assert saef_cli(["train", *run, "--output", str(out)], fault=f"kill-at-step:{step}").returncode == -9
-    resumed = saef_cli(["train", "--resume", str(out), "--quiet"])
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert_identical(reference, out)
     if "adam" in extra:
         assert {"momentum", "second_moment", "step_size", "worker_error"} <= set(final_state(out)["algorithm"]["tensors"])
@@ -139,7 +137,7 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     assert killed.returncode == -9
     assert [e["step"] for e in json.loads((out / "checkpoints" / "manifest.json").read_text())][-1] == 10
     assert checkpoint.load_latest(out / "checkpoints")["loop"]["step"] == 10
-    assert saef_cli(["train", "--resume", str(out), "--quiet"]).returncode == 0
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert_identical(reference, out)
 
 
