@@ -5,6 +5,11 @@ flag (``--lr 0.05``; underscores become dashes); flags override the file. Unknow
 values out of range raise :class:`ConfigError` naming the key, which the command line turns into a
 one-line message and exit code 2.
 
+Each key is declared once, in :class:`TrainConfig`, with :func:`saef.app.schema.key`: its default, help line,
+range or choices, and what changing it on ``--resume`` means. The flags, the per-key validation, the resume
+rules and what a checkpoint records of its run are derived from these declarations (:mod:`saef.app.schema`);
+:meth:`TrainConfig._check_relations` holds what no single declaration can say (how keys constrain each other).
+
 Example ``run.toml``::
 
     method = "saef"
@@ -124,9 +129,11 @@ class TrainConfig:
     context: int = key(64, on_resume=REFUSED, range=(1, 1 << 20),
                        help="dataset text / model gpt: bytes per sample, the model's context")
     # --- where and how it runs ---
+    # precision is fixed for a run: every gradient of it is computed at one precision (the saved state is fp32 either way)
     precision: str = key("fp32", on_resume=REFUSED, choices=lambda: tuple(PRECISIONS),
                          help="fp32, or bf16: forward and backward under autocast; parameters, momentum and errors stay fp32")
     device: str = key("auto", on_resume=FREE, check=_device, help="auto (cuda when available), cpu, cuda or cuda:N")
+    # backend is fixed: a simulator checkpoint is one file holding the K workers, a dist one is a file per rank
     backend: str = key("sim", on_resume=REFUSED, choices=available_backends,
                        help="sim (K workers in this process) or dist (one worker per torch.distributed rank)")
     server: str = key("sharded", on_resume=FREE, choices=("sharded", "rank0"),
