@@ -3,22 +3,23 @@ with the non-convex regulariser (objective and gradient against hand-computed va
 (equal to plain gradient descent on f with the identity compressor), and a distributed run against the
 simulator. The data is generated here; nothing reads ../shared/data."""
 
+import contextlib
+import io
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from saef.app.cli import main
 from saef.app.feed import evaluate, gradient_norm_sq
 from saef.zoo.datasets import load_dataset, load_libsvm
 from saef.zoo.models import build_model
 
-SRC = str(Path(__file__).parent.parent / "src")
-
+from _procs import launch, wait_all  # (tests/ is on the path: conftest.py is there)
 
 def write_libsvm(path, n=120, d=9, seed=0, labels=(-1, 1)):
     """A heterogeneous binary problem: samples sorted by label, so contiguous shards differ."""
@@ -92,17 +93,19 @@ def test_objective_and_gradient_equal_the_formula(tmp_path):
     assert math.isclose(gradient_norm_sq(model, data.train, "cpu"), grad.square().sum().item(), rel_tol=1e-4)
 
 
-def saef_train(args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "saef", "train", "--quiet", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def saef_train(args):
+    """``saef train --quiet ARGS`` in this process (the command line, without a Python and torch start-up):
+    its exit code and what it wrote to stderr."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["train", "--quiet", *args])
+    return SimpleNamespace(returncode=code, stderr=stderr.getvalue())
 
 
 def rows(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_full_batch_sgd_is_gradient_descent_on_f(tmp_path):
     """--full-batch with the identity compressor (method sgd, K = 4 contiguous shards of a label-sorted file,
     momentum 0) is gradient descent on f: x_T and ||grad f(x_t)||^2 after each step equal a float64 GD
@@ -140,9 +143,6 @@ def test_full_batch_sgd_is_gradient_descent_on_f(tmp_path):
 def test_distributed_full_batch_matches_the_simulator(tmp_path):
     """Two gloo processes (each adding the regulariser to its loss) and the simulator agree on the metrics
     of a full-batch EF21 run (rtol 1e-5)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _procs import launch, wait_all
-
     f = write_libsvm(tmp_path / "p.svm")
     args = ["--dataset", "libsvm", "--data-file", str(f), "--model", "logreg", "--full-batch", "--workers", "2",
             "--method", "ef21", "--compressor", "topk:0.3", "--epochs", "6", "--quiet"]
@@ -158,7 +158,6 @@ def test_distributed_full_batch_matches_the_simulator(tmp_path):
         assert a["bits_up"] == b["bits_up"]
 
 
-@pytest.mark.slow
 def test_resume_refuses_a_changed_data_file(tmp_path):
     """The file's SHA-256 is part of the run's identity: after the file changes, --resume is refused with a
     message, and nothing of the run is lost."""
