@@ -1,6 +1,8 @@
-"""Toy problems shared by the algorithm tests: per-worker gradients that are cheap and exactly reproducible."""
+"""Toy problems shared by the algorithm tests: per-worker gradients that are cheap and exactly reproducible,
+and a small convolutional model with its batches (the simulator and the optimizer facade)."""
 
 import torch
+from torch import nn
 
 
 def quadratic_problem(workers, shapes, seed=0, dtype=torch.float64):
@@ -14,3 +16,17 @@ def quadratic_problem(workers, shapes, seed=0, dtype=torch.float64):
 
     x0 = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
     return grad_fn, x0
+
+
+def small_model(batchnorm=False, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Conv1d(1, 4, 5, padding=2)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(4))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12, 5)]
+    return nn.Sequential(*layers)
+
+
+def batches(n, size=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 12, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]

@@ -1,25 +1,14 @@
-"""The module simulator and the optimizer facade against torch.optim.SGD and against each other."""
+"""The module simulator against torch.optim.SGD and against itself: per-worker batch statistics, the
+auxiliary point, state round trips, non-finite steps, parameters the forward does not use. (The optimizer
+facade: test_optim.py.)"""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import saef
 
-
-def small_model(batchnorm=False, seed=0):
-    torch.manual_seed(seed)
-    layers = [nn.Conv1d(1, 4, 5, padding=2)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(4))
-    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12, 5)]
-    return nn.Sequential(*layers)
-
-
-def batches(n, size=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 1, 12, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+from _problems import batches, small_model
 
 
 @pytest.mark.parametrize("method", ["ef", "saef"])
@@ -107,68 +96,52 @@ def test_batch_not_divisible_by_workers():
         sim.step(*batches(1)[0], lr=0.1)
 
 
-def test_optimizer_identity_equals_sgd_with_scheduler():
-    """The SAEF optimizer with identity compression equals torch.optim.SGD in a user's loop with a
-    MultiStepLR schedule."""
-    data = batches(12)
-    models = [small_model(), small_model()]
-    opts = [
-        saef.SAEF(models[0].parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, compressor="identity"),
-        torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
-    ]
-    scheds = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=[4, 8], gamma=0.1) for o in opts]
-    for inputs, targets in data:
-        for model, opt, sched in zip(models, opts, scheds):
-            opt.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
-            opt.step()
-            sched.step()
-    assert opts[0].param_groups[0]["lr"] == pytest.approx(0.001)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+def test_simulate_skips_non_finite_steps():
+    """A NaN gradient in saef.simulate skips that step (with a warning): the result is that of the run
+    without the step, and finite."""
+    import torch
+
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    calls = {"n": 0}
+
+    def grad(k, x):
+        calls["n"] += 1
+        g = x[0] - target
+        return [g * float("nan") if calls["n"] in (5, 6) else g]  # both workers of step 2
+
+    with pytest.warns(UserWarning, match="1 of 10 steps skipped"):
+        got = saef.simulate(grad, [torch.zeros(3, dtype=torch.float64)], workers=2, steps=10, lr=0.1, momentum=0.5,
+                            compressor="sign")
+    want = saef.simulate(lambda k, x: [x[0] - target], [torch.zeros(3, dtype=torch.float64)], workers=2, steps=9,
+                         lr=0.1, momentum=0.5, compressor="sign")
+    assert torch.equal(got[0], want[0])
 
 
-def test_optimizer_equals_one_worker_simulator():
-    """One SAEF optimizer in a user's loop equals the simulator with K = 1 (same algorithm, same points)."""
-    data = batches(6)
-    model = small_model()
-    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.2")
-    sim = saef.Simulator(small_model(), workers=1, compressor="topk:0.2", momentum=0.9)
-    for inputs, targets in data:
-        opt.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        opt.step()
-        sim.step(inputs, targets, lr=0.1)
-    assert torch.allclose(opt.x, sim.x, rtol=1e-5, atol=1e-6)
-    with opt.evaluation_point("x"):
-        flat = saef.core.flatten([p.detach() for p in model.parameters()])
-        assert torch.equal(flat, opt.x)
-    # outside the context the parameters hold the SAEF gradient point x - e
-    flat = saef.core.flatten([p.detach() for p in model.parameters()])
-    assert torch.allclose(flat, opt.x - opt.ef_state.worker_error[0])
+def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
+    """A parameter unused in forward gets a zero gradient instead of an error (which used to switch the
+    simulator's fast paths off for good and then raise): no warning, the stacked path stays, and without
+    momentum or weight decay the unused parameter does not move."""
+    import warnings
 
+    import torch
+    from torch import nn
 
-def test_optimizer_state_dict_holds_everything():
-    """The optimizer's state dict holds momentum, errors, step and counters, and restores a run exactly."""
-    data = batches(6)
-    model = small_model()
-    opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="sign")
-    for inputs, targets in data[:3]:
-        opt.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        opt.step()
-    saved = opt.state_dict()
-    for key in ("worker_momentum", "worker_error", "server_error"):
-        assert key in saved["state"]["algorithm"]["tensors"]
-    assert saved["state"]["algorithm"]["step"] == 3 and set(saved["state"]["ledger"]) >= {"bits_up", "bits_down", "bits_averaging"}
-    assert "x" in saved["state"]
-    clone = small_model(seed=9)
-    opt2 = saef.SAEF(clone.parameters(), lr=0.5, momentum=0.9, compressor="sign")
-    opt2.load_state_dict(saved)
-    assert opt2.param_groups[0]["lr"] == 0.1
-    for m, o in ((model, opt), (clone, opt2)):
-        for inputs, targets in data[3:]:
-            o.zero_grad()
-            F.cross_entropy(m(inputs), targets).backward()
-            o.step()
-    assert torch.equal(opt.x, opt2.x)
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Partial()
+    start = model.unused.weight.detach().clone()
+    sim = saef.Simulator(model, workers=2, compressor="identity")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            sim.step(torch.randn(8, 4), torch.randint(0, 3, (8,)), lr=0.1)
+    assert sim.stacked is not None
+    sim.load_into(model)
+    assert torch.equal(model.unused.weight, start) and not torch.equal(model.used.weight, Partial().used.weight)
