@@ -73,8 +73,8 @@ class TrainConfig:
                       help="sgd (full-precision momentum SGD baseline) or a feedback rule: ef, saef, ef21 (EF21-SGDM with an "
                            "EF21-P downlink), direct (compressed SGD without feedback)")
     optimizer: str = key("sgd", on_resume=RESETS_ERRORS,  # (its names are checked by the algorithm's config)
-                         help="the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam: 1-bit Adam with ef, "
-                              "SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
+                         help="the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam: with ef, 1-bit Adam's "
+                              "scheme with the paper's scaled sign; SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
                               "optimizer's full-precision baseline")
     compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
                                     help="identity, sign, topk:RHO, randk:RHO[:unbiased], qsgd:S, natural or powersgd:R, any that "
@@ -85,7 +85,7 @@ class TrainConfig:
     double_way: bool = key(True, on_resume=RESETS_ERRORS, off_flag="--single-way",
                            help="compress what the server sends back (--single-way: send the dense average)")
     average_every: Optional[int] = key(None, on_resume=FREE, range=(1, _INT_MAX), none_word="never",
-                                       help="error-averaging period p in steps, or 'never' (ef and saef only)")
+                                       help="error-averaging period p in steps, or 'never' (the default; ef and saef only)")
     warmup_steps: int = key(0, on_resume=RESETS_ERRORS, range=(0, _INT_MAX),
                             help="the first N steps exchange dense fp32 values both ways (counted), then the compressors take over")
     momentum: float = key(0.9, on_resume=FREE, help="momentum mu in [0, 1) (optimizer sgd)")
@@ -136,7 +136,7 @@ class TrainConfig:
     # backend is fixed: a simulator checkpoint is one file holding the K workers, a dist one is a file per rank
     backend: str = key("sim", on_resume=REFUSED, choices=available_backends,
                        help="sim (K workers in this process) or dist (one worker per torch.distributed rank)")
-    server: str = key("sharded", on_resume=FREE, choices=("sharded", "rank0"),
+    server: str = key("sharded", on_resume=RESETS_ERRORS, choices=("sharded", "rank0"),
                       help="dist only: sharded (each rank serves a share of the layers) or rank0")
     timeout: float = key(300.0, on_resume=FREE, range=(0, MAX_TIMEOUT), low_open=True,  # every wait is bounded by it
                          help="dist only: seconds any wait on another rank (the rendezvous included) may take before "

@@ -196,7 +196,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         kind = _FLAG_TYPES[base]
         if declared.none_word is not None:
             kind = _or_word(kind, declared.none_word)
-        parser.add_argument(flag, type=kind, default=None, help=f"{declared.help} (default: {default_of(field)}{_RESUME_NOTE[declared.on_resume]})")
+        default = default_of(field)  # (a None default is described by the help line itself)
+        shown = f" (default: {default}{_RESUME_NOTE[declared.on_resume]})" if default is not None else _note(declared)
+        parser.add_argument(flag, type=kind, default=None, help=declared.help + shown)
 
 
 _RESUME_NOTE = {FREE: "", RESETS_ERRORS: "; a change on --resume needs --reset-errors", REFUSED: "; fixed for the run"}
