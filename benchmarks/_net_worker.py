@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from saef.zoo.datasets import epoch_batches, load_dataset
-from saef.backends.distributed import DistributedWorker
+from saef.backends.distributed import DistributedTrainer
 from saef.zoo.models import build_model
 
 
@@ -72,7 +72,7 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
     settings = SAEF_VARIANTS[variant]
     if settings.get("optimizer") == "adam":
         settings = {**settings, "warmup_steps": warmup, "eps": eps}
-    worker = DistributedWorker(model, double_way=True, overlap_bytes=int(overlap_mb * (1 << 20)), **settings)
+    worker = DistributedTrainer(model, double_way=True, overlap_bytes=int(overlap_mb * (1 << 20)), **settings)
     # The time of the algorithm's step after backward (compression, both exchanges, decoding, the update):
     # the step's communication, where it does not overlap backward.
     STEP_AFTER_BACKWARD.clear()

@@ -244,7 +244,7 @@ def per_owner(values: Sequence[float], owner: Sequence[int], k: int) -> np.ndarr
 
 
 def server_collectives(variant: Variant, shapes: Sequence[Shape], k: int) -> Tuple[List[Collective], np.ndarray]:
-    """saef's step on K ranks (``DistributedWorker.step``): the NaN vote (an all-reduce of one int32), the
+    """saef's step on K ranks (``DistributedTrainer.step``): the NaN vote (an all-reduce of one int32), the
     uplink (every rank sends each layer's payload to its owner) and the downlink (each owner sends its
     layers' server payloads to every rank). Also returns the elements each rank owns."""
     sizes = [numel(s) for s in shapes]

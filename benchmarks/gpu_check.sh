@@ -97,7 +97,7 @@ def overlapped_step():
     """One worker (in-process transport) on ResNet-20 on the device: the step overlapped with backward
     (hooks run on autograd's device threads there) against the plain step, bit for bit, and both timed."""
     from types import SimpleNamespace
-    from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+    from saef import Algorithm, AlgorithmConfig, InProcessTransport
     from saef.core import flatten
     from saef.core.overlap import OverlappedStep
     from saef.zoo.models import build_model
@@ -106,7 +106,7 @@ def overlapped_step():
         torch.manual_seed(0)
         model = build_model("resnet20", SimpleNamespace(num_classes=10, input_shape=(3, 32, 32))).to(device)
         params = list(model.parameters())
-        algorithm = ErrorFeedback([p.shape for p in params], ErrorFeedbackConfig(compressor="topk:0.01", momentum=0.9),
+        algorithm = Algorithm([p.shape for p in params], AlgorithmConfig(compressor="topk:0.01", momentum=0.9),
                                   InProcessTransport(1))
         x = flatten([p.detach() for p in params]).clone()
         state = algorithm.init_state(x)
@@ -137,12 +137,12 @@ def nccl_two_processes():
         import os, sys, torch, torch.distributed as dist
         from torch import nn
         import saef
-        from saef.backends.distributed import DistributedWorker
+        from saef.backends.distributed import DistributedTrainer
         dist.init_process_group("nccl")
         torch.cuda.set_device(dist.get_rank())  # NCCL refuses two ranks on one device
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).cuda(dist.get_rank())
-        w = DistributedWorker(model, compressor="topk:0.25", momentum=0.9)
+        w = DistributedTrainer(model, compressor="topk:0.25", momentum=0.9)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(8, 6, generator=g).cuda(dist.get_rank()), torch.randint(0, 3, (8,), generator=g).cuda(dist.get_rank())
         r = dist.get_rank()

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from saef.backends.distributed import DistributedTransport, DistributedWorker, init_distributed
+from saef.backends.distributed import DistributedTransport, DistributedTrainer, init_distributed
 from saef.core import NonFiniteStep, Pending
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -53,7 +53,7 @@ def skew_arrivals(rank):
 
 
 def run_case(case, world, overlap_bytes=0, nan=None):
-    worker = DistributedWorker(tiny_model(), server=case[4], overlap_bytes=overlap_bytes, **algorithm_settings(case))
+    worker = DistributedTrainer(tiny_model(), server=case[4], overlap_bytes=overlap_bytes, **algorithm_settings(case))
     wire_errors, skipped = [], []
     for step in range(STEPS):
         before_bits, before_wire = dict(worker.bits), wire(worker)
@@ -121,7 +121,7 @@ def resnet20_wire():
     for compressor, server in (("sign", "sharded"), ("topk:0.01", "sharded"), ("identity", "allreduce")):
         torch.manual_seed(0)
         model = build_model("resnet20", SimpleNamespace(input_shape=(3, 32, 32), num_classes=10))
-        worker = DistributedWorker(model, compressor=compressor, double_way=compressor != "identity", server=server, momentum=0.9)
+        worker = DistributedTrainer(model, compressor=compressor, double_way=compressor != "identity", server=server, momentum=0.9)
         g = torch.Generator().manual_seed(dist.get_rank())
         worker.step(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g), lr=0.1)
         out[compressor] = {"uplink": worker.transport.ledger.counts["wire_uplink_sent"], "downlink": worker.transport.ledger.counts["wire_downlink_received"],

@@ -9,16 +9,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _transport_cases import CASES, SHAPES, STEPS, algorithm_settings, gradient, start  # noqa: E402
 
-from saef import ErrorFeedback, ErrorFeedbackConfig  # noqa: E402
+from saef import Algorithm, AlgorithmConfig  # noqa: E402
 from saef.backends.distributed import DistributedTransport, init_distributed  # noqa: E402
 
 
 def run(case, rank):
     server = case[4]
-    config = ErrorFeedbackConfig(**algorithm_settings(case))
+    config = AlgorithmConfig(**algorithm_settings(case))
     x = start()
     transport = DistributedTransport([t.numel() for t in (torch.empty(s) for s in SHAPES)], server, dtype=x.dtype)
-    algorithm = ErrorFeedback(SHAPES, config, transport)
+    algorithm = Algorithm(SHAPES, config, transport)
     state = algorithm.init_state(x)
     for t in range(STEPS):
         z = algorithm.gradient_points(state, x)

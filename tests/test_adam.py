@@ -157,8 +157,8 @@ def test_the_reference_tells_the_rules_apart():
 def test_v_freezes_and_errors_start_at_zero_when_the_warmup_ends():
     """Through the warm-up the errors stay exactly zero and v moves; from the first compressed step on, v
     does not change."""
-    config = saef.ErrorFeedbackConfig(method="saef", optimizer="adam", compressor="topk:0.3", warmup_steps=4)
-    algorithm = saef.ErrorFeedback(SHAPES, config, saef.InProcessTransport(K))
+    config = saef.AlgorithmConfig(method="saef", optimizer="adam", compressor="topk:0.3", warmup_steps=4)
+    algorithm = saef.Algorithm(SHAPES, config, saef.InProcessTransport(K))
     x = torch.cat([p.reshape(-1) for p in start()])
     state = algorithm.init_state(x)
     history = []
@@ -187,19 +187,19 @@ def test_v_freezes_and_errors_start_at_zero_when_the_warmup_ends():
 def test_bad_adam_settings_are_refused(settings, message):
     """Each bad setting raises ValueError naming it."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        saef.ErrorFeedbackConfig(**settings)
+        saef.AlgorithmConfig(**settings)
 
 
 def test_adam_defaults_and_the_warning_without_warmup():
     """Adam's defaults are (0.9, 0.999) and 1e-8; compressing without a warm-up (v never leaves zero) warns,
     nothing compressed does not."""
     with pytest.warns(UserWarning, match="never updates v"):
-        config = saef.ErrorFeedbackConfig(optimizer="adam")
+        config = saef.AlgorithmConfig(optimizer="adam")
     assert (config.betas, config.eps) == ((0.9, 0.999), 1e-8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        saef.ErrorFeedbackConfig(optimizer="adam", compressor="identity")
-        saef.ErrorFeedbackConfig(optimizer="adam", compressor="sign", warmup_steps=10)
+        saef.AlgorithmConfig(optimizer="adam", compressor="identity")
+        saef.AlgorithmConfig(optimizer="adam", compressor="sign", warmup_steps=10)
 
 
 def test_facade_with_parameter_groups_follows_the_rule():

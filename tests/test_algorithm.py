@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import saef
-from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+from saef import Algorithm, AlgorithmConfig, InProcessTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _problems import quadratic_problem  # noqa: E402
@@ -22,8 +22,8 @@ def test_delta_equals_compressed_plus_error(method, compressor, double_way):
     x moves by exactly -C_s(D)."""
     shapes = [(3, 4), (7,), (1,)]
     grad_fn, x0 = quadratic_problem(3, shapes)
-    cfg = ErrorFeedbackConfig(method=method, momentum=0.9, weight_decay=0.01, compressor=compressor, double_way=double_way, average_every=3)
-    alg = ErrorFeedback(shapes, cfg, InProcessTransport(3))
+    cfg = AlgorithmConfig(method=method, momentum=0.9, weight_decay=0.01, compressor=compressor, double_way=double_way, average_every=3)
+    alg = Algorithm(shapes, cfg, InProcessTransport(3))
     x = saef.core.flatten(x0).clone()
     state = alg.init_state(x)
     comp, server_comp = cfg.compressor, cfg.downlink_compressor
@@ -91,7 +91,7 @@ def test_average_every_step_makes_errors_equal(method):
     """With p = 1, right after each step (when the errors are averaged) all worker errors are equal."""
     shapes = [(10,)]
     grad_fn, x0 = quadratic_problem(3, shapes)
-    alg = ErrorFeedback(shapes, ErrorFeedbackConfig(method=method, compressor="topk:0.2", average_every=1), InProcessTransport(3))
+    alg = Algorithm(shapes, AlgorithmConfig(method=method, compressor="topk:0.2", average_every=1), InProcessTransport(3))
     x = x0[0].clone()
     state = alg.init_state(x)
     for _ in range(5):
@@ -148,7 +148,7 @@ def test_saef_takes_gradient_ahead_and_ef_at_x():
     """SAEF's gradient point is x - e_k; EF's is x."""
     shapes = [(4,)]
     for method in ("ef", "saef"):
-        alg = ErrorFeedback(shapes, ErrorFeedbackConfig(method=method, compressor="topk:0.25"), InProcessTransport(2))
+        alg = Algorithm(shapes, AlgorithmConfig(method=method, compressor="topk:0.25"), InProcessTransport(2))
         x = torch.zeros(4)
         state = alg.init_state(x)
         alg.step(state, x, torch.tensor([[4.0, 1.0, 2.0, 3.0], [1.0, 4.0, 3.0, 2.0]]), 1.0)
@@ -162,7 +162,7 @@ def test_mismatch_terms_and_auxiliary_iterate():
     """The diagnostics equal their definitions computed from the state by hand."""
     shapes = [(6,)]
     grad_fn, x0 = quadratic_problem(3, shapes)
-    alg = ErrorFeedback(shapes, ErrorFeedbackConfig(compressor="topk:0.2"), InProcessTransport(3))
+    alg = Algorithm(shapes, AlgorithmConfig(compressor="topk:0.2"), InProcessTransport(3))
     x = x0[0].clone()
     state = alg.init_state(x)
     for _ in range(4):
@@ -201,7 +201,7 @@ BAD = [
 def test_bad_arguments_raise_at_construction(kwargs, needle):
     """Bad hyper-parameters raise ValueError naming the argument, its value and the allowed range."""
     with pytest.raises(ValueError, match=needle):
-        ErrorFeedbackConfig(**kwargs)
+        AlgorithmConfig(**kwargs)
     with pytest.raises(ValueError, match=needle):
         saef.SAEF([torch.zeros(2, requires_grad=True)], lr=0.1, **kwargs)
 
@@ -242,7 +242,7 @@ def test_in_process_transport_shared_by_two_dtypes(spec):
     """The in-process transport keeps its decode buffer between steps: a float64 run after a float32 run on
     the same transport must give exactly what a fresh transport gives (no float32 rounding, no error)."""
     def one_step(transport, dtype):
-        ef = ErrorFeedback([(3,)], ErrorFeedbackConfig(method="saef", compressor=spec, momentum=0.5), transport)
+        ef = Algorithm([(3,)], AlgorithmConfig(method="saef", compressor=spec, momentum=0.5), transport)
         x = torch.tensor([1.0, -2.0, 3e-9], dtype=dtype)
         state = ef.init_state(x)
         ef.step(state, x, torch.tensor([[1 / 3, 0.1, 1e-9], [1 / 3, 0.2, -1e-9]], dtype=dtype), lr=1.0)

@@ -62,11 +62,11 @@ def test_a_compressor_of_two_row_methods_runs_algorithm_1_in_the_simulator():
 
 
 def test_a_compressor_of_two_row_methods_keeps_the_error_feedback_invariant_and_its_bits():
-    """One ErrorFeedback step over InProcessTransport with EveryOther: every worker's D_k equals what it
+    """One Algorithm step over InProcessTransport with EveryOther: every worker's D_k equals what it
     sent plus its new error (e_k = D_k - C(D_k)), and the bits counted are those of its payload
     (32 bits for each kept fp32 entry: 6 of layer (3, 4) and 3 of layer (5,))."""
-    config = saef.ErrorFeedbackConfig(method="saef", compressor=EveryOther(), momentum=0.0)
-    ef = saef.ErrorFeedback(SHAPES, config, saef.InProcessTransport(2))
+    config = saef.AlgorithmConfig(method="saef", compressor=EveryOther(), momentum=0.0)
+    ef = saef.Algorithm(SHAPES, config, saef.InProcessTransport(2))
     x = torch.zeros(17)
     state = ef.init_state(x)
     grads = torch.randn(2, 17, generator=torch.Generator().manual_seed(0))

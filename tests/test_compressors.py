@@ -177,7 +177,7 @@ def test_pointless_settings_warn():
     with pytest.warns(UserWarning, match="keeps every entry"):
         saef.make_compressor("topk:1")
     with pytest.warns(UserWarning, match="does nothing"):
-        saef.ErrorFeedback([(3,)], saef.ErrorFeedbackConfig(average_every=1), saef.InProcessTransport(1))
+        saef.Algorithm([(3,)], saef.AlgorithmConfig(average_every=1), saef.InProcessTransport(1))
 
 
 def test_largest_on_long_rows_equals_topk():

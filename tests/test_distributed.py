@@ -134,9 +134,9 @@ def in_process(case, world):
     """The in-process transport on the toy problem of _transport_cases, fed the same gradients."""
     from _transport_cases import SHAPES, STEPS, algorithm_settings, gradient, start
 
-    config = saef.ErrorFeedbackConfig(**algorithm_settings(case))
+    config = saef.AlgorithmConfig(**algorithm_settings(case))
     x = start()
-    algorithm = saef.ErrorFeedback(SHAPES, config, saef.InProcessTransport(world))
+    algorithm = saef.Algorithm(SHAPES, config, saef.InProcessTransport(world))
     state = algorithm.init_state(x)
     for t in range(STEPS):
         z = algorithm.gradient_points(state, x)

@@ -23,9 +23,9 @@ def test_every_registered_optimizer_has_every_member_of_the_protocol(name):
         elif member != "layout":  # set per instance
             assert hasattr(cls, member), member
     from saef.compress import Layout
-    from saef.core import ErrorFeedbackConfig
+    from saef.core import AlgorithmConfig
 
-    config = ErrorFeedbackConfig(optimizer=name, compressor="identity")
+    config = AlgorithmConfig(optimizer=name, compressor="identity")
     assert isinstance(cls(Layout([2, 3]), config), LocalOptimizer)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+from saef import Algorithm, AlgorithmConfig, InProcessTransport
 from saef.core import NonFiniteStep, Pending, flatten
 from saef.core.overlap import OverlappedStep, make_buckets
 
@@ -46,8 +46,8 @@ class Runner:
     def __init__(self, settings, bucket_bytes=None, make=model, transport=None):
         self.model = make()
         self.params = list(self.model.parameters())
-        config = ErrorFeedbackConfig(seed=3, **settings)
-        self.algorithm = ErrorFeedback([p.shape for p in self.params], config, transport or InProcessTransport(1))
+        config = AlgorithmConfig(seed=3, **settings)
+        self.algorithm = Algorithm([p.shape for p in self.params], config, transport or InProcessTransport(1))
         self.x = flatten([p.detach() for p in self.params]).clone()
         self.state = self.algorithm.init_state(self.x)
         self.overlapped = OverlappedStep(self.algorithm, self.params, bucket_bytes, lambda ok: ok) if bucket_bytes else None

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import saef
-from saef import ErrorFeedback, ErrorFeedbackConfig, InProcessTransport
+from saef import Algorithm, AlgorithmConfig, InProcessTransport
 from saef.core import flatten, unflatten
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,7 +86,7 @@ def test_rule_follows_its_definition(method, compressor, double_way, mu):
 def test_ef21_server_estimate_is_mean_of_worker_estimates(double_way):
     """EF21's invariant: after every step the server's g equals mean_k g_k (allclose 1e-12)."""
     grad_fn, x0 = quadratic_problem(K, SHAPES)
-    alg = ErrorFeedback(SHAPES, ErrorFeedbackConfig(method="ef21", compressor="topk:0.25", momentum=0.5,
+    alg = Algorithm(SHAPES, AlgorithmConfig(method="ef21", compressor="topk:0.25", momentum=0.5,
                                                     double_way=double_way), InProcessTransport(K))
     x = flatten(x0).clone()
     state = alg.init_state(x)
@@ -101,9 +101,9 @@ def test_ef21_server_estimate_is_mean_of_worker_estimates(double_way):
 @pytest.mark.parametrize("method", ["ef21", "direct"])
 def test_average_every_is_refused_where_there_is_no_error(method):
     """average_every with a rule that keeps no worker error is refused with a message naming it, in
-    ErrorFeedbackConfig, simulate and the SAEF optimizer."""
+    AlgorithmConfig, simulate and the SAEF optimizer."""
     with pytest.raises(ValueError, match="average_every applies to"):
-        ErrorFeedbackConfig(method=method, average_every=2)
+        AlgorithmConfig(method=method, average_every=2)
     with pytest.raises(ValueError, match="average_every"):
         saef.simulate(lambda k, x: [x[0]], [torch.zeros(2)], workers=2, steps=1, lr=0.1, method=method, average_every=3)
     with pytest.raises(ValueError, match="average_every"):
@@ -112,7 +112,7 @@ def test_average_every_is_refused_where_there_is_no_error(method):
 
 def test_config_and_settings_are_not_both_taken():
     """A whole config or its settings as keywords, not both; unknown settings are named."""
-    config = ErrorFeedbackConfig(method="ef21")
+    config = AlgorithmConfig(method="ef21")
     with pytest.raises(ValueError, match="not both"):
         saef.simulate(lambda k, x: [x[0]], [torch.zeros(2)], workers=1, steps=1, lr=0.1, config=config, momentum=0.5)
     with pytest.raises(TypeError, match="momentm"):
@@ -222,9 +222,9 @@ def test_warmup_is_dense_sgd_then_the_rule_from_zero_errors(method, double_way):
     grad_fn, x0 = quadratic_problem(K, SHAPES)
     n, total = 7, 15
     common = dict(method=method, momentum=0.9, weight_decay=WD, double_way=double_way)
-    warm = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="topk:0.25", warmup_steps=n, **common), InProcessTransport(K))
-    dense = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="identity", server_compressor="identity", **common), InProcessTransport(K))
-    after = ErrorFeedback(SHAPES, ErrorFeedbackConfig(compressor="topk:0.25", **common), InProcessTransport(K))
+    warm = Algorithm(SHAPES, AlgorithmConfig(compressor="topk:0.25", warmup_steps=n, **common), InProcessTransport(K))
+    dense = Algorithm(SHAPES, AlgorithmConfig(compressor="identity", server_compressor="identity", **common), InProcessTransport(K))
+    after = Algorithm(SHAPES, AlgorithmConfig(compressor="topk:0.25", **common), InProcessTransport(K))
 
     def run(algorithm, x, state, steps):
         for _ in range(steps):

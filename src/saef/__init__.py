@@ -6,7 +6,7 @@ Public API:
 * :class:`Simulator` -- K workers training a ``torch.nn.Module`` in one process;
 * :class:`SAEF` -- a ``torch.optim``-style optimizer for one's own training loop;
 * :func:`make_compressor`, :func:`register_compressor` -- the compressor registry;
-* :class:`ErrorFeedback`, :class:`ErrorFeedbackConfig` -- the algorithm itself, over a transport.
+* :class:`Algorithm`, :class:`AlgorithmConfig` -- the algorithm itself, over a transport.
 
 The package is in layers, each importing only those below it: :mod:`saef.compress` (compressors),
 :mod:`saef.core` (feedback rules, local optimizers, the transport interface), :mod:`saef.backends`
@@ -18,15 +18,15 @@ from .app.optim import SAEF
 from .backends.inprocess import InProcessTransport
 from .backends.simulator import Simulator, simulate
 from .compress import Compressor, available_compressors, make_compressor, register_compressor
-from .core import ErrorFeedback, ErrorFeedbackConfig, ErrorFeedbackState, Transport
+from .core import Algorithm, AlgorithmConfig, AlgorithmState, Transport
 from .core.rules import available_rules, register_rule
 
 from ._version import __version__
 
 __all__ = [
-    "ErrorFeedback",
-    "ErrorFeedbackConfig",
-    "ErrorFeedbackState",
+    "Algorithm",
+    "AlgorithmConfig",
+    "AlgorithmState",
     "InProcessTransport",
     "Transport",
     "Compressor",

@@ -33,7 +33,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ..backends.registry import available_backends
-from ..core import PRECISIONS, ErrorFeedbackConfig
+from ..core import PRECISIONS, AlgorithmConfig
 from ..core.config import check_lr
 from ..core.rules import available_rules
 from ..zoo.datasets import DATASETS, GENERATED
@@ -193,12 +193,12 @@ class TrainConfig:
             return self.compressor
         return "identity" if self.method == "sgd" else "topk:0.01"
 
-    def algorithm(self) -> ErrorFeedbackConfig:
+    def algorithm(self) -> AlgorithmConfig:
         """The algorithm this run trains with, resolved once: ``sgd`` is EF with the identity compressor,
         single-way and without error averaging (exactly momentum SGD)."""
         sgd, adam = self.method == "sgd", self.optimizer == "adam"
-        shared = {name: getattr(self, name) for name in ErrorFeedbackConfig.FIELDS if name in _FIELDS}  # same name, same meaning
-        return ErrorFeedbackConfig(**{
+        shared = {name: getattr(self, name) for name in AlgorithmConfig.FIELDS if name in _FIELDS}  # same name, same meaning
+        return AlgorithmConfig(**{
             **shared,
             "method": "ef" if sgd else self.method,
             "momentum": 0.0 if adam else self.momentum,  # (Adam's momentum is b1)

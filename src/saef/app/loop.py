@@ -1,7 +1,7 @@
-"""The training loop behind ``saef train``: data, model, worker, evaluation and the run record.
+"""The training loop behind ``saef train``: data, model, trainer, evaluation and the run record.
 
 No algorithm math here, and no question of which backend or rule runs: the backend comes from the
-registry (:mod:`saef.backends.registry`) and builds a :class:`~saef.core.Worker`, which takes global
+registry (:mod:`saef.backends.registry`) and builds a :class:`~saef.core.Trainer`, which takes global
 batches and does the algorithm; this module feeds it, evaluates x (and x~ where the rule defines it)
 after every epoch, writes the records and checkpoints. In a distributed run every rank runs this loop;
 rank 0 writes the records, every rank its checkpoint shard.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backends.registry import make_backend
-from ..core import NonFiniteStep, Worker
+from ..core import NonFiniteStep, Trainer
 from ..zoo.datasets import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
 from . import checkpoint, hooks, schema
@@ -75,7 +75,7 @@ class Run:
 
     config: TrainConfig
     backend: Any
-    worker: Worker
+    trainer: Trainer
     data: Data
     device: torch.device
     eval_model: nn.Module
@@ -130,7 +130,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
 
 def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run:
-    """Join the job, load the data, build model and worker, and open (or reopen) the run directory."""
+    """Join the job, load the data, build model and trainer, and open (or reopen) the run directory."""
     device, workers = backend.start(config.workers)
     if workers != config.workers:
         config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
@@ -149,7 +149,7 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     torch.manual_seed(config.seed)
     model = build_model(config.model, data, **config.model_options()).to(device)
     backend.agree(_identity(config, model, data))  # ranks that disagree stop here, before any training collective
-    worker = backend.make_worker(model, config.algorithm(), config.precision)
+    trainer = backend.make_trainer(model, config.algorithm(), config.precision)
     output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
     gather = backend.gather()
     if gather is not None and not config.output:  # a name made of the time: every process takes the main one's
@@ -157,13 +157,13 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     if backend.restarted() and config.output:  # a launcher restarted the job: continue from the last checkpoint
         resume = resume or (output / "checkpoints" / "manifest.json").exists()
     order = torch.Generator().manual_seed(config.seed)
-    run = Run(config, backend, worker, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
-              order, None, [], log if worker.is_main else (lambda message: None), progress)
+    run = Run(config, backend, trainer, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
+              order, None, [], log if trainer.is_main else (lambda message: None), progress)
     error = None
     try:  # the record claims the run directory for this process (refused if another process holds it)
         if resume:
             _resume(run, reset_errors, changed)
-        elif worker.is_main:
+        elif trainer.is_main:
             run.record = RunRecord(output, config.to_dict(), environment(str(device)))
         run.rows = run.record.rows() if run.record is not None else []
     except (ValueError, OSError, checkpoint.CheckpointError) as failure:  # on some processes only, maybe
@@ -195,7 +195,7 @@ def _identity(config: TrainConfig, model: nn.Module, data: Data) -> Dict[str, An
 
 
 def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> None:
-    """Load the newest complete checkpoint into the worker, the loop, the RNGs and the records."""
+    """Load the newest complete checkpoint into the trainer, the loop, the RNGs and the records."""
     rank, processes = run.backend.rank, run.backend.processes
     saved = checkpoint.load_latest(run.folder, rank=0 if reset_errors else rank, world=None if reset_errors else processes)
     if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
@@ -208,7 +208,7 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
         raise checkpoint.CheckpointError(f"the checkpoint in {run.output} was written with another run's settings: "
                                          f"{'; '.join(differences)}; resume it with the settings it was written with")
     try:  # every part is checked as it is applied; a checkpoint of the wrong structure is refused whole
-        run.worker.load_state_dict(saved["trainer"], reset_errors=reset_errors)
+        run.trainer.load_state_dict(saved["trainer"], reset_errors=reset_errors)
         run.loop = LoopState.from_dict(saved["loop"])
         checkpoint.restore_rng(saved["rng"])
         run.order.set_state(run.loop.epoch_order)
@@ -219,7 +219,7 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
     if run.config.epochs < run.loop.epoch:  # a summary would contradict the rows already written
         raise ValueError(f"{run.output} has already trained {run.loop.epoch} epochs; --epochs must be at least that")
     event = {"step": run.loop.step, "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
-    if run.worker.is_main:
+    if run.trainer.is_main:
         run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=run.loop.epoch, event=event)
     run.log(f"saef: resuming {run.output} at epoch {run.loop.epoch + 1}, step {run.loop.step}"
             + (" with errors reset" if reset_errors else ""))
@@ -227,7 +227,7 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
 
 def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
     """--resume of a run directory that has no checkpoint yet: the run starts again from its beginning, in
-    the same directory (the worker and the loop are as a new run's), and says so."""
+    the same directory (the trainer and the loop are as a new run's), and says so."""
     if not (run.output / "config.json").is_file():
         raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from, and no config.json: "
                                          "it is not a run directory saef train made")
@@ -236,7 +236,7 @@ def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
         raise checkpoint.CheckpointError(f"{run.folder} holds checkpoint files but no usable manifest; "
                                          "nothing was changed (move them away to start the run again)")
     event = {"step": 0, "changed": {k: list(v) for k, v in (changed or {}).items()}, "from_scratch": True}
-    if run.worker.is_main:
+    if run.trainer.is_main:
         run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=0, event=event)
     run.log(f"saef: {run.output} stopped before its first checkpoint; starting it again from the beginning")
 
@@ -255,7 +255,7 @@ def _save_checkpoint(run: Run) -> None:
         return
     now = time.perf_counter()
     run.loop.elapsed = now - run.started
-    state = {"config": _state_config(run.config, run.data), "trainer": run.worker.state_dict(), "loop": run.loop.to_dict(),
+    state = {"config": _state_config(run.config, run.data), "trainer": run.trainer.state_dict(), "loop": run.loop.to_dict(),
              "rng": checkpoint.capture_rng()}
     checkpoint.save(run.folder, run.loop.step, state, rank=run.backend.rank, world=run.backend.processes,
                     keep=run.config.keep_checkpoints, barrier=run.backend.gather())
@@ -272,7 +272,7 @@ def _run_epoch(run: Run) -> None:
     run.order.set_state(loop.epoch_order)  # the order generator as it was when this epoch began
     batches = _epoch_batches(run)
     bar = tqdm(total=len(batches), initial=loop.step_in_epoch, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False,
-               disable=None if (run.progress and run.worker.is_main) else True)  # None: bars on a terminal only
+               disable=None if (run.progress and run.trainer.is_main) else True)  # None: bars on a terminal only
     for indices in batches[loop.step_in_epoch:]:
         _take_step(run, indices, lr, len(batches))
         bar.update()
@@ -292,11 +292,11 @@ def _epoch_batches(run: Run) -> List[torch.Tensor]:
 
 
 def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int) -> None:
-    """One step of the worker; a step with a NaN or Inf is skipped (and too many in a row stop the run)."""
-    config, loop, worker = run.config, run.loop, run.worker
-    inputs, targets = local_batch(run.data, indices, config.workers, worker.worker_ids, config.seed, loop.step, run.device)
+    """One step of the trainer; a step with a NaN or Inf is skipped (and too many in a row stop the run)."""
+    config, loop, trainer = run.config, run.loop, run.trainer
+    inputs, targets = local_batch(run.data, indices, config.workers, trainer.worker_ids, config.seed, loop.step, run.device)
     try:
-        loop.losses.append(float(worker.step(inputs, targets, lr)))
+        loop.losses.append(float(trainer.step(inputs, targets, lr)))
         loop.consecutive_skips = 0
     except NonFiniteStep as error:
         loop.skipped += 1
@@ -312,18 +312,18 @@ def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int)
     loop.step += 1
     loop.step_in_epoch += 1
     hooks.call(hooks.after_step, loop.step, run.backend.rank)
-    if worker.has_diagnostics and worker.cheap_diagnostics and loop.consecutive_skips == 0:
-        for key, value in worker.mismatch().items():
+    if trainer.has_diagnostics and trainer.cheap_diagnostics and loop.consecutive_skips == 0:
+        for key, value in trainer.mismatch().items():
             setattr(loop, key, getattr(loop, key) + value / steps_per_epoch)
 
 
 def _end_epoch(run: Run) -> None:
     """Evaluate, append the epoch's row to the records, log it, and checkpoint."""
-    loop, worker = run.loop, run.worker
+    loop, trainer = run.loop, run.trainer
     if not loop.losses:
         raise FloatingPointError(f"every step of epoch {loop.epoch + 1} had a NaN or Inf loss or gradient")
-    if worker.has_diagnostics and not worker.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
-        for key, value in worker.mismatch().items():
+    if trainer.has_diagnostics and not trainer.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
+        for key, value in trainer.mismatch().items():
             setattr(loop, key, value)
     row = _epoch_row(run)
     run.rows.append(row)
@@ -352,13 +352,13 @@ def _bits_per_token(data: Data, metrics: Optional[Dict[str, float]]) -> Optional
 
 def _epoch_row(run: Run) -> Dict[str, Any]:
     """The metrics of the epoch just trained (the columns of :data:`saef.app.records.METRIC_COLUMNS`)."""
-    loop, worker, config = run.loop, run.worker, run.config
-    train_loss = worker.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
-    at_x = evaluate(worker.load_into(run.eval_model, point="x"), run.data.test, run.device)
+    loop, trainer, config = run.loop, run.trainer, run.config
+    train_loss = trainer.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
+    at_x = evaluate(trainer.load_into(run.eval_model, point="x"), run.data.test, run.device)
     grad_norm_sq = gradient_norm_sq(run.eval_model, run.data.train, run.device) if config.full_batch else None
     at_val = evaluate(run.eval_model, run.data.val, run.device) if run.data.val is not None else None
-    diagnostics = worker.has_diagnostics
-    at_aux = evaluate(worker.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
+    diagnostics = trainer.has_diagnostics
+    at_aux = evaluate(trainer.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
     return {
         "epoch": loop.epoch + 1,
         "step": loop.step,
@@ -374,7 +374,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
         "grad_norm_sq": grad_norm_sq,
         "val_loss": at_val and at_val["loss"],
         "val_acc": at_val and at_val["acc"],
-        **worker.bits,
+        **trainer.bits,
         "mismatch_ef": loop.mismatch_ef if diagnostics else None,
         "mismatch_saef": loop.mismatch_saef if diagnostics else None,
         "skipped_steps": loop.skipped,

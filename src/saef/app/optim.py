@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backends.registry import optimizer_transport
-from ..core import ErrorFeedback, ErrorFeedbackConfig, Transport, all_finite, check_dense, flatten, write_flat
+from ..core import Algorithm, AlgorithmConfig, Transport, all_finite, check_dense, flatten, write_flat
 from ..core.config import check_betas, check_eps, check_lr, check_momentum, check_weight_decay
 from ..core.local import optimizer_class
 
@@ -40,7 +40,7 @@ _CHECKS = {"momentum": _float(check_momentum), "weight_decay": _float(check_weig
            "eps": _float(check_eps)}
 
 
-def _settings_of(config: ErrorFeedbackConfig):
+def _settings_of(config: AlgorithmConfig):
     """The per-group settings of the config's local optimizer, in the order its ``set`` takes them."""
     return optimizer_class(config.optimizer).settings
 
@@ -80,7 +80,7 @@ class SAEF(torch.optim.Optimizer):
         method: ``"saef"``, ``"ef"``, ``"ef21"`` or ``"direct"``. compressor / server_compressor: specs.
         double_way: compress the server's reply too. average_every: error-averaging period p or None.
         warmup_steps: full-precision steps before the compressors take over. seed: of random compressors' draws.
-        config: instead of the settings above, a whole :class:`~saef.core.ErrorFeedbackConfig` (then its
+        config: instead of the settings above, a whole :class:`~saef.core.AlgorithmConfig` (then its
             momentum and weight decay are the optimizer's).
         transport: where the other workers are. Default: when ``torch.distributed`` is initialised, a
             :class:`~saef.backends.distributed.DistributedTransport` (each rank is one worker; the
@@ -98,7 +98,7 @@ class SAEF(torch.optim.Optimizer):
         optimizer: str = "sgd",
         betas: Optional[Tuple[float, float]] = None,
         eps: Optional[float] = None,
-        config: Optional[ErrorFeedbackConfig] = None,
+        config: Optional[AlgorithmConfig] = None,
         transport: Optional[Transport] = None,
         server: str = "sharded",
         **algorithm,
@@ -108,7 +108,7 @@ class SAEF(torch.optim.Optimizer):
                  if v is not None}
         if optimizer != "sgd":
             given["optimizer"] = optimizer
-        config = ErrorFeedbackConfig.build(config, **given, **algorithm)
+        config = AlgorithmConfig.build(config, **given, **algorithm)
         if server == "allreduce" and not config.lossless:
             raise ValueError("server='allreduce' moves dense values both ways, so it cannot carry a compressed uplink or "
                              "downlink; use server='sharded' or 'rank0' (or the identity compressor, single-way)")
@@ -120,7 +120,7 @@ class SAEF(torch.optim.Optimizer):
             raise ValueError("the SAEF optimizer is one worker per process; use saef.Simulator for K in one process")
         self.config = config
         self.shapes = [tuple(p.shape) for p in params]
-        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
+        self.algorithm = Algorithm(self.shapes, config, self.transport)
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
@@ -148,7 +148,7 @@ class SAEF(torch.optim.Optimizer):
         self.transport.add_layers([p.detach() for p in new])
         old_x, old_state = self.x, self.ef_state
         self.shapes += [tuple(p.shape) for p in new]
-        self.algorithm = ErrorFeedback(self.shapes, self.config, self.transport)
+        self.algorithm = Algorithm(self.shapes, self.config, self.transport)
         with torch.no_grad():
             self.x = torch.cat([old_x, flatten([p.detach() for p in new])])
         self.ef_state = self.algorithm.init_state(self.x)  # the new layers' state as at a start
@@ -252,7 +252,7 @@ class SAEF(torch.optim.Optimizer):
         return self.transport.ledger.per_worker()
 
     def mismatch(self) -> Dict[str, float]:
-        """The two gradient-mismatch terms (see :meth:`saef.core.ErrorFeedback.mismatch`; EF and SAEF)."""
+        """The two gradient-mismatch terms (see :meth:`saef.core.Algorithm.mismatch`; EF and SAEF)."""
         return self.algorithm.mismatch(self.ef_state)
 
     def state_dict(self) -> Dict[str, object]:

@@ -1,7 +1,7 @@
 """The backend interface: how a training run reaches its workers.
 
 A backend starts (joins a job, picks the device), says how many workers there are and which process this
-is, builds the :class:`~saef.core.Worker` the loop trains with, and offers the few collective services the
+is, builds the :class:`~saef.core.Trainer` the loop trains with, and offers the few collective services the
 loop needs (run something on the main process first, a barrier for checkpoints). The loop
 (:mod:`saef.app.loop`) gets a backend by name from :mod:`saef.backends.registry` and never asks which one.
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 from torch import nn
 
-from ..core import ErrorFeedbackConfig, Worker
+from ..core import AlgorithmConfig, Trainer
 
 __all__ = ["Backend", "RanksDisagree", "PeerFailed", "resolve_device"]
 
@@ -85,7 +85,7 @@ class Backend:
         """Whether a launcher restarted this job after a failure (then the run resumes)."""
         return False
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> Worker:
+    def make_trainer(self, model: nn.Module, config: AlgorithmConfig, precision: str = "fp32") -> Trainer:
         """This process's worker over ``model``, its forward in ``precision`` (fp32 or bf16)."""
         raise NotImplementedError
 

@@ -1,6 +1,6 @@
 """K workers in one process: an exact simulator of Algorithm 1 for ``torch.nn.Module`` and for toy problems.
 
-Both entry points run the same :class:`~saef.core.ErrorFeedback` code as a real distributed run, with the
+Both entry points run the same :class:`~saef.core.Algorithm` code as a real distributed run, with the
 :class:`~saef.backends.inprocess.InProcessTransport`.
 
 BatchNorm policy. Each worker normalises its own slice of the global batch with that slice's statistics,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_precision, check_dense, flatten, model_penalty,
+from ..core import (Algorithm, AlgorithmConfig, NonFiniteStep, TrainerBase, all_finite, check_precision, check_dense, flatten, model_penalty,
                     unflatten, write_flat)
 from ..core.config import check_lr
 from .base import Backend, resolve_device
@@ -35,7 +35,7 @@ from .stacked import stack_model
 __all__ = ["Simulator", "simulate", "SimulatorBackend"]
 
 
-class Simulator(WorkerBase):
+class Simulator(TrainerBase):
     """Train ``model`` with K simulated workers exchanging compressed updates (Algorithm 1).
 
     Each worker gets its own contiguous slice of every global batch and has its own momentum and error.
@@ -46,7 +46,7 @@ class Simulator(WorkerBase):
         model: the module; its trainable parameters are x_0. The simulator owns the parameters from then
             on: call :meth:`load_into` to put x or x~ into a module for evaluation.
         workers: K >= 1.
-        config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`); or give its settings as keywords
+        config: the algorithm (:class:`~saef.core.AlgorithmConfig`); or give its settings as keywords
             (``method``, ``optimizer``, ``compressor``, ``server_compressor``, ``momentum`` or Adam's
             ``betas`` and ``eps``, ``weight_decay``, ``double_way``, ``average_every``, ``warmup_steps``, ``seed``).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch. Default: cross entropy.
@@ -63,13 +63,13 @@ class Simulator(WorkerBase):
         model: nn.Module,
         *,
         workers: int,
-        config: Optional[ErrorFeedbackConfig] = None,
+        config: Optional[AlgorithmConfig] = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         vectorize: Union[str, bool] = "auto",
         precision: str = "fp32",
         **algorithm,
     ):
-        config = ErrorFeedbackConfig.build(config, **algorithm)
+        config = AlgorithmConfig.build(config, **algorithm)
         self.precision = check_precision(precision)
         if vectorize not in ("auto", True, False, "vmap"):
             raise ValueError(f"vectorize must be 'auto', True, 'vmap' or False, got vectorize={vectorize!r}")
@@ -83,8 +83,8 @@ class Simulator(WorkerBase):
         self.shapes = [tuple(p.shape) for _, p in trainable]
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.transport = InProcessTransport(workers)
-        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
-        self.workers = self.num_workers = workers
+        self.algorithm = Algorithm(self.shapes, config, self.transport)
+        self.num_workers = workers
         self.rank = 0
         self.worker_ids = list(range(workers))  # the workers whose shards this trainer is fed
         self.is_main = True  # writes records (the distributed trainer: rank 0 only)
@@ -102,7 +102,7 @@ class Simulator(WorkerBase):
     # --- training ----------------------------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One step on a global batch; returns the mean of the K workers' losses (a 0-d tensor)."""
-        k = self.workers
+        k = self.num_workers
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs and targets differ in batch size: {inputs.shape[0]} vs {targets.shape[0]}")
         if inputs.shape[0] % k:
@@ -164,7 +164,7 @@ class Simulator(WorkerBase):
                 warnings.warn(f"vmap failed ({type(error).__name__}: {error}); computing worker gradients in a loop")
                 self.vectorize = False
         grads, losses = [], []
-        for k in range(self.workers):
+        for k in range(self.num_workers):
             with torch.enable_grad():
                 leaves = self._leaves(points[k : k + 1])
                 worker = tuple(leaf[0] for leaf in leaves)
@@ -190,7 +190,7 @@ class Simulator(WorkerBase):
     def _stacked_gradients(self, points: Tensor, inputs: Tensor, targets: Tensor, buffers: Dict[str, Tensor]):
         """As :meth:`_gradients`, with the traced model run on stacked parameters (no vmap); running
         statistics in ``buffers`` are updated in place."""
-        k = self.workers
+        k = self.num_workers
         with torch.enable_grad():
             leaves = self._leaves(points)
             params = dict(zip(self.names, leaves))
@@ -229,13 +229,13 @@ class Simulator(WorkerBase):
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        return {**self._algorithm_state(), "buffers": {n: b.clone() for n, b in self.buffers.items()}, "workers": self.workers}
+        return {**self._algorithm_state(), "buffers": {n: b.clone() for n, b in self.buffers.items()}, "workers": self.num_workers}
 
     def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
         """Restore a saved state exactly; with ``reset_errors``, keep only x, the mean running statistics
         and the counters, and start the algorithm's state from x (allows another number of workers)."""
-        if not reset_errors and state["workers"] != self.workers:
-            raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.workers}")
+        if not reset_errors and state["workers"] != self.num_workers:
+            raise ValueError(f"state was saved with workers={state['workers']}, this simulator has {self.num_workers}")
         self._load_algorithm_state(state, reset_errors)
         for name, value in state["buffers"].items():
             if reset_errors:  # the mean of the saved workers' statistics, for every worker
@@ -256,14 +256,14 @@ def simulate(
     workers: int,
     steps: int,
     lr: Union[float, Callable[[int], float]],
-    config: Optional[ErrorFeedbackConfig] = None,
+    config: Optional[AlgorithmConfig] = None,
     **algorithm,
 ) -> List[Tensor]:
     """Run the algorithm on a toy problem and return the final parameters x_T (the model iterate).
 
     ``grad_fn(k, x)`` returns worker k's (stochastic) gradient at the point ``x`` (a list of tensors shaped
     like ``x0``). Computation is in the dtype of ``x0`` (float64 works). ``lr`` is a number or a function of
-    the step index t. The algorithm is ``config`` (:class:`~saef.core.ErrorFeedbackConfig`), or its settings
+    the step index t. The algorithm is ``config`` (:class:`~saef.core.AlgorithmConfig`), or its settings
     as keywords: ``method`` ("saef", "ef", "ef21", "direct"), ``compressor``, ``server_compressor``,
     ``optimizer`` ("sgd", "adam"), ``momentum`` (sgd) or ``betas`` and ``eps`` (adam), ``weight_decay``,
     ``double_way``, ``average_every``, ``warmup_steps``, ``seed``.
@@ -274,7 +274,7 @@ def simulate(
         >>> x = saef.simulate(lambda k, x: [x[0] - targets[k]], [torch.zeros(2)],
         ...                   workers=2, steps=200, lr=0.1, method="saef")
     """
-    config = ErrorFeedbackConfig.build(config, **algorithm)
+    config = AlgorithmConfig.build(config, **algorithm)
     x0 = list(x0)
     if not x0 or not all(isinstance(t, Tensor) for t in x0):
         raise ValueError("x0 must be a non-empty list of tensors")
@@ -286,7 +286,7 @@ def simulate(
     if not callable(lr):
         check_lr(lr, " (or give a function of the step)")
     shapes = [tuple(t.shape) for t in x0]
-    algorithm = ErrorFeedback(shapes, config, InProcessTransport(workers))
+    algorithm = Algorithm(shapes, config, InProcessTransport(workers))
     x = flatten([t.detach() for t in x0]).clone()
     state = algorithm.init_state(x)
     grads = x.new_empty(workers, x.numel())
@@ -328,5 +328,5 @@ class SimulatorBackend(Backend):
                  "overlap": self.overlap_bytes != default.overlap_bytes}
         return [name for name, changed in given.items() if changed]
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> Simulator:
+    def make_trainer(self, model: nn.Module, config: AlgorithmConfig, precision: str = "fp32") -> Simulator:
         return Simulator(model, workers=self.workers, config=config, precision=precision)

@@ -14,10 +14,10 @@ goes through a :class:`~saef.core.transport.Transport`. One step, as the phases 
             s     = rule.serve(mean)         the server hands C_s(s) to the downlink (transport.begin_downlink)
             rule.settle_server(C_s(s))       the server's state
     finish  rule.apply(C_s(s))               every worker applies what the server sent
-    end     step counter + 1; rule.end_step  (error averaging, over all layers: ErrorFeedback.end_step)
+    end     step counter + 1; rule.end_step  (error averaging, over all layers: Algorithm.end_step)
 
-:meth:`ErrorFeedback.step` runs them one after the other. Every phase but the end is layer-wise, so the
-flights of the parts of a partition of the layers (:meth:`ErrorFeedback.part`), followed by one end of
+:meth:`Algorithm.step` runs them one after the other. Every phase but the end is layer-wise, so the
+flights of the parts of a partition of the layers (:meth:`Algorithm.part`), followed by one end of
 the whole, are the whole's step bit for bit: what an overlapped step (:mod:`saef.core.overlap`) relies on.
 """
 
@@ -31,16 +31,16 @@ import torch
 from torch import Tensor
 
 from ..compress import SERVER, Context, Identity, Layout
-from .config import ErrorFeedbackConfig, check_lr
+from .config import AlgorithmConfig, check_lr
 from .local import LocalOptimizer, make_optimizer
 from .perlayer import PerLayer, Scalar
 from .rules import Plan, rule_class
 from .transport import Pending, Transport
 
-__all__ = ["ErrorFeedbackState", "ErrorFeedback", "Flight"]
+__all__ = ["AlgorithmState", "Algorithm", "Flight"]
 
 
-class ErrorFeedbackState:
+class AlgorithmState:
     """Everything the algorithm remembers between steps (all of it goes into checkpoints): the step
     counter t and named tensors -- the local optimizer's (``worker_momentum``) and the rule's (e.g.
     ``worker_error``, ``server_error``), each readable as an attribute."""
@@ -74,19 +74,19 @@ class ErrorFeedbackState:
         self.step = int(state["step"])
 
 
-class ErrorFeedback:
+class Algorithm:
     """The algorithm over a fixed list of layer shapes and a transport.
 
     Example (one simulated step of 2 workers on a 3-element parameter)::
 
-        >>> ef = ErrorFeedback([(3,)], ErrorFeedbackConfig(method="saef", compressor="sign"),
+        >>> ef = Algorithm([(3,)], AlgorithmConfig(method="saef", compressor="sign"),
         ...                    InProcessTransport(2))
         >>> x = torch.zeros(3); state = ef.init_state(x)
         >>> z = ef.gradient_points(state, x)            # (2, 3): where each worker takes its gradient
         >>> ef.step(state, x, grads=torch.ones(2, 3), lr=0.1)
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], config: ErrorFeedbackConfig, transport: Transport,
+    def __init__(self, shapes: Sequence[Sequence[int]], config: AlgorithmConfig, transport: Transport,
                  ids: Optional[Sequence[int]] = None, optimizer: Optional[LocalOptimizer] = None):
         self.config = config
         self.transport = transport
@@ -114,10 +114,10 @@ class ErrorFeedback:
     def layer(self, i: int) -> slice:
         return self.layout.slices[i]
 
-    def init_state(self, x: Tensor) -> ErrorFeedbackState:
+    def init_state(self, x: Tensor) -> AlgorithmState:
         """The state at the start (zero momentum, errors, estimates) for ``x`` (P,) and this process's W workers."""
         self._check_flat(x, "x")
-        state = ErrorFeedbackState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
+        state = AlgorithmState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
         for name, compressor, senders in (("uplink", self.uplink, self.transport.worker_ids), ("downlink", self.downlink, (SERVER,))):
             size = sum(c.stop - c.start for c in self.state_slices[name].values())
             if size:  # the compressor's own state per sender, seeded from the run (step -1: before the first)
@@ -126,7 +126,7 @@ class ErrorFeedback:
                 state.tensors[f"{name}_state"] = rows if name == "uplink" else rows[0]
         return state
 
-    def fresh_state(self, x: Tensor, saved: Dict[str, object]) -> ErrorFeedbackState:
+    def fresh_state(self, x: Tensor, saved: Dict[str, object]) -> AlgorithmState:
         """The state of a reset (``reset_errors``): as at a start, at the saved step, with the tensors the
         local optimizer carries over through a reset taken from ``saved`` (a state dict) where it holds them
         with the same shape (Adam's v, which only full-precision steps update)."""
@@ -148,14 +148,14 @@ class ErrorFeedback:
             return self.state_slices[direction][self.layout.ids[i]]
         return self.layout.slices[i]
 
-    def contexts(self, state: ErrorFeedbackState):
+    def contexts(self, state: AlgorithmState):
         """The uplink's and the downlink's :class:`~saef.compress.Context` of this step."""
         seed, t, tensors = self.config.seed, state.step, state.tensors
         server = tensors.get("downlink_state")
         return (Context(seed, t, self.transport.worker_ids, tensors.get("uplink_state"), self.state_slices["uplink"]),
                 Context(seed, t, (SERVER,), None if server is None else server.unsqueeze(0), self.state_slices["downlink"]))
 
-    def in_warmup(self, state: ErrorFeedbackState) -> bool:
+    def in_warmup(self, state: AlgorithmState) -> bool:
         """Whether the next step is one of the full-precision warm-up."""
         return state.step < self.config.warmup_steps
 
@@ -164,12 +164,12 @@ class ErrorFeedback:
             raise ValueError(f"{name} must be a flat tensor of {self.num_params} elements, got shape {tuple(x.shape)}")
 
     # --- where the gradients are taken -------------------------------------------------------------
-    def gradient_points(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+    def gradient_points(self, state: AlgorithmState, x: Tensor) -> Tensor:
         """z_k, (W, P): e.g. x - e_k for SAEF, x (an expanded view, no copy) for EF."""
         return self.rule.points(state, x)
 
     @torch.no_grad()
-    def write_gradient_points(self, state: ErrorFeedbackState, x: Tensor, targets: Sequence[Tensor]) -> None:
+    def write_gradient_points(self, state: AlgorithmState, x: Tensor, targets: Sequence[Tensor]) -> None:
         """Write z_k of layer i into ``targets[i]`` (W d_i elements each, e.g. a model's parameters when
         W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
         w = self.transport.num_local
@@ -188,7 +188,7 @@ class ErrorFeedback:
         return tensors
 
     # --- one step ---------------------------------------------------------------------------------
-    def step(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> None:
+    def step(self, state: AlgorithmState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> None:
         """Apply one step in place to ``x`` and ``state``: its phases (:class:`Flight`) one after the other.
 
         Args:
@@ -203,7 +203,7 @@ class ErrorFeedback:
         flight.finish()
         self.end_step(state)
 
-    def begin(self, state: ErrorFeedbackState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> "Flight":
+    def begin(self, state: AlgorithmState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> "Flight":
         """The first phase of a step (arguments as for :meth:`step`): each worker's direction, what it
         compresses, and its payloads handed to the uplink. Returns the step in flight, whose
         :meth:`Flight.serve` and :meth:`Flight.finish` run the rest of it but :meth:`end_step`."""
@@ -212,11 +212,11 @@ class ErrorFeedback:
             check_lr(value)
         return Flight(self, state, x, self._gradient_pairs(grads), lr)
 
-    def rule_for(self, state: ErrorFeedbackState):
+    def rule_for(self, state: AlgorithmState):
         """The rule of the step the state is at: the warm-up's (identity compressors) or the configured one."""
         return self.warmup_rule if self.in_warmup(state) else self.rule
 
-    def end_step(self, state: ErrorFeedbackState) -> None:
+    def end_step(self, state: AlgorithmState) -> None:
         """After every layer's step has finished (the flights of all parts, for an overlapped step): the
         step counter moves, then the rule's end of step (error averaging), over all layers at once."""
         rule = self.rule_for(state)  # the rule the step ran with (decided before the counter moves)
@@ -224,7 +224,7 @@ class ErrorFeedback:
         rule.end_step(state)
 
     # --- parts: consecutive layers stepped on their own (the buckets of an overlapped step) --------------
-    def part(self, layers: range) -> "ErrorFeedback":
+    def part(self, layers: range) -> "Algorithm":
         """The algorithm over the consecutive ``layers`` of this one, with their ids, the transport's part
         for them (:meth:`Transport.part`) and the local optimizer's part (:meth:`LocalOptimizer.part`),
         which reads its per-layer settings from this one's at every step. Every phase of a step but its end
@@ -233,11 +233,11 @@ class ErrorFeedback:
         layers = list(layers)
         if not layers or layers != list(range(layers[0], layers[-1] + 1)) or layers[-1] >= len(self.shapes):
             raise ValueError(f"a part is a non-empty range of consecutive layers of 0 .. {len(self.shapes) - 1}, got {layers}")
-        return ErrorFeedback([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
+        return Algorithm([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
                              ids=[self.layout.ids[i] for i in layers],
                              optimizer=self.optimizer.part(layers, self.layout.subset(layers)))
 
-    def part_state(self, state: ErrorFeedbackState, layers: range) -> ErrorFeedbackState:
+    def part_state(self, state: AlgorithmState, layers: range) -> AlgorithmState:
         """The state of :meth:`part` ``(layers)``: views of this state's columns for those layers (what a
         part's step changes, it changes here), at the same step."""
         layers = list(layers)
@@ -245,7 +245,7 @@ class ErrorFeedback:
         for name, tensor in state.tensors.items():
             first, last = self.layer_columns(name, layers[0]), self.layer_columns(name, layers[-1])
             tensors[name] = tensor[..., first.start:last.stop]
-        return ErrorFeedbackState(state.step, tensors)
+        return AlgorithmState(state.step, tensors)
 
     def per_layer(self, value: Scalar, name: str) -> PerLayer:
         """``value`` (one number or one per layer) over this algorithm's layers."""
@@ -260,17 +260,17 @@ class ErrorFeedback:
         return [(g.reshape(w, -1), s) for g, s in zip(self._check_layers(grads, "grads"), self.layout.slices)]
 
     # --- read-outs ---------------------------------------------------------------------------------
-    def compression_error(self, state: ErrorFeedbackState) -> Tensor:
+    def compression_error(self, state: AlgorithmState) -> Tensor:
         """e_s + mean_k e_k, (P,), as a shift of the parameters (for Adam: times lr / (sqrt(v) + eps)): the
         gap between x and the auxiliary iterate x~ (EF and SAEF)."""
         return self.rule.compression_error(state)
 
-    def auxiliary_iterate(self, state: ErrorFeedbackState, x: Tensor) -> Tensor:
+    def auxiliary_iterate(self, state: AlgorithmState, x: Tensor) -> Tensor:
         """x~ = x - (e_s + mean_k e_k), the point whose update is plain momentum SGD (eq. 3); for Adam the
         errors are mapped to parameters (:meth:`compression_error`)."""
         return x - self.compression_error(state)
 
-    def point(self, state: ErrorFeedbackState, x: Tensor, which: str = "x") -> Tensor:
+    def point(self, state: AlgorithmState, x: Tensor, which: str = "x") -> Tensor:
         """The parameters to evaluate: ``"x"`` (the model iterate; for EF21 double-way the server's x, which
         is not what the workers hold) or ``"auxiliary"`` (x~, for the rules that define it)."""
         if which == "x":
@@ -279,7 +279,7 @@ class ErrorFeedback:
             return self.auxiliary_iterate(state, x)
         raise ValueError(f"point must be 'x' or 'auxiliary', got point={which!r}")
 
-    def mismatch(self, state: ErrorFeedbackState) -> Dict[str, float]:
+    def mismatch(self, state: AlgorithmState) -> Dict[str, float]:
         """The gradient-mismatch terms of the paper, without the L^2 factor (EF and SAEF):
 
         * ``mismatch_ef``   = ||e_s + mean_k e_k||^2           (bounds EF's mismatch, eq. 9)
@@ -294,7 +294,7 @@ class ErrorFeedback:
 
 
 class Flight:
-    """One step of an :class:`ErrorFeedback` under way (made by :meth:`ErrorFeedback.begin`), in named
+    """One step of an :class:`Algorithm` under way (made by :meth:`Algorithm.begin`), in named
     phases that run in this order::
 
         flight = algorithm.begin(state, x, grads, lr)  # direction, what each worker compresses, uplink handed over
@@ -309,7 +309,7 @@ class Flight:
     contexts, the payloads under way); nothing of it is left in the algorithm or its rule's plan.
     """
 
-    def __init__(self, algorithm: "ErrorFeedback", state: ErrorFeedbackState, x: Tensor, pairs, lr: PerLayer):
+    def __init__(self, algorithm: "Algorithm", state: AlgorithmState, x: Tensor, pairs, lr: PerLayer):
         self.algorithm, self.state, self.x, self.lr = algorithm, state, x, lr
         self.rule = rule = algorithm.rule_for(state)  # the warm-up's or the configured one, for the whole step
         plan = rule.plan
@@ -360,7 +360,7 @@ class Flight:
 
     def finish(self) -> None:
         """The last phase: the update received (if :meth:`land` did not already), and every worker applies
-        it. The step then ends with :meth:`ErrorFeedback.end_step`, over all layers."""
+        it. The step then ends with :meth:`Algorithm.end_step`, over all layers."""
         if self.phase == "served":
             self.land()
         self._enter("finished", ("landed",))

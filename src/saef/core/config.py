@@ -1,7 +1,7 @@
 """The algorithm's configuration: built once, validated once, passed whole to every backend.
 
-:class:`ErrorFeedbackConfig` is what ``saef.simulate``, ``saef.Simulator``, ``saef.SAEF`` and both backends
-take (or build from the same keyword arguments, through :meth:`ErrorFeedbackConfig.build`); the run
+:class:`AlgorithmConfig` is what ``saef.simulate``, ``saef.Simulator``, ``saef.SAEF`` and both backends
+take (or build from the same keyword arguments, through :meth:`AlgorithmConfig.build`); the run
 configuration of ``saef train`` resolves its own settings into one (``TrainConfig.algorithm()``), so the
 full-precision baseline there is just ``method="ef"`` with the identity compressor, single-way.
 """
@@ -18,7 +18,7 @@ from ..compress import Compressor, Identity, make_compressor
 from .local import available_optimizers
 from .rules.registry import available_rules, rule_class
 
-__all__ = ["ErrorFeedbackConfig", "check_betas", "check_eps", "check_lr", "check_momentum", "check_weight_decay"]
+__all__ = ["AlgorithmConfig", "check_betas", "check_eps", "check_lr", "check_momentum", "check_weight_decay"]
 
 
 def check_lr(lr, where: str = "") -> float:
@@ -73,7 +73,7 @@ def _check_count(name: str, value, low: int = 0) -> None:
 
 
 @dataclass(frozen=True)
-class ErrorFeedbackConfig:
+class AlgorithmConfig:
     """Hyper-parameters of the algorithm, validated at construction.
 
     Args:
@@ -155,7 +155,7 @@ class ErrorFeedbackConfig:
                           "compressors take over), so every step is lr * m / eps: give warmup_steps", stacklevel=4)
 
     @classmethod
-    def build(cls, config: Optional["ErrorFeedbackConfig"] = None, **settings) -> "ErrorFeedbackConfig":
+    def build(cls, config: Optional["AlgorithmConfig"] = None, **settings) -> "AlgorithmConfig":
         """``config`` itself, or one made from keyword ``settings`` (the fields above); not both."""
         unknown = sorted(set(settings) - set(cls.FIELDS))
         if unknown:
@@ -163,7 +163,7 @@ class ErrorFeedbackConfig:
         if config is None:
             return cls(**settings)
         if not isinstance(config, cls):
-            raise ValueError(f"config must be an ErrorFeedbackConfig, got {type(config).__name__}")
+            raise ValueError(f"config must be an AlgorithmConfig, got {type(config).__name__}")
         if settings:
             raise ValueError(f"give either config or the settings ({', '.join(sorted(settings))}), not both")
         return config
@@ -183,4 +183,4 @@ class ErrorFeedbackConfig:
         return type(self.compressor) is Identity and type(self.downlink_compressor) is Identity
 
 
-ErrorFeedbackConfig.FIELDS = tuple(f.name for f in dataclasses.fields(ErrorFeedbackConfig))  # the settings, in order
+AlgorithmConfig.FIELDS = tuple(f.name for f in dataclasses.fields(AlgorithmConfig))  # the settings, in order

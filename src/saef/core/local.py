@@ -36,7 +36,7 @@ Grads = Sequence[Tuple[Tensor, slice]]  # pairs of a (W, n) gradient and the str
 class LocalOptimizer(Protocol):
     """What a local optimizer offers the algorithm and the rules. A class registered with
     :func:`register_optimizer` is built as ``cls(layout, config, full_precision_until)``: the layers, the
-    :class:`~saef.core.ErrorFeedbackConfig` (its settings are the starting values), and the steps before
+    :class:`~saef.core.AlgorithmConfig` (its settings are the starting values), and the steps before
     which it runs in full precision (the warm-up; infinity when nothing is compressed)."""
 
     name: ClassVar[str]  # the name a configuration uses (``optimizer="sgd"``)
@@ -269,7 +269,7 @@ _OPTIMIZERS: Dict[str, Type[LocalOptimizer]] = {}
 
 def register_optimizer(optimizer: Type[LocalOptimizer], *, overwrite: bool = False) -> None:
     """Make ``optimizer`` (a class with every member of :class:`LocalOptimizer`) available under its
-    ``name`` (``ErrorFeedbackConfig(optimizer=...)``)."""
+    ``name`` (``AlgorithmConfig(optimizer=...)``)."""
     missing = [member for member in _members() if not hasattr(optimizer, member) and member != "layout"]
     if not isinstance(optimizer, type) or missing:
         raise ValueError(f"a local optimizer must be a class with every member of LocalOptimizer, got {optimizer!r}"

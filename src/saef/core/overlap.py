@@ -1,8 +1,8 @@
 """A step whose communication overlaps the backward pass: buckets of layers, each started as its
 gradients are made.
 
-The step of :class:`~saef.core.algorithm.ErrorFeedback` is layer-wise up to its end (error averaging), so
-it can run on parts of the model (:meth:`ErrorFeedback.part`), each part's step a
+The step of :class:`~saef.core.algorithm.Algorithm` is layer-wise up to its end (error averaging), so
+it can run on parts of the model (:meth:`Algorithm.part`), each part's step a
 :class:`~saef.core.algorithm.Flight` with named phases. :class:`OverlappedStep` cuts the layers into
 buckets of consecutive layers, last layers first (the order in which backward makes gradients), and hooks
 every parameter (``register_post_accumulate_grad_hook``). When the gradients of bucket b are all there,
@@ -41,7 +41,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .algorithm import ErrorFeedback, ErrorFeedbackState, Flight
+from .algorithm import Algorithm, AlgorithmState, Flight
 from .flat import NonFiniteStep, all_finite, check_dense
 from .ledger import PER_WORKER
 from .perlayer import PerLayer
@@ -83,7 +83,7 @@ class OverlappedStep:
         overlapped.run(state, x, lr, lambda: loss.backward(), loss_finite)
     """
 
-    def __init__(self, algorithm: ErrorFeedback, params: Sequence[Tensor], bucket_bytes: int,
+    def __init__(self, algorithm: Algorithm, params: Sequence[Tensor], bucket_bytes: int,
                  vote: Callable[[bool], bool]):
         self.algorithm, self.params, self.vote = algorithm, list(params), vote
         if len(self.params) != len(algorithm.shapes):
@@ -99,7 +99,7 @@ class OverlappedStep:
         for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda _, i=i: self._made(i))
 
-    def run(self, state: ErrorFeedbackState, x: Tensor, lr, backward: Callable[[], None], finite: bool = True) -> None:
+    def run(self, state: AlgorithmState, x: Tensor, lr, backward: Callable[[], None], finite: bool = True) -> None:
         """One step: ``backward()`` makes the gradients (at the points the caller wrote), the buckets go out
         as they are made; ``finite``: whether what the caller checked before (the loss) is finite."""
         step = _Step(self, state, x, lr, finite)
@@ -113,7 +113,7 @@ class OverlappedStep:
             self._step = None
         step.finish()
 
-    def copy_state(self, b: int, state: ErrorFeedbackState):
+    def copy_state(self, b: int, state: AlgorithmState):
         """Copies of bucket b's part of the state, in buffers kept from step to step."""
         copies = {}
         for name, tensor in state.tensors.items():
@@ -131,7 +131,7 @@ class OverlappedStep:
 class _Step:
     """The bookkeeping of one overlapped step."""
 
-    def __init__(self, owner: OverlappedStep, state: ErrorFeedbackState, x: Tensor, lr, finite: bool):
+    def __init__(self, owner: OverlappedStep, state: AlgorithmState, x: Tensor, lr, finite: bool):
         self.owner, self.state, self.x = owner, state, x
         algorithm = owner.algorithm
         self.lr = lr if isinstance(lr, PerLayer) else algorithm.per_layer(lr, "lr")
@@ -166,7 +166,7 @@ class _Step:
 
     @torch.no_grad()
     def _start(self, b: int, grads: Optional[List[Tensor]] = None) -> None:
-        """Bucket b's first phase (:meth:`ErrorFeedback.begin`): its direction and payloads, handed to the
+        """Bucket b's first phase (:meth:`Algorithm.begin`): its direction and payloads, handed to the
         uplink. ``grads``: given once
         the vote has kept the step on every rank (the state then needs no copy)."""
         owner, algorithm = self.owner, self.owner.algorithm

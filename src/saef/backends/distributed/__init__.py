@@ -8,7 +8,7 @@ Launch (one process per worker; gloo on CPU, NCCL on GPU, chosen from the device
 One module per concern: :mod:`.transport` (:class:`DistributedTransport`, what crosses the network),
 :mod:`.owners` (:func:`assign_layers`, which rank serves each layer), :mod:`.groups` (the per-direction
 process groups and their timeout), :mod:`.rendezvous` (:func:`init_distributed`, joining the job within a
-timeout), :mod:`.worker` (:class:`DistributedWorker`, one rank's trainer) and :mod:`.backend`
+timeout), :mod:`.trainer` (:class:`DistributedTrainer`, one rank's trainer) and :mod:`.backend`
 (:class:`DistributedBackend`, ``--backend dist``).
 
 What crosses the network, per step (all of it payloads of :mod:`saef.compress`):
@@ -39,7 +39,7 @@ from .groups import direction_groups
 from .owners import assign_layers
 from .rendezvous import RendezvousTimeout, init_distributed
 from .transport import SERVERS, DistributedTransport
-from .worker import DistributedWorker
+from .trainer import DistributedTrainer
 
-__all__ = ["DistributedTransport", "DistributedWorker", "DistributedBackend", "init_distributed", "RendezvousTimeout",
+__all__ = ["DistributedTransport", "DistributedTrainer", "DistributedBackend", "init_distributed", "RendezvousTimeout",
            "assign_layers", "direction_groups", "SERVERS"]

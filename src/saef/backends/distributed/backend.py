@@ -7,10 +7,10 @@ import os
 import torch.distributed as dist
 from torch import nn
 
-from ...core import ErrorFeedbackConfig
+from ...core import AlgorithmConfig
 from ..base import Backend, PeerFailed, RanksDisagree
 from .rendezvous import RendezvousTimeout, init_distributed
-from .worker import DistributedWorker
+from .trainer import DistributedTrainer
 
 __all__ = ["DistributedBackend"]
 
@@ -68,8 +68,8 @@ class DistributedBackend(Backend):
     def restarted(self) -> bool:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-    def make_worker(self, model: nn.Module, config: ErrorFeedbackConfig, precision: str = "fp32") -> DistributedWorker:
-        return DistributedWorker(model, config=config, server=self.server, precision=precision, overlap_bytes=self.overlap_bytes)
+    def make_trainer(self, model: nn.Module, config: AlgorithmConfig, precision: str = "fp32") -> DistributedTrainer:
+        return DistributedTrainer(model, config=config, server=self.server, precision=precision, overlap_bytes=self.overlap_bytes)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -27,10 +27,10 @@ from torch import Tensor
 from ..perlayer import PerLayer
 from .base import FeedbackRule
 
-__all__ = ["ErrorFeedbackRule", "StepAheadErrorFeedback"]
+__all__ = ["LocalErrorFeedback", "StepAheadErrorFeedback"]
 
 
-class ErrorFeedbackRule(FeedbackRule):
+class LocalErrorFeedback(FeedbackRule):
     """EF: the gradient at x; the worker error e_k and server error e_s fed back into the next step."""
 
     name = "ef"
@@ -71,7 +71,7 @@ class ErrorFeedbackRule(FeedbackRule):
         return self.plan.optimizer.shift(state, transport.server_total(state.server_error) + mean_error)
 
 
-class StepAheadErrorFeedback(ErrorFeedbackRule):
+class StepAheadErrorFeedback(LocalErrorFeedback):
     """SAEF: as EF, with each worker's gradient taken at x - e_k, a step ahead."""
 
     name = "saef"

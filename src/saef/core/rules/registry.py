@@ -1,4 +1,4 @@
-"""The feedback rules by name (``ErrorFeedbackConfig(method=...)``, ``saef train --method ...``)."""
+"""The feedback rules by name (``AlgorithmConfig(method=...)``, ``saef train --method ...``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Dict, Tuple, Type
 
 from .base import FeedbackRule
 from .direct import Direct
-from .ef import ErrorFeedbackRule, StepAheadErrorFeedback
+from .ef import LocalErrorFeedback, StepAheadErrorFeedback
 from .ef21 import EF21
 
 __all__ = ["register_rule", "rule_class", "available_rules"]
@@ -33,5 +33,5 @@ def available_rules() -> Tuple[str, ...]:
     return tuple(_RULES)
 
 
-for _rule in (ErrorFeedbackRule, StepAheadErrorFeedback, EF21, Direct):
+for _rule in (LocalErrorFeedback, StepAheadErrorFeedback, EF21, Direct):
     register_rule(_rule)

@@ -11,10 +11,10 @@ from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .algorithm import ErrorFeedback, ErrorFeedbackState
+from .algorithm import Algorithm, AlgorithmState
 from .transport import Transport
 
-__all__ = ["Worker", "WorkerBase", "model_penalty", "PRECISIONS", "check_precision"]
+__all__ = ["Trainer", "TrainerBase", "model_penalty", "PRECISIONS", "check_precision"]
 
 # The precisions of the forward and backward passes: the autocast dtype (None: no autocast). The parameters,
 # the local optimizer's state and the errors stay fp32 whatever is chosen: error feedback accumulates
@@ -37,8 +37,9 @@ def model_penalty(model: nn.Module, params: Sequence[Tensor]) -> Optional[Tensor
 
 
 @runtime_checkable
-class Worker(Protocol):
-    """What a backend's trainer offers the training loop."""
+class Trainer(Protocol):
+    """What a backend's trainer offers the training loop: the object in one process that hosts W of the
+    job's K workers (all K in the simulator, one on a distributed rank) and steps them together."""
 
     num_workers: int  # K, the workers of the whole job
     rank: int  # this process's index (0 in the simulator)
@@ -71,14 +72,14 @@ class Worker(Protocol):
         """Restore :meth:`state_dict`; ``reset_errors`` keeps the parameters and counters only."""
 
 
-class WorkerBase:
+class TrainerBase:
     """What the simulator and one distributed rank share: the flat parameters ``x``, the algorithm, its
     state and the transport's ledger, and the read-outs of them. Subclasses set ``x``, ``algorithm``,
     ``state`` and ``transport``."""
 
     x: Tensor
-    algorithm: ErrorFeedback
-    state: ErrorFeedbackState
+    algorithm: Algorithm
+    state: AlgorithmState
     transport: Transport
     precision: str = "fp32"  # of the forward (and so the backward): a key of PRECISIONS
 
@@ -102,7 +103,7 @@ class WorkerBase:
         return self.algorithm.point(self.state, self.x, point)
 
     def mismatch(self) -> Optional[Dict[str, float]]:
-        """The two gradient-mismatch terms (see :meth:`ErrorFeedback.mismatch`), or None where the rule
+        """The two gradient-mismatch terms (see :meth:`Algorithm.mismatch`), or None where the rule
         defines none (EF21, direct) or nothing is compressed."""
         return self.algorithm.mismatch(self.state) if self.has_diagnostics else None
 
@@ -122,7 +123,7 @@ class WorkerBase:
         """Restore x, the algorithm's state and the ledger exactly; or, with ``reset_errors``, start the
         rule's and the local optimizer's state afresh from the saved *model iterate* (for EF21 double-way
         the server's x, not the workers' copy), keeping the step, the per-worker bit counts and what the
-        local optimizer carries over (Adam's v; see :meth:`ErrorFeedback.fresh_state`)."""
+        local optimizer carries over (Adam's v; see :meth:`Algorithm.fresh_state`)."""
         if tuple(state["x"].shape) != tuple(self.x.shape):
             raise ValueError(f"state has {state['x'].numel()} parameters, the model has {self.x.numel()}")
         if reset_errors:

@@ -8,25 +8,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ...core import (ErrorFeedback, ErrorFeedbackConfig, NonFiniteStep, WorkerBase, all_finite, check_dense,
+from ...core import (Algorithm, AlgorithmConfig, NonFiniteStep, TrainerBase, all_finite, check_dense,
                      check_precision, flatten, model_penalty, write_flat)
 from ...core.overlap import OverlappedStep
 from .transport import DistributedTransport
 
-__all__ = ["DistributedWorker"]
+__all__ = ["DistributedTrainer"]
 
 
-class DistributedWorker(WorkerBase):
+class DistributedTrainer(TrainerBase):
     """One rank of a distributed run: the counterpart of :class:`~saef.backends.simulator.Simulator` for W = 1.
 
     Rank r is worker r. The model is broadcast from rank 0 at construction; the rank computes the gradient
-    of its own shard at its gradient point z_r with ordinary autograd, and :class:`ErrorFeedback` does the
+    of its own shard at its gradient point z_r with ordinary autograd, and :class:`Algorithm` does the
     rest through a :class:`DistributedTransport`. BatchNorm: running statistics are per rank and averaged
     (one all-reduce) when a model is loaded for evaluation, as in the simulator.
 
     Args:
         model: this rank's copy of the model (on this rank's device).
-        config: the algorithm (:class:`~saef.core.ErrorFeedbackConfig`), or its settings as keywords.
+        config: the algorithm (:class:`~saef.core.AlgorithmConfig`), or its settings as keywords.
         server: ``"sharded"`` or ``"rank0"``. Where nothing is compressed either way, the mean travels as
             in an all-reduce instead (``"allreduce"``), whatever is asked.
         precision: ``"fp32"`` or ``"bf16"`` (the forward under autocast), as for the simulator.
@@ -37,11 +37,11 @@ class DistributedWorker(WorkerBase):
 
     cheap_diagnostics = False  # the mismatch terms need a dense all-reduce: computed once per epoch
 
-    def __init__(self, model: nn.Module, *, config: ErrorFeedbackConfig = None, server: str = "sharded", loss_fn=None,
+    def __init__(self, model: nn.Module, *, config: AlgorithmConfig = None, server: str = "sharded", loss_fn=None,
                  precision: str = "fp32", overlap_bytes: int = 0, **algorithm):
         import torch.nn.functional as F
 
-        config = ErrorFeedbackConfig.build(config, **algorithm)
+        config = AlgorithmConfig.build(config, **algorithm)
         self.precision = check_precision(precision)
         if config.lossless:  # nothing to serve: a dense mean, as DDP moves it
             server = "allreduce"
@@ -58,12 +58,11 @@ class DistributedWorker(WorkerBase):
         apart = bool(overlap_bytes) and server != "allreduce" and dist.get_backend() == "gloo"
         self.transport = DistributedTransport([p.numel() for p in self.params], server, dtype=self.x.dtype, device=self.x.device,
                                               directions_apart=apart)
-        self.algorithm = ErrorFeedback(self.shapes, config, self.transport)
+        self.algorithm = Algorithm(self.shapes, config, self.transport)
         self.state = self.algorithm.init_state(self.x)
         self.overlapped = OverlappedStep(self.algorithm, self.params, overlap_bytes, self.transport.all_finite) \
             if overlap_bytes else None
-        self.rank, self.workers = self.transport.rank, self.transport.num_workers
-        self.num_workers = self.workers
+        self.rank, self.num_workers = self.transport.rank, self.transport.num_workers
         self.worker_ids = [self.rank]
         self.is_main = self.rank == 0
 
@@ -103,7 +102,7 @@ class DistributedWorker(WorkerBase):
         """Mean of a per-rank number over all ranks."""
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.x.device)
         dist.all_reduce(t)
-        return t.item() / self.workers
+        return t.item() / self.num_workers
 
     @torch.no_grad()
     def load_into(self, model: nn.Module, point: str = "x") -> nn.Module:
@@ -117,7 +116,7 @@ class DistributedWorker(WorkerBase):
             if source.is_floating_point():
                 mean = source.clone()
                 dist.all_reduce(mean)
-                target.copy_(mean / self.workers)
+                target.copy_(mean / self.num_workers)
             else:
                 target.copy_(source)
         return model
@@ -129,7 +128,7 @@ class DistributedWorker(WorkerBase):
         return {
             **self._algorithm_state(),
             "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
-            "workers": self.workers,
+            "workers": self.num_workers,
             "rank": self.rank,
             "server": self.transport.server,
         }
@@ -138,7 +137,7 @@ class DistributedWorker(WorkerBase):
     def load_state_dict(self, state: Dict[str, object], reset_errors: bool = False) -> None:
         """Restore this rank's saved share exactly; with ``reset_errors``, keep only x, the counters and
         the running statistics (from rank 0's file), with the algorithm's state started from x."""
-        if not reset_errors and (state["workers"], state["rank"], state["server"]) != (self.workers, self.rank, self.transport.server):
+        if not reset_errors and (state["workers"], state["rank"], state["server"]) != (self.num_workers, self.rank, self.transport.server):
             raise ValueError("state was saved by another rank, number of workers or server placement")
         self._load_algorithm_state(state, reset_errors)
         buffers = dict(self.model.named_buffers())
