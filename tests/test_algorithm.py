@@ -253,3 +253,30 @@ def test_in_process_transport_shared_by_two_dtypes(spec):
     x, e = one_step(shared, torch.float64)
     x_ref, e_ref = one_step(InProcessTransport(2), torch.float64)
     assert x.dtype == torch.float64 and torch.equal(x, x_ref) and torch.equal(e, e_ref)
+
+
+def test_a_flight_runs_its_phases_in_order_and_equals_step():
+    """Algorithm.begin / Flight.serve / Flight.finish / end_step is Algorithm.step bit for bit, and a phase
+    asked for out of order (finish before serve, serve twice) is refused with RuntimeError, naming the
+    order, before it changes anything."""
+    shapes = [(3, 4), (7,)]
+    grad_fn, x0 = quadratic_problem(2, shapes)
+    cfg = AlgorithmConfig(method="saef", momentum=0.9, compressor="topk:0.3", average_every=2)
+    plain, phased = (Algorithm(shapes, cfg, InProcessTransport(2)) for _ in range(2))
+    x_plain, x_phased = saef.core.flatten(x0).clone(), saef.core.flatten(x0).clone()
+    s_plain, s_phased = plain.init_state(x_plain), phased.init_state(x_phased)
+    for t in range(4):
+        z = plain.gradient_points(s_plain, x_plain)
+        grads = torch.stack([saef.core.flatten(grad_fn(k, saef.core.unflatten(z[k], shapes))) for k in range(2)])
+        plain.step(s_plain, x_plain, grads, 0.1)
+        flight = phased.begin(s_phased, x_phased, grads.clone(), 0.1)
+        with pytest.raises(RuntimeError, match="begin, serve, finish"):
+            flight.finish()
+        flight.serve()
+        with pytest.raises(RuntimeError, match="begin, serve, finish"):
+            flight.serve()
+        flight.finish()
+        phased.end_step(s_phased)
+    assert torch.equal(x_plain, x_phased)
+    for name, tensor in s_plain.tensors.items():
+        assert torch.equal(tensor, s_phased.tensors[name]), name

@@ -10,21 +10,27 @@ import torch
 import torch.nn.functional as F
 
 import saef
+from torch import nn
 
 from _problems import batches, small_model
 
-def _tiny():
-    import torch
-    from torch import nn
 
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _mlp_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+
+
+def _tiny():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
 def _backward(model, seed, nan=False):
-    import torch
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(seed)
     loss = F.cross_entropy(model(torch.randn(8, 4, generator=g)), torch.randint(0, 3, (8,), generator=g))
     loss.backward()
@@ -46,8 +52,6 @@ def _trained(compressor, steps=3):
 def test_the_optimizer_skips_a_non_finite_step_before_it_touches_state():
     """saef.SAEF.step with a NaN in a gradient changes neither the parameters nor any state tensor, warns,
     and counts the skip; the next finite step proceeds."""
-    import torch
-
     model = _tiny()
     opt = saef.SAEF(model.parameters(), lr=0.1, momentum=0.9, compressor="topk:0.3")
     _backward(model, 1)
@@ -69,9 +73,6 @@ def test_the_optimizer_skips_a_non_finite_step_before_it_touches_state():
 
 def test_sparse_gradients_are_refused():
     """A sparse gradient (nn.Embedding(sparse=True)) is refused with a message saying what to change."""
-    import torch
-    from torch import nn
-
     emb = nn.Embedding(10, 4, sparse=True)
     opt = saef.SAEF(emb.parameters(), lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -82,8 +83,6 @@ def test_sparse_gradients_are_refused():
 def test_optimizer_state_of_another_compressor_needs_reset_errors():
     """Loading a top-k optimizer's state into a sign optimizer is refused, naming the setting; with
     reset_errors=True the parameters and step carry over and momentum and errors start from zero."""
-    import torch
-
     _, topk = _trained("topk:0.3")
     saved = topk.state_dict()
     sign = saef.SAEF(_tiny().parameters(), lr=0.1, momentum=0.9, compressor="sign")
@@ -98,8 +97,6 @@ def test_the_optimizer_reads_momentum_and_weight_decay_every_step():
     """Like torch.optim.SGD, saef.SAEF reads momentum and weight decay from its parameter group every step,
     so a scheduler that changes them (OneCycleLR cycles the momentum) takes effect: with the identity
     compressor, 20 steps under OneCycleLR equal torch.optim.SGD's (allclose 1e-6)."""
-    import torch
-
     a, b = _tiny(), _tiny()
     ours = saef.SAEF(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, compressor="identity")
     ref = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -128,8 +125,6 @@ def test_parameter_groups_and_add_param_group_follow_sgd():
     """Per-group lr, momentum and weight decay, and a group added after 5 steps with add_param_group (its
     own lr and momentum), with a scheduler on top: with the identity compressor, 15 steps equal
     torch.optim.SGD's (allclose 1e-6). Before it is added, the last bias is not trained by either."""
-    import torch
-
     a, b = _tiny(), _tiny()
     ours = saef.SAEF(_groups(a), lr=0.05, momentum=0.5, compressor="identity")
     ref = torch.optim.SGD(_groups(b), lr=0.05, momentum=0.5)
@@ -154,8 +149,6 @@ def test_parameter_groups_with_compression_and_state_round_trip():
     its errors stay zero, while the other group trains), an added group starts with zero state while the
     others keep theirs, and state_dict/load_state_dict round-trips the groups (a different grouping is
     refused)."""
-    import torch
-
     model = _tiny()
     groups = _groups(model)
     groups[1]["lr"] = 0.0
@@ -189,8 +182,6 @@ def test_parameter_groups_with_compression_and_state_round_trip():
 def test_weights_written_after_construction_are_kept():
     """Weights loaded into the model after the optimizer was built are not overwritten by the next step:
     at lr = 0 the model keeps them, as with torch.optim.SGD."""
-    import torch
-
     model, pretrained = _tiny(), _tiny()
     with torch.no_grad():
         for p in pretrained.parameters():
@@ -206,8 +197,6 @@ def test_weights_written_after_construction_are_kept():
 def test_write_x_puts_the_model_iterate_into_the_parameters():
     """opt.write_x() writes x (not x - e_k) into the parameters, to save the model; training goes on
     after it with x unchanged."""
-    import torch
-
     model, opt = _trained("topk:0.3")
     x = opt.x.clone()
     assert not torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), x)  # they hold x - e_k
@@ -223,9 +212,6 @@ def test_a_parameter_without_gradient_is_left_as_it_was():
     """As torch.optim.SGD does, saef.SAEF leaves a parameter whose .grad is None alone -- no momentum, no
     weight decay, no error change -- while the others train: with the identity compressor, 10 steps on a
     model whose second head is never used equal SGD's, and that head never moves."""
-    import torch
-    from torch import nn
-
     def model():
         torch.manual_seed(0)
         return nn.ModuleDict({"body": nn.Linear(4, 3), "spare": nn.Linear(4, 3)})
@@ -251,8 +237,6 @@ def test_a_parameter_without_gradient_is_left_as_it_was():
 def test_allreduce_server_with_a_compressor_is_refused():
     """server='allreduce' moves dense values both ways: asking it to carry a server compressor (or a
     compressed uplink) is refused at construction, naming the servers that can."""
-    import torch
-
     with pytest.raises(ValueError, match="use server='sharded' or 'rank0'"):
         saef.SAEF([torch.zeros(3, requires_grad=True)], lr=0.1, compressor="identity", server_compressor="sign",
                   server="allreduce")
@@ -263,8 +247,6 @@ def test_allreduce_server_with_a_compressor_is_refused():
 def test_the_optimizer_runs_the_random_and_stateful_compressors(compressor):
     """saef.SAEF with a random or stateful compressor: a parameter without a gradient keeps its compressor
     state too (PowerSGD's Q), add_param_group extends that state, and the state round-trips exactly."""
-    import torch
-
     model = _tiny()
     opt = saef.SAEF([model[0].weight, model[2].weight], lr=0.1, momentum=0.9, compressor=compressor, seed=3)
     for step in range(3):
@@ -354,3 +336,28 @@ def test_optimizer_state_dict_holds_everything():
             F.cross_entropy(m(inputs), targets).backward()
             o.step()
     assert torch.equal(opt.x, opt2.x)
+
+
+@pytest.mark.parametrize("method", ["ef21", "direct"])
+def test_optimizer_facade_runs_every_rule(method):
+    """saef.SAEF(method=ef21 | direct) with one worker equals the simulator with one worker, and its state
+    round-trips exactly."""
+    batches = _mlp_batches(6)
+    net, reference = _mlp(), _mlp()
+    opt = saef.SAEF(net.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
+    sim = saef.Simulator(reference, workers=1, method=method, compressor="topk:0.3", momentum=0.9)
+    for inputs, targets in batches[:3]:
+        opt.zero_grad()
+        F.cross_entropy(net(inputs), targets).backward()
+        opt.step()
+        sim.step(inputs, targets, lr=0.1)
+    assert torch.allclose(opt.x, sim.x, rtol=1e-6, atol=1e-7)
+    clone = _mlp()
+    opt2 = saef.SAEF(clone.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
+    opt2.load_state_dict(opt.state_dict())
+    for m, o in ((net, opt), (clone, opt2)):
+        for inputs, targets in batches[3:]:
+            o.zero_grad()
+            F.cross_entropy(m(inputs), targets).backward()
+            o.step()
+    assert torch.equal(opt.x, opt2.x) and opt.bits == opt2.bits

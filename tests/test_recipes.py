@@ -26,7 +26,6 @@ from saef.core.local import _OPTIMIZERS, register_optimizer
 from saef.core.perlayer import LayerSettings
 from saef.core.rules import FeedbackRule, register_rule
 from saef.core.rules import registry as rule_registry
-from saef.core.rules.ef import LocalErrorFeedback, StepAheadErrorFeedback
 from saef.zoo.datasets import Data, DatasetSplit, DatasetRequest, register_dataset
 from saef.zoo.datasets import registry as dataset_registry
 
@@ -178,14 +177,12 @@ class PlainSGD:
 
 
 @pytest.mark.parametrize("method", ["saef", "ef"])
-def test_a_registered_local_optimizer_runs_in_simulate(restored, monkeypatch, method):
-    """Recipe "a local optimizer": PlainSGD registered with register_optimizer and added to the optimizers
-    the rule is defined with gives, through saef.simulate (sign, double-way, weight decay, 3 workers, 30
+def test_a_registered_local_optimizer_runs_in_simulate(restored, method):
+    """Recipe "a local optimizer": PlainSGD registered with register_optimizer (and nothing else: EF and
+    SAEF take any optimizer) gives, through saef.simulate (sign, double-way, weight decay, 3 workers, 30
     steps), the parameters of the built-in sgd with momentum 0, bit for bit."""
     restored(_OPTIMIZERS)
     register_optimizer(PlainSGD)
-    for rule in (LocalErrorFeedback, StepAheadErrorFeedback):  # (monkeypatch puts the class attributes back)
-        monkeypatch.setattr(rule, "optimizers", rule.optimizers + ("plain-sgd",))
     grad_fn, x0 = quadratic_problem(K, SHAPES, dtype=torch.float32)
     settings = dict(workers=K, steps=STEPS, lr=LR, weight_decay=WD, method=method, compressor="sign", average_every=7)
     ours = saef.simulate(grad_fn, x0, optimizer="plain-sgd", **settings)
@@ -224,6 +221,21 @@ def test_a_registered_dataset_trains_from_the_command_line(restored, tmp_path, c
     assert row["epoch"] == 1 and row["step"] == 96 // 32 and 0.0 <= row["test_acc"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_acc"] == row["test_acc"]
+
+
+def test_a_registered_dataset_that_reads_a_file_takes_data_file(restored, tmp_path, capsys):
+    """Recipe "a dataset", with ``data_file=True``: `--data-file` is accepted for it (and handed to its
+    loader), while a dataset registered without it still refuses the flag, naming the readers."""
+    restored(dataset_registry._SOURCES)
+    _tiny.requests = []
+    register_dataset("tiny-file", _tiny, data_file=True)
+    register_dataset("tiny-blobs", _tiny)
+    given = tmp_path / "blobs.txt"
+    given.write_text("unused by the loader\n")
+    assert main(["train", "--dataset", "tiny-file", "--data-file", str(given), *RUN, "--output", str(tmp_path / "run")]) == 0
+    assert [str(r.data_file) for r in _tiny.requests] == [str(given)]
+    assert main(["train", "--dataset", "tiny-blobs", "--data-file", str(given), *RUN, "--output", str(tmp_path / "no")]) == 2
+    assert "data_file" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 # --- a backend ---------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import saef
@@ -186,31 +185,6 @@ def test_state_of_another_rule_is_refused():
     other = saef.Simulator(model(), workers=2, method="saef", compressor="sign")
     with pytest.raises(ValueError, match="another method"):
         other.load_state_dict(ef21.state_dict())
-
-
-@pytest.mark.parametrize("method", ["ef21", "direct"])
-def test_optimizer_facade_runs_every_rule(method):
-    """saef.SAEF(method=ef21 | direct) with one worker equals the simulator with one worker, and its state
-    round-trips exactly."""
-    batches = data(6)
-    net, reference = model(), model()
-    opt = saef.SAEF(net.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
-    sim = saef.Simulator(reference, workers=1, method=method, compressor="topk:0.3", momentum=0.9)
-    for inputs, targets in batches[:3]:
-        opt.zero_grad()
-        F.cross_entropy(net(inputs), targets).backward()
-        opt.step()
-        sim.step(inputs, targets, lr=0.1)
-    assert torch.allclose(opt.x, sim.x, rtol=1e-6, atol=1e-7)
-    clone = model()
-    opt2 = saef.SAEF(clone.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
-    opt2.load_state_dict(opt.state_dict())
-    for m, o in ((net, opt), (clone, opt2)):
-        for inputs, targets in batches[3:]:
-            o.zero_grad()
-            F.cross_entropy(m(inputs), targets).backward()
-            o.step()
-    assert torch.equal(opt.x, opt2.x) and opt.bits == opt2.bits
 
 
 @pytest.mark.parametrize("method", ["ef", "saef", "ef21", "direct"])

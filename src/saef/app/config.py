@@ -36,7 +36,7 @@ from ..backends.registry import available_backends
 from ..core import PRECISIONS, AlgorithmConfig
 from ..core.config import check_lr
 from ..core.rules import available_rules
-from ..zoo.datasets import DATASETS, GENERATED
+from ..zoo.datasets import DATASETS, GENERATED, datasets_reading, file_keys
 from ..zoo.models import MODELS
 from . import schema
 from .schema import FREE, REFUSED, RESETS_ERRORS, ConfigError, key
@@ -171,10 +171,11 @@ class TrainConfig:
             bad("batch_size", self.batch_size, f"must be divisible by workers = {self.workers}")
         if self.dataset == "libsvm" and not self.data_file:
             bad("data_file", self.data_file, "dataset libsvm reads a LIBSVM/svmlight file: give --data-file PATH")
-        if self.data_file is not None and self.dataset not in ("libsvm", "text"):
-            bad("data_file", self.data_file, f"is for datasets libsvm and text, not {self.dataset}")
-        if self.test_file is not None and self.dataset != "libsvm":
-            bad("test_file", self.test_file, f"is for dataset libsvm, not {self.dataset}")
+        for name in ("data_file", "test_file"):  # only for the datasets registered as reading that file
+            if getattr(self, name) is not None and name not in file_keys(self.dataset):
+                readers = datasets_reading(name)
+                names = " and ".join(readers) if len(readers) < 3 else ", ".join(readers[:-1]) + " and " + readers[-1]
+                bad(name, getattr(self, name), f"is for dataset{'s' if len(readers) > 1 else ''} {names}, not {self.dataset}")
         if (self.model == "gpt") != (self.dataset == "text"):
             bad("model", self.model, f"model gpt and dataset text go together (dataset is {self.dataset})")
         if self.gpt_width % self.gpt_heads:

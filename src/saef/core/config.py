@@ -138,8 +138,9 @@ class AlgorithmConfig:
         """The optimizer's name and settings; Adam's defaults filled in, other optimizers' settings refused."""
         if self.optimizer not in available_optimizers():
             raise ValueError(f"optimizer must be one of {', '.join(available_optimizers())}, got optimizer={self.optimizer!r}")
-        if self.optimizer not in rule_class(self.method).optimizers:
-            raise ValueError(f"method {self.method!r} is defined with the optimizers {', '.join(rule_class(self.method).optimizers)}, "
+        allowed = rule_class(self.method).optimizers
+        if allowed is not None and self.optimizer not in allowed:
+            raise ValueError(f"method {self.method!r} is defined with the optimizers {', '.join(allowed)}, "
                              f"not optimizer={self.optimizer!r}")
         adam = self.optimizer == "adam"
         if adam and self.momentum:

@@ -86,7 +86,7 @@ class FeedbackRule:
 
     name: str = "rule"
     averages_errors: bool = False  # whether average_every (error averaging) applies
-    optimizers = ("sgd", "adam")  # the local optimizers the rule is defined with
+    optimizers = None  # the local optimizers the rule is defined with: a tuple of names, or None for any
     has_diagnostics: bool = False  # whether x~ and the mismatch terms are defined
 
     def __init__(self, config, plan: Plan):

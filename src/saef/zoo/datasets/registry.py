@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from torch import Tensor
 
 from .base import Data
 
-__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "DATASETS", "GENERATED"]
+__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "file_keys", "datasets_reading", "DATASETS", "GENERATED"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ def register_dataset(name: str, load: Callable[[DatasetRequest], Data], *, data_
         raise ValueError(f"dataset {name!r} is already registered (pass overwrite=True to replace it)")
     files = frozenset(f for f, on in (("data_file", data_file), ("test_file", test_file)) if on)
     _SOURCES[name] = _Source(load, files, generated)
+
+
+def file_keys(name: str) -> frozenset:
+    """Which of ``data_file`` and ``test_file`` dataset ``name`` reads (empty for an unknown name)."""
+    source = _SOURCES.get(name)
+    return source.files if source is not None else frozenset()
+
+
+def datasets_reading(key: str) -> Tuple[str, ...]:
+    """The registered datasets that read the file ``key`` (``"data_file"`` or ``"test_file"``)."""
+    return tuple(name for name, source in _SOURCES.items() if key in source.files)
 
 
 class _Names(Sequence):
