@@ -30,3 +30,15 @@ def small_model(batchnorm=False, seed=0):
 def batches(n, size=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 1, 12, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+
+
+def tiny_mlp():
+    """A 5-8-3 MLP, seeded (the model of the rules' and the facade's tests)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def tiny_batches(n, seed=1):
+    """``n`` batches of 12 samples of 5 features and 3 classes for :func:`tiny_mlp`."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]

@@ -12,17 +12,7 @@ import torch.nn.functional as F
 import saef
 from torch import nn
 
-from _problems import batches, small_model
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def _mlp_batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+from _problems import batches, small_model, tiny_batches, tiny_mlp
 
 
 def _tiny():
@@ -342,8 +332,8 @@ def test_optimizer_state_dict_holds_everything():
 def test_optimizer_facade_runs_every_rule(method):
     """saef.SAEF(method=ef21 | direct) with one worker equals the simulator with one worker, and its state
     round-trips exactly."""
-    batches = _mlp_batches(6)
-    net, reference = _mlp(), _mlp()
+    batches = tiny_batches(6)
+    net, reference = tiny_mlp(), tiny_mlp()
     opt = saef.SAEF(net.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
     sim = saef.Simulator(reference, workers=1, method=method, compressor="topk:0.3", momentum=0.9)
     for inputs, targets in batches[:3]:
@@ -352,7 +342,7 @@ def test_optimizer_facade_runs_every_rule(method):
         opt.step()
         sim.step(inputs, targets, lr=0.1)
     assert torch.allclose(opt.x, sim.x, rtol=1e-6, atol=1e-7)
-    clone = _mlp()
+    clone = tiny_mlp()
     opt2 = saef.SAEF(clone.parameters(), lr=0.1, momentum=0.9, method=method, compressor="topk:0.3")
     opt2.load_state_dict(opt.state_dict())
     for m, o in ((net, opt), (clone, opt2)):

@@ -13,7 +13,7 @@ from saef import Algorithm, AlgorithmConfig, InProcessTransport
 from saef.core import flatten, unflatten
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _problems import quadratic_problem  # noqa: E402
+from _problems import quadratic_problem, tiny_batches, tiny_mlp  # noqa: E402
 
 SHAPES = [(3, 4), (7,), (1,)]
 K, STEPS, LR, WD = 3, 40, 0.02, 1e-3
@@ -118,22 +118,12 @@ def test_config_and_settings_are_not_both_taken():
         saef.simulate(lambda k, x: [x[0]], [torch.zeros(2)], workers=1, steps=1, lr=0.1, momentm=0.5)
 
 
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def data(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
-
-
 @pytest.mark.parametrize("method", saef.available_rules())
 def test_diagnostics_only_where_defined(method):
     """EF and SAEF define x~ and the mismatch terms; EF21 and direct do not: their mismatch is None and
     asking for x~ is refused."""
-    sim = saef.Simulator(model(), workers=2, method=method, compressor="sign", momentum=0.9)
-    sim.step(*data(1)[0], lr=0.1)
+    sim = saef.Simulator(tiny_mlp(), workers=2, method=method, compressor="sign", momentum=0.9)
+    sim.step(*tiny_batches(1)[0], lr=0.1)
     if method in ("ef", "saef"):
         assert sim.has_diagnostics and set(sim.mismatch()) == {"mismatch_ef", "mismatch_saef"}
         assert sim.parameters_at("auxiliary").shape == sim.x.shape
@@ -148,9 +138,9 @@ def test_diagnostics_only_where_defined(method):
 def test_simulator_state_round_trips_exactly(method, double_way):
     """For every rule: 3 steps, state_dict into a fresh simulator, 3 more steps on both: parameters, every
     state tensor and the bit counts are identical."""
-    batches = data(6)
+    batches = tiny_batches(6)
     settings = dict(workers=3, method=method, compressor="topk:0.3", momentum=0.9, weight_decay=1e-3, double_way=double_way)
-    first = saef.Simulator(model(), **settings)
+    first = saef.Simulator(tiny_mlp(), **settings)
     for inputs, targets in batches[:3]:
         first.step(inputs, targets, lr=0.1)
     second = saef.Simulator(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), **settings)
@@ -168,12 +158,12 @@ def test_simulator_state_round_trips_exactly(method, double_way):
 def test_reset_errors_restarts_from_the_model_iterate():
     """--reset-errors after EF21 double-way starts the new run from the server's model x, not from the
     workers' lagging copy w; the per-worker bit counts and the step carry over, the rule's state is fresh."""
-    ef21 = saef.Simulator(model(), workers=2, method="ef21", compressor="topk:0.3", momentum=0.9)
-    for inputs, targets in data(4):
+    ef21 = saef.Simulator(tiny_mlp(), workers=2, method="ef21", compressor="topk:0.3", momentum=0.9)
+    for inputs, targets in tiny_batches(4):
         ef21.step(inputs, targets, lr=0.1)
     saved = ef21.state_dict()
     assert not torch.equal(saved["model"], saved["x"])
-    fresh = saef.Simulator(model(), workers=4, method="saef", compressor="sign")
+    fresh = saef.Simulator(tiny_mlp(), workers=4, method="saef", compressor="sign")
     fresh.load_state_dict(saved, reset_errors=True)
     assert torch.equal(fresh.x, ef21.parameters_at("x")) and fresh.bits == ef21.bits and fresh.state.step == 4
     assert all(torch.count_nonzero(t) == 0 for t in fresh.state.tensors.values())
@@ -181,8 +171,8 @@ def test_reset_errors_restarts_from_the_model_iterate():
 
 def test_state_of_another_rule_is_refused():
     """Loading an EF21 state into an SAEF simulator names what differs instead of loading garbage."""
-    ef21 = saef.Simulator(model(), workers=2, method="ef21", compressor="sign")
-    other = saef.Simulator(model(), workers=2, method="saef", compressor="sign")
+    ef21 = saef.Simulator(tiny_mlp(), workers=2, method="ef21", compressor="sign")
+    other = saef.Simulator(tiny_mlp(), workers=2, method="saef", compressor="sign")
     with pytest.raises(ValueError, match="another method"):
         other.load_state_dict(ef21.state_dict())
 
