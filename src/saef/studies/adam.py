@@ -5,7 +5,8 @@ The default GPT (2 layers, width 128, context 64) on the default corpus (2 MB of
 seeds each (every run one ``saef train``, see :mod:`saef.studies.reproduce`):
 
 * Adam in full precision (the dense mean, as an all-reduce moves it; v updated every step);
-* 1-bit Adam: the EF rule with Adam, scaled sign, double-way (v frozen after the warm-up);
+* EF-Adam: the EF rule with Adam, scaled sign, double-way (v frozen after the warm-up): 1-bit Adam's
+  scheme with the paper's scaled sign ||v||_1/d where 1-bit Adam uses ||v||_2/sqrt(d);
 * SAEF-Adam: the SAEF rule with Adam, scaled sign, double-way, p = never and p = 10;
 * SAEF with momentum SGD, scaled sign, double-way, for reference (at its own lr).
 
@@ -36,7 +37,7 @@ ADAM = dict(optimizer="adam", lr=3e-4, eps=1e-8)
 SGDM = dict(optimizer="sgd", lr=0.1, momentum=0.9)
 METHODS = [  # (label, settings)
     ("Adam, full precision", dict(**ADAM, method="sgd", compressor="identity", double_way=False)),
-    ("1-bit Adam (EF-Adam, sign)", dict(**ADAM, method="ef", compressor="sign")),
+    ("EF-Adam (1-bit Adam's scheme, sign)", dict(**ADAM, method="ef", compressor="sign")),
     ("SAEF-Adam (sign)", dict(**ADAM, method="saef", compressor="sign")),
     ("SAEF-Adam (sign), p = 10", dict(**ADAM, method="saef", compressor="sign", average_every=10)),
     ("SAEF, momentum SGD (sign)", dict(**SGDM, method="saef", compressor="sign")),
