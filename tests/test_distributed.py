@@ -221,6 +221,15 @@ def test_layer_assignment_is_balanced_and_whole():
     assert max(load) - min(load) <= max(sizes)
 
 
+def test_layers_added_later_go_in_the_order_given_to_the_least_loaded_rank():
+    """Layers that join later (add_param_group) keep the placement saved states were made with: each new
+    layer, in the order given (not largest first), to the rank that serves the fewest elements so far."""
+    # ranks serve 100, 40, 70; the new layers 30, 50, 5 in that order: 30 -> rank 1 (70), 50 -> rank 1
+    # (the lower of two at 70; 120), 5 -> rank 2 (75). Largest first would give 50 -> 1, 30 -> 2, 5 -> 1.
+    assert assign_layers([30, 50, 5], 3, load=[100, 40, 70], largest_first=False) == [1, 1, 2]
+    assert assign_layers([30, 50, 5], 3, load=[100, 40, 70]) == [2, 1, 1]
+
+
 TORCHRUN_TRAIN = ["--backend", "dist", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--compressor", "sign",
                   "--average-every", "3", "--quiet"]
 

@@ -169,4 +169,6 @@ def test_resume_refuses_a_changed_data_file(tmp_path):
     f.write_text(f.read_text().replace("1:", "2:", 1))
     resumed = saef_train(["--resume", str(run), "--epochs", "4"])
     assert resumed.returncode == 2 and "sha256" in resumed.stderr, resumed.stderr
+    resumed = saef_train(["--resume", str(run), "--epochs", "4", "--reset-errors"])  # resets the errors, not the data
+    assert resumed.returncode == 2 and "sha256" in resumed.stderr, resumed.stderr
     assert (run / "metrics.jsonl").read_text() == before

@@ -35,8 +35,18 @@ def test_every_key_has_a_flag_a_help_line_and_a_resume_rule():
         flag = "--" + field.name.replace("_", "-")
         assert flag in actions, f"no flag for {field.name}"
         assert actions[flag].dest == field.name
-        assert declared.help.strip() and declared.help in actions[flag].help, field.name
+        assert declared.help.strip() and schema.help_text(declared) in actions[flag].help, field.name
         assert declared.on_resume in (FREE, RESETS_ERRORS, REFUSED), field.name
+
+
+def test_the_resume_rules_are_the_ones_decided():
+    """The keys each resume rule holds, written out (the schema tests above check the mechanism against
+    the declarations; this pins the declarations): another run altogether, or meaningless saved errors."""
+    assert set(schema.keys_with(TrainConfig, REFUSED)) == {
+        "dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed",
+        "backend", "context", "gpt_layers", "gpt_width", "gpt_heads", "precision"}
+    assert set(schema.keys_with(TrainConfig, RESETS_ERRORS)) == {
+        "workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps", "server"}
 
 
 def test_no_flags_and_no_file_is_the_default_config():

@@ -36,7 +36,7 @@ from ..backends.registry import available_backends
 from ..core import PRECISIONS, AlgorithmConfig
 from ..core.config import check_lr
 from ..core.rules import available_rules
-from ..zoo.datasets import DATASETS, GENERATED, datasets_reading, file_keys
+from ..zoo.datasets import DATASETS, GENERATED, file_keys, readers_phrase
 from ..zoo.models import MODELS
 from . import schema
 from .schema import FREE, REFUSED, RESETS_ERRORS, ConfigError, key
@@ -70,8 +70,8 @@ class TrainConfig:
 
     # --- the algorithm ---
     method: str = key("saef", on_resume=RESETS_ERRORS, choices=train_methods,
-                      help="sgd (full-precision momentum SGD baseline) or a feedback rule: ef, saef, ef21 (EF21-SGDM with an "
-                           "EF21-P downlink), direct (compressed SGD without feedback)")
+                      help="{choices} (sgd: the full-precision momentum SGD baseline; the others are feedback rules: "
+                           "ef21 = EF21-SGDM with an EF21-P downlink, direct = compressed SGD without feedback)")
     optimizer: str = key("sgd", on_resume=RESETS_ERRORS,  # (its names are checked by the algorithm's config)
                          help="the local optimizer: sgd (momentum SGD) or adam (compressed-momentum Adam: with ef, 1-bit Adam's "
                               "scheme with the paper's scaled sign; SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
@@ -104,8 +104,8 @@ class TrainConfig:
                     help="random seed (model init, data order, augmentation, random compressors' draws)")
     # --- data and model ---
     dataset: str = key("mnist1d", on_resume=REFUSED, choices=lambda: tuple(DATASETS),
-                       help="mnist1d, digits, cifar10, cifar100, imagenet, synthetic, libsvm (with --data-file) or text "
-                            "(bytes of Python's standard library .py files; with model gpt)")
+                       help="{choices} (libsvm reads --data-file; text models bytes of Python's standard library .py "
+                            "files, with model gpt)")
     dataset_size: Optional[int] = key(None, on_resume=REFUSED, range=(1, _INT_MAX),
                                       help="samples to generate (mnist1d) or keep (others); text: bytes of the corpus (default 2000000)")
     data_file: Optional[str] = key(None, on_resume=REFUSED,
@@ -121,8 +121,8 @@ class TrainConfig:
                                 "epoch); adds ||grad f(x)||^2 on the training set to the metrics")
     data_dir: str = key("~/.cache/saef", on_resume=FREE, help="folder holding the datasets (MNIST-1D is generated and cached there)")
     model: str = key("cnn1d", on_resume=REFUSED, choices=lambda: tuple(MODELS),
-                     help="mlp, mlp5m, cnn1d, resnet20/32/44/56, resnet50, logreg (binary, non-convex regulariser), gpt "
-                          "(byte-level transformer, with dataset text)")
+                     help="{choices} (logreg: binary, with the non-convex regulariser; gpt: a byte-level transformer, "
+                          "with dataset text)")
     gpt_layers: int = key(2, on_resume=REFUSED, range=(1, 1024), help="model gpt: transformer blocks")
     gpt_width: int = key(128, on_resume=REFUSED, range=(1, 1 << 16), help="model gpt: width (a multiple of --gpt-heads)")
     gpt_heads: int = key(4, on_resume=REFUSED, range=(1, 1024), help="model gpt: attention heads")
@@ -173,9 +173,7 @@ class TrainConfig:
             bad("data_file", self.data_file, "dataset libsvm reads a LIBSVM/svmlight file: give --data-file PATH")
         for name in ("data_file", "test_file"):  # only for the datasets registered as reading that file
             if getattr(self, name) is not None and name not in file_keys(self.dataset):
-                readers = datasets_reading(name)
-                names = " and ".join(readers) if len(readers) < 3 else ", ".join(readers[:-1]) + " and " + readers[-1]
-                bad(name, getattr(self, name), f"is for dataset{'s' if len(readers) > 1 else ''} {names}, not {self.dataset}")
+                bad(name, getattr(self, name), f"is for {readers_phrase(name)}, not {self.dataset}")
         if (self.model == "gpt") != (self.dataset == "text"):
             bad("model", self.model, f"model gpt and dataset text go together (dataset is {self.dataset})")
         if self.gpt_width % self.gpt_heads:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["FREE", "RESETS_ERRORS", "REFUSED", "ConfigError", "Key", "key", "spec", "keys", "default_of", "keys_with",
-           "check_value", "add_flags", "flag_values", "none_words", "refuse_resume_changes", "identity",
+           "check_value", "help_text", "add_flags", "flag_values", "none_words", "refuse_resume_changes", "identity",
            "identity_differences"]
 
 FREE = "free"  # a change on resume is simply taken (lr, epochs, checkpointing, where the data lives, ...)
@@ -44,7 +44,7 @@ class ConfigError(ValueError):
 class Key:
     """What the schema knows of one key besides its name, type and default."""
 
-    help: str  # the help line of its flag (the default is appended)
+    help: str  # the help line of its flag (the default is appended; "{choices}" becomes the choices as registered then)
     on_resume: str  # FREE, RESETS_ERRORS or REFUSED
     range: Optional[Tuple[float, float]] = None  # low..high inclusive (of each element, for a list)
     low_open: bool = False  # the range excludes its low end (numbers that must be > low)
@@ -179,11 +179,20 @@ _FLAG_TYPES = {"int": int, "float": float, "str": str, "List[int]": _comma_list(
                "List[float]": _comma_list(float, "numbers")}
 
 
+def help_text(declared: Key) -> str:
+    """The help line, with ``{choices}`` read from the registry when the parser is made (a rule, dataset or
+    backend registered by then is listed)."""
+    if "{choices}" not in declared.help:
+        return declared.help
+    return declared.help.replace("{choices}", ", ".join(declared.allowed() or ()))
+
+
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per key of ``cls`` (``--name-with-dashes``), with its help line and default; every flag's
     value is None when not given, so that a TOML file's value stands."""
     for field in keys(cls):
         declared, flag = spec(field), "--" + field.name.replace("_", "-")
+        declared = dataclasses.replace(declared, help=help_text(declared))
         base, _ = _base_type(field.type)
         if base == "bool":
             if declared.off_flag is None:  # an on/off switch (default off)

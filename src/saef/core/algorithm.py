@@ -234,8 +234,8 @@ class Algorithm:
         if not layers or layers != list(range(layers[0], layers[-1] + 1)) or layers[-1] >= len(self.shapes):
             raise ValueError(f"a part is a non-empty range of consecutive layers of 0 .. {len(self.shapes) - 1}, got {layers}")
         return Algorithm([self.shapes[i] for i in layers], self.config, self.transport.part(layers),
-                             ids=[self.layout.ids[i] for i in layers],
-                             optimizer=self.optimizer.part(layers, self.layout.subset(layers)))
+                         ids=[self.layout.ids[i] for i in layers],
+                         optimizer=self.optimizer.part(layers, self.layout.subset(layers)))
 
     def part_state(self, state: AlgorithmState, layers: range) -> AlgorithmState:
         """The state of :meth:`part` ``(layers)``: views of this state's columns for those layers (what a
@@ -304,7 +304,7 @@ class Flight:
 
     Between the phases the payloads travel, so a caller may do other work there: an overlapped step
     (:mod:`saef.core.overlap`) runs the phases of several parts in turn, asks :meth:`received` before it
-    serves (it never waits during backward), and :meth:`land` waits for every part's update before it
+    serves (where the transport's directions run apart, so backward need not wait), and :meth:`land` waits for every part's update before it
     decides whether to apply them. Everything of this one step lives here (the rule, lr, the compressors'
     contexts, the payloads under way); nothing of it is left in the algorithm or its rule's plan.
     """

@@ -167,8 +167,8 @@ class _Step:
     @torch.no_grad()
     def _start(self, b: int, grads: Optional[List[Tensor]] = None) -> None:
         """Bucket b's first phase (:meth:`Algorithm.begin`): its direction and payloads, handed to the
-        uplink. ``grads``: given once
-        the vote has kept the step on every rank (the state then needs no copy)."""
+        uplink. ``grads``: given once the vote has kept the step on every rank (the state then needs no
+        copy)."""
         owner, algorithm = self.owner, self.owner.algorithm
         layers, part = owner.buckets[b], owner.parts[b]
         state = algorithm.part_state(self.state, layers)

@@ -92,11 +92,11 @@ class DistributedTransport(Transport):
             for value in values:  # every rank starts the new layers from rank 0's values
                 dist.broadcast(value, src=0, group=self.group)
         sizes = [v.numel() for v in values]
-        if self.server == "sharded":  # the new layers to the least-loaded ranks; existing layers stay where they are
+        if self.server == "sharded":  # each new layer, in order, to the least-loaded rank; existing layers stay
             load = [0] * self.num_workers
             for i, r in enumerate(self.owner):
                 load[r] += self._sizes[i]
-            self.owner += assign_layers(sizes, self.num_workers, load)
+            self.owner += assign_layers(sizes, self.num_workers, load, largest_first=False)
         else:
             self.owner += [0] * len(sizes)
         self._sizes += sizes

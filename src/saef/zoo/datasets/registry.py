@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .base import Data
 
-__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "file_keys", "datasets_reading", "DATASETS", "GENERATED"]
+__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "file_keys", "datasets_reading", "readers_phrase", "DATASETS", "GENERATED"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,15 @@ def file_keys(name: str) -> frozenset:
 def datasets_reading(key: str) -> Tuple[str, ...]:
     """The registered datasets that read the file ``key`` (``"data_file"`` or ``"test_file"``)."""
     return tuple(name for name, source in _SOURCES.items() if key in source.files)
+
+
+def readers_phrase(key: str) -> str:
+    """"dataset libsvm", "datasets libsvm and text", "datasets a, b and c" (or "no dataset"): who reads ``key``."""
+    names = datasets_reading(key)
+    if not names:
+        return "no dataset"
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"dataset{'s' if len(names) > 1 else ''} {listed}"
 
 
 class _Names(Sequence):
@@ -160,8 +169,8 @@ def load_dataset(name: str, root: str | Path, *, size: int | None = None, seed: 
         raise ValueError(f"dataset_size = {size} is more than {name} generates here (at most {source.generated})")
     root = Path(root).expanduser()
     if (data_file is not None and "data_file" not in source.files) or (test_file is not None and "test_file" not in source.files):
-        readers = lambda f: " and ".join(n for n, s in _SOURCES.items() if f in s.files) or "none"  # noqa: E731
-        raise ValueError(f"data_file is for datasets {readers('data_file')}, test_file for {readers('test_file')}, not {name!r}")
+        raise ValueError(f"data_file is for {readers_phrase('data_file')}, test_file for {readers_phrase('test_file')}, "
+                         f"not {name!r}")
     as_path = lambda f: None if f is None else Path(f).expanduser()  # noqa: E731
     data = source.load(DatasetRequest(name, root, size, seed, as_path(data_file), as_path(test_file), context))
     _check_labels(data, root)
