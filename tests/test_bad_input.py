@@ -40,6 +40,27 @@ def one_line_error(capsys, needle):
     assert err.count("\n") == 1 and err.startswith("saef: error: ") and needle in err, err
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("lr_decay = " + "1" * 5000, "huge.toml is not a usable TOML file: Exceeds the limit"),
+    ("lr_milestones = " + "[" * 5000 + "]" * 5000, "huge.toml is not a usable TOML file: nested too deeply"),
+    ("# " + "x" * (2 << 20), "huge.toml is larger than 1048576 bytes"),
+])
+def test_config_files_beyond_what_tomllib_takes_are_one_line(tmp_path, capsys, text, needle):
+    """A 5000-digit integer (Python's int conversion limit), an array nested 5000 deep (recursion) or a file
+    of megabytes: one line naming the file, exit 2, not a traceback; nothing written."""
+    (tmp_path / "huge.toml").write_text(text + "\n")
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--config", str(tmp_path / "huge.toml"), "--output", str(out)]) == 2
+    one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_lr_above_float32_range_is_one_line(tmp_path, capsys):
+    """--lr 1e308 is finite as a Python float but Inf in float32: refused with one line naming lr and its range."""
+    assert main(["train", *FAST, "--lr", "1e308", "--output", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "lr must be in [0, 3.40282e+38]")
+
+
 def test_unreadable_config_files_get_one_line(tmp_path, capsys):
     """A TOML file that is not UTF-8, or is a directory: exit 2 and one line naming the file."""
     bad = tmp_path / "bad.toml"

@@ -5,6 +5,8 @@ do, and its state round-trips (the random and stateful compressors' too). Agains
 identity compressor and against the one-worker simulator. (On processes: test_distributed.py; with
 optimizer adam: test_adam.py.)"""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,77 @@ def test_weights_written_after_construction_are_kept():
     opt.step()
     for p, q in zip(model.parameters(), pretrained.parameters()):
         assert torch.equal(p, q)
+
+
+def _write(way, p, value):
+    if way == "data =":
+        p.data = value.clone()
+    elif way == "data.copy_":
+        p.data.copy_(value)
+    else:
+        with torch.no_grad():
+            p.copy_(value)
+
+
+@pytest.mark.parametrize("way", ["data =", "data.copy_", "no_grad copy_"])
+def test_weights_written_through_data_are_kept(way):
+    """README: weights written into the parameters become x at the next step -- also through ``p.data = t``
+    and ``p.data.copy_(t)``, which leave the version counter alone (seen by value): at lr = 0 the model keeps
+    them, and after training the next step starts from them exactly as after ``p.copy_(t)`` under no_grad."""
+    model, pretrained = _tiny(), _tiny()
+    opt = saef.SAEF(model.parameters(), lr=0.0, momentum=0.9, compressor="sign")
+    for p, q in zip(model.parameters(), pretrained.parameters()):
+        _write(way, p, q.detach() + 1.0)
+    _backward(model, 0)
+    opt.step()
+    for p, q in zip(model.parameters(), pretrained.parameters()):
+        assert torch.equal(p, q + 1.0)
+    runs = []
+    for how in (way, "no_grad copy_"):
+        model, opt = _trained("sign")
+        _write(how, model[0].weight, torch.ones(6, 4))
+        opt.zero_grad()
+        _backward(model, 7)
+        opt.step()
+        runs.append(opt.x)
+    assert torch.equal(*runs)
+    assert not torch.equal(runs[0], _trained("sign", steps=4)[1].x)  # (the write made a difference)
+
+
+def test_a_parameter_replaced_by_another_shape_is_refused():
+    """``p.data = t`` with t of another shape: the next step refuses it, naming the parameter and both shapes."""
+    model, opt = _trained("sign", steps=1)
+    model[0].weight.data = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"parameter 0 now holds a tensor of shape \(4, 6\).*layer 0 is \(6, 4\)"):
+        opt.step()
+
+
+def test_load_state_dict_compares_shapes_layer_by_layer_and_refuses_other_states():
+    """A state of layers shaped [6, 4] is refused by an optimizer of [4, 6] (same total size), naming the
+    layer and both shapes; a torch.optim.SGD state or one missing entries is a ValueError naming what is missing."""
+    a, b = nn.Parameter(torch.zeros(6, 4)), nn.Parameter(torch.zeros(4, 6))
+    ours = saef.SAEF([b], lr=0.1)
+    with pytest.raises(ValueError, match=r"layer 0 has shape \(6, 4\), the optimizer's has \(4, 6\)"):
+        ours.load_state_dict(saef.SAEF([a], lr=0.1).state_dict())
+    with pytest.raises(ValueError, match="lacks 'x', 'algorithm', 'ledger'"):
+        ours.load_state_dict(torch.optim.SGD([b], lr=0.1).state_dict())
+    state = saef.SAEF([nn.Parameter(torch.ones(4, 6))], lr=0.1).state_dict()
+    del state["state"]["ledger"]
+    with pytest.raises(ValueError, match="lacks 'ledger'"):
+        ours.load_state_dict(state)
+    with pytest.raises(ValueError, match="needs 'state' and 'param_groups'"):
+        ours.load_state_dict({})
+
+
+@pytest.mark.parametrize("lr,dtype,top", [(1e308, torch.float32, "3.40282e+38"), (1e5, torch.float16, "65504")])
+def test_lr_beyond_the_parameters_range_is_refused(lr, dtype, top):
+    """An lr above float32's largest number, or above the parameters' dtype's, is a ValueError naming lr and
+    the range (at construction, or at the first step for the dtype), not an overflow later."""
+    p = nn.Parameter(torch.zeros(3, dtype=dtype))
+    with pytest.raises(ValueError, match=re.escape(f"lr must be in [0, {top}]")):
+        opt = saef.SAEF([p], lr=lr)
+        p.grad = torch.zeros_like(p)
+        opt.step()
 
 
 def test_write_x_puts_the_model_iterate_into_the_parameters():

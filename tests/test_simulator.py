@@ -145,3 +145,20 @@ def test_the_simulator_takes_a_parameter_the_forward_does_not_use():
     assert sim.stacked is not None
     sim.load_into(model)
     assert torch.equal(model.unused.weight, start) and not torch.equal(model.used.weight, Partial().used.weight)
+
+
+@pytest.mark.parametrize("grad_fn,x0,needle", [
+    (lambda k, x: None, [torch.zeros(2)], "grad_fn(0, x) must return worker 0's gradients as a list of tensors shaped [(2,)], got NoneType"),
+    (lambda k, x: [1.0], [torch.zeros(2)], "got list of ['float']"),
+    (lambda k, x: x[0], [torch.zeros(2)], "got Tensor"),
+    (lambda k, x: [torch.zeros(3)], [torch.zeros(2)], "returned gradients of shapes [(3,)] for worker 0, expected [(2,)]"),
+    (lambda k, x: [x[0]], [torch.tensor(1.0)], "x0 must hold tensors of at least one dimension"),
+])
+def test_simulate_refuses_what_it_cannot_run(grad_fn, x0, needle):
+    """A grad_fn returning None, non-tensors or wrong shapes, or a 0-dim tensor in x0: a ValueError naming
+    the worker and what was expected (or x0's shapes), not a TypeError from deep inside."""
+    with pytest.raises(ValueError) as raised:
+        saef.simulate(grad_fn, x0, workers=2, steps=1, lr=0.1)
+    assert needle in str(raised.value), raised.value
+    with pytest.raises(ValueError, match="largest float32"):
+        saef.simulate(lambda k, x: [x[0]], [torch.zeros(2)], workers=2, steps=1, lr=1e308)

@@ -235,17 +235,28 @@ class TrainConfig:
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+_CONFIG_MAX_BYTES = 1 << 20  # a config file is a few lines; read no more than this of one
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """Defaults, then the TOML file at ``path``, then ``overrides`` (keys with value None are skipped)."""
     values: Dict[str, Any] = {}
     if path is not None:
         try:
             with open(path, "rb") as handle:
-                values = tomllib.load(handle)
+                text = handle.read(_CONFIG_MAX_BYTES + 1)
+            if len(text) > _CONFIG_MAX_BYTES:
+                raise ConfigError(f"config file {path} is larger than {_CONFIG_MAX_BYTES} bytes: not a config file")
+            values = tomllib.loads(text.decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        except ConfigError:
+            raise
+        except (ValueError, RecursionError) as error:  # an integer of thousands of digits, arrays nested too deep
+            what = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+            raise ConfigError(f"config file {path} is not a usable TOML file: {what}") from None
         except OSError as error:  # a directory, no permission, ...
             raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

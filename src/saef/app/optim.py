@@ -40,6 +40,27 @@ _CHECKS = {"momentum": _float(check_momentum), "weight_decay": _float(check_weig
            "eps": _float(check_eps)}
 
 
+def _same(value: Tensor, written: Tensor) -> bool:
+    """Whether a parameter still holds what was written into it (NaN where a NaN was written counts as the same)."""
+    return torch.equal(value, written) or bool(((value == written) | (value.isnan() & written.isnan())).all())
+
+
+def _checked_state(state_dict, shapes) -> Dict[str, object]:
+    """The ``"state"`` of a saved ``saef.SAEF`` state, if it has every entry loading reads and its layers'
+    shapes are ``shapes`` (a state saved before the shapes were recorded: its total size); else ValueError."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError("not a saef.SAEF state: it needs 'state' and 'param_groups' (from SAEF.state_dict())")
+    state = state_dict.get("state")
+    missing = [k for k in ("x", "algorithm", "ledger") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a saef.SAEF state: its 'state' lacks {', '.join(map(repr, missing))} (a "
+                         "torch.optim state cannot be loaded: SAEF keeps momentum and errors of its own)")
+    for i, (saved, ours) in enumerate(zip(state.get("shapes", shapes), shapes)):
+        if tuple(saved) != tuple(ours):
+            raise ValueError(f"the state's layer {i} has shape {tuple(saved)}, the optimizer's has {tuple(ours)}")
+    return state
+
+
 def _settings_of(config: AlgorithmConfig):
     """The per-group settings of the config's local optimizer, in the order its ``set`` takes them."""
     return optimizer_class(config.optimizer).settings
@@ -125,6 +146,7 @@ class SAEF(torch.optim.Optimizer):
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
         self._versions = [p._version for p in params]  # the parameters hold x_0, which is z_0
+        self._written = self.x  # what the optimizer last wrote into the parameters (flat)
         self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
         c = config
         # what a saved state must have been made with to be loaded as it is
@@ -157,6 +179,7 @@ class SAEF(torch.optim.Optimizer):
             tensor[..., : old.shape[-1]] = old
         self.ef_state.step = old_state.step
         self._versions += [p._version for p in new]
+        self._written = torch.cat([self._written, self.x[old_x.numel():]])
 
     def _hyperparameters(self):
         """This step's lr and the local optimizer's settings (momentum and weight decay; Adam's betas, eps and
@@ -167,7 +190,7 @@ class SAEF(torch.optim.Optimizer):
         per_group = []
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
-            value = check_lr(lr, f" in parameter group {i}")
+            value = check_lr(lr, f" in parameter group {i}", self.x.dtype)
             per_group.append((value, *(_CHECKS[name](group[name]) for name in names)))
         if len(set(per_group)) == 1:  # the common case: one value each
             lr, *settings = per_group[0]
@@ -183,15 +206,25 @@ class SAEF(torch.optim.Optimizer):
     def _write(self, flat: Tensor) -> None:
         write_flat(self._params(), flat, self.shapes)
         self._versions = [p._version for p in self._params()]  # what the parameters hold is ours
+        self._written = flat  # (kept to compare with: a write through .data leaves the versions alone)
 
     @torch.no_grad()
     def _adopt_written_weights(self) -> None:
         """Parameters written since the optimizer last wrote them (pretrained weights loaded, an EMA swapped
         in, :meth:`write_x`) are taken as the new x of their layers instead of being overwritten. Momentum and
-        errors are kept. In a distributed run, write the same weights on every rank."""
-        for i, (p, version) in enumerate(zip(self._params(), self._versions)):
-            if p._version != version:
-                self.x[self.algorithm.layout.slices[i]] = p.detach().reshape(-1)
+        errors are kept. In a distributed run, write the same weights on every rank.
+
+        A write is seen by the parameter's version counter (``p.copy_(t)`` under ``torch.no_grad()``) or, where
+        that cannot see it (``p.data = t``, ``p.data.copy_(t)``), by comparing the values with what the optimizer
+        wrote: one ``torch.equal`` per parameter per step. A tensor of another shape or device is refused."""
+        for i, (p, version, s) in enumerate(zip(self._params(), self._versions, self.algorithm.layout.slices)):
+            written = self._written[s]
+            if (tuple(p.shape), p.device) != (self.shapes[i], written.device):
+                raise ValueError(f"parameter {i} now holds a tensor of shape {tuple(p.shape)} on {p.device}; the "
+                                 f"optimizer's layer {i} is {self.shapes[i]} on {written.device} (write weights of "
+                                 "the same shape and device, or build a new optimizer)")
+            if p._version != version or not _same(p, written.view(p.shape).to(p.dtype)):
+                self.x[s] = p.detach().reshape(-1)
 
     @torch.no_grad()
     def write_x(self) -> None:
@@ -257,7 +290,7 @@ class SAEF(torch.optim.Optimizer):
 
     def state_dict(self) -> Dict[str, object]:
         state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict(),
-                 "settings": dict(self._settings), "skipped_steps": self.skipped_steps}
+                 "settings": dict(self._settings), "skipped_steps": self.skipped_steps, "shapes": list(self.shapes)}
         groups, first = [], 0
         for g in self.param_groups:  # as torch.optim saves them: the hyperparameters and the parameters' indices
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(first, first + len(g["params"])))})
@@ -269,7 +302,7 @@ class SAEF(torch.optim.Optimizer):
         """Restore a saved state exactly. A state saved with another method or compressor is refused (its
         errors mean something else); ``reset_errors=True`` then keeps the parameters, the step and the bit
         counts only, with momentum and errors from zero."""
-        state = state_dict["state"]
+        state = _checked_state(state_dict, self.shapes)
         sizes = [len(g["params"]) if "params" in g else None for g in state_dict["param_groups"]]
         ours = [len(g["params"]) for g in self.param_groups]
         if len(sizes) != len(ours) or any(n is not None and n != m for n, m in zip(sizes, ours)):

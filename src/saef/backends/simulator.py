@@ -278,13 +278,16 @@ def simulate(
     x0 = list(x0)
     if not x0 or not all(isinstance(t, Tensor) for t in x0):
         raise ValueError("x0 must be a non-empty list of tensors")
+    if any(t.dim() == 0 for t in x0):
+        raise ValueError(f"x0 must hold tensors of at least one dimension (a scalar as shape (1,)), got shapes "
+                         f"{[tuple(t.shape) for t in x0]}")
     if len({(t.dtype, t.device) for t in x0}) != 1:
         raise ValueError("all tensors of x0 must share one dtype and device")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got steps={steps!r}")
     lr_at = lr if callable(lr) else (lambda t: lr)
     if not callable(lr):
-        check_lr(lr, " (or give a function of the step)")
+        check_lr(lr, " (or give a function of the step)", x0[0].dtype)
     shapes = [tuple(t.shape) for t in x0]
     algorithm = Algorithm(shapes, config, InProcessTransport(workers))
     x = flatten([t.detach() for t in x0]).clone()
@@ -305,10 +308,18 @@ def simulate(
 
 
 def _checked_gradient(grad_fn, k: int, point: List[Tensor], shapes) -> List[Tensor]:
-    g = list(grad_fn(k, point))
+    returned = grad_fn(k, point)
+    try:
+        g = None if isinstance(returned, Tensor) else list(returned)
+    except TypeError:  # None, a number, ...
+        g = None
+    if g is None or not all(isinstance(gi, Tensor) for gi in g):
+        got = type(returned).__name__ + (f" of {[type(gi).__name__ for gi in g]}" if g is not None else "")
+        raise ValueError(f"grad_fn({k}, x) must return worker {k}'s gradients as a list of tensors shaped "
+                         f"{shapes}, got {got}")
     if len(g) != len(shapes) or any(tuple(gi.shape) != s for gi, s in zip(g, shapes)):
-        got = [tuple(getattr(gi, "shape", ())) for gi in g]
-        raise ValueError(f"grad_fn({k}, x) returned gradients of shapes {got}, expected {shapes}")
+        got = [tuple(gi.shape) for gi in g]
+        raise ValueError(f"grad_fn({k}, x) returned gradients of shapes {got} for worker {k}, expected {shapes}")
     return g
 
 

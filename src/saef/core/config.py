@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+import torch
+
 from ..compress import Compressor, Identity, make_compressor
 from .local import available_optimizers
 from .rules.registry import available_rules, rule_class
@@ -21,18 +23,26 @@ from .rules.registry import available_rules, rule_class
 __all__ = ["AlgorithmConfig", "check_betas", "check_eps", "check_lr", "check_momentum", "check_weight_decay"]
 
 
-def check_lr(lr, where: str = "") -> float:
-    """lr as a float, if it is a finite number >= 0 (a Python number or a one-element tensor); else
-    ValueError naming it (``where`` is appended to the message, e.g. " in parameter group 2").
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_lr(lr, where: str = "", dtype: Optional[torch.dtype] = None) -> float:
+    """lr as a float, if it is a number in [0, float32's largest] (a Python number or a one-element tensor),
+    and no larger than ``dtype``'s largest (the parameters' dtype, where known: a float16 model's); else
+    ValueError naming it and the range (``where`` is appended to the message, e.g. " in parameter group 2").
 
     The one check of a learning rate: ``saef train``'s config, ``saef.SAEF``, ``saef.simulate`` and each
     step of the algorithm call it."""
     try:
         value = math.nan if isinstance(lr, (bool, str, bytes)) else float(lr)
-    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of more than one element)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # (RuntimeError: a tensor of > 1 element)
         value = math.nan
     if not (value >= 0.0) or math.isinf(value):
         raise ValueError(f"lr must be a finite number >= 0, got lr={lr!r}{where}")
+    top = _FLOAT32_MAX if dtype is None or not dtype.is_floating_point else min(_FLOAT32_MAX, torch.finfo(dtype).max)
+    if value > top:
+        name = "float32" if top == _FLOAT32_MAX else str(dtype).replace("torch.", "")
+        raise ValueError(f"lr must be in [0, {top:g}] (the largest {name} number), got lr={lr!r}{where}")
     return value
 
 
