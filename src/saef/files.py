@@ -1,18 +1,31 @@
-"""Files written whole or not at all: the one atomic-write helper every writer of saef uses.
+"""Files written whole or not at all, and a run directory read as data: the helpers every writer and
+reader of a run directory uses.
+
+A run directory is data, never a path to somewhere else. Every name taken from it (a manifest's file
+names) must be a plain file name (:func:`safe_name`); nothing in it is followed as a symbolic link: files
+are opened with ``O_NOFOLLOW`` relative to their folder, itself opened with ``O_NOFOLLOW``
+(:func:`open_inside`); files written in place must have one link; and every file read is a regular file
+whose size is checked before it is read and parsed (:func:`read_inside`, :func:`parse_json`). The run
+directory as the user names it may itself be reached through a link (callers resolve it first). Every
+refusal is a :class:`RunDirectoryError`, a ``ValueError`` whose one-line message names the file.
 
 Imports nothing else of saef, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
-__all__ = ["write_atomically", "claim", "release", "DirectoryBusy", "LOCK_NAME"]
+__all__ = ["write_atomically", "claim", "release", "DirectoryBusy", "LOCK_NAME", "RunDirectoryError", "safe_name",
+           "open_inside", "read_inside", "remove_inside", "append_inside", "parse_json", "checked_folder"]
 
 LOCK_NAME = ".lock"
 _CLAIMED: Dict[Path, int] = {}  # directory -> the descriptor whose lock this process holds
@@ -20,6 +33,120 @@ _CLAIMED: Dict[Path, int] = {}  # directory -> the descriptor whose lock this pr
 
 class DirectoryBusy(FileExistsError):
     """Another process is writing the directory."""
+
+
+class RunDirectoryError(ValueError):
+    """A run directory's file is not what saef wrote there: a name that is not a plain file name, a symbolic
+    link, something other than a regular file, a file too large, or JSON nested too deeply."""
+
+
+def safe_name(name: Any, where: Union[str, Path] = "the run directory") -> str:
+    """``name`` if it is a plain file name (no folder, no '..', not absolute); else :class:`RunDirectoryError`."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.basename(name) != name):
+        raise RunDirectoryError(f"{where} names {name!r}, which is not a plain file name in its folder; nothing was changed")
+    return name
+
+
+def _open_folder(folder: Path) -> int:
+    """A descriptor of ``folder``; refused if its last component is a symbolic link or not a folder."""
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            kind = "a symbolic link" if os.path.islink(folder) else "not a folder"
+            raise RunDirectoryError(f"{folder} is {kind}; nothing in a run directory is followed out of it") from None
+        raise
+
+
+def checked_folder(folder: Union[str, Path], *, create: bool = False) -> Path:
+    """``folder`` (made if ``create`` and missing), refused if it is a symbolic link or not a folder."""
+    folder = Path(folder)
+    if create:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            pass
+    os.close(_open_folder(folder))
+    return folder
+
+
+def open_inside(folder: Union[str, Path], name: str, flags: int, mode: int = 0o644, *, in_place: bool = False) -> int:
+    """A descriptor of the regular file ``folder/name``, never through a symbolic link (neither ``name`` nor
+    ``folder``'s last component may be one). ``in_place`` (a file written where it is, not replaced):
+    refused also when it has other hard links, whose files the writes would change too."""
+    folder = Path(folder)
+    path = folder / safe_name(name, folder)
+    dir_fd = _open_folder(folder)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunDirectoryError(f"{path} is a symbolic link; nothing in a run directory is followed out of it") from None
+        if error.errno in (errno.ENXIO, errno.EISDIR):
+            raise RunDirectoryError(f"{path} is not a regular file") from None
+        raise
+    finally:
+        os.close(dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RunDirectoryError(f"{path} is not a regular file (a device, a pipe or a folder); saef reads and writes only files it made")
+        if in_place and info.st_nlink > 1:
+            raise RunDirectoryError(f"{path} has {info.st_nlink} hard links; writing it would change the other files too")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_inside(folder: Union[str, Path], name: str, limit: Optional[int]) -> bytes:
+    """The bytes of the regular file ``folder/name`` (see :func:`open_inside`), refused before it is read when
+    it holds more than ``limit`` bytes (None: no limit). A missing file raises ``FileNotFoundError``."""
+    fd = open_inside(folder, name, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if limit is not None and size > limit:
+            raise RunDirectoryError(f"{Path(folder) / name} holds {size} bytes, more than the {limit} saef reads "
+                                    "from such a file; it is not one saef wrote")
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:  # it grew while being read
+        raise RunDirectoryError(f"{Path(folder) / name} holds more than the {limit} bytes saef reads from such a file")
+    return data
+
+
+def append_inside(folder: Union[str, Path], name: str, text: str) -> None:
+    """Append ``text`` to ``folder/name`` (created if missing) and push it to disk; never through a link."""
+    fd = open_inside(folder, name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, in_place=True)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def remove_inside(folder: Union[str, Path], name: str) -> None:
+    """Delete the file ``folder/name`` (a link itself, never what it points to) if it exists."""
+    safe_name(name, folder)
+    dir_fd = _open_folder(Path(folder))
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def parse_json(data: bytes, path: Union[str, Path]) -> Any:
+    """``data`` parsed as JSON; anything else -- not UTF-8, not JSON, nested too deeply -- a one-line
+    :class:`RunDirectoryError` naming ``path``."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise RunDirectoryError(f"{path} is nested too deeply to be a file saef wrote") from None
+    except ValueError as error:  # (UnicodeDecodeError is a ValueError)
+        raise RunDirectoryError(f"{path} cannot be read as JSON ({error})") from None
 
 
 def claim(directory: Union[str, Path]) -> None:
@@ -31,7 +158,7 @@ def claim(directory: Union[str, Path]) -> None:
     if directory in _CLAIMED:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_inside(directory, LOCK_NAME, os.O_RDWR | os.O_CREAT, in_place=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,6 +10,10 @@ A run directory's checkpoints live in ``RUN_DIR/checkpoints/``:
 Loading takes the newest listed checkpoint whose files all match their checksums, and falls back to an
 older one, with a warning, when a file is truncated or corrupted.
 
+The folder is data, never a path to somewhere else (:mod:`saef.files`): the manifest's file names must be
+plain names of files in it, neither the folder nor a file in it is followed as a symbolic link, and the
+manifest is read only up to :data:`MANIFEST_LIMIT` bytes.
+
 What a checkpoint holds is decided by the training loop (:mod:`saef.app.loop`): parameters, every worker's
 momentum and error, the server error (per owner rank), BatchNorm buffers, step, epoch and the epoch's
 accumulators, the data-order generator and every RNG (torch, numpy, python), and the bit counters. Only
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -29,13 +34,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..files import write_atomically
+from ..files import checked_folder, parse_json, read_inside, remove_inside, safe_name, write_atomically
 from . import hooks
 
 __all__ = ["CheckpointError", "save", "load_latest", "capture_rng", "restore_rng", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 3  # 2: the algorithm's state as named tensors, and the bit ledger; 3: averaging bits counted both ways
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 64 << 20  # bytes: 65536 kept checkpoints of a few hundred ranks
 
 
 class CheckpointError(RuntimeError):
@@ -48,15 +54,21 @@ def _file_name(step: int, rank: int) -> str:
 
 def _read_manifest(folder: Path) -> List[Dict[str, Any]]:
     path = folder / MANIFEST
-    if not path.exists():
-        return []
     try:
-        entries = json.loads(path.read_text())
-    except (ValueError, OSError) as error:
+        entries = parse_json(read_inside(folder, MANIFEST, MANIFEST_LIMIT), path)
+    except FileNotFoundError:
+        if not os.path.lexists(folder):
+            return []
+        checked_folder(folder)  # a manifest missing from a link to a folder elsewhere: refused too
+        return []
+    except OSError as error:
         raise CheckpointError(f"{path} is not a valid checkpoint manifest ({error})") from None
     if not isinstance(entries, list) or not all(_valid_entry(e) for e in entries):
         raise CheckpointError(f"{path} is not a valid checkpoint manifest (expected a list of "
                               "{step, world, files} entries)")
+    for entry in entries:  # the names it lists are deleted when they fall out of the list: plain names only
+        for name in entry["files"]:
+            safe_name(name, path)
     return entries
 
 
@@ -73,8 +85,7 @@ def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world
     ``barrier`` (distributed runs) is called between writing the files and listing them, so that the
     manifest names only checkpoints whose every rank file is on disk. Returns this rank's file's SHA-256.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = checked_folder(folder, create=True)
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, "step": step, "rank": rank, "world": world, "state": state}, buffer)
     data = buffer.getvalue()
@@ -93,7 +104,7 @@ def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world
         write_atomically(folder / MANIFEST, (json.dumps(entries, indent=1) + "\n").encode())
         for entry in stale:  # only after the manifest no longer lists them
             for name in entry["files"]:
-                (folder / name).unlink(missing_ok=True)
+                remove_inside(folder, name)
     return digest
 
 
@@ -109,9 +120,8 @@ def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1) -> Opt
                 f"the checkpoint at step {entry['step']} was written by {entry['world']} processes, this run has {world}"
             )
         name = _file_name(entry["step"], rank)
-        path = folder / name
         try:
-            data = path.read_bytes()
+            data = read_inside(folder, name, None)  # as large as the model: its checksum is the check
         except FileNotFoundError:
             problems.append(f"{name} is missing")
             continue

@@ -74,20 +74,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _train(config, progress=not args.quiet, resume=bool(args.resume), reset_errors=args.reset_errors, changed=changed)
 
 
+CONFIG_LIMIT = 16 << 20  # bytes of a run's config.json read on --resume
+
+
 def _read_saved_config(run_dir: str) -> dict:
-    import json
     from pathlib import Path
+
+    from ..files import parse_json, read_inside
 
     if not Path(run_dir).is_dir():
         raise ConfigError(f"--resume needs a run directory made by saef train; {run_dir} is "
                           + ("not a directory" if Path(run_dir).exists() else "missing"))
     path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
+    try:  # a regular file in the run directory, not a link out of it, and bounded (saef.files)
+        saved = parse_json(read_inside(Path(run_dir).resolve(), "config.json", CONFIG_LIMIT), path)
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist: --resume needs a run directory made by saef train") from None
-    except (ValueError, OSError) as error:  # (UnicodeDecodeError is a ValueError)
-        raise ConfigError(f"{path} cannot be read as JSON ({error})") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror or error})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} does not hold a config object")
     return saved

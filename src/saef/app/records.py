@@ -11,7 +11,9 @@ A run directory holds
 * ``events.jsonl``     resumes (with what changed, and whether errors were reset);
 * ``summary.json``     written last: a run directory without it is incomplete.
 
-Every file except the appended metrics is written atomically (temporary file, fsync, rename).
+Every file except the appended metrics is written atomically (temporary file, fsync, rename). The directory
+is data (:mod:`saef.files`): no file in it is followed as a symbolic link, appended files must have one
+link, and the metrics are read only up to :data:`METRICS_LIMIT` bytes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..files import LOCK_NAME, claim, release, write_atomically
+from ..files import LOCK_NAME, append_inside, claim, open_inside, parse_json, read_inside, release, write_atomically
 
 __all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment"]
+
+METRICS_LIMIT = 256 << 20  # bytes of metrics.jsonl read: about 100,000 epochs' rows
+_APPENDED = ("metrics.jsonl", "metrics.csv", "events.jsonl")  # the files written in place, not replaced
 
 METRIC_COLUMNS = (
     "epoch",  # 1-based
@@ -70,12 +75,10 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     does not parse is a write in progress (or cut by a crash) and is skipped with a warning; any other
     malformed line raises ``ValueError`` naming the file and line; a missing file ``FileNotFoundError``."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
     try:
-        lines = path.read_text().split("\n")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+        lines = _read_text(Path(run_dir).resolve(), "metrics.jsonl").split("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?") from None
     by_epoch: Dict[int, Dict[str, Any]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -87,10 +90,20 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
                 warnings.warn(f"{path}:{number}: skipping unfinished last line", stacklevel=2)
                 continue
             raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+        except RecursionError:
+            raise ValueError(f"{path}:{number} is nested too deeply to be a metrics row") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
             raise ValueError(f"{path}:{number} must be a JSON object with an integer 'epoch'")
         by_epoch[row["epoch"]] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _read_text(directory: Path, name: str) -> str:
+    """``directory/name`` as text: a regular file, not a link, at most :data:`METRICS_LIMIT` bytes."""
+    try:
+        return read_inside(directory, name, METRICS_LIMIT).decode()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{directory / name} is not UTF-8 text: {error}") from None
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -153,8 +166,11 @@ class RunRecord:
         write_atomically(self.directory / "metrics.jsonl", b"")
 
     def _reopen(self, rows: int, config: Dict[str, Any], env: Dict[str, Any], event: Dict[str, Any]) -> None:
-        (self.directory / "summary.json").unlink(missing_ok=True)  # incomplete again until it finishes
-        lines = (self.directory / "metrics.jsonl").read_text().splitlines(keepends=True)
+        for name in _APPENDED:  # refused before anything changes: a link, or a file with other hard links
+            if os.path.lexists(self.directory / name):
+                os.close(open_inside(self.directory, name, os.O_RDONLY, in_place=True))
+        (self.directory / "summary.json").unlink(missing_ok=True)  # incomplete again until it finishes (a link: itself)
+        lines = _read_text(self.directory, "metrics.jsonl").splitlines(keepends=True)
         if len(lines) < rows:
             raise ValueError(f"{self.directory} holds {len(lines)} metric rows but its checkpoint covers {rows}")
         write_atomically(self.directory / "metrics.jsonl", "".join(lines[:rows]).encode())
@@ -164,13 +180,10 @@ class RunRecord:
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(METRIC_COLUMNS)
         for line in lines[:rows]:
-            writer.writerow(_csv_cells(json.loads(line)))
+            writer.writerow(_csv_cells(parse_json(line.encode(), self.directory / "metrics.jsonl")))
         write_atomically(self.directory / "metrics.csv", table.getvalue().encode())
         write_atomically(self.directory / "config.json", _json_bytes(config))
-        with open(self.directory / "events.jsonl", "a") as handle:
-            handle.write(json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_inside(self.directory, "events.jsonl", json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
 
     def rows(self) -> List[Dict[str, Any]]:
         return read_metrics(self.directory)
@@ -183,10 +196,7 @@ class RunRecord:
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow(_csv_cells(row))
         for name, text in (("metrics.csv", line.getvalue()), ("metrics.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
-            with open(self.directory / name, "a") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_inside(self.directory, name, text)
 
     def finish(self, summary: Dict[str, Any]) -> None:
         """Mark the run complete."""
