@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,9 +40,13 @@ _CHECKS = {"momentum": _float(check_momentum), "weight_decay": _float(check_weig
            "eps": _float(check_eps)}
 
 
-def _same(value: Tensor, written: Tensor) -> bool:
-    """Whether a parameter still holds what was written into it (NaN where a NaN was written counts as the same)."""
-    return torch.equal(value, written) or bool(((value == written) | (value.isnan() & written.isnan())).all())
+def _differs(value: Tensor, written: Tensor) -> Union[bool, Tensor]:
+    """Whether a parameter no longer holds what was written into it (a NaN where a NaN was written counts as
+    the same). On the CPU a bool, from one pass that stops at the first difference; on an accelerator a 0-dim
+    tensor, so that all parameters are read together (one synchronisation a step, not one a parameter)."""
+    if value.device.type == "cpu" and torch.equal(value, written):
+        return False
+    return ~((value == written) | (value.isnan() & written.isnan())).all()
 
 
 def _checked_state(state_dict, shapes) -> Dict[str, object]:
@@ -216,14 +220,20 @@ class SAEF(torch.optim.Optimizer):
 
         A write is seen by the parameter's version counter (``p.copy_(t)`` under ``torch.no_grad()``) or, where
         that cannot see it (``p.data = t``, ``p.data.copy_(t)``), by comparing the values with what the optimizer
-        wrote: one ``torch.equal`` per parameter per step. A tensor of another shape or device is refused."""
-        for i, (p, version, s) in enumerate(zip(self._params(), self._versions, self.algorithm.layout.slices)):
+        wrote (one comparison per parameter, read together once a step). A tensor of another shape or device is refused."""
+        params, slices, differs = self._params(), self.algorithm.layout.slices, []
+        for i, (p, s) in enumerate(zip(params, slices)):
             written = self._written[s]
             if (tuple(p.shape), p.device) != (self.shapes[i], written.device):
                 raise ValueError(f"parameter {i} now holds a tensor of shape {tuple(p.shape)} on {p.device}; the "
                                  f"optimizer's layer {i} is {self.shapes[i]} on {written.device} (write weights of "
                                  "the same shape and device, or build a new optimizer)")
-            if p._version != version or not _same(p, written.view(p.shape).to(p.dtype)):
+            differs.append(_differs(p.detach(), written.view(p.shape).to(p.dtype)))
+        pending = [d for d in differs if isinstance(d, Tensor)]
+        read = iter(torch.stack([d.to(pending[0].device) for d in pending]).tolist() if pending else [])  # one read
+        changed = [next(read) if isinstance(d, Tensor) else d for d in differs]
+        for p, version, s, by_value in zip(params, self._versions, slices, changed):
+            if p._version != version or by_value:
                 self.x[s] = p.detach().reshape(-1)
 
     @torch.no_grad()
