@@ -265,3 +265,63 @@ def test_hold_out_moves_the_last_samples_out_of_training(tmp_path):
     assert result.returncode == 0, result.stderr
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == (512 - 128) // 32 and 0 <= row["val_acc"] <= 1 and row["val_loss"] > 0
+
+
+@pytest.fixture
+def alarm():
+    """Fails a test that blocks (a FIFO opened without O_NONBLOCK would wait for a writer for ever)."""
+    import signal
+
+    def timeout(*_):
+        raise RuntimeError("blocked for 10 s")  # (not an OSError, which a reader may turn into its own message)
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("dataset", ["libsvm", "text"])
+def test_data_file_must_be_a_regular_file(tmp_path, alarm, dataset):
+    """--data-file /dev/zero (endless) and a FIFO with no writer (blocks) are refused at once, naming them."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "is a device"), (str(fifo), "is a FIFO")):
+        with pytest.raises(ValueError, match=f"{path} {kind}, not a"):
+            load_dataset(dataset, tmp_path, data_file=path)
+
+
+def test_text_file_is_read_with_a_bound(tmp_path, monkeypatch):
+    from saef.zoo.datasets import text
+
+    monkeypatch.setattr(text, "TEXT_MAX_BYTES", 1000)
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(b"a" * 1001)
+    with pytest.raises(ValueError, match="larger than the largest corpus read, 1,000 bytes"):
+        load_dataset("text", tmp_path, data_file=str(f), context=8)
+    assert len(text.read_corpus(f, size=1000)[0]) == 1000
+    with pytest.raises(ValueError, match="more than the largest read"):
+        text.read_corpus(f, size=1001)
+
+
+def test_mnist1d_cache_is_checked_against_the_size_asked_for(tmp_path):
+    """A cache copied under another size's name is refused (it would train on other data), and so is one
+    whose member inflates beyond what its shape holds (a deflate bomb), before it is decompressed."""
+    import shutil
+    import zipfile
+
+    load_dataset("mnist1d", tmp_path, size=100, seed=0)
+    shutil.copy(tmp_path / "mnist1d-100-0.npz", tmp_path / "mnist1d-200-0.npz")
+    with pytest.raises(ValueError, match=r"mnist1d-200-0.npz .*not the \(160, 40\) that size 200 makes"):
+        load_dataset("mnist1d", tmp_path, size=200, seed=0)
+    bomb = tmp_path / "mnist1d-300-0.npz"
+    with np.load(tmp_path / "mnist1d-100-0.npz") as cached, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for key, rows in (("x", 240), ("y", 240), ("x_test", 60), ("y_test", 60)):
+            array = np.resize(cached[key], (rows, *cached[key].shape[1:]))
+            with out.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array(member, array)
+                if key == "x":
+                    member.write(bytes(50_000_000))  # 50 MB of zeros after the array: ~50 kB compressed
+    with pytest.raises(ValueError, match=r"mnist1d-300-0.npz .*x.npy inflates to 50,07"):
+        load_dataset("mnist1d", tmp_path, size=300, seed=0)

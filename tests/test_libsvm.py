@@ -172,3 +172,45 @@ def test_resume_refuses_a_changed_data_file(tmp_path):
     resumed = saef_train(["--resume", str(run), "--epochs", "4", "--reset-errors"])  # resets the errors, not the data
     assert resumed.returncode == 2 and "sha256" in resumed.stderr, resumed.stderr
     assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("1 100000000:1\n-1 1:1\n", "line 1: feature index 100000000 is above the largest read, 1,048,576"),
+    ("-1 1:1\n1 1000000000:1\n", "line 2: feature index 1000000000 is above"),
+    ("1 3:1e39\n-1 1:1\n", "line 1: a value is not finite in float32"),
+    ("1 3:-3.4028236e38\n", "line 1: a value is not finite in float32"),  # rounds to -inf in float32
+])
+def test_reader_bounds_the_width_and_checks_values_in_float32(tmp_path, text, problem):
+    """A huge feature index is refused at its line (the features are held densely, the model too), before
+    anything of that width is allocated; a value finite in float64 but not in float32 is refused."""
+    f = tmp_path / "bad.svm"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        load_libsvm(f)
+    ok = tmp_path / "ok.svm"
+    ok.write_text("1 1048576:3.4028234e38\n-1 1:-1\n")  # the widest index and the largest float32 load
+    assert torch.isfinite(load_libsvm(ok).train.inputs).all() and load_libsvm(ok).input_shape == (1 << 20,)
+
+
+def test_size_keeps_the_samples_subsample_keeps(tmp_path):
+    """--dataset-size picks its rows while reading, exactly those (and in the order) subsample picks."""
+    from saef.zoo.datasets.base import subsample
+
+    f = write_libsvm(tmp_path / "a.svm", n=200)
+    whole = load_libsvm(f)
+    for size, seed in ((37, 0), (37, 5), (199, 1), (200, 2), (500, 3)):
+        part = load_libsvm(f, size=size, seed=seed)
+        expected = subsample(whole.train, size, seed)
+        assert torch.equal(part.train.inputs, expected.inputs) and torch.equal(part.train.targets, expected.targets)
+        assert part.test is part.train and part.digest == whole.digest
+    via = load_dataset("libsvm", tmp_path, size=37, seed=5, data_file=str(f))
+    assert torch.equal(via.train.inputs, subsample(whole.train, 37, 5).inputs)
+
+
+def test_bad_data_file_exits_2_with_one_line(tmp_path):
+    """saef train on a file with a feature index beyond the bound: exit 2, one line naming the file."""
+    f = tmp_path / "wide.svm"
+    f.write_text("1 100000000:1\n-1 1:1\n")
+    result = saef_train(["--dataset", "libsvm", "--data-file", str(f), "--model", "logreg", "--output", str(tmp_path / "run")])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(f) in result.stderr and "line 1" in result.stderr and "1,048,576" in result.stderr

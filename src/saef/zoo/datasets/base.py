@@ -16,15 +16,18 @@ Example::
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["Augment", "DatasetSplit", "Data", "hold_out", "epoch_batches", "subsample", "normalise_scalar",
-           "crop_flip_augment"]
+           "crop_flip_augment", "open_regular", "subsample_indices"]
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -128,14 +131,42 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last
         yield permutation[start : start + batch_size]
 
 
+def subsample_indices(n: int, size: int, seed: int) -> Tensor | None:
+    """Which of ``n`` samples :func:`subsample` keeps (in its order), or None for all of them: a reader
+    that streams its file keeps just these rows."""
+    if size >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
 def subsample(split: Any, size: int, seed: int) -> Any:
     """A random ``size`` of the split's samples (drawn from ``seed``), or the split itself if it is no larger."""
-    if size >= len(split):
+    keep = subsample_indices(len(split), size, seed)
+    if keep is None:
         return split
-    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size]
     if isinstance(split, DatasetSplit):
         return DatasetSplit(split.inputs[keep], split.targets[keep])
     return split.subset(keep)
+
+
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading in binary, if it is a regular file: a FIFO, a device (``/dev/zero``), a
+    socket or a directory is refused at once with a ValueError naming it (opened with O_NONBLOCK, so a FIFO
+    with no writer cannot block; the type is that of the file opened, not of an earlier ``stat``).
+    FileNotFoundError if it does not exist; ``what`` names the file in messages ("LIBSVM file")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    except OSError as error:
+        raise ValueError(f"{what} {path} cannot be opened: {error.strerror or error}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
+        raise ValueError(f"{path} is {kind}, not a {what} (a regular file is needed)")
+    return os.fdopen(fd, "rb")
 
 
 def normalise_scalar(train: np.ndarray, test: np.ndarray) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def _load_mnist1d(root: Path, size: int, seed: int) -> Data:
         raise ValueError(f"mnist1d size must be >= 10 (one sample per class), got {size}")
     path = root / f"mnist1d-{size}-{seed}.npz"
     if path.exists():
-        arrays = _read_mnist1d_cache(path)
+        arrays = _read_mnist1d_cache(path, size)
     else:
         arrays = _generate_mnist1d(size, seed)
         _write_npz_atomically(path, arrays)
@@ -69,14 +70,45 @@ def _generate_mnist1d(size: int, seed: int) -> dict[str, np.ndarray]:
     return {key: np.asarray(generated[key]) for key in ("x", "y", "x_test", "y_test")}
 
 
-def _read_mnist1d_cache(path: Path) -> dict[str, np.ndarray]:
+def _expected_shapes(size: int) -> dict[str, tuple[int, ...]]:
+    """The arrays ``make_dataset`` makes for ``size`` samples: the first ``int(0.8 size)`` train, the rest test."""
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args()
+    n_train, width = int(size * args.train_split), args.final_seq_length
+    return {"x": (n_train, width), "y": (n_train,), "x_test": (size - n_train, width), "y_test": (size - n_train,)}
+
+
+def _check_members(archive: zipfile.ZipFile, expected: dict[str, tuple[int, ...]]) -> None:
+    """Each array's header (shape, dtype) and uncompressed size in the zip directory against what ``size``
+    makes, read before any array is: a cache of another size, or a small file that inflates to gigabytes,
+    is refused without being decompressed."""
+    for key, shape in expected.items():
+        info = archive.getinfo(f"{key}.npy")  # KeyError if missing
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{key}.npy has .npy format version {version}, not 1.0 or 2.0")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, _, dtype = read_header(member)
+            header = member.tell()
+        kind = "f" if key.startswith("x") else "iu"
+        if tuple(found) != shape or dtype.kind not in kind or dtype.itemsize > 8:
+            raise ValueError(f"{key} is {dtype} {tuple(found)}, not the {shape} that size {expected['y'][0] + expected['y_test'][0]} makes")
+        if info.file_size > header + int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{key}.npy inflates to {info.file_size:,} bytes, more than its shape holds")
+
+
+def _read_mnist1d_cache(path: Path, size: int) -> dict[str, np.ndarray]:
+    """The cached arrays, checked against ``size`` before they are read; a cache that does not match is
+    refused (ValueError naming it), not regenerated: it is the user's file, and several ranks may read it."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            _check_members(archive, _expected_shapes(size))
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in ("x", "y", "x_test", "y_test")}
     except Exception as err:  # noqa: BLE001 -- truncated, damaged (bad CRC), not a zip, missing arrays: all the same to us
         raise ValueError(f"malformed MNIST-1D cache {path} ({type(err).__name__}: {err}); delete it to regenerate") from err
-    if arrays["x"].ndim != 2 or len(arrays["x"]) != len(arrays["y"]) or len(arrays["x_test"]) != len(arrays["y_test"]):
-        raise ValueError(f"malformed MNIST-1D cache {path} (inconsistent shapes); delete it to regenerate")
     return arrays
 
 

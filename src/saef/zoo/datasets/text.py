@@ -22,12 +22,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Data, DatasetSplit
+from .base import Data, DatasetSplit, open_regular
 from .registry import DatasetRequest, register_dataset
 
-__all__ = ["CORPUS_BYTES", "read_corpus", "byte_windows", "split_corpus"]
+__all__ = ["CORPUS_BYTES", "TEXT_MAX_BYTES", "read_corpus", "byte_windows", "split_corpus"]
 
 CORPUS_BYTES = 2_000_000  # the default corpus: the first 2 MB of the standard library's .py files
+TEXT_MAX_BYTES = 1 << 26  # the largest corpus (64 MiB; its windows take 16 bytes a byte, 1 GiB): larger is refused
 VALIDATION_FRACTION = 0.1  # the last 10 % of the corpus is the validation (test) split
 
 
@@ -41,15 +42,14 @@ def _stdlib_files():
 
 def read_corpus(data_file: Optional[Path] = None, size: Optional[int] = None) -> Tuple[bytes, str]:
     """The corpus's bytes (at most ``size``; the standard library's default :data:`CORPUS_BYTES`) and a
-    description of where they came from. A named file is read whole (then cut to ``size`` if given)."""
+    description of where they came from. A named file must be a regular file: its first ``size`` bytes are
+    read, or all of it; either way at most :data:`TEXT_MAX_BYTES` (a larger corpus is refused)."""
     if size is not None and size < 1:
         raise ValueError(f"the text corpus size must be a positive number of bytes, got {size}")
+    if size is not None and size > TEXT_MAX_BYTES:
+        raise ValueError(f"the text corpus size {size} is more than the largest read, {TEXT_MAX_BYTES:,} bytes")
     if data_file is not None:
-        try:
-            corpus = Path(data_file).read_bytes()
-        except OSError as error:
-            raise FileNotFoundError(f"text file {data_file} cannot be read: {error.strerror or error}") from None
-        return corpus[:size] if size is not None else corpus, str(data_file)
+        return _read_text_file(Path(data_file), TEXT_MAX_BYTES if size is None else size, size is None), str(data_file)
     limit = CORPUS_BYTES if size is None else size
     root, files = _stdlib_files()
     parts, total, used = [], 0, 0
@@ -67,6 +67,21 @@ def read_corpus(data_file: Optional[Path] = None, size: Optional[int] = None) ->
     if len(corpus) < limit and size is not None:
         raise ValueError(f"the standard library at {root} holds {len(corpus)} bytes of .py files, fewer than {limit}")
     return corpus, f"{used} .py files of {root}"
+
+
+def _read_text_file(path: Path, limit: int, whole: bool) -> bytes:
+    """The first ``limit`` bytes of the regular file ``path``; if ``whole``, a longer file is refused."""
+    try:
+        with open_regular(path, "text file") as handle:
+            corpus = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise FileNotFoundError(f"text file {path} cannot be read: {error.strerror or error}") from None
+    if whole and len(corpus) > limit:
+        raise ValueError(f"text file {path} is larger than the largest corpus read, {limit:,} bytes "
+                         "(give --dataset-size to read its first bytes)")
+    return corpus[:limit]
 
 
 def byte_windows(corpus: bytes, context: int) -> Tuple[Tensor, Tensor]:
