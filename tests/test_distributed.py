@@ -240,7 +240,8 @@ def torchrun_train(out, *flags):
                 "--master_port", str(free_port())]
     result = subprocess.run([*torchrun, "-m", "saef", "train", *TORCHRUN_TRAIN, "--output", str(out), *flags], env=child_env(),
                             capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
+    causes = [line for line in result.stderr.splitlines() if any(w in line for w in ("terminate", "what()", "Error", "error"))]
+    assert result.returncode == 0, "\n".join(causes[:20]) + "\n...\n" + result.stderr[-2000:]
     return result
 
 

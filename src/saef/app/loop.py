@@ -125,6 +125,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     finally:
         if run is not None and run.record is not None:
             run.record.close()  # no longer this directory's writer
+    run = None  # (the trainer lets go of its process groups, so that destroying them frees them now)
     backend.close()
     return summary
 

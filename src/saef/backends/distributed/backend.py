@@ -9,6 +9,7 @@ from torch import nn
 
 from ...core import AlgorithmConfig
 from ..base import Backend, PeerFailed, RanksDisagree
+from .groups import forget_direction_groups
 from .rendezvous import RendezvousTimeout, init_distributed
 from .trainer import DistributedTrainer
 
@@ -73,6 +74,7 @@ class DistributedBackend(Backend):
 
     def close(self) -> None:
         if dist.is_initialized():
+            forget_direction_groups()  # (freed with the rest, not at the interpreter's exit)
             dist.destroy_process_group()
 
     def failure_message(self, error: BaseException):

@@ -10,7 +10,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-__all__ = ["direction_groups"]
+__all__ = ["direction_groups", "forget_direction_groups"]
 
 _DIRECTION_GROUPS: Dict[object, Dict[str, object]] = {}  # per base group: its uplink and downlink groups
 
@@ -32,6 +32,14 @@ def direction_groups(group=None, device="cpu") -> Dict[str, object]:
             dist.all_reduce(torch.zeros(1, device=device), group=made_group)
         _DIRECTION_GROUPS[base] = made
     return _DIRECTION_GROUPS[base]
+
+
+def forget_direction_groups() -> None:
+    """Drop this module's references to the direction groups, before the process groups are destroyed:
+    each group is then freed when it is destroyed, while every other part of torch.distributed is still in
+    place, not at the interpreter's exit, where a gloo group freed late can abort the process ("terminate
+    called without an active exception") after a run that had ended well."""
+    _DIRECTION_GROUPS.clear()
 
 
 def _timeout_of(group, device) -> "datetime.timedelta | None":
