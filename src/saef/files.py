@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
-__all__ = ["write_atomically", "claim", "release", "DirectoryBusy", "LOCK_NAME", "RunDirectoryError", "safe_name",
-           "open_inside", "read_inside", "remove_inside", "append_inside", "parse_json", "checked_folder"]
+__all__ = ["write_atomically", "claim", "release", "DirectoryBusy", "LOCK_NAME", "RunDirectoryError", "NotRegularFile",
+           "open_regular", "safe_name", "open_inside", "read_inside", "remove_inside", "append_inside", "parse_json", "checked_folder"]
 
 LOCK_NAME = ".lock"
 _CLAIMED: Dict[Path, int] = {}  # directory -> the descriptor whose lock this process holds
@@ -72,6 +72,44 @@ def checked_folder(folder: Union[str, Path], *, create: bool = False) -> Path:
     return folder
 
 
+class NotRegularFile(ValueError):
+    """What was opened is not a regular file; ``kind`` says what it is ("a FIFO", "a device", ...)."""
+
+    def __init__(self, path, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def _special_kind(mode: int) -> Optional[str]:
+    """None for a regular file; else what the file is, for a message."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
+
+
+def open_regular(path: Union[str, Path], flags: int = os.O_RDONLY, mode: int = 0o644, *, dir_fd: Optional[int] = None,
+                 follow: bool = True) -> int:
+    """A descriptor of ``path`` (relative to ``dir_fd`` if given; not through a final symbolic link unless
+    ``follow``), if what it opens is a regular file; else :class:`NotRegularFile`, the file closed. It is
+    opened without blocking, so that a FIFO with no writer cannot hold the caller up, and set back to
+    blocking; the type checked is that of the file opened, not of an earlier ``stat``. Errors of
+    ``os.open`` (missing file, a link refused) pass through."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), mode, dir_fd=dir_fd)
+    try:
+        kind = _special_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise NotRegularFile(path, kind)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_inside(folder: Union[str, Path], name: str, flags: int, mode: int = 0o644, *, in_place: bool = False) -> int:
     """A descriptor of the regular file ``folder/name``, never through a symbolic link (neither ``name`` nor
     ``folder``'s last component may be one). ``in_place`` (a file written where it is, not replaced):
@@ -80,7 +118,10 @@ def open_inside(folder: Union[str, Path], name: str, flags: int, mode: int = 0o6
     path = folder / safe_name(name, folder)
     dir_fd = _open_folder(folder)
     try:
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        fd = open_regular(name, flags, mode, dir_fd=dir_fd, follow=False)
+    except NotRegularFile as error:
+        raise RunDirectoryError(f"{path} is not a regular file ({error.kind}); saef reads and writes only files it "
+                                "made") from None
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise RunDirectoryError(f"{path} is a symbolic link; nothing in a run directory is followed out of it") from None
@@ -89,16 +130,10 @@ def open_inside(folder: Union[str, Path], name: str, flags: int, mode: int = 0o6
         raise
     finally:
         os.close(dir_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise RunDirectoryError(f"{path} is not a regular file (a device, a pipe or a folder); saef reads and writes only files it made")
-        if in_place and info.st_nlink > 1:
-            raise RunDirectoryError(f"{path} has {info.st_nlink} hard links; writing it would change the other files too")
-        os.set_blocking(fd, True)
-    except BaseException:
+    links = os.fstat(fd).st_nlink
+    if in_place and links > 1:
         os.close(fd)
-        raise
+        raise RunDirectoryError(f"{path} has {links} hard links; writing it would change the other files too")
     return fd
 
 

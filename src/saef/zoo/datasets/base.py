@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -25,6 +24,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
+
+from ... import files
 
 __all__ = ["Augment", "DatasetSplit", "Data", "hold_out", "epoch_batches", "subsample", "normalise_scalar",
            "crop_flip_augment", "open_regular", "subsample_indices"]
@@ -151,22 +152,17 @@ def subsample(split: Any, size: int, seed: int) -> Any:
 
 def open_regular(path: Path, what: str) -> BinaryIO:
     """``path`` opened for reading in binary, if it is a regular file: a FIFO, a device (``/dev/zero``), a
-    socket or a directory is refused at once with a ValueError naming it (opened with O_NONBLOCK, so a FIFO
-    with no writer cannot block; the type is that of the file opened, not of an earlier ``stat``).
-    FileNotFoundError if it does not exist; ``what`` names the file in messages ("LIBSVM file")."""
+    socket or a directory is refused at once with a ValueError naming it (:func:`saef.files.open_regular`:
+    a FIFO with no writer cannot block). FileNotFoundError if it does not exist; ``what`` names the file in
+    messages ("LIBSVM file")."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        return os.fdopen(files.open_regular(path), "rb")
+    except files.NotRegularFile as error:
+        raise ValueError(f"{path} is {error.kind}, not a {what} (a regular file is needed)") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found") from None
     except OSError as error:
         raise ValueError(f"{what} {path} cannot be opened: {error.strerror or error}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
-        raise ValueError(f"{path} is {kind}, not a {what} (a regular file is needed)")
-    return os.fdopen(fd, "rb")
 
 
 def normalise_scalar(train: np.ndarray, test: np.ndarray) -> tuple[Tensor, Tensor]:
