@@ -55,6 +55,29 @@ def test_config_files_beyond_what_tomllib_takes_are_one_line(tmp_path, capsys, t
     assert not out.exists()
 
 
+def test_a_config_that_is_a_fifo_or_a_device_is_refused_unread(tmp_path, capsys):
+    """--config naming a FIFO with no writer (which a plain open would wait on for ever) or /dev/zero: one
+    line naming the file and what it is, exit 2, at once."""
+    import os
+    import signal
+
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    def blocked(*_):
+        raise RuntimeError("blocked for 10 s")  # (a blocked open fails the test instead of hanging it)
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)
+    try:
+        for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a device")):
+            assert main(["train", *FAST, "--config", str(path), "--output", str(tmp_path / "run")]) == 2
+            one_line_error(capsys, f"cannot be read: it is {kind}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "run").exists()
+
+
 def test_lr_above_float32_range_is_one_line(tmp_path, capsys):
     """--lr 1e308 is finite as a Python float but Inf in float32: refused with one line naming lr and its range."""
     assert main(["train", *FAST, "--lr", "1e308", "--output", str(tmp_path / "run")]) == 2

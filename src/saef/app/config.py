@@ -22,6 +22,7 @@ Example ``run.toml``::
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .. import files
 from ..backends.registry import available_backends
 from ..core import PRECISIONS, AlgorithmConfig
 from ..core.config import check_lr
@@ -243,7 +245,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     values: Dict[str, Any] = {}
     if path is not None:
         try:
-            with open(path, "rb") as handle:
+            with os.fdopen(files.open_regular(path), "rb") as handle:  # (a FIFO or a device is refused, not read)
                 text = handle.read(_CONFIG_MAX_BYTES + 1)
             if len(text) > _CONFIG_MAX_BYTES:
                 raise ConfigError(f"config file {path} is larger than {_CONFIG_MAX_BYTES} bytes: not a config file")
@@ -254,6 +256,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
         except ConfigError:
             raise
+        except files.NotRegularFile as error:
+            raise ConfigError(f"config file {path} cannot be read: it is {error.kind}, not a regular file") from None
         except (ValueError, RecursionError) as error:  # an integer of thousands of digits, arrays nested too deep
             what = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
             raise ConfigError(f"config file {path} is not a usable TOML file: {what}") from None
