@@ -131,7 +131,7 @@ def make_cache(tmp_path, damage):
     arrays = _generate_mnist1d(100, 0)
     if damage == "labels":
         arrays["y"][3] = 12
-    np.savez(path, **arrays)
+    np.savez(path, **arrays, made_from=np.array([100, 0]))  # (the size and seed it is for, as saef's caches record)
     blob = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(blob[: len(blob) // 2])

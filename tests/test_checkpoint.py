@@ -6,10 +6,12 @@ import errno
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -297,19 +299,29 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     assert torch.equal(checkpoint.load_latest(folder)["x"], torch.ones(3))
 
 
-def test_disk_full_exits_nonzero_with_message(tmp_path, monkeypatch, capsys):
-    """saef train on a full disk exits 1 with a message, without a summary that marks the run complete."""
+@pytest.mark.parametrize("written", [0, 2])
+def test_disk_full_exits_nonzero_with_message(tmp_path, monkeypatch, capsys, written):
+    """saef train on a full disk exits 1 with a message, without a summary that marks the run complete; the
+    message names the newest checkpoint left (step 10 after two) or says that none was written yet."""
     real = saef.files.write_atomically
+    writes = []
 
     def failing(path, data):
-        if "checkpoints" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if "checkpoints" in str(path) and str(path).endswith(".pt"):
+            writes.append(path)
+            if len(writes) > written:
+                raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
     monkeypatch.setattr("saef.app.checkpoint.write_atomically", failing)
     out = tmp_path / "run"
     assert main(["train", *RUN, "--output", str(out)]) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+    if written:
+        assert f"the newest complete checkpoint (step 10) is intact (resume with --resume {out}" in err, err
+    else:
+        assert "no checkpoint was written yet" in err and "intact" not in err, err
     assert not (out / "summary.json").exists()
 
 
@@ -378,6 +390,114 @@ def test_distributed_ef21_resumes_bit_identically(tmp_path):
     _assert_ranks_identical(reference, out)
     state = checkpoint.load_latest(out / "checkpoints", rank=0, world=2)["trainer"]["algorithm"]["tensors"]
     assert {"worker_estimate", "server_estimate", "server_model"} <= set(state)
+
+
+def _dist_in(cwds, argv, extra_env=None):
+    """Ranks of ``_faults.py train argv``, rank r in folder ``cwds[r]`` (hosts that share no disk, when argv's
+    paths are relative); their exit codes and stderr."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _procs import free_port, rank_env, wait_all
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, FAULTS, "train", *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=rank_env(rank, len(cwds), port, SAEF_FAULT="", **(extra_env or {})))
+             for rank, cwd in enumerate(cwds)]
+    codes = wait_all(procs, timeout=180)
+    return codes, [p.stderr.read() for p in procs]
+
+
+def _last_event(out):
+    return json.loads((Path(out) / "events.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_ranks_resume_the_newest_step_every_rank_can_load(dist_reference, tmp_path):
+    """One byte flipped in rank 1's newest checkpoint (step 64): rank 0 could load step 64, rank 1 only 60.
+    They agree on step 60 (one exchange, before loading), both resume it, and the run ends bit-identical
+    to the uninterrupted one. (Before, rank 0 resumed 64 and rank 1 60: mismatched state, then a hang.)"""
+    out = tmp_path / "run"
+    shutil.copytree(dist_reference, out)
+    newest = out / "checkpoints" / "step-00000064.rank1.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    codes, errs = _dist(["--resume", str(out), "--quiet"], out)
+    assert codes == [0, 0], errs
+    assert _last_event(out)["step"] == 60
+    assert "step-00000064.rank1.pt does not match its checksum" in errs[1] and "resuming from step 60" in errs[1], errs[1]
+    assert "another rank cannot load them; resuming from step 60" in errs[0], errs[0]
+    _assert_ranks_identical(dist_reference, out)
+
+
+@pytest.mark.slow
+def test_torchrun_restart_before_the_first_checkpoint_starts_again(dist_reference, tmp_path):
+    """torchrun --max-restarts 1, rank 1 killed at step 3, before the first checkpoint (step 5): the restarted
+    launch finds the run directory it made (its launchers are recorded there), starts the run again from
+    the beginning, and ends equal to the uninterrupted run. (Before: "already exists and is not empty" on
+    every restart until they were spent.)"""
+    from _procs import child_env, free_port
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), FAULTS, "train", *DIST,
+                             "--output", str(out)], env=child_env(SAEF_FAULT="kill-at-step:3@1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _last_event(out)["from_scratch"] is True
+    _assert_ranks_identical(dist_reference, out)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_see_the_run_directory_stops_the_job(tmp_path):
+    """Two 'hosts' without a shared disk (a relative --output in different folders): rank 0 has the run, rank 1
+    only its own checkpoint files. When a launcher restarts the job, rank 0 would resume and rank 1 start from
+    step 0; instead every rank stops (exit 2) with a message naming the shared-storage requirement."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for host in hosts:
+        host.mkdir()
+    argv = [*DIST, "--epochs", "1", "--output", "run"]
+    codes, errs = _dist_in(hosts, argv)
+    assert codes == [0, 0], errs
+    codes, errs = _dist_in(hosts, argv, {"TORCHELASTIC_RESTART_COUNT": "1"})  # as torchrun restarts a job
+    assert codes == [2, 2], errs
+    for err in errs:
+        assert "rank 1 finds no checkpoint in run/checkpoints while rank 0 does" in err and "storage that every host shares" in err, err
+    codes, errs = _dist_in(hosts, ["--resume", "run", "--quiet"])  # and so does --resume on both
+    assert codes[1] == 2 and "storage every host shares" in errs[1], errs[1]
+
+
+@pytest.mark.slow
+def test_ranks_that_loaded_different_data_stop_at_the_start(tmp_path):
+    """Each rank reads MNIST-1D from its own cache (--data-dir on each host's disk); rank 1's has two labels
+    swapped. The ranks compare the data they loaded before training, and stop (exit 2) naming it."""
+    from saef.zoo.datasets import load_dataset
+
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    load_dataset("mnist1d", hosts[0] / "data", size=100, seed=0)
+    (hosts[1] / "data").mkdir(parents=True)
+    with np.load(hosts[0] / "data" / "mnist1d-100-0.npz") as cached:
+        arrays = {key: cached[key].copy() for key in cached.files}
+    arrays["y"][[0, 1]] = arrays["y"][[1, 0]] if arrays["y"][0] != arrays["y"][1] else (arrays["y"][[0, 1]] + 1) % 10
+    np.savez(hosts[1] / "data" / "mnist1d-100-0.npz", **arrays)
+    argv = ["--backend", "dist", "--dataset", "mnist1d", "--dataset-size", "100", "--data-dir", "data", "--model", "mlp",
+            "--batch-size", "16", "--epochs", "1", "--quiet", "--timeout", "20", "--output", "run"]
+    codes, errs = _dist_in(hosts, argv)
+    assert codes == [2, 2], errs
+    assert "the ranks disagree on data loaded (sha256)" in errs[0], errs[0]
+
+
+@pytest.mark.slow
+def test_a_change_of_workers_with_reset_errors_is_logged(dist_reference, tmp_path):
+    """A two-rank run resumed as one rank (K 2 -> 1, the job's size) with --reset-errors: the change of K is
+    recorded in events.jsonl like any other; without --reset-errors it is refused."""
+    out = tmp_path / "run"
+    shutil.copytree(dist_reference, out)
+    codes, errs = _dist(["--resume", str(out), "--epochs", "5", "--quiet"], out, world=1)
+    assert codes == [2] and "written by 2 processes, this run has 1 (resuming with another number of processes needs --reset-errors)" in errs[0], errs
+    codes, errs = _dist(["--resume", str(out), "--epochs", "5", "--reset-errors", "--quiet"], out, world=1)
+    assert codes == [0], errs
+    event = _last_event(out)
+    assert event["reset_errors"] is True and event["changed"]["workers"] == [2, 1] and event["changed"]["epochs"] == [4, 5]
 
 
 @pytest.mark.slow

@@ -325,3 +325,22 @@ def test_mnist1d_cache_is_checked_against_the_size_asked_for(tmp_path):
                     member.write(bytes(50_000_000))  # 50 MB of zeros after the array: ~50 kB compressed
     with pytest.raises(ValueError, match=r"mnist1d-300-0.npz .*x.npy inflates to 50,07"):
         load_dataset("mnist1d", tmp_path, size=300, seed=0)
+
+
+def test_mnist1d_cache_is_checked_against_the_seed_asked_for(tmp_path):
+    """A cache copied under another seed's name (same size, so the same shapes) is refused: it records the
+    size and seed it was made for. So is one that does not record them (an earlier saef's)."""
+    import shutil
+    import zipfile
+
+    load_dataset("mnist1d", tmp_path, size=100, seed=0)
+    shutil.copy(tmp_path / "mnist1d-100-0.npz", tmp_path / "mnist1d-100-1.npz")
+    with pytest.raises(ValueError, match=r"mnist1d-100-1.npz was made for size 100 and seed 0, not size 100 and seed 1"):
+        load_dataset("mnist1d", tmp_path, size=100, seed=1)
+    with np.load(tmp_path / "mnist1d-100-0.npz") as cached:
+        arrays = {key: cached[key] for key in ("x", "y", "x_test", "y_test")}
+    np.savez(tmp_path / "mnist1d-100-2.npz", **arrays)
+    with pytest.raises(ValueError, match=r"mnist1d-100-2.npz .*does not record the size and seed"):
+        load_dataset("mnist1d", tmp_path, size=100, seed=2)
+    again = load_dataset("mnist1d", tmp_path, size=100, seed=0)  # its own cache still loads
+    assert torch.equal(again.train.targets, torch.from_numpy(arrays["y"]).long())

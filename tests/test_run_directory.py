@@ -135,6 +135,20 @@ def test_an_oversized_manifest_or_config_is_refused_before_it_is_read(run, capsy
     refused(run, capsys, "config.json", "bytes")
 
 
+def test_an_oversized_metrics_file_is_refused_before_it_is_read(run, capsys):
+    """metrics.jsonl beyond its limit (a sparse file of 256 MiB + 1): saef plot and --resume refuse it from its
+    size, with one line, without reading it."""
+    from saef.app.records import METRICS_LIMIT
+
+    os.truncate(run / "metrics.jsonl", METRICS_LIMIT + 1)
+    capsys.readouterr()
+    assert main(["plot", str(run), "-o", str(run.parent / "curves.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"holds {METRICS_LIMIT + 1} bytes" in err and err.count("\n") == 1, err
+    assert not (run.parent / "curves.png").exists()
+    refused(run, capsys, "metrics.jsonl", "bytes")
+
+
 def test_an_untouched_run_still_resumes(run, capsys):
     """The checks refuse nothing saef wrote: the copy resumes, evicting its old checkpoint."""
     code, err = resume(run, capsys)

@@ -89,6 +89,57 @@ def test_resume_refuses_fewer_epochs_and_logs_every_change(tmp_path, capsys):
     assert "dataset_size" in state["config"]
 
 
+def test_resume_takes_only_what_it_can_mean(tmp_path, capsys, monkeypatch):
+    """--resume '' and --resume with --output elsewhere are refused with exit 2 (before, the first started a new
+    run and the second ignored --output); values that mean what the run already has (synthetic's default size
+    by its number, topk:0.010) are no change: accepted, not logged, not refused as changes of fixed keys."""
+    monkeypatch.chdir(tmp_path)  # (a new default run would be made here)
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "", "--epochs", "2"]) == 2
+    assert "--resume needs the run directory" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--output", str(tmp_path / "elsewhere"), "--epochs", "2"]) == 2
+    assert "a resumed run continues in its own directory; leave --output out" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+    assert main(["train", "--resume", str(out), "--output", str(out), "--epochs", "2", "--dataset-size", "512",
+                 "--compressor", "topk:0.010"]) == 0, capsys.readouterr().err
+    event = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
+    assert event["changed"] == {"epochs": [1, 2]}
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--dataset-size", "500"]) == 2  # a real change still is
+    assert "dataset_size" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """Without --output a run's directory is named after the run and the second it started; a second run of
+    the same name in the same second gets its own (name-2) instead of exiting 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("saef.app.rundir.time.strftime", lambda fmt: "20261207-120000")
+    assert main(["train", *FAST, "--epochs", "1"]) == 0
+    assert main(["train", *FAST, "--epochs", "1"]) == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(names) == 2 and names[1] == names[0] + "-2", names
+    assert all((tmp_path / "runs" / name / "summary.json").exists() for name in names)
+
+
+def test_dist_takes_its_workers_from_the_job(monkeypatch, capsys):
+    """Under a launcher, --backend dist's K is the job's size: the default --workers is not checked against
+    the batch (--batch-size 30 with 3 processes is fine), a --workers that says otherwise is refused, and
+    without a launcher the run exits 2 naming torchrun."""
+    from saef.app.config import ConfigError, load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert load_config(None, {"backend": "dist", "batch_size": 30}).workers == 3
+    with pytest.raises(ConfigError, match="this torch.distributed job has 3 processes .* leave --workers out"):
+        load_config(None, {"backend": "dist", "workers": 4, "batch_size": 30})
+    assert load_config(None, {"batch_size": 32}).workers == 4  # (the simulator: K as asked)
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", *FAST, "--backend", "dist", "--epochs", "1", "--output", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a torch.distributed launcher" in err and "torchrun" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.slow
 def test_a_run_directory_has_one_writer(tmp_path):
     """While a run trains, a second `saef train --resume` of its directory is refused (exit 2, naming the

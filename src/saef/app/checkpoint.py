@@ -29,7 +29,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -108,42 +108,88 @@ def save(folder: Path, step: int, state: Dict[str, Any], *, rank: int = 0, world
     return digest
 
 
-def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1) -> Optional[Dict[str, Any]]:
+def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1, agree=None) -> Optional[Dict[str, Any]]:
     """This rank's state from the newest complete, uncorrupted checkpoint; None when there is none.
-    ``world=None`` accepts a checkpoint written by any number of processes (for --reset-errors)."""
+    ``world=None`` accepts a checkpoint written by any number of processes (for --reset-errors).
+
+    ``agree`` (distributed runs: every rank's value, as :meth:`saef.backends.base.Backend.gather` gives it)
+    makes the ranks load the same step: each finds the steps whose file it holds intact, and all take the
+    newest step every rank holds; when there is none, every rank raises :class:`CheckpointError`.
+    """
     folder = Path(folder)
+    try:
+        listed, intact, problems = _scan(folder, rank, world)
+        failure = None
+    except CheckpointError as error:  # still take part in the agreement below, so no rank is left waiting
+        listed, intact, problems, failure = 0, [], [], error
+    mine = {"listed": listed, "intact": intact}
+    everyone = agree(mine) if agree is not None else [mine]
+    if failure is not None:
+        raise failure
+    step = _agreed_step(folder, everyone, problems)
+    if step is None:
+        return None
+    name = _file_name(step, rank)
+    data = read_inside(folder, name, None)
+    try:
+        saved = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as error:  # unpickling refused or failed
+        raise CheckpointError(f"{folder / name} cannot be read ({type(error).__name__}: {error})") from None
+    if not isinstance(saved, dict) or not {"format_version", "step", "state"} <= set(saved) or saved["step"] != step:
+        raise CheckpointError(f"{folder / name} is not the saef checkpoint of step {step} (no format_version, step and state)")
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{name} has checkpoint format {saved.get('format_version')}, this saef reads {FORMAT_VERSION}")
+    newer = [text for at, text in problems if at > step]
+    if newer or max(intact) > step:
+        why = "; ".join(newer) if newer else "another rank cannot load them"
+        warnings.warn(f"skipped newer checkpoints: {why}; resuming from step {step}, the newest every rank can load")
+    return saved["state"]
+
+
+def _scan(folder: Path, rank: int, world: Optional[int]):
+    """How many checkpoints the manifest lists, the steps (newest first) whose file for ``rank`` matches its
+    checksum, and what is wrong with the others."""
     entries = _read_manifest(folder)
-    problems = []
+    intact, problems = [], []
     for entry in reversed(entries):
         if world is not None and entry["world"] != world:
             raise CheckpointError(
-                f"the checkpoint at step {entry['step']} was written by {entry['world']} processes, this run has {world}"
+                f"the checkpoint at step {entry['step']} was written by {entry['world']} processes, this run has {world} "
+                "(resuming with another number of processes needs --reset-errors)"
             )
         name = _file_name(entry["step"], rank)
         try:
             data = read_inside(folder, name, None)  # as large as the model: its checksum is the check
         except FileNotFoundError:
-            problems.append(f"{name} is missing")
+            problems.append((entry["step"], f"{name} is missing"))
+            continue
+        except (OSError, ValueError) as error:  # a link, not a regular file, unreadable: not a checkpoint to load
+            problems.append((entry["step"], f"{name} cannot be read ({error})"))
             continue
         if hashlib.sha256(data).hexdigest() != entry["files"].get(name):
-            problems.append(f"{name} does not match its checksum (truncated or corrupted)")
+            problems.append((entry["step"], f"{name} does not match its checksum (truncated or corrupted)"))
             continue
-        try:
-            saved = torch.load(io.BytesIO(data), weights_only=True)
-        except Exception as error:  # unpickling refused or failed
-            problems.append(f"{name} cannot be read ({type(error).__name__}: {error})")
-            continue
-        if not isinstance(saved, dict) or not {"format_version", "step", "state"} <= set(saved):
-            problems.append(f"{name} is not a saef checkpoint (no format_version, step and state)")
-            continue
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{name} has checkpoint format {saved.get('format_version')}, this saef reads {FORMAT_VERSION}")
-        if problems:
-            warnings.warn(f"skipped newer checkpoints: {'; '.join(problems)}; resuming from step {entry['step']}")
-        return saved["state"]
-    if problems:
-        raise CheckpointError(f"no usable checkpoint in {folder}: {'; '.join(problems)}")
-    return None
+        intact.append(entry["step"])
+    return len(entries), intact, problems
+
+
+def _agreed_step(folder: Path, everyone: List[Dict[str, Any]], problems: List[Tuple[int, str]]) -> Optional[int]:
+    """The newest step in every rank's intact list; None when no rank's manifest lists a checkpoint."""
+    common = set(everyone[0]["intact"]).intersection(*(set(e["intact"]) for e in everyone[1:]))
+    if common:
+        return max(common)
+    if not any(e["listed"] for e in everyone):
+        return None
+    if len(everyone) > 1 and not all(e["listed"] for e in everyone):
+        blind = [r for r, e in enumerate(everyone) if not e["listed"]]
+        raise CheckpointError(f"rank {blind[0]} finds no checkpoint in {folder} while rank "
+                              f"{next(r for r, e in enumerate(everyone) if e['listed'])} does: every rank must see the same run "
+                              "directory (give --output a path on storage that every host shares)")
+    if len(everyone) == 1:
+        raise CheckpointError(f"no usable checkpoint in {folder}: {'; '.join(text for _, text in problems)}")
+    held = "; ".join(f"rank {r}: {', '.join(map(str, e['intact'])) or 'none'}" for r, e in enumerate(everyone))
+    raise CheckpointError(f"no checkpoint in {folder} that every rank can load (intact steps by rank: {held})"
+                          + (f"; here: {'; '.join(text for _, text in problems)}" if problems else ""))
 
 
 def capture_rng() -> Dict[str, Any]:

@@ -58,9 +58,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = schema.flag_values(args, TrainConfig)  # (average_every may be 'never')
     changed = None
     try:
-        if args.resume:
+        if args.resume is not None:
+            if not args.resume:
+                raise ConfigError("--resume needs the run directory to continue (an empty name was given)")
             if args.config:
                 raise ConfigError("--resume takes the run's own config.json; give changes as flags, not --config")
+            if overrides.get("output") is not None and os.path.abspath(overrides["output"]) != os.path.abspath(args.resume):
+                raise ConfigError(f"--output {overrides['output']} with --resume {args.resume}: a resumed run continues in "
+                                  "its own directory; leave --output out")
             saved = _read_saved_config(args.resume)
             overrides["output"] = args.resume
             config, changed = resume_config(saved, overrides, args.reset_errors)
@@ -71,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 2
-    return _train(config, progress=not args.quiet, resume=bool(args.resume), reset_errors=args.reset_errors, changed=changed)
+    return _train(config, progress=not args.quiet, resume=args.resume is not None, reset_errors=args.reset_errors, changed=changed)
 
 
 CONFIG_LIMIT = 16 << 20  # bytes of a run's config.json read on --resume
@@ -82,14 +87,16 @@ def _read_saved_config(run_dir: str) -> dict:
 
     from ..files import parse_json, read_inside
 
+    shared = (" (every process of the job must see it: give --output a path on storage every host shares)"
+              if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "")
     if not Path(run_dir).is_dir():
         raise ConfigError(f"--resume needs a run directory made by saef train; {run_dir} is "
-                          + ("not a directory" if Path(run_dir).exists() else "missing"))
+                          + ("not a directory" if Path(run_dir).exists() else "missing") + shared)
     path = Path(run_dir) / "config.json"
     try:  # a regular file in the run directory, not a link out of it, and bounded (saef.files)
         saved = parse_json(read_inside(Path(run_dir).resolve(), "config.json", CONFIG_LIMIT), path)
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: --resume needs a run directory made by saef train") from None
+        raise ConfigError(f"{path} does not exist: --resume needs a run directory made by saef train{shared}") from None
     except ValueError as error:
         raise ConfigError(str(error)) from None
     except OSError as error:
@@ -101,7 +108,7 @@ def _read_saved_config(run_dir: str) -> dict:
 
 def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_errors: bool = False, changed=None) -> int:
     from .checkpoint import CheckpointError
-    from .loop import TrainingFailed, train
+    from .loop import TrainingFailed, WriteFailed, train
 
     try:
         train(config, progress=progress, resume=resume, reset_errors=reset_errors, changed=changed)
@@ -121,9 +128,11 @@ def _train(config: TrainConfig, progress: bool, resume: bool = False, reset_erro
         # Threads of the failed job may still sit in torch's C++ (a rendezvous, a collective); the
         # interpreter's teardown would tear them down mid-call and abort the process. Leave without it.
         os._exit(1)
-    except OSError as error:  # e.g. the disk is full: the last complete checkpoint and records stay valid
-        print(f"saef: error: could not write the run's files: {error}; the newest complete checkpoint is intact "
-              "(resume with --resume once there is room)", file=sys.stderr)
+    except WriteFailed as error:  # e.g. the disk is full: the message says which checkpoint is left
+        print(f"saef: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # before the run began (its directory could not be made)
+        print(f"saef: error: could not write the run's files: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -38,7 +38,8 @@ from ..backends.registry import available_backends
 from ..core import PRECISIONS, AlgorithmConfig
 from ..core.config import check_lr
 from ..core.rules import available_rules
-from ..zoo.datasets import DATASETS, GENERATED, file_keys, readers_phrase
+from ..compress import make_compressor
+from ..zoo.datasets import DATASETS, GENERATED, default_size, file_keys, readers_phrase
 from ..zoo.models import MODELS
 from . import schema
 from .schema import FREE, REFUSED, RESETS_ERRORS, ConfigError, key
@@ -265,6 +266,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values = schema.none_words(TrainConfig, values)
+    _workers_of_the_job(values)
     unknown = sorted(set(values) - _FIELDS)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
@@ -285,6 +287,19 @@ def default_output(config: TrainConfig, stamp: str) -> Path:
     return Path("runs") / f"{name}-seed{config.seed}-{stamp}"
 
 
+def _workers_of_the_job(values: Dict[str, Any]) -> None:
+    """``backend = "dist"`` under a launcher runs one worker per process: K is the job's size (WORLD_SIZE),
+    filled in here so that what depends on K (the batch's divisibility) is checked against it, and a
+    ``workers`` that says otherwise is refused."""
+    world = os.environ.get("WORLD_SIZE", "")
+    if values.get("backend") != "dist" or not world.isdigit() or int(world) < 1:
+        return
+    if values.get("workers", int(world)) != int(world):
+        raise ConfigError(f"workers = {values['workers']!r}, but this torch.distributed job has {world} processes and "
+                          "--backend dist runs one worker per process: leave --workers out")
+    values["workers"] = int(world)
+
+
 def resume_config(saved: Dict[str, Any], overrides: Dict[str, Any], reset_errors: bool) -> "tuple[TrainConfig, Dict[str, Any]]":
     """The config of a resumed run: the saved one with ``overrides`` (flags the user gave) applied.
 
@@ -294,11 +309,21 @@ def resume_config(saved: Dict[str, Any], overrides: Dict[str, Any], reset_errors
     """
     known = {k: v for k, v in saved.items() if k in _FIELDS}
     given = schema.none_words(TrainConfig, {k: v for k, v in overrides.items() if v is not None and k in _FIELDS})
-    resolved = TrainConfig(**known).to_dict()  # (the compressor as resolved: topk:0.01 when unset)
-    changed = {k: (resolved[k], v) for k, v in given.items() if resolved[k] != v}
-    changed.pop("output", None)  # (the run directory itself, wherever it now is)
+    here = {"output": given.pop("output")} if "output" in given else {}  # the run directory, wherever it now is
+    before = _meaning(TrainConfig(**known))
+    after = _meaning(TrainConfig(**{**known, **given}))  # (a value out of range is refused here, by its key)
+    changed = {k: (before[k], after[k]) for k in given if before[k] != after[k]}  # what means the same is no change
     schema.refuse_resume_changes(TrainConfig, changed, reset_errors)
-    try:
-        return TrainConfig(**{**known, **given}), changed
-    except TypeError as error:  # pragma: no cover
-        raise ConfigError(str(error)) from None
+    return TrainConfig(**{**known, **here, **{k: given[k] for k in changed}}), changed
+
+
+def _meaning(config: TrainConfig) -> Dict[str, Any]:
+    """``config.to_dict()`` with values that mean the same written the same way: compressors by their
+    registered name (``topk:0.010`` is ``topk:0.01``), a generated dataset's default size by its number."""
+    values = config.to_dict()
+    for name in ("compressor", "server_compressor"):
+        if values[name] is not None:
+            values[name] = make_compressor(values[name]).name
+    if values["dataset_size"] is None:
+        values["dataset_size"] = default_size(config.dataset)
+    return values

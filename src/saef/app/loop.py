@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +28,29 @@ from torch import nn
 
 from ..backends.registry import make_backend
 from ..core import NonFiniteStep, Trainer
-from ..zoo.datasets import Data, DatasetSplit, epoch_batches, hold_out, load_dataset
+from ..zoo.datasets import Data, DatasetSplit, content_digest, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
-from . import checkpoint, hooks, schema
-from .config import TrainConfig, default_output
+from . import checkpoint, hooks, rundir, schema
+from .config import TrainConfig
 from .feed import evaluate, gradient_norm_sq, local_batch
-from .records import RunRecord, environment
+from .records import RunRecord, environment, format_summary
 
-__all__ = ["train", "LoopState", "TrainingFailed", "format_summary"]
+__all__ = ["train", "LoopState", "TrainingFailed", "WriteFailed"]
 
 
 class TrainingFailed(RuntimeError):
     """The backend failed under the run (a peer died or hung, the network broke); the message says how."""
+
+
+class WriteFailed(OSError):
+    """The run's files could not be written (a full or read-only disk); the message says what a resume has."""
+
+
+def _what_is_left(run: "Run", error: OSError) -> str:
+    if run.last_checkpoint is None:
+        return f"could not write the run's files: {error}; no checkpoint was written yet (start the run again once there is room)"
+    return (f"could not write the run's files: {error}; the newest complete checkpoint (step {run.last_checkpoint}) is "
+            f"intact (resume with --resume {run.output} once there is room)")
 
 
 @dataclass
@@ -89,10 +101,14 @@ class Run:
     started: float = 0.0  # perf_counter at the run's start, minus the time of earlier processes
     epoch_started: float = 0.0  # the same for the current epoch
     last_checkpoint: Optional[int] = None  # the step of the newest checkpoint on disk (None: none yet)
+    launches: List[Optional[str]] = field(default_factory=list)  # every process's launcher (Backend.launches)
 
     @property
     def folder(self) -> Path:
         return self.output / "checkpoints"
+
+    def environment(self) -> Dict[str, Any]:
+        return environment(str(self.device), self.launches)
 
 
 def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print, resume: bool = False,
@@ -114,8 +130,10 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             _run_epoch(run)
             _end_epoch(run)
         summary = _finish(run)
-    except (ValueError, FloatingPointError, OSError, checkpoint.CheckpointError):
+    except (ValueError, FloatingPointError, OSError, checkpoint.CheckpointError) as error:
         backend.close()  # bad input, files or a diverged run: the job itself is healthy, leave it cleanly
+        if isinstance(error, OSError) and run is not None:  # the run's files (a full disk): say what is left
+            raise WriteFailed(_what_is_left(run, error)) from error
         raise
     except RuntimeError as error:
         message = backend.failure_message(error)
@@ -133,8 +151,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run:
     """Join the job, load the data, build model and trainer, and open (or reopen) the run directory."""
     device, workers = backend.start(config.workers)
-    if workers != config.workers:
-        config = config.replace(workers=workers)  # one worker per process; re-validates batch divisibility
+    if workers != config.workers:  # one worker per process (a resumed run's K changes with the job's size)
+        changed = {**(changed or {}), "workers": (config.workers, workers)} if resume else changed
+        config = config.replace(workers=workers)  # (re-validates the batch's divisibility)
     data = backend.main_first(lambda: load_dataset(config.dataset, config.data_dir, size=config.dataset_size, seed=config.seed,
                                                    data_file=config.data_file, test_file=config.test_file, context=config.context))
     if config.holdout:
@@ -149,23 +168,18 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
         data.test = data.train if same else data.test.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data, **config.model_options()).to(device)
-    backend.agree(_identity(config, model, data))  # ranks that disagree stop here, before any training collective
+    backend.agree(_identity(config, model, data, backend.processes))  # ranks that disagree stop here, before any training collective
     trainer = backend.make_trainer(model, config.algorithm(), config.precision)
-    output = Path(config.output) if config.output else default_output(config, time.strftime("%Y%m%d-%H%M%S"))
-    gather = backend.gather()
-    if gather is not None and not config.output:  # a name made of the time: every process takes the main one's
-        output = Path(gather(str(output))[0])
-    if backend.restarted() and config.output:  # a launcher restarted the job: continue from the last checkpoint
-        resume = resume or (output / "checkpoints" / "manifest.json").exists()
+    output, resume, launches = rundir.choose(config, backend, resume)
     order = torch.Generator().manual_seed(config.seed)
     run = Run(config, backend, trainer, data, device, copy.deepcopy(model), output, LoopState(epoch_order=order.get_state()),
-              order, None, [], log if trainer.is_main else (lambda message: None), progress)
+              order, None, [], log if trainer.is_main else (lambda message: None), progress, launches=launches)
     error = None
     try:  # the record claims the run directory for this process (refused if another process holds it)
         if resume:
             _resume(run, reset_errors, changed)
         elif trainer.is_main:
-            run.record = RunRecord(output, config.to_dict(), environment(str(device)))
+            run.record = RunRecord(output, config.to_dict(), run.environment())
         run.rows = run.record.rows() if run.record is not None else []
     except (ValueError, OSError, checkpoint.CheckpointError) as failure:  # on some processes only, maybe
         error = failure
@@ -186,19 +200,21 @@ def _start(config, backend, log, progress, resume, reset_errors, changed) -> Run
     return run
 
 
-def _identity(config: TrainConfig, model: nn.Module, data: Data) -> Dict[str, Any]:
+def _identity(config: TrainConfig, model: nn.Module, data: Data, processes: int) -> Dict[str, Any]:
     """What every process of a run must agree on: the resolved settings (all but the device and the data
-    folder, which are the host's own), the data files' contents (where read from files) and the model's
-    tensors."""
+    folder, which are the host's own), the data files' contents (where read from files), the data as
+    loaded (where there are other processes to compare with) and the model's tensors."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_dir")}
     tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers())]
-    return {**settings, "data sha256": data.digest, "model tensors": tensors}
+    loaded = content_digest(data) if processes > 1 else None
+    return {**settings, "data sha256": data.digest, "data loaded (sha256)": loaded, "model tensors": tensors}
 
 
 def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> None:
     """Load the newest complete checkpoint into the trainer, the loop, the RNGs and the records."""
     rank, processes = run.backend.rank, run.backend.processes
-    saved = checkpoint.load_latest(run.folder, rank=0 if reset_errors else rank, world=None if reset_errors else processes)
+    saved = checkpoint.load_latest(run.folder, rank=0 if reset_errors else rank, world=None if reset_errors else processes,
+                                   agree=run.backend.gather())  # every rank loads the same step
     if saved is None:  # stopped before its first checkpoint: the one way forward is to start it again
         _restart_from_scratch(run, changed)
         return
@@ -221,7 +237,7 @@ def _resume(run: Run, reset_errors: bool, changed: Optional[Dict[str, Any]]) -> 
         raise ValueError(f"{run.output} has already trained {run.loop.epoch} epochs; --epochs must be at least that")
     event = {"step": run.loop.step, "changed": {k: list(v) for k, v in (changed or {}).items()}, "reset_errors": reset_errors}
     if run.trainer.is_main:
-        run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=run.loop.epoch, event=event)
+        run.record = RunRecord(run.output, run.config.to_dict(), run.environment(), resume_rows=run.loop.epoch, event=event)
     run.log(f"saef: resuming {run.output} at epoch {run.loop.epoch + 1}, step {run.loop.step}"
             + (" with errors reset" if reset_errors else ""))
 
@@ -232,13 +248,15 @@ def _restart_from_scratch(run: Run, changed: Optional[Dict[str, Any]]) -> None:
     if not (run.output / "config.json").is_file():
         raise checkpoint.CheckpointError(f"{run.output} has no checkpoint to resume from, and no config.json: "
                                          "it is not a run directory saef train made")
-    if any(run.folder.glob("step-*.pt")) or (run.folder / checkpoint.MANIFEST).exists():
-        # checkpoint files but none listed: something is wrong with them, and starting again would lose the records
+    steps = {path.name.split(".")[0] for path in run.folder.glob("step-*.pt")}
+    if len(steps) > 1 or os.path.lexists(run.folder / checkpoint.MANIFEST):
+        # checkpoints written but none listed: the manifest was lost, and starting again would lose the records.
+        # (The files of one step are a first checkpoint cut short before it was listed: it is written again.)
         raise checkpoint.CheckpointError(f"{run.folder} holds checkpoint files but no usable manifest; "
                                          "nothing was changed (move them away to start the run again)")
     event = {"step": 0, "changed": {k: list(v) for k, v in (changed or {}).items()}, "from_scratch": True}
     if run.trainer.is_main:
-        run.record = RunRecord(run.output, run.config.to_dict(), environment(str(run.device)), resume_rows=0, event=event)
+        run.record = RunRecord(run.output, run.config.to_dict(), run.environment(), resume_rows=0, event=event)
     run.log(f"saef: {run.output} stopped before its first checkpoint; starting it again from the beginning")
 
 
@@ -407,28 +425,3 @@ def _finish(run: Run) -> Dict[str, Any]:
     run.record.finish(summary)
     run.log(format_summary(run.config, summary))
     return summary
-
-
-def format_summary(config: TrainConfig, summary: Dict[str, Any]) -> str:
-    """The final table printed at the end of a run."""
-    def megabytes(bits):
-        return f"{bits / 8e6:.2f} MB"
-
-    lines = [("method", config.description), ("final test accuracy at x", f"{100 * summary['final_test_acc']:.2f}%")]
-    if summary["final_test_acc_aux"] is not None:
-        lines.append(("final test accuracy at x~", f"{100 * summary['final_test_acc_aux']:.2f}%"))
-    for key, where in (("final_test_bpb", "x"), ("final_test_bpb_aux", "x~")):
-        if summary.get(key) is not None:
-            lines.append((f"final test bits per byte at {where}", f"{summary[key]:.3f}"))
-    lines += [
-        ("best test accuracy at x", f"{100 * summary['best_test_acc']:.2f}%"),
-        ("final train loss", f"{summary['final_train_loss']:.4f}"),
-        ("sent per worker (up)", megabytes(summary["bits_up"])),
-        ("received per worker (down)", megabytes(summary["bits_down"])),
-        ("error averaging per worker", megabytes(summary["bits_averaging"])),
-        ("wall time", f"{summary['wall_time']:.1f} s"),
-        ("records", summary["run_dir"]),
-    ]
-    width = max(len(k) for k, _ in lines)
-    rule = "-" * (width + 2 + max(len(v) for _, v in lines))
-    return "\n".join([rule] + [f"{k.ljust(width)}  {v}" for k, v in lines] + [rule])

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 from ..files import LOCK_NAME, append_inside, claim, open_inside, parse_json, read_inside, release, write_atomically
 
-__all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment"]
+__all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment", "format_summary"]
 
 METRICS_LIMIT = 256 << 20  # bytes of metrics.jsonl read: about 100,000 epochs' rows
 _APPENDED = ("metrics.jsonl", "metrics.csv", "events.jsonl")  # the files written in place, not replaced
@@ -110,8 +110,10 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def environment(device: str) -> Dict[str, Any]:
-    """Versions, git revision and device: what is needed to tell how a result was produced."""
+def environment(device: str, launches: Optional[List[Optional[str]]] = None) -> Dict[str, Any]:
+    """Versions, git revision and device: what is needed to tell how a result was produced; and the
+    processes' launchers (:meth:`saef.backends.base.Backend.launches`), by which a restarted job finds
+    the run it made."""
     import numpy
     import torch
 
@@ -133,6 +135,7 @@ def environment(device: str) -> Dict[str, Any]:
         "device": device,
         "cpu_threads": torch.get_num_threads(),
         "argv": sys.argv,
+        "launches": launches or [],
     }
 
 
@@ -205,3 +208,28 @@ class RunRecord:
     def close(self) -> None:
         """Stop being the directory's writer (another process may resume it from now on)."""
         release(self.directory)
+
+
+def format_summary(config, summary: Dict[str, Any]) -> str:
+    """The final table printed at the end of a run (``config``: its TrainConfig)."""
+    def megabytes(bits):
+        return f"{bits / 8e6:.2f} MB"
+
+    lines = [("method", config.description), ("final test accuracy at x", f"{100 * summary['final_test_acc']:.2f}%")]
+    if summary["final_test_acc_aux"] is not None:
+        lines.append(("final test accuracy at x~", f"{100 * summary['final_test_acc_aux']:.2f}%"))
+    for key, where in (("final_test_bpb", "x"), ("final_test_bpb_aux", "x~")):
+        if summary.get(key) is not None:
+            lines.append((f"final test bits per byte at {where}", f"{summary[key]:.3f}"))
+    lines += [
+        ("best test accuracy at x", f"{100 * summary['best_test_acc']:.2f}%"),
+        ("final train loss", f"{summary['final_train_loss']:.4f}"),
+        ("sent per worker (up)", megabytes(summary["bits_up"])),
+        ("received per worker (down)", megabytes(summary["bits_down"])),
+        ("error averaging per worker", megabytes(summary["bits_averaging"])),
+        ("wall time", f"{summary['wall_time']:.1f} s"),
+        ("records", summary["run_dir"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    rule = "-" * (width + 2 + max(len(v) for _, v in lines))
+    return "\n".join([rule] + [f"{k.ljust(width)}  {v}" for k, v in lines] + [rule])

@@ -81,6 +81,11 @@ class Backend:
         model's shapes); raise :class:`RanksDisagree` on every process, naming the first key that differs
         and the processes, if not. One process agrees with itself."""
 
+    def launches(self) -> List[Optional[str]]:
+        """Every process's launcher (one string per process, the same across the launcher's restarts), so a
+        restarted job can tell the run directory it made; None where no launcher restarts the job."""
+        return [None] * self.processes
+
     def restarted(self) -> bool:
         """Whether a launcher restarted this job after a failure (then the run resumes)."""
         return False

@@ -9,7 +9,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "RendezvousTimeout"]
+__all__ = ["init_distributed", "RendezvousTimeout", "LauncherMissing"]
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
@@ -22,7 +22,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
     """
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing and not dist.is_initialized():
-        raise RuntimeError(
+        raise LauncherMissing(
             f"--backend dist needs a torch.distributed launcher (environment lacks {', '.join(missing)}); "
             "run it as: torchrun --nproc_per_node K -m saef train --backend dist ..."
         )
@@ -43,6 +43,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> torch.de
 
 class RendezvousTimeout(RuntimeError):
     """The ranks did not all meet within the timeout."""
+
+
+class LauncherMissing(RuntimeError, ValueError):
+    """No launcher describes the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are unset): a usage error."""
 
 
 def _within(seconds: float, work, message: str):

@@ -16,8 +16,8 @@ Example::
     ...     inputs, targets = data.train.batch(indices)
 """
 
-from .base import Augment, Data, DatasetSplit, crop_flip_augment, epoch_batches, hold_out
-from .registry import (DATASETS, GENERATED, DatasetRequest, datasets_reading, file_keys, load_dataset, readers_phrase,
+from .base import Augment, Data, DatasetSplit, content_digest, crop_flip_augment, epoch_batches, hold_out
+from .registry import (DATASETS, GENERATED, DatasetRequest, datasets_reading, default_size, file_keys, load_dataset, readers_phrase,
                        register_dataset)
 
 # Each source registers itself on import; this order is the order DATASETS lists them in.
@@ -27,6 +27,6 @@ from .imagenet import IMAGENET_STATS, ImageFolderSplit  # noqa: E402
 from .libsvm import load_libsvm  # noqa: E402
 from .mnist1d import MNIST1D_DEFAULT_SIZE  # noqa: E402
 
-__all__ = ["DATASETS", "GENERATED", "load_dataset", "register_dataset", "file_keys", "datasets_reading", "readers_phrase", "DatasetRequest", "Data", "DatasetSplit",
+__all__ = ["DATASETS", "GENERATED", "load_dataset", "register_dataset", "file_keys", "default_size", "datasets_reading", "readers_phrase", "DatasetRequest", "Data", "DatasetSplit", "content_digest",
            "Augment", "hold_out", "epoch_batches", "crop_flip_augment", "load_libsvm", "RestrictedUnpickler",
            "ImageFolderSplit", "CIFAR_STATS", "IMAGENET_STATS", "MNIST1D_DEFAULT_SIZE"]

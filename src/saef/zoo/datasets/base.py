@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from ... import files
 
-__all__ = ["Augment", "DatasetSplit", "Data", "hold_out", "epoch_batches", "subsample", "normalise_scalar",
+__all__ = ["Augment", "DatasetSplit", "Data", "content_digest", "hold_out", "epoch_batches", "subsample", "normalise_scalar",
            "crop_flip_augment", "open_regular", "subsample_indices"]
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -85,6 +86,20 @@ class Data:
     digest: str | None = None  # sha256 of the file(s) read (libsvm): part of what a checkpoint is checked against
     val: Any = None  # a split held out of training (:func:`hold_out`), to choose hyperparameters on
     tokens: bool = False  # samples are token sequences (text): losses are also reported in bits per token
+
+
+def content_digest(data: Data) -> str:
+    """SHA-256 of the data as loaded: every split's inputs and targets (for a split read lazily from files,
+    its targets), so that processes which loaded different data can tell. Covers generated sets too, whose
+    :attr:`Data.digest` is None."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        for tensor in ((split.inputs, split.targets) if isinstance(split, DatasetSplit) else (getattr(split, "targets", None),)):
+            if isinstance(tensor, Tensor):
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def hold_out(data: Data, n: int) -> Data:

@@ -40,10 +40,10 @@ def _load_mnist1d(root: Path, size: int, seed: int) -> Data:
         raise ValueError(f"mnist1d size must be >= 10 (one sample per class), got {size}")
     path = root / f"mnist1d-{size}-{seed}.npz"
     if path.exists():
-        arrays = _read_mnist1d_cache(path, size)
+        arrays = _read_mnist1d_cache(path, size, seed)
     else:
         arrays = _generate_mnist1d(size, seed)
-        _write_npz_atomically(path, arrays)
+        _write_npz_atomically(path, {**arrays, "made_from": np.array([size, seed], dtype=np.int64)})
     train_x, test_x = normalise_scalar(arrays["x"], arrays["x_test"])
     return Data(
         train=DatasetSplit(train_x.unsqueeze(1), torch.from_numpy(arrays["y"]).long()),
@@ -79,7 +79,7 @@ def _expected_shapes(size: int) -> dict[str, tuple[int, ...]]:
     return {"x": (n_train, width), "y": (n_train,), "x_test": (size - n_train, width), "y_test": (size - n_train,)}
 
 
-def _check_members(archive: zipfile.ZipFile, expected: dict[str, tuple[int, ...]]) -> None:
+def _check_members(archive: zipfile.ZipFile, expected: dict[str, tuple[int, ...]], size: int) -> None:
     """Each array's header (shape, dtype) and uncompressed size in the zip directory against what ``size``
     makes, read before any array is: a cache of another size, or a small file that inflates to gigabytes,
     is refused without being decompressed."""
@@ -92,23 +92,31 @@ def _check_members(archive: zipfile.ZipFile, expected: dict[str, tuple[int, ...]
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             found, _, dtype = read_header(member)
             header = member.tell()
-        kind = "f" if key.startswith("x") else "iu"
+        kind = "f" if key.startswith("x") else "iu"  # (the labels, and made_from: size and seed)
         if tuple(found) != shape or dtype.kind not in kind or dtype.itemsize > 8:
-            raise ValueError(f"{key} is {dtype} {tuple(found)}, not the {shape} that size {expected['y'][0] + expected['y_test'][0]} makes")
+            raise ValueError(f"{key} is {dtype} {tuple(found)}, not the {shape} that size {size} makes")
         if info.file_size > header + int(np.prod(shape)) * dtype.itemsize:
             raise ValueError(f"{key}.npy inflates to {info.file_size:,} bytes, more than its shape holds")
 
 
-def _read_mnist1d_cache(path: Path, size: int) -> dict[str, np.ndarray]:
-    """The cached arrays, checked against ``size`` before they are read; a cache that does not match is
-    refused (ValueError naming it), not regenerated: it is the user's file, and several ranks may read it."""
+def _read_mnist1d_cache(path: Path, size: int, seed: int) -> dict[str, np.ndarray]:
+    """The cached arrays, checked against ``size`` and ``seed`` before they are read; a cache that does not
+    match is refused (ValueError naming it), not regenerated: it is the user's file, and several ranks may
+    read it. (A cache written before caches recorded their size and seed is refused too.)"""
     try:
         with zipfile.ZipFile(path) as archive:
-            _check_members(archive, _expected_shapes(size))
+            _check_members(archive, _expected_shapes(size), size)
+            if "made_from.npy" not in archive.namelist():
+                raise ValueError("it does not record the size and seed it was made for (an earlier saef's cache?)")
+            _check_members(archive, {"made_from": (2,)}, size)
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in ("x", "y", "x_test", "y_test")}
+            arrays = {key: archive[key] for key in ("x", "y", "x_test", "y_test", "made_from")}
     except Exception as err:  # noqa: BLE001 -- truncated, damaged (bad CRC), not a zip, missing arrays: all the same to us
         raise ValueError(f"malformed MNIST-1D cache {path} ({type(err).__name__}: {err}); delete it to regenerate") from err
+    made_from = [int(v) for v in arrays.pop("made_from")]
+    if made_from != [size, seed]:
+        raise ValueError(f"the MNIST-1D cache {path} was made for size {made_from[0]} and seed {made_from[1]}, not size "
+                         f"{size} and seed {seed} (a copy under another name?); delete it to regenerate")
     return arrays
 
 
@@ -117,4 +125,4 @@ def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_atomically(path, lambda handle: np.savez(handle, **arrays), make_parent=True)
 
 
-register_dataset("mnist1d", _load, generated=MNIST1D_MAX_SIZE)
+register_dataset("mnist1d", _load, generated=MNIST1D_MAX_SIZE, default_size=MNIST1D_DEFAULT_SIZE)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .base import Data
 
-__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "file_keys", "datasets_reading", "readers_phrase", "DATASETS", "GENERATED"]
+__all__ = ["DatasetRequest", "register_dataset", "load_dataset", "file_keys", "default_size", "datasets_reading", "readers_phrase", "DATASETS", "GENERATED"]
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,15 @@ class _Source:
     load: Callable[[DatasetRequest], Data]
     files: frozenset  # which of "data_file", "test_file" it reads
     generated: Optional[int]  # made here: the largest size it makes (bounded by time and memory); else None
+    default_size: Optional[int]  # the size made when none is asked for (generated sets); else None
 
 
 _SOURCES: Dict[str, _Source] = {}  # in registration order: the order DATASETS lists them in
 
 
 def register_dataset(name: str, load: Callable[[DatasetRequest], Data], *, data_file: bool = False,
-                     test_file: bool = False, generated: Optional[int] = None, overwrite: bool = False) -> None:
+                     test_file: bool = False, generated: Optional[int] = None, default_size: Optional[int] = None,
+                     overwrite: bool = False) -> None:
     """Make ``load`` available as ``load_dataset(name, ...)``.
 
     Args:
@@ -66,6 +68,8 @@ def register_dataset(name: str, load: Callable[[DatasetRequest], Data], *, data_
         data_file, test_file: whether the dataset reads a file the user names (default: neither; a name
             given to a dataset that reads none is refused).
         generated: for a set made here, the largest ``size`` it makes (larger sizes are refused).
+        default_size: for a set made here, the ``size`` it makes when given None (so that asking for it by
+            number is known to be the same dataset).
         overwrite: replace a registered dataset of the same name instead of refusing.
     """
     if not name:
@@ -73,13 +77,19 @@ def register_dataset(name: str, load: Callable[[DatasetRequest], Data], *, data_
     if name in _SOURCES and not overwrite:
         raise ValueError(f"dataset {name!r} is already registered (pass overwrite=True to replace it)")
     files = frozenset(f for f, on in (("data_file", data_file), ("test_file", test_file)) if on)
-    _SOURCES[name] = _Source(load, files, generated)
+    _SOURCES[name] = _Source(load, files, generated, default_size)
 
 
 def file_keys(name: str) -> frozenset:
     """Which of ``data_file`` and ``test_file`` dataset ``name`` reads (empty for an unknown name)."""
     source = _SOURCES.get(name)
     return source.files if source is not None else frozenset()
+
+
+def default_size(name: str) -> Optional[int]:
+    """The size dataset ``name`` makes when none is asked for, where it has one (generated sets); else None."""
+    source = _SOURCES.get(name)
+    return source.default_size if source is not None else None
 
 
 def datasets_reading(key: str) -> Tuple[str, ...]:

@@ -19,10 +19,11 @@ from .registry import DatasetRequest, register_dataset
 __all__ = ["SYNTHETIC_MAX_SIZE"]
 
 SYNTHETIC_MAX_SIZE = 1_000_000  # made here, so bounded by memory: a million samples in half a second
+SYNTHETIC_DEFAULT_SIZE = 512
 
 
 def _load(request: DatasetRequest) -> Data:
-    return _make_synthetic(512 if request.size is None else request.size, request.seed)
+    return _make_synthetic(SYNTHETIC_DEFAULT_SIZE if request.size is None else request.size, request.seed)
 
 
 def _make_synthetic(train_size: int, seed: int) -> Data:
@@ -43,4 +44,4 @@ def _make_synthetic(train_size: int, seed: int) -> Data:
     return Data(train, test, num_classes, (1, length), "synthetic")
 
 
-register_dataset("synthetic", _load, generated=SYNTHETIC_MAX_SIZE)
+register_dataset("synthetic", _load, generated=SYNTHETIC_MAX_SIZE, default_size=SYNTHETIC_DEFAULT_SIZE)
