@@ -34,6 +34,7 @@ from ..compress import SERVER, Context, Identity, Layout
 from .config import AlgorithmConfig, check_lr
 from .local import LocalOptimizer, make_optimizer
 from .perlayer import PerLayer, Scalar
+from .rounds import OuterOptimizer
 from .rules import Plan, rule_class
 from .transport import Pending, Transport
 
@@ -45,9 +46,11 @@ class AlgorithmState:
     counter t and named tensors -- the local optimizer's (``worker_momentum``) and the rule's (e.g.
     ``worker_error``, ``server_error``), each readable as an attribute."""
 
-    def __init__(self, step: int, tensors: Dict[str, Tensor]):
-        self.step = step  # t: steps taken so far; decides when errors are averaged
+    def __init__(self, step: int, tensors: Dict[str, Tensor], round_position: int = 0, inner_steps: int = 0):
+        self.step = step  # t: steps taken so far (with local steps: rounds, exchanges); decides when errors are averaged
         self.tensors = tensors
+        self.round_position = round_position  # local steps: inner steps taken in the current round (0 .. H - 1)
+        self.inner_steps = inner_steps  # local steps: inner steps taken since the inner optimizer's state began
 
     def __getattr__(self, name: str) -> Tensor:
         tensors = self.__dict__.get("tensors", {})
@@ -57,7 +60,8 @@ class AlgorithmState:
 
     def state_dict(self) -> Dict[str, object]:
         """Copies of every field (safe to keep while training goes on)."""
-        return {"step": self.step, "tensors": {name: t.clone() for name, t in self.tensors.items()}}
+        return {"step": self.step, "tensors": {name: t.clone() for name, t in self.tensors.items()},
+                "round_position": self.round_position, "inner_steps": self.inner_steps}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         saved = state.get("tensors") if isinstance(state, dict) else None
@@ -72,6 +76,7 @@ class AlgorithmState:
         for name, own in self.tensors.items():
             own.copy_(saved[name])
         self.step = int(state["step"])
+        self.round_position, self.inner_steps = int(state.get("round_position", 0)), int(state.get("inner_steps", 0))
 
 
 class Algorithm:
@@ -95,8 +100,12 @@ class Algorithm:
         self.layout = Layout([math.prod(s) for s in self.shapes], self.shapes, ids)
         self.sizes, self.offsets, self.num_params = self.layout.sizes, self.layout.offsets, self.layout.total
         self.uplink, self.downlink = config.compressor, config.downlink_compressor
-        # The local optimizer: the config's, or (a part's) one that reads its settings from the whole's.
-        self.optimizer = make_optimizer(config, self.layout) if optimizer is None else optimizer
+        # The local optimizer: the config's, or (a part's) one that reads its settings from the whole's. With
+        # local steps, the outer step of the exchange that ends each round (over the inner optimizer's steps).
+        if optimizer is None:
+            optimizer = OuterOptimizer(self.layout, config) if config.local_steps else make_optimizer(config, self.layout)
+        self.optimizer = optimizer
+        self.local_steps = config.local_steps  # H inner steps per exchange, or None: every step exchanges
         self.plan = Plan(self.layout, transport, self.uplink, self.downlink, self.optimizer)
         self.rule = rule_class(config.method)(config, self.plan)
         # The full-precision warm-up: the same rule over identity compressors both ways (its errors stay
@@ -118,6 +127,8 @@ class Algorithm:
         """The state at the start (zero momentum, errors, estimates) for ``x`` (P,) and this process's W workers."""
         self._check_flat(x, "x")
         state = AlgorithmState(0, {**self.optimizer.init(x, self.transport.num_local), **self.rule.init(x)})
+        if self.local_steps:  # each worker's iterate, at the first round's start (x: the errors are zero)
+            state.tensors["local_iterate"] = x.unsqueeze(0).repeat(self.transport.num_local, 1)
         for name, compressor, senders in (("uplink", self.uplink, self.transport.worker_ids), ("downlink", self.downlink, (SERVER,))):
             size = sum(c.stop - c.start for c in self.state_slices[name].values())
             if size:  # the compressor's own state per sender, seeded from the run (step -1: before the first)
@@ -165,7 +176,10 @@ class Algorithm:
 
     # --- where the gradients are taken -------------------------------------------------------------
     def gradient_points(self, state: AlgorithmState, x: Tensor) -> Tensor:
-        """z_k, (W, P): e.g. x - e_k for SAEF, x (an expanded view, no copy) for EF."""
+        """z_k, (W, P): e.g. x - e_k for SAEF, x (an expanded view, no copy) for EF; with local steps each
+        worker's own iterate y_k."""
+        if self.local_steps:
+            return state.local_iterate
         return self.rule.points(state, x)
 
     @torch.no_grad()
@@ -174,7 +188,9 @@ class Algorithm:
         W = 1): the same values as :meth:`gradient_points`, in one pass and without a (W, P) temporary."""
         w = self.transport.num_local
         for target, s in zip(self._check_layers(targets, "targets"), self.layout.slices):
-            if target.is_contiguous():
+            if self.local_steps:
+                target.copy_(state.local_iterate[:, s].reshape(target.shape))
+            elif target.is_contiguous():
                 self.rule.points(state, x, s, out=target.view(w, -1))
             else:  # (e.g. a channels-last parameter) no flat view to write into
                 target.copy_(self.rule.points(state, x, s).reshape(target.shape))
@@ -198,10 +214,36 @@ class Algorithm:
                 ``.grad`` of a model's parameters when W = 1; no flat copy is made then).
             lr: the learning rate of this step (>= 0): one number, or one per layer (parameter groups).
         """
+        if self.local_steps:
+            self._inner_step(state, x, grads, lr)
+            return
+        self._exchange(state, x, grads, lr)
+
+    def _exchange(self, state: AlgorithmState, x: Tensor, grads, lr: Scalar) -> None:
         flight = self.begin(state, x, grads, lr)
         flight.serve()
         flight.finish()
         self.end_step(state)
+
+    def _inner_step(self, state: AlgorithmState, x: Tensor, grads, lr: Scalar) -> None:
+        """Local steps (:mod:`saef.core.rounds`): one inner step of every worker's own optimizer on its
+        iterate y_k; the H-th of a round exchanges delta_k = start_k - y_k, and y_k starts the next round
+        at its new start_k."""
+        lr = self.per_layer(lr, "lr")
+        for _, value in lr.runs:
+            check_lr(value)
+        pairs = self._gradient_pairs(grads)
+        y = state.local_iterate
+        state.inner_steps += 1
+        self.optimizer.inner.step(state, y, pairs, lr, state.inner_steps)
+        state.round_position += 1
+        if state.round_position < self.local_steps:
+            return
+        delta = self.plan.buffer("round-delta", y)
+        torch.sub(self.rule_for(state).points(state, x), y, out=delta)  # delta_k = start_k - y_k
+        self._exchange(state, x, delta, self.config.outer_lr)
+        state.round_position = 0
+        self.rule_for(state).points(state, x, out=y)  # the next round starts at start_k
 
     def begin(self, state: AlgorithmState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> "Flight":
         """The first phase of a step (arguments as for :meth:`step`): each worker's direction, what it
@@ -231,6 +273,8 @@ class Algorithm:
         is layer-wise, so the flights of the parts of a partition, followed by :meth:`end_step` of the
         whole, are the whole's step, bit for bit."""
         layers = list(layers)
+        if self.local_steps:
+            raise ValueError("local steps exchange once a round, whole: their steps cannot be cut into parts (buckets)")
         if not layers or layers != list(range(layers[0], layers[-1] + 1)) or layers[-1] >= len(self.shapes):
             raise ValueError(f"a part is a non-empty range of consecutive layers of 0 .. {len(self.shapes) - 1}, got {layers}")
         return Algorithm([self.shapes[i] for i in layers], self.config, self.transport.part(layers),

@@ -104,6 +104,17 @@ class AlgorithmConfig:
             compressors take over, with the errors at zero (PowerSGD's start_powerSGD_iter).
         seed: where random compressors' draws come from (with the step, the layer and the sender), so that
             a run is reproducible and every party makes the same draws.
+        error_decay: b in (0, 1]: the worker error enters the next uplink as b e_k (and SAEF's point is
+            x - b e_k); 1 is Algorithm 1, SparseLoCo uses 0.95 (rules ef and saef).
+        local_steps: H >= 1 inner steps per exchange (:mod:`saef.core.rounds`: DiLoCo and its family), or
+            None: every step exchanges (Algorithm 1). With it ``momentum``, ``weight_decay``, ``betas`` and
+            ``eps`` are the inner optimizer's, the lr of each step is the inner lr, and the algorithm's steps
+            (error averaging, the warm-up, random draws) count rounds. Rules ef, saef and direct.
+        inner_optimizer: with local steps, each worker's own optimizer: ``"sgd"`` (torch.optim.SGD) or
+            ``"adamw"`` (torch.optim.AdamW).
+        outer_lr: with local steps, the outer step's learning rate (> 0; DiLoCo: 0.7).
+        outer_momentum: with local steps, the outer step's momentum mu in [0, 1) (DiLoCo: 0.9, Nesterov).
+        nesterov: with local steps, the outer step is Nesterov's (d = g + mu u); needs outer_momentum > 0.
     """
 
     method: str = "saef"
@@ -118,6 +129,12 @@ class AlgorithmConfig:
     average_every: Optional[int] = None
     warmup_steps: int = 0
     seed: int = 0
+    error_decay: float = 1.0
+    local_steps: Optional[int] = None
+    inner_optimizer: str = "sgd"
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    nesterov: bool = False
 
     def __post_init__(self):
         _check_count("warmup_steps", self.warmup_steps)
@@ -142,7 +159,40 @@ class AlgorithmConfig:
                     object.__setattr__(self, key, make_compressor(spec))
                 except ValueError as error:
                     raise ValueError(f"{key} = {spec!r}: {error}") from None
+        self._check_rounds()
         self._check_optimizer()  # (after the compressors: whether anything is compressed decides a warning)
+
+    def _check_rounds(self) -> None:
+        """error_decay, and the local steps' settings: given only with local_steps, and with a rule defined
+        with them."""
+        b = self.error_decay
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 < b <= 1.0):
+            raise ValueError(f"error_decay must be in (0, 1], got error_decay={b!r}")
+        if b != 1.0 and not rule_class(self.method).averages_errors:
+            raise ValueError(f"error_decay applies to the rules that keep a worker error (ef, saef), not to method={self.method!r}")
+        h = self.local_steps
+        if h is None:
+            for key, default in (("inner_optimizer", "sgd"), ("outer_lr", 1.0), ("outer_momentum", 0.0), ("nesterov", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key}={getattr(self, key)!r} applies with local steps; give local_steps (1 for an "
+                                     "exchange after every step)")
+            return
+        _check_count("local_steps", h, low=1)
+        if not rule_class(self.method).local_steps:
+            raise ValueError(f"local steps are defined for the rules ef, saef and direct, not method={self.method!r}")
+        if self.optimizer != "sgd":
+            raise ValueError(f"optimizer={self.optimizer!r} is a per-step rule; with local steps the workers' optimizer is "
+                             "inner_optimizer ('sgd' or 'adamw')")
+        if self.inner_optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adamw', got inner_optimizer={self.inner_optimizer!r}")
+        check_lr(self.outer_lr)
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be > 0, got outer_lr={self.outer_lr!r}")
+        if not isinstance(self.outer_momentum, (int, float)) or isinstance(self.outer_momentum, bool) or not (
+                0.0 <= self.outer_momentum < 1.0):
+            raise ValueError(f"outer_momentum must be in [0, 1), got outer_momentum={self.outer_momentum!r}")
+        if not isinstance(self.nesterov, bool) or (self.nesterov and not self.outer_momentum):
+            raise ValueError(f"nesterov={self.nesterov!r}: must be True or False, and True needs outer_momentum > 0")
 
     def _check_optimizer(self) -> None:
         """The optimizer's name and settings; Adam's defaults filled in, other optimizers' settings refused."""
@@ -152,16 +202,18 @@ class AlgorithmConfig:
         if allowed is not None and self.optimizer not in allowed:
             raise ValueError(f"method {self.method!r} is defined with the optimizers {', '.join(allowed)}, "
                              f"not optimizer={self.optimizer!r}")
-        adam = self.optimizer == "adam"
+        adam = self.optimizer == "adam" or (self.local_steps is not None and self.inner_optimizer == "adamw")
+        name = "inner_optimizer 'adamw'" if self.local_steps is not None else "optimizer 'adam'"
         if adam and self.momentum:
-            raise ValueError(f"momentum={self.momentum!r} is momentum SGD's; optimizer 'adam' takes betas=(b1, b2)")
+            raise ValueError(f"momentum={self.momentum!r} is momentum SGD's; {name} takes betas=(b1, b2)")
         for key, check in (("betas", check_betas), ("eps", check_eps)):
             value = getattr(self, key)
             if value is not None and not adam:
-                raise ValueError(f"{key}={value!r} is Adam's; it needs optimizer='adam' (this is {self.optimizer!r})")
+                raise ValueError(f"{key}={value!r} is Adam's; it needs optimizer='adam' or inner_optimizer='adamw' "
+                                 f"(this is {self.optimizer!r})")
             if adam:
                 object.__setattr__(self, key, check(_ADAM_DEFAULTS[key] if value is None else value))
-        if adam and not self.warmup_steps and not self.lossless:
+        if self.optimizer == "adam" and not self.warmup_steps and not self.lossless:
             warnings.warn("optimizer 'adam' with a compressor and warmup_steps=0 never updates v (it freezes when the "
                           "compressors take over), so every step is lr * m / eps: give warmup_steps", stacklevel=4)
 

@@ -88,6 +88,7 @@ class FeedbackRule:
     averages_errors: bool = False  # whether average_every (error averaging) applies
     optimizers = None  # the local optimizers the rule is defined with: a tuple of names, or None for any
     has_diagnostics: bool = False  # whether x~ and the mismatch terms are defined
+    local_steps: bool = False  # whether it is defined with local steps (the round's pseudo-gradient as direction)
 
     def __init__(self, config, plan: Plan):
         self.config = config

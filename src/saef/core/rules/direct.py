@@ -21,6 +21,7 @@ __all__ = ["Direct"]
 
 class Direct(FeedbackRule):
     name = "direct"
+    local_steps = True  # defined with local steps (saef.core.rounds): C(delta_k), DiLoCo's exchange
 
     def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
         return scale.multiply(direction, out=self.plan.buffer("direct-uplink", direction))  # lr m_k (Adam: m_k)

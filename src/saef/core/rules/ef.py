@@ -1,10 +1,10 @@
 """Local error feedback (EF) and step-ahead error feedback (SAEF): Algorithm 1 of the paper.
 
 Per layer, worker k, step t, learning rate lr_t; m_k is the local optimizer's direction
-(momentum SGD: m_k <- mu m_k + grad f(z_k; batch_k) + wd z_k)::
+(momentum SGD: m_k <- mu m_k + grad f(z_k; batch_k) + wd z_k); b is ``error_decay`` (1: Algorithm 1)::
 
-    z_k   = x - e_k  (SAEF)      |   z_k = x  (EF)          point where worker k takes its gradient
-    D_k   = e_k + lr_t m_k
+    z_k   = x - b e_k  (SAEF)    |   z_k = x  (EF)          point where worker k takes its gradient
+    D_k   = b e_k + lr_t m_k
     e_k  <- D_k - C(D_k);         worker k sends C(D_k)
     D     = e_s + mean_k C(D_k);  e_s <- D - C_s(D);   x <- x - C_s(D)
     if (t + 2) % p == 0:  e_k <- mean_j e_j               (error averaging for step t + 1)
@@ -36,6 +36,7 @@ class LocalErrorFeedback(FeedbackRule):
     name = "ef"
     averages_errors = True
     has_diagnostics = True
+    local_steps = True  # defined with local steps (saef.core.rounds): the pseudo-gradient is its direction
 
     def init(self, x: Tensor) -> Dict[str, Tensor]:
         return {
@@ -45,7 +46,9 @@ class LocalErrorFeedback(FeedbackRule):
 
     def uplink(self, state, x: Tensor, direction: Tensor, scale: PerLayer) -> Tensor:
         # e_k is overwritten in place: first with D_k, then with D_k - C(D_k) (no new (W, P) buffers).
-        return scale.add(state.worker_error, direction)  # D_k = e_k + lr m_k (Adam: e_k + m_k)
+        if self.config.error_decay != 1.0:  # (SparseLoCo's decayed error: D_k = b e_k + ...)
+            state.worker_error.mul_(self.config.error_decay)
+        return scale.add(state.worker_error, direction)  # D_k = e_k + lr m_k (Adam: e_k + m_k; local steps: + delta_k)
 
     def settle_worker(self, state, payloads, context) -> None:
         uplink = self.plan.uplink
@@ -78,4 +81,6 @@ class StepAheadErrorFeedback(LocalErrorFeedback):
 
     def points(self, state, x: Tensor, columns: slice = slice(None), out: Optional[Tensor] = None) -> Tensor:
         shift = self.plan.optimizer.shift(state, state.worker_error, columns)  # e_k (Adam: lr e_k / (sqrt(v) + eps))
+        if self.config.error_decay != 1.0:  # where the decayed error b e_k will move x
+            shift = shift * self.config.error_decay
         return torch.sub(x[columns].unsqueeze(0), shift, out=out)
