@@ -23,14 +23,23 @@ NAN_STEP = 7
 NAN_CASES = [("saef", "sign", True, 2, "sharded"), ("ef21", "topk:0.1", True, None, "rank0"),
              ("saef", "powersgd:2", True, None, "sharded"), ("saef", "sign", True, 2, "rank0", "adam")]
 ADAM = {"optimizer": "adam", "betas": (0.9, 0.99), "eps": 1e-3, "warmup_steps": 4}
+# Local steps: the 10 steps are 5 rounds of H = 2 (with p = 2 the errors are averaged before rounds 1 and 3),
+# or 3 rounds of H = 3 and a third of one; outer Nesterov momentum, AdamW inside, a decayed error
+ROUNDS = {"rounds-sgd": {"local_steps": 2, "momentum": 0.9, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
+          "rounds-adamw": {"local_steps": 3, "inner_optimizer": "adamw", "betas": (0.9, 0.99), "eps": 1e-3, "outer_lr": 0.8}}
+ROUND_CASES = [("saef", "topk:0.1", True, 2, "sharded", "rounds-sgd"), ("ef", "sign", True, None, "rank0", "rounds-adamw"),
+               ("direct", "identity", False, None, "sharded", "rounds-sgd"), ("saef", "sign", False, None, "rank0", "rounds-adamw"),
+               ("direct", "topk:0.1", True, None, "rank0", "rounds-adamw")]
 
 
 def algorithm_settings(case):
-    """The algorithm's keyword settings of a case: (method, compressor, double_way, average_every, server[, "adam"])."""
+    """The algorithm's keyword settings of a case: (method, compressor, double_way, average_every, server[, "adam" or
+    a key of ROUNDS])."""
     method, compressor, double_way, average_every = case[:4]
-    optimizer = ADAM if case[5:] == ("adam",) else {"momentum": 0.9}
+    optimizer = ADAM if case[5:] == ("adam",) else ROUNDS[case[5]] if case[5:] else {"momentum": 0.9}
+    decay = {"error_decay": 0.95} if case[5:] == ("rounds-adamw",) and method != "direct" else {}
     return dict(method=method, compressor=compressor, double_way=double_way, average_every=average_every,
-                weight_decay=1e-3, **optimizer)
+                weight_decay=1e-3, **optimizer, **decay)
 
 
 def tiny_model():

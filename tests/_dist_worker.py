@@ -11,7 +11,7 @@ from saef.backends.distributed import DistributedTransport, DistributedTrainer, 
 from saef.core import NonFiniteStep, Pending
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _dist_cases import ADAM, CASES, NAN_CASES, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, NAN_CASES, ROUND_CASES, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
 
@@ -132,7 +132,7 @@ def resnet20_wire():
 def main():
     init_distributed("cpu", timeout_s=60)
     world = dist.get_world_size()
-    results = {case: run_case(case, world) for case in CASES}
+    results = {case: run_case(case, world) for case in CASES + ROUND_CASES}
     for case in NAN_CASES:
         results["nan", case] = run_case(case, world, nan=1)
     skew_arrivals(dist.get_rank())  # (only the overlapped steps ask whether uplinks have arrived)

@@ -54,7 +54,9 @@ def assert_identical(a, b):
     sa, sb = final_state(a), final_state(b)
     assert torch.equal(sa["x"], sb["x"])
     tensors_a, tensors_b = sa["algorithm"]["tensors"], sb["algorithm"]["tensors"]
-    assert tensors_a.keys() == tensors_b.keys() and {"worker_momentum", "momentum"} & set(tensors_a)  # (sgd's, adam's)
+    assert tensors_a.keys() == tensors_b.keys() and {"worker_momentum", "momentum", "local_iterate"} & set(tensors_a)  # (sgd's, adam's, rounds')
+    counters = ("step", "round_position", "inner_steps")
+    assert [sa["algorithm"][c] for c in counters] == [sb["algorithm"][c] for c in counters]
     for key in tensors_a:
         assert torch.equal(tensors_a[key], tensors_b[key]), key
     assert sa["ledger"] == sb["ledger"]
@@ -91,15 +93,19 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, step):
 
 # every other rule and the baseline (top-k 10 %; error averaging is for ef/saef only, which RUN covers)
 OTHER_METHODS = [["--method", "ef", "--double-way"], ["--method", "ef21", "--double-way"], ["--method", "ef21", "--single-way"],
-                 ["--method", "direct", "--double-way"], ["--method", "sgd", "--compressor", "identity"]]
+                 ["--method", "direct", "--double-way"], ["--method", "sgd", "--compressor", "identity"],
+                 # local steps, the last checkpoint (step 25) mid-round: inner SGD and outer Nesterov, inner AdamW
+                 ["--local-steps", "3", "--outer-lr", "0.7", "--outer-momentum", "0.5", "--nesterov", "--error-decay", "0.95",
+                  "--average-every", "2"],
+                 ["--method", "direct", "--local-steps", "4", "--inner-optimizer", "adamw", "--lr", "0.003"]]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", OTHER_METHODS, ids=lambda m: "-".join(a.strip("-") for a in m))
 def test_every_rule_resumes_bit_identically(tmp_path, method):
-    """For every rule (and full-precision SGD): SIGKILL mid-epoch (step 27), then --resume ends with the
-    records, parameters, every state tensor (e.g. EF21's estimates and server model) and bit counts of an
-    uninterrupted run."""
+    """For every rule (and full-precision SGD, and local steps resumed mid-round): SIGKILL mid-epoch (step 27),
+    then --resume ends with the records, parameters, every state tensor (e.g. EF21's estimates and server
+    model; the workers' iterates and inner moments) and bit counts of an uninterrupted run."""
     run = [a for a in RUN if a not in ("--average-every", "3")]
     run = [a for a in run if a not in ("--compressor", "topk:0.1")] + (["--compressor", "topk:0.1"] if "sgd" not in method else []) + method
     reference, out = tmp_path / "reference", tmp_path / "run"

@@ -210,3 +210,22 @@ def test_local_steps_are_not_cut_into_buckets():
     algorithm = Algorithm(SHAPES, AlgorithmConfig(compressor="sign", local_steps=2), InProcessTransport(2))
     with pytest.raises(ValueError, match="cannot be cut into parts"):
         algorithm.part(range(1))
+
+
+def test_saef_train_records_rounds_and_counts_bits_per_exchange(tmp_path):
+    """saef train --local-steps 4: the records count the rounds (16 steps an epoch: 4 rounds), the bits grow
+    by one exchange per round (a quarter of the per-step run's, whose every step exchanges), and the overlay
+    plot draws the upper panels against rounds."""
+    from saef.app.cli import main
+    from saef.app.plots import runs_figure
+    from saef.app.records import read_metrics
+
+    fast = ["train", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--epochs", "2", "--quiet"]
+    assert main([*fast, "--local-steps", "4", "--output", str(tmp_path / "rounds")]) == 0
+    assert main([*fast, "--output", str(tmp_path / "steps")]) == 0
+    rounds, steps = read_metrics(tmp_path / "rounds"), read_metrics(tmp_path / "steps")
+    assert [r["rounds"] for r in rounds] == [4, 8] and [r["rounds"] for r in steps] == [16, 32]
+    assert rounds[1]["bits_up"] == 2 * rounds[0]["bits_up"] > 0
+    assert 4 * rounds[1]["bits_up"] == steps[1]["bits_up"] and 4 * rounds[1]["bits_down"] == steps[1]["bits_down"]
+    figure = runs_figure([tmp_path / "rounds", tmp_path / "steps"])
+    assert figure.axes[0].get_xlabel().startswith("rounds") and figure.axes[2].get_xlabel().startswith("bits")

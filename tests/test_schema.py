@@ -46,7 +46,8 @@ def test_the_resume_rules_are_the_ones_decided():
         "dataset", "dataset_size", "data_file", "test_file", "holdout", "full_batch", "model", "batch_size", "seed",
         "backend", "context", "gpt_layers", "gpt_width", "gpt_heads", "precision"}
     assert set(schema.keys_with(TrainConfig, RESETS_ERRORS)) == {
-        "workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps", "server"}
+        "workers", "method", "optimizer", "compressor", "server_compressor", "double_way", "warmup_steps", "server",
+        "local_steps", "inner_optimizer"}
 
 
 def test_no_flags_and_no_file_is_the_default_config():

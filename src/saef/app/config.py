@@ -96,6 +96,21 @@ class TrainConfig:
     eps: Optional[float] = key(None, on_resume=FREE, help="optimizer adam: eps > 0 added to sqrt(v) (default 1e-8)")
     weight_decay: float = key(0.0, on_resume=FREE,
                               help="weight decay (sgd: added to the gradient; adam: decoupled, x <- x - lr wd x)")
+    error_decay: float = key(1.0, on_resume=FREE, help="ef, saef: the worker error enters the next uplink as B e_k (SAEF's "
+                                                        "point is x - B e_k); 1 is Algorithm 1, SparseLoCo uses 0.95")
+    # --- local steps (the DiLoCo family): H inner steps per worker between exchanges ---
+    local_steps: Optional[int] = key(None, on_resume=RESETS_ERRORS, range=(1, _INT_MAX),
+                                     help="H: each worker takes H steps of --inner-optimizer (with --lr, --momentum, "
+                                          "--weight-decay, --betas, --eps), then the workers exchange what the round changed "
+                                          "(rules ef, saef, direct; --warmup-steps and --average-every then count rounds); "
+                                          "unset: every step exchanges")
+    inner_optimizer: str = key("sgd", on_resume=RESETS_ERRORS, choices=("sgd", "adamw"),
+                               help="with --local-steps: each worker's optimizer, sgd (torch.optim.SGD) or adamw "
+                                    "(torch.optim.AdamW, with bias correction)")
+    outer_lr: float = key(1.0, on_resume=FREE, help="with --local-steps: the outer step's learning rate (DiLoCo: 0.7)")
+    outer_momentum: float = key(0.0, on_resume=FREE,
+                                help="with --local-steps: the outer step's momentum in [0, 1) (DiLoCo: 0.9, with --nesterov)")
+    nesterov: bool = key(False, on_resume=FREE, help="with --local-steps: the outer step is Nesterov's (needs --outer-momentum)")
     # --- the schedule ---
     lr: float = key(0.1, on_resume=FREE, check=check_lr, help="learning rate")
     lr_milestones: List[int] = key([20], on_resume=FREE, range=(1, _INT_MAX), check=_increasing,
@@ -168,6 +183,8 @@ class TrainConfig:
 
         if self.method == "sgd" and self.compressor not in (None, "identity"):
             bad("compressor", self.compressor, "method sgd is the full-precision baseline; use identity")
+        if self.local_steps is not None and self.overlap:
+            bad("overlap", self.overlap, "local steps exchange once a round, after it: there is no backward to overlap")
         if self.method == "sgd" and self.average_every is not None:
             bad("average_every", self.average_every, "method sgd has no error to average; leave it unset")
         if self.batch_size % self.workers and not self.full_batch:
@@ -198,7 +215,8 @@ class TrainConfig:
     def algorithm(self) -> AlgorithmConfig:
         """The algorithm this run trains with, resolved once: ``sgd`` is EF with the identity compressor,
         single-way and without error averaging (exactly momentum SGD)."""
-        sgd, adam = self.method == "sgd", self.optimizer == "adam"
+        sgd = self.method == "sgd"
+        adam = self.optimizer == "adam" or (self.local_steps is not None and self.inner_optimizer == "adamw")
         shared = {name: getattr(self, name) for name in AlgorithmConfig.FIELDS if name in _FIELDS}  # same name, same meaning
         return AlgorithmConfig(**{
             **shared,
@@ -214,7 +232,8 @@ class TrainConfig:
         """The method as the summary prints it, e.g. ``saef (topk:0.01, double-way, K=4)``."""
         way = "double" if self.algorithm().double_way else "single"
         optimizer = f"{self.optimizer}, " if self.optimizer != "sgd" else ""
-        return f"{self.method} ({optimizer}{self.worker_compressor}, {way}-way, K={self.workers})"
+        rounds = f", H={self.local_steps} ({self.inner_optimizer})" if self.local_steps is not None else ""
+        return f"{self.method} ({optimizer}{self.worker_compressor}, {way}-way, K={self.workers}{rounds})"
 
     def model_options(self) -> Dict[str, Any]:
         """The model's size options (used by gpt; the other models take their defaults)."""
@@ -280,6 +299,8 @@ def default_output(config: TrainConfig, stamp: str) -> Path:
     name = f"{config.dataset}-{config.model}-{config.method}-{config.worker_compressor.replace(':', '')}-K{config.workers}"
     if config.optimizer != "sgd":
         name += f"-{config.optimizer}"
+    if config.local_steps is not None:
+        name += f"-H{config.local_steps}{'' if config.inner_optimizer == 'sgd' else '-' + config.inner_optimizer}"
     if config.method != "sgd":
         name += "-DC" if config.double_way else "-SC"
     if config.average_every is not None:

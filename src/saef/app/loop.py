@@ -381,6 +381,7 @@ def _epoch_row(run: Run) -> Dict[str, Any]:
     return {
         "epoch": loop.epoch + 1,
         "step": loop.step,
+        "rounds": trainer.rounds,
         "lr": config.lr_at_epoch(loop.epoch),
         "phase": _phase(loop.step - loop.step_in_epoch, loop.step, config.warmup_steps),
         "train_loss": train_loss,

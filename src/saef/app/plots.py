@@ -169,7 +169,8 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> st
 
 
 def _series(runs: Sequence[Sequence[Row]], key: str, x: str = "epoch", scale: float = 1.0):
-    """Mean and std (ddof=1; 0 for one run) of ``key`` over runs, against epoch or communicated bits.
+    """Mean and std (ddof=1; 0 for one run) of ``key`` over runs, against epoch, rounds (exchanges) or
+    communicated bits.
 
     Only epochs at which every run has a finite value are used, so the mean is always over the same runs
     (a mean over a changing subset would jump where a seed stops). Returns (x, mean, std), possibly empty.
@@ -178,7 +179,7 @@ def _series(runs: Sequence[Sequence[Row]], key: str, x: str = "epoch", scale: fl
     for rows in runs:
         points = {}
         for row in rows:
-            xv = float(row["epoch"]) if x == "epoch" else traffic_bits(row)
+            xv = float(row["epoch"]) if x == "epoch" else _finite(row.get("rounds")) if x == "rounds" else traffic_bits(row)
             yv = _finite(row.get(key))
             if xv is not None and yv is not None:
                 points[row["epoch"]] = (xv, yv * scale)
@@ -188,6 +189,9 @@ def _series(runs: Sequence[Sequence[Row]], key: str, x: str = "epoch", scale: fl
     xs, ys = values[..., 0], values[..., 1]
     std = ys.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(common))
     return xs.mean(axis=0), ys.mean(axis=0), std
+
+
+_TIME_LABELS = {"epoch": "epoch", "rounds": "rounds (exchanges between the workers)"}
 
 
 def _draw(ax, x, mean, std, color, label, linestyle="-", log_x=False, log_y=False) -> bool:
@@ -299,15 +303,17 @@ def run_figure(run_dir: PathLike) -> Figure:
 
 def runs_figure(run_dirs: Sequence[PathLike], labels: Optional[Sequence[str]] = None) -> Figure:
     """Several runs overlaid as a 2x2 figure (loss and accuracy, vs epoch and vs bits); one curve per group.
+    When a run takes local steps, the upper panels are against rounds (exchanges) instead of epochs.
 
     Runs with the same label (see :func:`group_runs`) are drawn as their mean with a mean +- std band.
     The legend sits below the panels, so it never covers a curve; its texts are the groups' labels.
     """
     groups = group_runs(run_dirs, labels)
     fig, axes = _new_figure()
+    time = "rounds" if any(c.get("local_steps") for g in groups for c in g.configs) else "epoch"
     panels = (  # (metric, x, scale, title, y label)
-        ("train_loss", "epoch", 1, "Train loss", "train loss (cross-entropy)"),
-        ("test_acc", "epoch", 100, "Test accuracy", "test accuracy (%)"),
+        ("train_loss", time, 1, "Train loss", "train loss (cross-entropy)"),
+        ("test_acc", time, 100, "Test accuracy", "test accuracy (%)"),
         ("train_loss", "bits", 1, "Train loss vs communication", "train loss (cross-entropy)"),
         ("test_acc", "bits", 100, "Test accuracy vs communication", "test accuracy (%)"),
     )
@@ -320,7 +326,7 @@ def runs_figure(run_dirs: Sequence[PathLike], labels: Optional[Sequence[str]] = 
         for i, group in enumerate(groups):
             style = styles[(i // 10) % len(styles)]
             drawn |= _draw(ax, *_series(group.rows, key, x, scale), colors[i], group.label, style, log_x=x == "bits")
-        ax.set(title=title, ylabel=ylabel, xlabel="epoch" if x == "epoch" else _bits_label(all_runs))
+        ax.set(title=title, ylabel=ylabel, xlabel=_TIME_LABELS.get(x) or _bits_label(all_runs))
         if x == "bits":
             _log_x(ax)
         if not drawn:

@@ -39,6 +39,7 @@ _APPENDED = ("metrics.jsonl", "metrics.csv", "events.jsonl")  # the files writte
 METRIC_COLUMNS = (
     "epoch",  # 1-based
     "step",  # optimizer steps so far
+    "rounds",  # exchanges between the workers so far (with --local-steps one per H steps; else one per step taken)
     "lr",  # learning rate during the epoch
     "phase",  # warmup (dense fp32 exchange, --warmup-steps), compressed, or warmup+compressed (it ended in the epoch)
     "train_loss",  # mean over the epoch's steps of the workers' mean loss

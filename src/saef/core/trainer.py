@@ -47,6 +47,7 @@ class Trainer(Protocol):
     is_main: bool  # whether this process writes the records
     cheap_diagnostics: bool  # whether the mismatch terms are cheap enough to compute every step
     has_diagnostics: bool  # whether x~ and the mismatch terms are defined (by the rule, with compression)
+    rounds: int  # exchanges between the workers so far (with local steps, one per H steps)
 
     def step(self, inputs: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One step on the hosted workers' shards, concatenated in ``worker_ids`` order; the mean loss.
@@ -97,6 +98,11 @@ class TrainerBase:
     @property
     def has_diagnostics(self) -> bool:
         return self.algorithm.has_diagnostics
+
+    @property
+    def rounds(self) -> int:
+        """Exchanges between the workers so far: the algorithm's steps (with local steps, one per H inner steps)."""
+        return self.state.step
 
     def parameters_at(self, point: str = "x") -> Tensor:
         """Flat parameters at x (the model iterate) or at the auxiliary iterate x~."""
