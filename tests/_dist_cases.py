@@ -11,6 +11,8 @@ CASES += list(itertools.product(("ef21", "direct"), ("sign", "topk:0.1"), (False
 # random draws, stochastic rounding, PowerSGD's state (on the 16 x 6 and 8 x 16 weights), 16-bit values
 CASES += [("saef", "powersgd:2", True, None, "sharded"), ("direct", "qsgd:4", True, None, "rank0"),
           ("ef21", "randk:0.25", False, None, "sharded"), ("ef", "topk:0.1:bf16", True, 2, "rank0")]
+# top-k per chunk with 4-bit values, and rand-k with 8-bit stochastic rounding (unbiased, direct)
+CASES += [("saef", "topk:0.1:chunk=16:int4", True, 2, "sharded"), ("direct", "randk:0.25:unbiased:int8sr", False, None, "rank0")]
 
 # Adam's compressed momentum (1-bit Adam with ef, SAEF-Adam with saef), its warm-up ending at step 4
 CASES += [("ef", "sign", True, None, "sharded", "adam"), ("saef", "sign", True, 2, "rank0", "adam"),
@@ -27,9 +29,12 @@ ADAM = {"optimizer": "adam", "betas": (0.9, 0.99), "eps": 1e-3, "warmup_steps": 
 # or 3 rounds of H = 3 and a third of one; outer Nesterov momentum, AdamW inside, a decayed error
 ROUNDS = {"rounds-sgd": {"local_steps": 2, "momentum": 0.9, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
           "rounds-adamw": {"local_steps": 3, "inner_optimizer": "adamw", "betas": (0.9, 0.99), "eps": 1e-3, "outer_lr": 0.8}}
+# The optimizer facade with local steps (dist worker and test alike)
+ROUNDS_FACADE = {"lr": 0.01, "compressor": "topk:0.1", "local_steps": 3, "inner_optimizer": "adamw", "betas": (0.9, 0.99),
+                 "eps": 1e-3, "outer_lr": 0.8, "outer_momentum": 0.9, "nesterov": True, "error_decay": 0.95, "average_every": 2}
 ROUND_CASES = [("saef", "topk:0.1", True, 2, "sharded", "rounds-sgd"), ("ef", "sign", True, None, "rank0", "rounds-adamw"),
                ("direct", "identity", False, None, "sharded", "rounds-sgd"), ("saef", "sign", False, None, "rank0", "rounds-adamw"),
-               ("direct", "topk:0.1", True, None, "rank0", "rounds-adamw")]
+               ("direct", "topk:0.1", True, None, "rank0", "rounds-adamw"), ("ef", "topk:0.1:chunk=16:int2", True, None, "sharded", "rounds-sgd")]
 
 
 def algorithm_settings(case):

@@ -11,7 +11,7 @@ from saef.backends.distributed import DistributedTransport, DistributedTrainer, 
 from saef.core import NonFiniteStep, Pending
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _dist_cases import ADAM, CASES, NAN_CASES, ROUND_CASES, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, NAN_CASES, ROUND_CASES, ROUNDS_FACADE, NAN_STEP, OVERLAP_BYTES, STEPS, algorithm_settings, batch, shard, tiny_model  # noqa: E402
 
 BITS = ("bits_up", "bits_down", "bits_averaging")
 
@@ -110,6 +110,14 @@ def run_adam_facade(world):
     return _user_loop(saef.SAEF(model.parameters(), lr=0.01, compressor="sign", average_every=3, **ADAM), model, world)
 
 
+def run_rounds_facade(world):
+    """The optimizer facade with local steps (inner AdamW, H = 3, outer Nesterov, a decayed error, p = 2)."""
+    import saef
+
+    model = tiny_model()
+    return _user_loop(saef.SAEF(model.parameters(), **ROUNDS_FACADE), model, world)
+
+
 def resnet20_wire():
     """Uplink bytes handed to torch.distributed in one ResNet-20 step, per compressor, against the fp32
     all-reduce payload (4 bytes per parameter)."""
@@ -143,6 +151,7 @@ def main():
         results["nan overlap last", case] = run_case(case, world, OVERLAP_BYTES[0], nan=0)
     results["facade"] = run_facade(world)
     results["adam facade"] = run_adam_facade(world)
+    results["rounds facade"] = run_rounds_facade(world)
     if world == 2:
         results["resnet20"] = resnet20_wire()
     gathered = [None] * world

@@ -14,7 +14,7 @@ import saef
 from saef.backends.distributed import assign_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_cases import ADAM, CASES, NAN_CASES, ROUND_CASES, NAN_STEP, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
+from _dist_cases import ADAM, CASES, NAN_CASES, ROUND_CASES, ROUNDS_FACADE, NAN_STEP, STEPS, algorithm_settings, batch, tiny_model  # noqa: E402
 from _procs import child_env, free_port, launch, wait_all  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -200,6 +200,23 @@ def test_adam_facade_on_processes_equals_simulator(worker_results, world):
     for results in worker_results("dist", world):
         assert torch.allclose(results["adam facade"]["x"], sim.x, rtol=1e-5, atol=1e-5), (results["adam facade"]["x"] - sim.x).abs().max()
         assert results["adam facade"]["bits_up"] == sim.bits["bits_up"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_local_steps_facade_on_processes_equals_simulator(worker_results, world):
+    """saef.SAEF with local steps (H = 3, inner AdamW, outer Nesterov, decayed error, p = 2) in a user's loop
+    on K processes equals the simulator with K workers (atol 1e-4, as for inner AdamW in
+    test_processes_equal_simulator), with the same uplink bits: one exchange every third step."""
+    settings = dict(ROUNDS_FACADE)
+    lr = settings.pop("lr")
+    sim = saef.Simulator(tiny_model(), workers=world, **settings)
+    for step in range(STEPS):
+        sim.step(*batch(step, world), lr=lr)
+    assert sim.rounds == STEPS // 3
+    for results in worker_results("dist", world):
+        assert torch.allclose(results["rounds facade"]["x"], sim.x, rtol=1e-5, atol=1e-4), (results["rounds facade"]["x"] - sim.x).abs().max()
+        assert results["rounds facade"]["bits_up"] == sim.bits["bits_up"] > 0
 
 
 @pytest.mark.slow

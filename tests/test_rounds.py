@@ -229,3 +229,51 @@ def test_saef_train_records_rounds_and_counts_bits_per_exchange(tmp_path):
     assert 4 * rounds[1]["bits_up"] == steps[1]["bits_up"] and 4 * rounds[1]["bits_down"] == steps[1]["bits_down"]
     figure = runs_figure([tmp_path / "rounds", tmp_path / "steps"])
     assert figure.axes[0].get_xlabel().startswith("rounds") and figure.axes[2].get_xlabel().startswith("bits")
+
+
+def test_the_optimizer_takes_local_steps():
+    """saef.SAEF(local_steps=4, inner_optimizer="adamw") with the identity compressor in one process is
+    torch.optim.AdamW (allclose 1e-6 after 12 steps: 3 rounds); with top-k and SAEF it equals the simulator
+    with one worker, and its state saved mid-round and loaded into a new optimizer continues exactly."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    from _problems import tiny_mlp
+
+    def batches(n):
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+    def train(model, opt, data):
+        for inputs, targets in data:
+            opt.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            opt.step()
+
+    adamw = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2)
+    model, reference = tiny_mlp(), tiny_mlp()
+    train(model, saef.SAEF(model.parameters(), lr=0.01, local_steps=4, inner_optimizer="adamw", method="direct",
+                           compressor="identity", **adamw), batches(12))
+    train(reference, torch.optim.AdamW(reference.parameters(), lr=0.01, **adamw), batches(12))
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+    settings = dict(local_steps=4, inner_optimizer="adamw", compressor="topk:0.25", outer_lr=0.7, outer_momentum=0.9,
+                    nesterov=True, error_decay=0.95, **adamw)
+    model = tiny_mlp()
+    opt = saef.SAEF(model.parameters(), lr=0.01, **settings)
+    train(model, opt, batches(6))
+    saved = opt.state_dict()
+    train(model, opt, batches(12)[6:])
+    sim = saef.Simulator(tiny_mlp(), workers=1, **settings)
+    for inputs, targets in batches(12):
+        sim.step(inputs, targets, lr=0.01)
+    assert torch.allclose(opt.x, sim.x, rtol=0, atol=1e-6) and opt.bits == sim.bits
+    again_model = tiny_mlp()
+    again = saef.SAEF(again_model.parameters(), lr=0.01, **settings)
+    again.load_state_dict(saved)
+    train(again_model, again, batches(12)[6:])
+    assert torch.equal(again.x, opt.x)
+    assert [torch.equal(a, b) for a, b in zip(again_model.parameters(), model.parameters())] == [True] * 4
+    with pytest.raises(ValueError, match="local_steps"):
+        saef.SAEF(tiny_mlp().parameters(), lr=0.01, **{**settings, "local_steps": 2}).load_state_dict(saved)

@@ -80,8 +80,10 @@ class TrainConfig:
                               "scheme with the paper's scaled sign; SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
                               "optimizer's full-precision baseline")
     compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
-                                    help="identity, sign, topk:RHO, randk:RHO[:unbiased], qsgd:S, natural or powersgd:R, any that "
-                                         "sends floats with :bf16 or :fp16 for 16-bit values (default topk:0.01; identity for sgd)")
+                                    help="identity, sign, topk:RHO (topk:RHO:chunk=N: per chunk of N entries), randk:RHO[:unbiased], "
+                                         "qsgd:S, natural or powersgd:R; any that sends floats with :bf16 or :fp16 for 16-bit values, or "
+                                         ":int8, :int4, :int2 for b-bit values with a scale per 64 (:int8sr ...: stochastic rounding) "
+                                         "(default topk:0.01; identity for sgd)")
     server_compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
                                            help="the server's compressor in double-way mode (default: the workers')")
     workers: int = key(4, on_resume=RESETS_ERRORS, range=(1, 1 << 16), help="number of workers K")

@@ -27,6 +27,7 @@ from ..backends.registry import optimizer_transport
 from ..core import Algorithm, AlgorithmConfig, Transport, all_finite, check_dense, flatten, write_flat
 from ..core.config import check_betas, check_eps, check_lr, check_momentum, check_weight_decay
 from ..core.local import optimizer_class
+from ..core.rounds import INNER_OPTIMIZERS
 
 __all__ = ["SAEF"]
 
@@ -66,7 +67,10 @@ def _checked_state(state_dict, shapes) -> Dict[str, object]:
 
 
 def _settings_of(config: AlgorithmConfig):
-    """The per-group settings of the config's local optimizer, in the order its ``set`` takes them."""
+    """The per-group settings of the config's local optimizer (with local steps: the inner optimizer's), in
+    the order its ``set`` takes them."""
+    if config.local_steps:
+        return INNER_OPTIMIZERS[config.inner_optimizer].settings
     return optimizer_class(config.optimizer).settings
 
 
@@ -158,6 +162,8 @@ class SAEF(torch.optim.Optimizer):
                           "server_compressor": c.downlink_compressor.name}
         if c.optimizer != "sgd":  # (named only then: states saved before there was a choice still load)
             self._settings["optimizer"] = c.optimizer
+        if c.local_steps:
+            self._settings.update(local_steps=c.local_steps, inner_optimizer=c.inner_optimizer)
 
     def add_param_group(self, param_group: Dict[str, object]) -> None:
         """Add a group, with its own ``lr`` and local-optimizer settings (``momentum`` and ``weight_decay``;
@@ -181,7 +187,8 @@ class SAEF(torch.optim.Optimizer):
         for name, tensor in self.ef_state.tensors.items():  # the new layers come last on every flat axis
             old = old_state.tensors[name]
             tensor[..., : old.shape[-1]] = old
-        self.ef_state.step = old_state.step
+        self.ef_state.step, self.ef_state.round_position = old_state.step, old_state.round_position
+        self.ef_state.inner_steps = old_state.inner_steps
         self._versions += [p._version for p in new]
         self._written = torch.cat([self._written, self.x[old_x.numel():]])
 
@@ -220,7 +227,9 @@ class SAEF(torch.optim.Optimizer):
 
         A write is seen by the parameter's version counter (``p.copy_(t)`` under ``torch.no_grad()``) or, where
         that cannot see it (``p.data = t``, ``p.data.copy_(t)``), by comparing the values with what the optimizer
-        wrote (one comparison per parameter, read together once a step). A tensor of another shape or device is refused."""
+        wrote (one comparison per parameter, read together once a step). A tensor of another shape or device is refused.
+        With local steps, weights written in the middle of a round are taken as this worker's iterate y_k (the
+        shared x moves at the exchange only); at a round's start, as x, and the round starts from there."""
         params, slices, differs = self._params(), self.algorithm.layout.slices, []
         for i, (p, s) in enumerate(zip(params, slices)):
             written = self._written[s]
@@ -232,9 +241,15 @@ class SAEF(torch.optim.Optimizer):
         pending = [d for d in differs if isinstance(d, Tensor)]
         read = iter(torch.stack([d.to(pending[0].device) for d in pending]).tolist() if pending else [])  # one read
         changed = [next(read) if isinstance(d, Tensor) else d for d in differs]
+        state = self.ef_state
+        mid_round = bool(self.config.local_steps) and state.round_position > 0
+        adopted = False
         for p, version, s, by_value in zip(params, self._versions, slices, changed):
             if p._version != version or by_value:
-                self.x[s] = p.detach().reshape(-1)
+                (state.local_iterate[0, s] if mid_round else self.x[s]).copy_(p.detach().reshape(-1))
+                adopted = True
+        if adopted and self.config.local_steps and not mid_round:  # the round starts again from the new x
+            self.algorithm.start_round(state, self.x)
 
     @torch.no_grad()
     def write_x(self) -> None:

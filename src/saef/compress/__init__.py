@@ -7,7 +7,9 @@ optional compiled :mod:`._native`) the kernels behind them, :mod:`.packing` the 
 """
 
 from .base import SERVER, Compressor, Context, Identity, Layout, Payload, mean_of_rows, payload_bits
+from .chunked import ChunkedTopK
 from .kernels import index_bits, largest
+from .lowbit import LowBit
 from .packing import pack_bits, unpack_bits
 from .powersgd import PowerSGD
 from .precision import Precision
@@ -18,7 +20,7 @@ from .sign import ScaledSign
 from .topk import TopK
 
 __all__ = [
-    "Compressor", "Context", "SERVER", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK", "RandK", "QSGD", "Natural", "PowerSGD", "Precision",
+    "Compressor", "Context", "SERVER", "Identity", "Layout", "Payload", "payload_bits", "mean_of_rows", "ScaledSign", "TopK", "RandK", "QSGD", "Natural", "PowerSGD", "Precision", "LowBit", "ChunkedTopK",
     "make_compressor", "register_compressor", "available_compressors", "pack_bits", "unpack_bits", "index_bits",
     "largest",
 ]

@@ -41,13 +41,19 @@ class Precision(Compressor):
     unbiased = False  # rounding to nearest is biased, whatever the inner compressor is
 
     def __init__(self, inner: Compressor, wire: str):
-        if wire not in WIRE_DTYPES:
-            raise ValueError(f"value precision must be one of {sorted(WIRE_DTYPES)}, got {wire!r}")
+        self._wrap(inner, wire, WIRE_DTYPES, "value precision")
+        self.dtype = WIRE_DTYPES[wire]
+
+    def _wrap(self, inner: Compressor, wire: str, suffixes, what: str) -> None:
+        """Check and keep ``inner`` and the suffix ``wire`` (one of ``suffixes``): the name, the draws and the
+        state are the inner compressor's."""
+        if wire not in suffixes:
+            raise ValueError(f"{what} must be one of {sorted(suffixes)}, got {wire!r}")
         if not inner.sends_floats:
             raise ValueError(f"{inner.name} sends no floating-point values: a :{wire} suffix does not apply")
         if isinstance(inner, Precision):
             raise ValueError(f"{inner.name} already has a value precision")
-        self.inner, self.wire, self.dtype = inner, wire, WIRE_DTYPES[wire]
+        self.inner, self.wire = inner, wire
         self.name = f"{inner.name}:{wire}"
         self.random, self.stateful = inner.random, inner.stateful
 

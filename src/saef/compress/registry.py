@@ -1,6 +1,8 @@
 """The compressor registry: compressors made from spec strings (``"sign"``, ``"topk:0.01"``,
-``"randk:0.01:unbiased"``, ``"qsgd:4"``, ``"natural"``, ``"powersgd:2"``; any that sends floats also as
-``"SPEC:bf16"`` or ``"SPEC:fp16"``), and :func:`register_compressor` for one's own.
+``"topk:0.01:chunk=4096"`` (top-k per chunk, :mod:`.chunked`), ``"randk:0.01:unbiased"``, ``"qsgd:4"``,
+``"natural"``, ``"powersgd:2"``; any that sends floats also as ``"SPEC:bf16"`` or ``"SPEC:fp16"``, or with
+b-bit values and a scale per chunk, ``"SPEC:int8"``, ``"SPEC:int4"``, ``"SPEC:int2"`` (``...sr``: stochastic
+rounding; :mod:`.lowbit`)), and :func:`register_compressor` for one's own.
 
 Two of them are not what their names may suggest: ``powersgd:R`` keeps its warm-start Q per sender, each
 sender sends its own P and Q, and the server averages the products P_k Q_k^T (not Vogels et al.'s
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple
 
 from .base import Compressor, Identity
+from .chunked import ChunkedTopK
+from .lowbit import LOW_BITS, LowBit
 from .powersgd import PowerSGD
 from .precision import WIRE_DTYPES, Precision
 from .quantize import QSGD, Natural
@@ -82,7 +86,19 @@ def _with_argument(name: str, make, what: str):
 
 register_compressor("identity", Identity)
 register_compressor("sign", ScaledSign)
-register_compressor("topk", lambda arg=None: TopK(_parse_rho(arg) if arg is not None else 0.01))
+def _topk(arg: str = None) -> Compressor:
+    if arg is None:
+        return TopK(0.01)
+    rho, _, form = arg.partition(":")
+    if not form:
+        return TopK(_parse_rho(rho))
+    key, _, value = form.partition("=")
+    if key != "chunk" or not value:
+        raise ValueError(f"topk: the form after RHO may only be chunk=N (top-k per chunk of N entries), got {form!r}")
+    return ChunkedTopK(_parse_rho(rho), _parse_count(value, "topk", "the chunk size N"))
+
+
+register_compressor("topk", _topk)
 register_compressor("randk", _randk)
 register_compressor("qsgd", _with_argument("qsgd", QSGD, "the number of levels S"))
 register_compressor("natural", Natural)
@@ -99,6 +115,8 @@ def make_compressor(spec) -> Compressor:
     base, sep, wire = spec.rpartition(":")
     if sep and wire in WIRE_DTYPES:  # a value-precision suffix: the compressor, its floats sent in 16 bits
         return Precision(make_compressor(base), wire)
+    if sep and wire in LOW_BITS:  # ... or as b-bit integers with a scale per chunk
+        return LowBit(make_compressor(base), wire)
     name, sep, arg = spec.partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
@@ -108,4 +126,5 @@ def make_compressor(spec) -> Compressor:
     try:
         return factory(arg)
     except TypeError:
-        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r} (value precision: a :bf16 or :fp16 suffix)") from None
+        raise ValueError(f"compressor {name!r} takes no argument, got {spec!r} (value precision: a :bf16, :fp16, :int8, "
+                         ":int4 or :int2 suffix)") from None

@@ -242,8 +242,12 @@ class Algorithm:
         delta = self.plan.buffer("round-delta", y)
         torch.sub(self.rule_for(state).points(state, x), y, out=delta)  # delta_k = start_k - y_k
         self._exchange(state, x, delta, self.config.outer_lr)
+        self.start_round(state, x)
+
+    def start_round(self, state: AlgorithmState, x: Tensor) -> None:
+        """Local steps: a round begins, each worker's iterate y_k at its start_k (the rule's point)."""
         state.round_position = 0
-        self.rule_for(state).points(state, x, out=y)  # the next round starts at start_k
+        self.rule_for(state).points(state, x, out=state.local_iterate)
 
     def begin(self, state: AlgorithmState, x: Tensor, grads: Union[Tensor, Sequence[Tensor]], lr: Scalar) -> "Flight":
         """The first phase of a step (arguments as for :meth:`step`): each worker's direction, what it
