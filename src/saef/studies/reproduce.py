@@ -6,6 +6,7 @@ as sets of independent runs.
     saef reproduce fig1 fig3 --jobs 2
     saef reproduce baselines --jobs 2 --libsvm-file a9a   # EF21, PowerSGD, QSGD, rand-k ... at tuned lrs
     saef reproduce adam --jobs 2            # 1-bit Adam and SAEF-Adam on the byte-level GPT
+    saef reproduce loco --jobs 2            # DiLoCo, SparseLoCo-style EF and SAEF-LoCo on the GPT
     saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
 
 Each run is one ``saef train`` process (:mod:`saef.studies.runs`) with its own directory under ``--runs``
@@ -83,7 +84,15 @@ def _adam(setting: str, seeds: int) -> List[Run]:
     return adam.plan(Run.make, seeds)
 
 
-EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3), "adam": (_adam, 3)}
+def _loco(setting: str, seeds: int) -> List[Run]:
+    from . import loco
+
+    return loco.plan(Run.make, seeds)
+
+
+EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3), "adam": (_adam, 3),
+               "loco": (_loco, 3)}
+STUDIES = {"baselines": "baselines", "adam": "adam", "loco": "loco"}  # experiments with their own report (and maybe a second phase)
 
 
 def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None, libsvm_file: Optional[str] = None) -> List[Run]:
@@ -218,11 +227,8 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
 
     suffix = "" if setting == "mnist1d" else f"-{setting}"
     text = f"# {name} ({setting})\n\n"
-    studies = {"baselines": "baselines", "adam": "adam"}  # experiments with their own report
-    if name in studies:
-        import importlib
-
-        study = importlib.import_module(f".{studies[name]}", __package__)
+    if name in STUDIES:
+        study = _study(name)
         body, made = study.report(runs, runs_dir, out, lambda d: read_rows(d) if is_done(d) else None)
         path = out / f"{name}-tables{suffix}.md"
         text = f"# {getattr(study, 'TITLE', f'{name} ({setting})')}\n\n" + body
@@ -236,6 +242,15 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
     for figure in made:
         print(f"saef reproduce: wrote {figure}")
     print(f"saef reproduce: wrote {path}")
+
+
+def _study(name: str):
+    """The module of an experiment with its own report (:data:`STUDIES`), or None."""
+    if name not in STUDIES:
+        return None
+    import importlib
+
+    return importlib.import_module(f".{STUDIES[name]}", __package__)
 
 
 def _libsvm_file(given: Optional[str]) -> Optional[str]:
@@ -279,13 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     start = time.monotonic()
     ok = run_all([r for runs in plans.values() for r in runs], runs_dir, args.jobs, args.data_dir)
-    if "baselines" in plans:  # its second phase: the other seeds at each method's chosen lr
-        from . import baselines
-
+    for name in [n for n in plans if hasattr(_study(n), "confirm")]:  # a second phase: the other seeds at each chosen lr
         read = lambda d: read_rows(d) if is_done(d) else None  # noqa: E731
-        more = baselines.confirm(Run.make, plans["baselines"], args.seeds or EXPERIMENTS["baselines"][1], runs_dir, read)
+        more = _study(name).confirm(Run.make, plans[name], args.seeds or EXPERIMENTS[name][1], runs_dir, read)
         ok.update(run_all(more, runs_dir, args.jobs, args.data_dir))
-        plans["baselines"] = plans["baselines"] + more
+        plans[name] = plans[name] + more
     out.mkdir(parents=True, exist_ok=True)
     for name, runs in plans.items():
         _write_results(name, runs, runs_dir, out, args.setting)

@@ -53,6 +53,10 @@ class Run:
         parts = [dataset, c["model"], c["method"], str(c.get("compressor") or "identity").replace(":", ""),
                  f"K{c['workers']}", "DC" if c.get("double_way", True) else "SC", f"p{c.get('average_every') or 'inf'}",
                  f"mu{c['momentum']}" if c.get("optimizer", "sgd") == "sgd" else c["optimizer"], f"e{c['epochs']}"]
+        if c.get("local_steps"):  # rounds: H, the inner optimizer, the outer step, the error's decay
+            parts += [f"H{c['local_steps']}{c.get('inner_optimizer', 'sgd')}", f"olr{c.get('outer_lr', 1.0):g}"
+                      + (f"m{c['outer_momentum']:g}{'n' if c.get('nesterov') else ''}" if c.get("outer_momentum") else ""),
+                      f"b{c.get('error_decay', 1.0):g}"]
         if c.get("holdout") or c.get("full_batch"):  # the studies with an lr grid name the lr (the older runs do not)
             parts += [f"lr{c['lr']:g}", f"h{c['holdout']}" if c.get("holdout") else "fb"]
         return "-".join(parts + [f"seed{c['seed']}"])
