@@ -15,6 +15,7 @@ models (see docs/architecture.md).
 """
 
 from .app.optim import SAEF
+from .backends.distributed.hook import CommHookState, comm_hook
 from .backends.inprocess import InProcessTransport
 from .backends.simulator import Simulator, simulate
 from .compress import Compressor, available_compressors, make_compressor, register_compressor
@@ -36,6 +37,8 @@ __all__ = [
     "available_rules",
     "register_rule",
     "SAEF",
+    "CommHookState",
+    "comm_hook",
     "Simulator",
     "simulate",
     "__version__",

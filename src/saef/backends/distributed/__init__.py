@@ -9,7 +9,8 @@ One module per concern: :mod:`.transport` (:class:`DistributedTransport`, what c
 :mod:`.owners` (:func:`assign_layers`, which rank serves each layer), :mod:`.groups` (the per-direction
 process groups and their timeout), :mod:`.rendezvous` (:func:`init_distributed`, joining the job within a
 timeout), :mod:`.trainer` (:class:`DistributedTrainer`, one rank's trainer) and :mod:`.backend`
-(:class:`DistributedBackend`, ``--backend dist``).
+(:class:`DistributedBackend`, ``--backend dist``), and :mod:`.hook` (:class:`CommHookState`,
+:func:`comm_hook`: saef as a DDP communication hook).
 
 What crosses the network, per step (all of it payloads of :mod:`saef.compress`):
 
@@ -36,10 +37,11 @@ the simulator produce the same parameters bit for bit.
 
 from .backend import DistributedBackend
 from .groups import direction_groups
+from .hook import CommHookState, comm_hook
 from .owners import assign_layers
 from .rendezvous import RendezvousTimeout, init_distributed
 from .transport import SERVERS, DistributedTransport
 from .trainer import DistributedTrainer
 
 __all__ = ["DistributedTransport", "DistributedTrainer", "DistributedBackend", "init_distributed", "RendezvousTimeout",
-           "assign_layers", "direction_groups", "SERVERS"]
+           "assign_layers", "direction_groups", "SERVERS", "CommHookState", "comm_hook"]

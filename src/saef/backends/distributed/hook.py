@@ -1,0 +1,225 @@
+"""saef as a DDP communication hook: compressed gradients with error feedback inside a user's DDP model, any
+torch optimizer on top.
+
+    >>> state = saef.CommHookState(compressor="topk:0.01", method="ef", module=model)
+    >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+    >>> ddp.register_comm_hook(state, saef.comm_hook)
+    >>> opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)          # ... and train as usual
+
+What DDP hands the hook is a bucket of gradients; the hook compresses each parameter of it on its own
+(layer-wise, as everywhere in saef) and returns, per parameter, with g_k this rank's gradient:
+
+* ``ef``: D_k = g_k + e_k; c_k = C(D_k); e_k = D_k - c_k; the gradient is mean_k c_k (double-way: with the
+  server's own error, C_s(e_s + mean_k c_k));
+* ``direct``: mean_k C(g_k) (double-way: C_s of it);
+* ``ef21``: EF21's estimate g = mean_k g_k, each g_k moved by C(g_k' - g_k) (single-way only: EF21-P's
+  downlink moves a copy of the model, which a gradient hook has not);
+* the identity compressor: DDP's own all-reduce (times 1 / the world size, then summed), bit for bit.
+
+The exchange is saef's (:class:`~saef.backends.distributed.DistributedTransport`: each parameter's payload
+to the rank that serves it, only packed payloads on the wire; its bits are counted in :attr:`CommHookState.bits`).
+Errors are kept per parameter, not per bucket, so they survive DDP's rebuild of its buckets after the first
+iteration (a double-way server error moves to the parameter's new server with one all-reduce then).
+``saef`` itself is not offered: its gradient is taken at x - e_k, which a hook cannot choose (use the
+``saef.SAEF`` optimizer). The hook runs the exchange when DDP hands it the bucket, and backward waits for it.
+A bucket whose gradient holds a NaN or Inf on any rank is all-reduced as DDP would (the NaN reaches the
+optimizer, e.g. for a GradScaler to skip), with the errors left as they were and a warning once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ...core import Algorithm, AlgorithmConfig, all_finite
+from .transport import DistributedTransport
+
+__all__ = ["CommHookState", "comm_hook"]
+
+
+class _Bucket:
+    """The algorithm over one composition of a DDP bucket (its parameters, in the bucket's order)."""
+
+    def __init__(self, params, ids, config, server, group):
+        self.params = params
+        sample = params[0]
+        self.transport = DistributedTransport([p.numel() for p in params], server, group, sample.dtype, sample.device)
+        self.algorithm = Algorithm([tuple(p.shape) for p in params], config, self.transport, ids=ids)
+        self.x = torch.zeros(self.algorithm.num_params, dtype=sample.dtype, device=sample.device)
+        self.state = self.algorithm.init_state(self.x)
+
+    def columns(self, name: str, i: int):
+        return self.algorithm.layer_columns(name, i)
+
+
+class CommHookState:
+    """The state of :func:`comm_hook` for one DDP model (``ddp.register_comm_hook(state, saef.comm_hook)``).
+
+    Args:
+        process_group: the group DDP averages over (default: the world).
+        compressor: the workers' compressor spec (``"topk:0.01"``, ``"sign"``, ``"powersgd:2"``, ...).
+        method: ``"ef"`` (error feedback), ``"direct"`` (no feedback, for unbiased compressors) or ``"ef21"``.
+        server_compressor, double_way: the server's reply compressed too (ef, direct), with its own error.
+        server: ``"sharded"`` (each rank serves a balanced share of the parameters) or ``"rank0"``.
+        average_every: ef: every p iterations the workers' errors are replaced by their mean.
+        seed: of random compressors' draws. warmup_steps: the first N iterations all-reduce dense gradients.
+        module: the model (before or after wrapping): its parameter names key :meth:`state_dict`.
+    """
+
+    def __init__(self, process_group=None, compressor: str = "topk:0.01", method: str = "ef", *, server_compressor=None,
+                 double_way: bool = False, server: str = "sharded", average_every: Optional[int] = None, seed: int = 0,
+                 warmup_steps: int = 0, module: Optional[torch.nn.Module] = None):
+        if method == "saef":
+            raise ValueError("method 'saef' takes each worker's gradient at x - e_k, which a communication hook cannot "
+                             "choose (DDP computes it at the parameters): use the saef.SAEF optimizer for SAEF, or "
+                             "method='ef' here")
+        if method == "ef21" and double_way:
+            raise ValueError("ef21 in the hook is single-way: EF21-P's downlink moves a copy of the model, not a gradient")
+        self.config = AlgorithmConfig(method=method, compressor=compressor, server_compressor=server_compressor,
+                                      double_way=double_way, average_every=average_every, seed=seed,
+                                      warmup_steps=warmup_steps, momentum=0.0)
+        self.group, self.server = process_group, server
+        self.names = {p: n for n, p in module.named_parameters()} if module is not None else None
+        self._ids: Dict[Tensor, int] = {}  # each parameter's layer id (its random draws derive from it)
+        self._buckets: Dict[tuple, _Bucket] = {}
+        self._where: Dict[Tensor, tuple] = {}  # each parameter's state: (bucket key, index in it)
+        self._loaded: Dict[str, dict] = {}  # a loaded state, per parameter name, until its bucket is made
+        self._retired_bits = {"bits_up": 0, "bits_down": 0, "bits_averaging": 0}
+        self._warned = False
+        self.compositions = 0  # bucket compositions seen (more than DDP's buckets once it has rebuilt them)
+
+    # --- the buckets DDP hands over -----------------------------------------------------------------------
+    def _bucket(self, params: List[Tensor]) -> _Bucket:
+        key = tuple(id(p) for p in params)
+        if key in self._buckets:
+            return self._buckets[key]
+        ids = [self._ids.setdefault(p, len(self._ids)) for p in params]
+        bucket = _Bucket(params, ids, self.config, self.server, self.group)
+        self.compositions += 1
+        self._carry_over(bucket)
+        for i, p in enumerate(params):
+            self._where[p] = (key, i)
+        self._buckets[key] = bucket
+        for old in [k for k, b in self._buckets.items() if k != key and not any(self._where.get(p, (None,))[0] == k for p in b.params)]:
+            retired = self._buckets.pop(old)  # no parameter's state lives there any more (DDP rebuilt its buckets)
+            for name, bits in retired.transport.ledger.per_worker().items():
+                self._retired_bits[name] += bits
+        return bucket
+
+    def _carry_over(self, bucket: _Bucket) -> None:
+        """Each parameter's state from where it was (a bucket of before the rebuild, or a loaded state)."""
+        steps = []
+        moved_server = torch.zeros_like(bucket.x) if "server_error" in bucket.state.tensors else None
+        for i, p in enumerate(bucket.params):
+            source = self._where.get(p)
+            saved = self._loaded.pop(self.names[p], None) if self.names and p in self.names else None
+            for name, tensor in bucket.state.tensors.items():
+                if source is not None:
+                    old = self._buckets[source[0]]
+                    value = old.state.tensors[name][..., old.columns(name, source[1])]
+                    steps.append(old.state.step)
+                elif saved is not None:
+                    value = saved[name]
+                else:
+                    continue
+                target = tensor[..., bucket.columns(name, i)]
+                if name == "server_error":  # owned by another rank now, perhaps: gathered below
+                    moved_server[bucket.columns(name, i)] = value
+                else:
+                    target.copy_(value.reshape(target.shape))
+        if steps or self._loaded_step is not None:
+            bucket.state.step = max(steps) if steps else self._loaded_step
+        if moved_server is not None and (steps or self._loaded_step is not None):
+            dist.all_reduce(moved_server, group=self.group)  # every rank's owned parts, whole
+            bucket.state.tensors["server_error"].copy_(bucket.algorithm.plan.only_owned(moved_server))
+
+    _loaded_step: Optional[int] = None
+
+    def exchange(self, bucket) -> Tensor:
+        """The averaged gradient of DDP's ``bucket`` (a ``dist.GradBucket``), written into its buffer."""
+        buffer = bucket.buffer()
+        if self.config.lossless:  # DDP's all-reduce, as it does it
+            return _allreduce(buffer, self.group)
+        params, grads = list(bucket.parameters()), list(bucket.gradients())
+        finite = torch.tensor([1.0 if bool(all_finite(buffer)) else 0.0], device=buffer.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.group)
+        if not finite.item():
+            if not self._warned:
+                self._warned = True
+                warnings.warn("saef.comm_hook: a gradient holds a NaN or Inf (on some rank); that bucket is all-reduced "
+                              "as DDP would, and the errors are left as they were (warned once)", stacklevel=2)
+            return _allreduce(buffer, self.group)
+        b = self._bucket(params)
+        b.x.zero_()
+        b.algorithm.step(b.state, b.x, [g.reshape(1, -1) for g in grads], 1.0)  # x = 0 - (the gradient)
+        for g, s in zip(grads, b.algorithm.layout.slices):
+            torch.neg(b.x[s].view_as(g), out=g)
+        return buffer
+
+    # --- read-outs and state ------------------------------------------------------------------------------
+    @property
+    def bits(self) -> Dict[str, int]:
+        """Cumulative bits this rank sent (up) and received (down) through the hook, and for error averaging."""
+        total = dict(self._retired_bits)
+        for b in self._buckets.values():
+            for name, bits in b.transport.ledger.per_worker().items():
+                total[name] += bits
+        return total
+
+    def state_dict(self) -> Dict[str, object]:
+        """Every parameter's state by name (needs ``module=``), the iteration count, the bits, and this rank
+        (a state is one rank's: its server errors are those of the parameters it serves)."""
+        if self.names is None:
+            raise ValueError("CommHookState.state_dict needs the parameters' names: build it with module=model")
+        tensors, step = {}, 0
+        for p, (key, i) in self._where.items():
+            b = self._buckets[key]
+            step = max(step, b.state.step)
+            tensors[self.names[p]] = {name: t[..., b.columns(name, i)].clone() for name, t in b.state.tensors.items()}
+        return {"rank": dist.get_rank(self.group), "world": dist.get_world_size(self.group), "step": step,
+                "tensors": tensors, "bits": self.bits, "settings": {"method": self.config.method,
+                "compressor": self.config.compressor.name, "double_way": self.config.double_way}}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore :meth:`state_dict` before the first step (each parameter's state goes into its bucket when
+        DDP first hands it over). A state of another rank, group size or compressor is refused."""
+        if self.names is None:
+            raise ValueError("CommHookState.load_state_dict needs the parameters' names: build it with module=model")
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        if not isinstance(state, dict) or {"rank", "world", "step", "tensors", "settings"} - set(state):
+            raise ValueError("not a CommHookState state (from CommHookState.state_dict())")
+        if (state["rank"], state["world"]) != (rank, world):
+            raise ValueError(f"this state is rank {state['rank']}'s of {state['world']}; this is rank {rank} of {world}: "
+                             "each rank loads its own (its errors, and the server errors of the parameters it serves)")
+        ours = {"method": self.config.method, "compressor": self.config.compressor.name, "double_way": self.config.double_way}
+        if state["settings"] != ours:
+            raise ValueError(f"the state was saved with {state['settings']}, this hook has {ours}")
+        if self._buckets:
+            raise ValueError("load the hook's state before the first step (its parameters' state is in use)")
+        self._loaded = {name: dict(tensors) for name, tensors in state["tensors"].items()}
+        self._loaded_step = int(state["step"])
+        self._retired_bits = dict(state.get("bits", self._retired_bits))
+
+
+def comm_hook(state, bucket):
+    """The DDP communication hook (``ddp.register_comm_hook(state, saef.comm_hook)``): the bucket's gradient,
+    compressed and averaged as ``state`` (a :class:`CommHookState`) says."""
+    future = torch.futures.Future()
+    future.set_result(state.exchange(bucket))
+    return future
+
+
+# (DDP checks a hook's annotations as objects; this module's are strings, so they are set here)
+comm_hook.__annotations__ = {"state": CommHookState, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+
+
+def _allreduce(buffer: Tensor, group) -> Tensor:
+    """DDP's own averaging, as its reducer does it without a hook: multiply by 1 / (the group's size), then
+    all-reduce the sum."""
+    buffer.mul_(1.0 / dist.get_world_size(group))
+    dist.all_reduce(buffer, group=group)
+    return buffer
