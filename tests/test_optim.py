@@ -51,7 +51,7 @@ def test_the_optimizer_skips_a_non_finite_step_before_it_touches_state():
     before = opt.state_dict()
     opt.zero_grad()
     _backward(model, 2, nan=True)
-    with pytest.warns(UserWarning, match="step skipped"):
+    with pytest.warns(UserWarning, match="step was skipped"):
         opt.step()
     after = opt.state_dict()
     assert opt.skipped_steps == 1 and torch.equal(after["state"]["x"], before["state"]["x"])

@@ -50,6 +50,32 @@ def _differs(value: Tensor, written: Tensor) -> Union[bool, Tensor]:
     return ~((value == written) | (value.isnan() & written.isnan())).all()
 
 
+def _in_ddp(params) -> bool:
+    """Whether a DistributedDataParallel module holds any of ``params`` (looked up once, among live objects)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ours = {id(p) for p in params}
+    for obj in gc.get_objects():  # (type() rather than isinstance: some live objects warn when asked their class)
+        if issubclass(type(obj), DistributedDataParallel) and any(id(p) in ours for p in obj.module.parameters()):
+            return True
+    return False
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the user's line: the first caller outside saef and torch (whose
+    decorators stand between the user's ``opt.step()`` and the step)."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)
+
+
 def _checked_state(state_dict, shapes) -> Dict[str, object]:
     """The ``"state"`` of a saved ``saef.SAEF`` state, if it has every entry loading reads and its layers'
     shapes are ``shapes`` (a state saved before the shapes were recorded: its total size); else ValueError."""
@@ -153,7 +179,6 @@ class SAEF(torch.optim.Optimizer):
         with torch.no_grad():
             self.x = flatten([p.detach() for p in params]).clone()
         self.ef_state = self.algorithm.init_state(self.x)
-        self._versions = [p._version for p in params]  # the parameters hold x_0, which is z_0
         self._written = self.x  # what the optimizer last wrote into the parameters (flat)
         self.skipped_steps = 0  # steps skipped for a NaN or Inf gradient
         c = config
@@ -189,7 +214,6 @@ class SAEF(torch.optim.Optimizer):
             tensor[..., : old.shape[-1]] = old
         self.ef_state.step, self.ef_state.round_position = old_state.step, old_state.round_position
         self.ef_state.inner_steps = old_state.inner_steps
-        self._versions += [p._version for p in new]
         self._written = torch.cat([self._written, self.x[old_x.numel():]])
 
     def _hyperparameters(self):
@@ -216,7 +240,6 @@ class SAEF(torch.optim.Optimizer):
 
     def _write(self, flat: Tensor) -> None:
         write_flat(self._params(), flat, self.shapes)
-        self._versions = [p._version for p in self._params()]  # what the parameters hold is ours
         self._written = flat  # (kept to compare with: a write through .data leaves the versions alone)
 
     @torch.no_grad()
@@ -225,9 +248,10 @@ class SAEF(torch.optim.Optimizer):
         in, :meth:`write_x`) are taken as the new x of their layers instead of being overwritten. Momentum and
         errors are kept. In a distributed run, write the same weights on every rank.
 
-        A write is seen by the parameter's version counter (``p.copy_(t)`` under ``torch.no_grad()``) or, where
-        that cannot see it (``p.data = t``, ``p.data.copy_(t)``), by comparing the values with what the optimizer
-        wrote (one comparison per parameter, read together once a step). A tensor of another shape or device is refused.
+        A write is seen by comparing the values with what the optimizer wrote (one comparison per parameter,
+        read together once a step), however it was made (``p.copy_(t)`` under ``torch.no_grad()``, ``p.data = t``,
+        ``p.data.copy_(t)``); writing back what the optimizer wrote (a model state saved beside the optimizer's,
+        loaded before or after it) changes nothing. A tensor of another shape or device is refused.
         With local steps, weights written in the middle of a round are taken as this worker's iterate y_k (the
         shared x moves at the exchange only); at a round's start, as x, and the round starts from there."""
         params, slices, differs = self._params(), self.algorithm.layout.slices, []
@@ -244,8 +268,8 @@ class SAEF(torch.optim.Optimizer):
         state = self.ef_state
         mid_round = bool(self.config.local_steps) and state.round_position > 0
         adopted = False
-        for p, version, s, by_value in zip(params, self._versions, slices, changed):
-            if p._version != version or by_value:
+        for p, s, by_value in zip(params, slices, changed):
+            if by_value:  # (a write of what the optimizer wrote -- a model state saved with it -- changes nothing)
                 (state.local_iterate[0, s] if mid_round else self.x[s]).copy_(p.detach().reshape(-1))
                 adopted = True
         if adopted and self.config.local_steps and not mid_round:  # the round starts again from the new x
@@ -258,15 +282,21 @@ class SAEF(torch.optim.Optimizer):
         after it: the next step takes the parameters as they are as x."""
         write_flat(self._params(), self.algorithm.point(self.ef_state, self.x, "x"), self.shapes)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One step from the parameters' ``.grad``. A step whose gradients hold a NaN or an Inf (on any
-        process) is skipped before it touches any state, counted in :attr:`skipped_steps`, with a warning."""
+        process) is skipped before it touches any state, counted in :attr:`skipped_steps`, with a warning
+        (once per place it is called from).
+
+        ``torch.compile(opt.step)`` runs it as it is (``torch.compiler.disable``): the step keeps its own
+        records of what the parameters hold, which a traced graph would freeze; compile the model instead."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
+        self._check_setup()
         self._adopt_written_weights()
         check_dense([p.grad for p in params])
         grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).unsqueeze(0)
@@ -274,8 +304,7 @@ class SAEF(torch.optim.Optimizer):
         finite, *idle = self.transport.all_agree([bool(all_finite(grads))] + [p.grad is None for p in params])
         if not finite:
             self.skipped_steps += 1
-            warnings.warn(f"SAEF: step skipped, a gradient holds a NaN or Inf (on some process); "
-                          f"{self.skipped_steps} skipped so far", stacklevel=2)
+            _warn("SAEF: a step was skipped, a gradient holds a NaN or Inf (on some process); opt.skipped_steps counts them")
             return loss
         lr = self._hyperparameters()  # read every step, as torch.optim.SGD does
         kept = self._idle_layers([i for i, none in enumerate(idle) if none])
@@ -284,6 +313,23 @@ class SAEF(torch.optim.Optimizer):
             target.copy_(saved)
         self._write(self.algorithm.gradient_points(self.ef_state, self.x)[0])
         return loss
+
+    def _check_setup(self) -> None:
+        """Once: warn where the optimizer cannot do what the job needs -- built before torch.distributed was
+        initialised (it then runs alone here), or its parameters also in a DistributedDataParallel module
+        (DDP all-reduces the full gradients, and saef exchanges them again)."""
+        if getattr(self, "_setup_checked", False):
+            return
+        self._setup_checked = True
+        import torch.distributed as dist
+
+        if self.transport.num_workers == 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _warn(f"saef.SAEF was built before torch.distributed was initialised, so it trains alone in this process "
+                  f"(no exchange with the other {dist.get_world_size() - 1} ranks): build it after init_process_group")
+        if dist.is_available() and dist.is_initialized() and _in_ddp(self._params()):
+            _warn("these parameters belong to a DistributedDataParallel module: DDP all-reduces their full "
+                          "gradients, and saef.SAEF then exchanges them again -- no saving. Use saef.SAEF on the plain "
+                  "module (each rank is one worker), or keep DDP with saef.comm_hook and any torch optimizer")
 
     def _idle_layers(self, layers):
         """Copies of x and of every state tensor on ``layers`` (no gradient on any process this step), to put
@@ -315,7 +361,8 @@ class SAEF(torch.optim.Optimizer):
 
     def state_dict(self) -> Dict[str, object]:
         state = {"x": self.x.clone(), "algorithm": self.ef_state.state_dict(), "ledger": self.transport.ledger.state_dict(),
-                 "settings": dict(self._settings), "skipped_steps": self.skipped_steps, "shapes": list(self.shapes)}
+                 "settings": dict(self._settings), "skipped_steps": self.skipped_steps, "shapes": list(self.shapes),
+                 "rank": self.transport.worker_ids[0], "workers": self.transport.num_workers}
         groups, first = [], 0
         for g in self.param_groups:  # as torch.optim saves them: the hyperparameters and the parameters' indices
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(first, first + len(g["params"])))})
@@ -340,6 +387,13 @@ class SAEF(torch.optim.Optimizer):
             key = next((k for k in self._settings if saved.get(k) != self._settings[k]), "settings")
             raise ValueError(f"the state was saved with {key} = {saved.get(key)!r}, this optimizer has {self._settings[key]!r}: "
                              "its errors cannot be carried over; pass reset_errors=True to keep only the parameters")
+        rank, workers = self.transport.worker_ids[0], self.transport.num_workers
+        saved_at = (state.get("rank", rank), state.get("workers", workers))
+        if saved_at != (rank, workers) and not reset_errors:
+            raise ValueError(f"this state is worker {saved_at[0]}'s of {saved_at[1]}; this optimizer is worker {rank} of "
+                             f"{workers}: its errors (and the server's, of the layers it serves) are another worker's. Each "
+                             "rank saves and loads its own state; from one rank's state (a rank-0-only checkpoint) load "
+                             "with reset_errors=True, which keeps the parameters and the step")
         self.x.copy_(state["x"])
         if reset_errors:
             self.ef_state = self.algorithm.fresh_state(self.x, state["algorithm"])
