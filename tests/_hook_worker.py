@@ -121,6 +121,7 @@ def main():
     except ValueError as error:
         found["foreign_rank"] = str(error)
     (out / f"rank{rank}.json").write_text(json.dumps(found))
+    dist.barrier()  # (no rank leaves, taking the store with it, while another is still in a collective)
     dist.destroy_process_group()
 
 
