@@ -198,3 +198,56 @@ def test_plot_command_overlays_runs_and_rejects_non_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plot", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.png")]) == 2
     assert "config.json" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_progress_lines_where_no_bar_shows(tmp_path, capsys, monkeypatch):
+    """Output that is not a terminal (here: captured) gets a progress line every --log-every steps, or by
+    default every 30 seconds (here made 0 s), each with the mean train loss since the last; --quiet none."""
+    from saef.app import progress
+
+    fast = ["train", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--epochs", "1"]
+    assert main([*fast, "--log-every", "5", "--output", str(tmp_path / "a")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert [line.split("step ")[1].split()[0] for line in lines] == ["5/16", "10/16", "15/16"]
+    assert all("train loss" in line for line in lines)
+    assert main([*fast, "--output", str(tmp_path / "b")]) == 0
+    assert " step " not in capsys.readouterr().out  # (a second-long run: no 30-second line)
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
+    assert main([*fast, "--output", str(tmp_path / "c")]) == 0
+    assert sum(" step " in line for line in capsys.readouterr().out.splitlines()) == 15
+    assert main([*fast, "--quiet", "--log-every", "1", "--output", str(tmp_path / "d")]) == 0
+    assert " step " not in capsys.readouterr().out
+
+
+def test_tensorboard_gets_the_metrics_and_every_steps_loss(tmp_path, capsys):
+    """--tensorboard writes each epoch's metrics at its step and every step's train loss as scalars in
+    RUN/tensorboard, equal to the records; a resumed run drops the events after its checkpoint, so each step
+    is there once."""
+    pytest.importorskip("tensorboard", reason="--tensorboard needs the tensorboard package (pip install saef[tensorboard])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from saef.app.records import read_metrics
+
+    from saef.app import hooks
+
+    out = tmp_path / "run"
+    fast = ["train", "--dataset", "synthetic", "--model", "mlp", "--batch-size", "32", "--quiet", "--tensorboard"]
+
+    def stop_at_12(step, rank):
+        if step == 12:
+            raise KeyboardInterrupt  # (after steps 11 and 12 were logged; the newest checkpoint is step 10)
+
+    hooks.after_step.append(stop_at_12)
+    try:
+        assert main([*fast, "--epochs", "2", "--checkpoint-every", "5", "--output", str(out)]) == 130
+    finally:
+        hooks.after_step.remove(stop_at_12)
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    rows = read_metrics(out)
+    acc = board.Scalars("test_acc")
+    assert [e.step for e in acc] == [16, 32] and [e.value for e in acc] == pytest.approx([r["test_acc"] for r in rows])
+    steps = board.Scalars("train_loss_step")
+    assert sorted(e.step for e in steps) == list(range(1, 33))
+    assert sum(e.value for e in steps[:16]) / 16 == pytest.approx(rows[0]["train_loss"], rel=1e-6)

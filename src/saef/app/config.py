@@ -170,6 +170,11 @@ class TrainConfig:
     checkpoint_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
                                 help="also checkpoint every N steps (0: only at the end of each epoch)")
     keep_checkpoints: int = key(3, on_resume=FREE, range=(1, 1 << 16), help="how many recent checkpoints to keep")
+    tensorboard: bool = key(False, on_resume=FREE, help="also write the metrics, and every step's train loss, as TensorBoard "
+                                                        "scalars to RUN_DIR/tensorboard (pip install saef[tensorboard])")
+    log_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
+                         help="where the output is not a terminal (a log file, a job scheduler): a progress line every N "
+                              "steps (0: every 30 seconds)")
     max_nonfinite_skips: int = key(5, on_resume=FREE, range=(0, _INT_MAX),
                                    help="steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (0: at once)")
 

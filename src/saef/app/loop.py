@@ -33,6 +33,7 @@ from ..zoo.models import build_model
 from . import checkpoint, hooks, rundir, schema
 from .config import TrainConfig
 from .feed import evaluate, gradient_norm_sq, local_batch
+from .progress import progress_lines
 from .records import RunRecord, environment, format_summary
 
 __all__ = ["train", "LoopState", "TrainingFailed", "WriteFailed"]
@@ -290,11 +291,15 @@ def _run_epoch(run: Run) -> None:
     lr = config.lr_at_epoch(loop.epoch)
     run.order.set_state(loop.epoch_order)  # the order generator as it was when this epoch began
     batches = _epoch_batches(run)
+    show = run.progress and run.trainer.is_main
     bar = tqdm(total=len(batches), initial=loop.step_in_epoch, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False,
-               disable=None if (run.progress and run.trainer.is_main) else True)  # None: bars on a terminal only
+               disable=None if show else True)  # None: bars on a terminal only
+    lines = progress_lines(show, run.log, len(batches), loop.epoch + 1, config.epochs, config.log_every)  # elsewhere: lines
     for indices in batches[loop.step_in_epoch:]:
         _take_step(run, indices, lr, len(batches))
         bar.update()
+        if lines is not None:
+            lines.update(loop.step_in_epoch, loop.losses)
         if config.checkpoint_every and loop.step % config.checkpoint_every == 0 and loop.step_in_epoch < len(batches):
             loop.epoch_elapsed = time.perf_counter() - run.epoch_started
             _save_checkpoint(run)
@@ -317,6 +322,8 @@ def _take_step(run: Run, indices: torch.Tensor, lr: float, steps_per_epoch: int)
     try:
         loop.losses.append(float(trainer.step(inputs, targets, lr)))
         loop.consecutive_skips = 0
+        if run.record is not None:
+            run.record.scalar("train_loss_step", loop.losses[-1], loop.step + 1)
     except NonFiniteStep as error:
         loop.skipped += 1
         loop.consecutive_skips += 1

@@ -9,6 +9,7 @@ A run directory holds
 * ``curves.png``       the figure of the run's curves;
 * ``checkpoints/``     see :mod:`saef.app.checkpoint`;
 * ``events.jsonl``     resumes (with what changed, and whether errors were reset);
+* ``tensorboard/``     with ``--tensorboard``: the metrics and every step's train loss as TensorBoard scalars;
 * ``summary.json``     written last: a run directory without it is incomplete.
 
 Every file except the appended metrics is written atomically (temporary file, fsync, rename). The directory
@@ -21,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -29,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..files import LOCK_NAME, append_inside, claim, open_inside, parse_json, read_inside, release, write_atomically
+from ..files import LOCK_NAME, append_inside, checked_folder, claim, open_inside, parse_json, read_inside, release, write_atomically
 
 __all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment", "format_summary"]
 
@@ -153,11 +155,14 @@ class RunRecord:
         if resume_rows is None and self.directory.exists() and any(p.name != LOCK_NAME for p in self.directory.iterdir()):
             raise FileExistsError(f"run directory {self.directory} already exists and is not empty; choose another --output")
         claim(self.directory)  # the one writer of the directory from here on, until close()
+        self.board = None
         try:
             if resume_rows is not None:
                 self._reopen(resume_rows, config, env, event or {})
             else:
                 self._create(config, env)
+            if config.get("tensorboard"):  # (a resumed run's events after its checkpoint's step are dropped)
+                self.board = _Board(self.directory, (event or {}).get("step", 0) + 1 if resume_rows is not None else None)
         except BaseException:
             release(self.directory)
             raise
@@ -201,6 +206,13 @@ class RunRecord:
         csv.writer(line, lineterminator="\n").writerow(_csv_cells(row))
         for name, text in (("metrics.csv", line.getvalue()), ("metrics.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
             append_inside(self.directory, name, text)
+        if self.board is not None:
+            self.board.row(row)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """One value of a step (the step's train loss) to TensorBoard, where the run writes there."""
+        if self.board is not None:
+            self.board.write(name, value, step)
 
     def finish(self, summary: Dict[str, Any]) -> None:
         """Mark the run complete."""
@@ -208,7 +220,38 @@ class RunRecord:
 
     def close(self) -> None:
         """Stop being the directory's writer (another process may resume it from now on)."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         release(self.directory)
+
+
+class _Board:
+    """``--tensorboard``: the metrics as TensorBoard scalars in ``RUN/tensorboard`` (torch.utils.tensorboard),
+    each epoch's row at its step, and every step's train loss."""
+
+    _SKIP = ("epoch", "step", "phase")
+
+    def __init__(self, directory: Path, purge_step: Optional[int]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install saef[tensorboard]") from None
+        folder = checked_folder(directory / "tensorboard", create=True)  # (a link out of the run is refused)
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+    def write(self, name: str, value, step: int) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            self.writer.add_scalar(name, value, step)
+
+    def row(self, row: Dict[str, Any]) -> None:
+        for key in METRIC_COLUMNS:
+            if key not in self._SKIP:
+                self.write(key, row.get(key), row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def format_summary(config, summary: Dict[str, Any]) -> str:
