@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import saef
 
@@ -51,3 +52,22 @@ def test_the_hook_refuses_what_it_cannot_do():
         saef.CommHookState(method="saef")
     with pytest.raises(ValueError, match="ef21 in the hook is single-way"):
         saef.CommHookState(method="ef21", double_way=True)
+    with pytest.raises(ValueError, match="no module of this model is sharded with fully_shard"):
+        saef.compress_replicas(torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="method 'saef'"):
+        saef.compress_replicas(torch.nn.Linear(2, 2), None, method="saef")
+
+
+@pytest.mark.slow
+def test_fsdp2_replica_exchange_is_hsdp_with_identity_and_ef_with_compression(tmp_path):
+    """FSDP2 on CPU (gloo), 4 ranks as 2 replicas x 2 shards: the model sharded over the shard dimension with
+    saef.compress_replicas taking the replica exchange through FSDP2's all-reduce hook. With the identity
+    compressor, 5 AdamW steps end within 1e-6 of native HSDP; with EF and top-k 25 %, within 1e-6 of EF written
+    out per piece of each unit's shard, with bits counted."""
+    procs = launch([str(HERE / "_fsdp_worker.py"), str(tmp_path)], 4)
+    assert wait_all(procs, timeout=300) == [0, 0, 0, 0]
+    for rank in range(4):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert found["identity_diff"] < 1e-6, (rank, found)
+        assert found["ef_diff"] < 1e-6 and found["ef_bits_up"] > 0, (rank, found)
+        assert found["moved"] > 1e-4  # (EF with top-k is not HSDP: the comparison above is not vacuous)

@@ -15,6 +15,7 @@ models (see docs/architecture.md).
 """
 
 from .app.optim import SAEF
+from .backends.distributed.fsdp import compress_replicas
 from .backends.distributed.hook import CommHookState, comm_hook
 from .backends.inprocess import InProcessTransport
 from .backends.simulator import Simulator, simulate
@@ -39,6 +40,7 @@ __all__ = [
     "SAEF",
     "CommHookState",
     "comm_hook",
+    "compress_replicas",
     "Simulator",
     "simulate",
     "__version__",

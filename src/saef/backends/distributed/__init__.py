@@ -10,7 +10,8 @@ One module per concern: :mod:`.transport` (:class:`DistributedTransport`, what c
 process groups and their timeout), :mod:`.rendezvous` (:func:`init_distributed`, joining the job within a
 timeout), :mod:`.trainer` (:class:`DistributedTrainer`, one rank's trainer) and :mod:`.backend`
 (:class:`DistributedBackend`, ``--backend dist``), and :mod:`.hook` (:class:`CommHookState`,
-:func:`comm_hook`: saef as a DDP communication hook).
+:func:`comm_hook`: saef as a DDP communication hook), :mod:`.fsdp` (:func:`compress_replicas`: the replica
+exchange of FSDP2's hybrid sharding, compressed).
 
 What crosses the network, per step (all of it payloads of :mod:`saef.compress`):
 
@@ -37,6 +38,7 @@ the simulator produce the same parameters bit for bit.
 
 from .backend import DistributedBackend
 from .groups import direction_groups
+from .fsdp import ReplicaCompression, compress_replicas
 from .hook import CommHookState, comm_hook
 from .owners import assign_layers
 from .rendezvous import RendezvousTimeout, init_distributed
@@ -44,4 +46,5 @@ from .transport import SERVERS, DistributedTransport
 from .trainer import DistributedTrainer
 
 __all__ = ["DistributedTransport", "DistributedTrainer", "DistributedBackend", "init_distributed", "RendezvousTimeout",
-           "assign_layers", "direction_groups", "SERVERS", "CommHookState", "comm_hook"]
+           "assign_layers", "direction_groups", "SERVERS", "CommHookState", "comm_hook",
+           "compress_replicas", "ReplicaCompression"]

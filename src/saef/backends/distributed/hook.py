@@ -28,6 +28,7 @@ optimizer, e.g. for a GradScaler to skip), with the errors left as they were and
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, List, Optional
 
@@ -38,22 +39,37 @@ from torch import Tensor
 from ...core import Algorithm, AlgorithmConfig, all_finite
 from .transport import DistributedTransport
 
-__all__ = ["CommHookState", "comm_hook"]
+__all__ = ["CommHookState", "comm_hook", "GradientExchange", "agree_finite"]
 
 
-class _Bucket:
-    """The algorithm over one composition of a DDP bucket (its parameters, in the bucket's order)."""
+class GradientExchange:
+    """The algorithm over a list of gradient tensors exchanged together (the parameters of a DDP bucket, or
+    the pieces of an FSDP unit's shard), with momentum 0 and lr 1, stepped on a zero x: what x becomes is
+    minus the averaged gradient, which :meth:`average` writes back into the gradients."""
 
-    def __init__(self, params, ids, config, server, group):
+    def __init__(self, shapes, ids, config, server, group, dtype, device, params=()):
         self.params = params
-        sample = params[0]
-        self.transport = DistributedTransport([p.numel() for p in params], server, group, sample.dtype, sample.device)
-        self.algorithm = Algorithm([tuple(p.shape) for p in params], config, self.transport, ids=ids)
-        self.x = torch.zeros(self.algorithm.num_params, dtype=sample.dtype, device=sample.device)
+        self.transport = DistributedTransport([math.prod(s) for s in shapes], server, group, dtype, device)
+        self.algorithm = Algorithm([tuple(s) for s in shapes], config, self.transport, ids=ids)
+        self.x = torch.zeros(self.algorithm.num_params, dtype=dtype, device=device)
         self.state = self.algorithm.init_state(self.x)
 
     def columns(self, name: str, i: int):
         return self.algorithm.layer_columns(name, i)
+
+    def average(self, grads: List[Tensor]) -> None:
+        """Each of ``grads`` (this rank's) replaced by its exchanged average, in place."""
+        self.x.zero_()
+        self.algorithm.step(self.state, self.x, [g.reshape(1, -1) for g in grads], 1.0)  # x = 0 - (the gradient)
+        for g, s in zip(grads, self.algorithm.layout.slices):
+            torch.neg(self.x[s].view_as(g), out=g)
+
+
+def agree_finite(values: Tensor, group) -> bool:
+    """Whether ``values`` are finite on every rank of ``group`` (one all-reduce of a flag)."""
+    finite = torch.tensor([1.0 if bool(all_finite(values)) else 0.0], device=values.device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+    return bool(finite.item())
 
 
 class CommHookState:
@@ -85,7 +101,7 @@ class CommHookState:
         self.group, self.server = process_group, server
         self.names = {p: n for n, p in module.named_parameters()} if module is not None else None
         self._ids: Dict[Tensor, int] = {}  # each parameter's layer id (its random draws derive from it)
-        self._buckets: Dict[tuple, _Bucket] = {}
+        self._buckets: Dict[tuple, GradientExchange] = {}
         self._where: Dict[Tensor, tuple] = {}  # each parameter's state: (bucket key, index in it)
         self._loaded: Dict[str, dict] = {}  # a loaded state, per parameter name, until its bucket is made
         self._retired_bits = {"bits_up": 0, "bits_down": 0, "bits_averaging": 0}
@@ -93,12 +109,14 @@ class CommHookState:
         self.compositions = 0  # bucket compositions seen (more than DDP's buckets once it has rebuilt them)
 
     # --- the buckets DDP hands over -----------------------------------------------------------------------
-    def _bucket(self, params: List[Tensor]) -> _Bucket:
+    def _bucket(self, params: List[Tensor]) -> GradientExchange:
         key = tuple(id(p) for p in params)
         if key in self._buckets:
             return self._buckets[key]
         ids = [self._ids.setdefault(p, len(self._ids)) for p in params]
-        bucket = _Bucket(params, ids, self.config, self.server, self.group)
+        sample = params[0]
+        bucket = GradientExchange([tuple(p.shape) for p in params], ids, self.config, self.server, self.group, sample.dtype,
+                                  sample.device, params)
         self.compositions += 1
         self._carry_over(bucket)
         for i, p in enumerate(params):
@@ -110,7 +128,7 @@ class CommHookState:
                 self._retired_bits[name] += bits
         return bucket
 
-    def _carry_over(self, bucket: _Bucket) -> None:
+    def _carry_over(self, bucket: GradientExchange) -> None:
         """Each parameter's state from where it was (a bucket of before the rebuild, or a loaded state)."""
         steps = []
         moved_server = torch.zeros_like(bucket.x) if "server_error" in bucket.state.tensors else None
@@ -144,20 +162,13 @@ class CommHookState:
         buffer = bucket.buffer()
         if self.config.lossless:  # DDP's all-reduce, as it does it
             return _allreduce(buffer, self.group)
-        params, grads = list(bucket.parameters()), list(bucket.gradients())
-        finite = torch.tensor([1.0 if bool(all_finite(buffer)) else 0.0], device=buffer.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.group)
-        if not finite.item():
+        if not agree_finite(buffer, self.group):
             if not self._warned:
                 self._warned = True
                 warnings.warn("saef.comm_hook: a gradient holds a NaN or Inf (on some rank); that bucket is all-reduced "
                               "as DDP would, and the errors are left as they were (warned once)", stacklevel=2)
             return _allreduce(buffer, self.group)
-        b = self._bucket(params)
-        b.x.zero_()
-        b.algorithm.step(b.state, b.x, [g.reshape(1, -1) for g in grads], 1.0)  # x = 0 - (the gradient)
-        for g, s in zip(grads, b.algorithm.layout.slices):
-            torch.neg(b.x[s].view_as(g), out=g)
+        self._bucket(list(bucket.parameters())).average(list(bucket.gradients()))
         return buffer
 
     # --- read-outs and state ------------------------------------------------------------------------------
