@@ -1,0 +1,41 @@
+"""The examples that plug saef into other stacks run, in seconds: Hugging Face's Trainer under torchrun and
+PyTorch Lightning with 2 CPU processes, each with saef's DDP communication hook sending compressed payloads
+(their bits are printed and checked here). Skipped, saying why, where the library is not installed
+(`pip install -e .[test]` installs both)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _procs import child_env, free_port
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def _sent_up(output: str):
+    return [float(v) for v in re.findall(r"sent ([0-9.]+) kB per worker up", output)]
+
+
+@pytest.mark.slow
+def test_hugging_face_trainer_with_the_hook(tmp_path):
+    pytest.importorskip("transformers", reason="the Hugging Face example needs transformers (pip install -e .[test])")
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate (pip install -e .[test])")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                             "--master_port", str(free_port()), str(EXAMPLES / "hf_trainer_hook.py")], cwd=tmp_path,
+                            env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sent = _sent_up(result.stdout)
+    assert len(sent) == 2 and all(v > 0 for v in sent), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_lightning_with_the_hook(tmp_path):
+    pytest.importorskip("lightning", reason="the Lightning example needs lightning (pip install -e .[test])")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "lightning_ddp_hook.py")], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sent = _sent_up(result.stdout + result.stderr)
+    assert len(sent) == 2 and all(v > 0 for v in sent), (result.stdout + result.stderr)[-2000:]
