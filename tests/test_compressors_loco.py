@@ -114,7 +114,7 @@ def test_stochastic_rounding_is_reproducible_from_the_context():
     assert decoded.shape == (2, 64) and torch.equal(decoded, c.decode_layers(a, layout))
 
 
-@pytest.mark.parametrize("spec", ["topk:0.1:chunk=16", "topk:0.1:chunk=16:int2", "identity:int8sr", "sign:int4"])
+@pytest.mark.parametrize("spec", ["topk:0.1:chunk=16", "topk:0.1:chunk=16:int2", "identity:int8sr", "sign:int4", "dcttopk:0.25:chunk=8"])
 def test_the_algorithm_runs_over_the_new_compressors(spec):
     """EF / direct over each of them trains a quadratic (the residual falls below a fifth: EF at lr 0.05, which
     1 kept entry in 16 allows; at lr 0.1 with momentum 0.5 EF diverges here, as with plain top-k keeping 2 of
@@ -146,3 +146,40 @@ def test_the_algorithm_runs_over_the_new_compressors(spec):
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         saef.make_compressor(spec)
+
+
+@pytest.mark.parametrize("d,rho,chunk", [(1000, 0.1, 64), (70, 0.25, 64), (5, 0.5, 64), (300, 0.05, 128)])
+def test_dct_topk_keeps_each_chunks_largest_coefficients(d, rho, chunk):
+    """dcttopk:RHO:chunk=N: each chunk (the last zero-padded) is rotated by the orthonormal DCT-II -- scipy's
+    dct(norm="ortho") --, keeps its k largest coefficients and is rotated back (allclose 1e-5 to that
+    definition); ||C(v) - v||^2 <= (1 - k/n) ||v||^2; the payload is top-k per chunk's over the coefficients."""
+    from scipy.fft import dct, idct
+
+    torch.manual_seed(d)
+    v = torch.randn(d, dtype=torch.float64)
+    c = saef.make_compressor(f"dcttopk:{rho}:chunk={chunk}")
+    n = min(chunk, d)
+    chunks, k = math.ceil(d / n), max(1, math.floor(rho * n))
+    padded = torch.zeros(chunks * n, dtype=torch.float64)
+    padded[:d] = v
+    want = []
+    for part in padded.view(chunks, n).numpy():
+        coefficients = dct(part, norm="ortho")
+        keep = abs(coefficients).argsort()[-k:]
+        kept = coefficients * 0
+        kept[keep] = coefficients[keep]
+        want.append(torch.from_numpy(idct(kept, norm="ortho")))
+    want = torch.cat(want)[:d]
+    got = c.compress(v)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert (got - v).square().sum() <= (1 - k / n) * v.square().sum() + 1e-9
+    assert payload_bits(c.encode(v.float())) == 32 * chunks * k + 8 * math.ceil(chunks * k * max(1, (n - 1).bit_length()) / 8)
+
+
+def test_dct_topk_compacts_a_smooth_signal():
+    """On a smooth signal (a slow sine) the DCT puts the energy in few coefficients: keeping 1 in 16 leaves a
+    far smaller error than top-k per chunk at the same payload."""
+    v = torch.sin(torch.linspace(0, 6, 4096)) + 0.01 * torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    dct_error = (saef.make_compressor("dcttopk:0.0625:chunk=64").compress(v) - v).norm()
+    plain_error = (saef.make_compressor("topk:0.0625:chunk=64").compress(v) - v).norm()
+    assert dct_error < 0.2 * plain_error

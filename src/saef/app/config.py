@@ -80,7 +80,7 @@ class TrainConfig:
                               "scheme with the paper's scaled sign; SAEF-Adam with saef; no bias correction, v frozen after --warmup-steps); with --method sgd, the "
                               "optimizer's full-precision baseline")
     compressor: Optional[str] = key(None, on_resume=RESETS_ERRORS,
-                                    help="identity, sign, topk:RHO (topk:RHO:chunk=N: per chunk of N entries), randk:RHO[:unbiased], "
+                                    help="identity, sign, topk:RHO (topk:RHO:chunk=N: per chunk of N entries), dcttopk:RHO[:chunk=N], randk:RHO[:unbiased], "
                                          "qsgd:S, natural or powersgd:R; any that sends floats with :bf16 or :fp16 for 16-bit values, or "
                                          ":int8, :int4, :int2 for b-bit values with a scale per 64 (:int8sr ...: stochastic rounding) "
                                          "(default topk:0.01; identity for sgd)")

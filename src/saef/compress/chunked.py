@@ -20,7 +20,7 @@ from torch import Tensor
 from .base import Compressor, Payload, kept_count
 from .packing import pack_fixed, unpack_fixed
 
-__all__ = ["ChunkedTopK"]
+__all__ = ["ChunkedTopK", "DCTTopK"]
 
 
 class ChunkedTopK(Compressor):
@@ -70,3 +70,43 @@ class ChunkedTopK(Compressor):
     def delta(self, d: int) -> float:
         n, _, k = self.shape(d)
         return k / n
+
+
+class DCTTopK(ChunkedTopK):
+    """Top-k per chunk of the chunk's DCT coefficients (``dcttopk:RHO:chunk=N``; DeMo's transform, here 1-D
+    per chunk of the flattened layer, default N = 64): each chunk of n entries is rotated by the orthonormal
+    DCT-II, keeps its k = max(1, floor(rho n)) coefficients of largest magnitude, and is rotated back. The
+    payload is :class:`ChunkedTopK`'s over the coefficients (values and their indices within the chunk). The
+    rotation keeps norms, so delta = k / n as for top-k per chunk (a last chunk is padded with zeros, which
+    adds nothing to the norm)."""
+
+    def __init__(self, rho: float, chunk: int = 64):
+        super().__init__(rho, chunk)
+        self.name = f"dcttopk:{rho:g}:chunk={chunk}"
+
+    @staticmethod
+    def basis(n: int, dtype: torch.dtype, device) -> Tensor:
+        """The orthonormal DCT-II matrix of size n (rows: frequencies)."""
+        k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+        i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+        basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+        basis[0] /= math.sqrt(2.0)
+        return basis.to(dtype=dtype, device=device)
+
+    def _rotate(self, rows: Tensor, d: int, inverse: bool) -> Tensor:
+        n, c, _ = self.shape(d)
+        basis = self.basis(n, rows.dtype, rows.device)
+        chunks = rows.view(rows.shape[0], c, n)
+        return (chunks @ basis if inverse else chunks @ basis.T).reshape(rows.shape[0], c * n)
+
+    def encode_rows(self, rows: Tensor) -> Payload:
+        w, d = rows.shape
+        n, c, _ = self.shape(d)
+        padded = rows.new_zeros(w, c * n)
+        padded[:, :d] = rows
+        return super().encode_rows(self._rotate(padded, d, inverse=False))
+
+    def decode_rows(self, payload: Payload, d: int) -> Tensor:
+        n, c, _ = self.shape(d)
+        coefficients = super().decode_rows(payload, c * n)
+        return self._rotate(coefficients.contiguous(), d, inverse=True)[:, :d]

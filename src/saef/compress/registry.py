@@ -1,5 +1,6 @@
 """The compressor registry: compressors made from spec strings (``"sign"``, ``"topk:0.01"``,
-``"topk:0.01:chunk=4096"`` (top-k per chunk, :mod:`.chunked`), ``"randk:0.01:unbiased"``, ``"qsgd:4"``,
+``"topk:0.01:chunk=4096"`` (top-k per chunk, :mod:`.chunked`), ``"dcttopk:0.1:chunk=64"`` (top-k of each
+chunk's DCT coefficients), ``"randk:0.01:unbiased"``, ``"qsgd:4"``,
 ``"natural"``, ``"powersgd:2"``; any that sends floats also as ``"SPEC:bf16"`` or ``"SPEC:fp16"``, or with
 b-bit values and a scale per chunk, ``"SPEC:int8"``, ``"SPEC:int4"``, ``"SPEC:int2"`` (``...sr``: stochastic
 rounding; :mod:`.lowbit`)), and :func:`register_compressor` for one's own.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple
 
 from .base import Compressor, Identity
-from .chunked import ChunkedTopK
+from .chunked import ChunkedTopK, DCTTopK
 from .lowbit import LOW_BITS, LowBit
 from .powersgd import PowerSGD
 from .precision import WIRE_DTYPES, Precision
@@ -99,6 +100,19 @@ def _topk(arg: str = None) -> Compressor:
 
 
 register_compressor("topk", _topk)
+
+
+def _dcttopk(arg: str = None) -> Compressor:
+    if arg is None:
+        raise ValueError("dcttopk needs the fraction kept: dcttopk:RHO or dcttopk:RHO:chunk=N")
+    rho, _, form = arg.partition(":")
+    key, _, value = form.partition("=")
+    if form and (key != "chunk" or not value):
+        raise ValueError(f"dcttopk: the form after RHO may only be chunk=N (the DCT's length), got {form!r}")
+    return DCTTopK(_parse_rho(rho, "dcttopk"), _parse_count(value, "dcttopk", "the chunk size N") if form else 64)
+
+
+register_compressor("dcttopk", _dcttopk)
 register_compressor("randk", _randk)
 register_compressor("qsgd", _with_argument("qsgd", QSGD, "the number of levels S"))
 register_compressor("natural", Natural)
