@@ -30,6 +30,8 @@ VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign",
 # the GPT trains with Adam: torch.optim.AdamW under DDP (fp32, 16-bit and PowerSGD hooks), 1-bit Adam, SAEF-Adam.
 # PyTorch's bf16 hook needs CUDA and NCCL, so on gloo the fp16 hook stands for DDP's 16-bit all-reduce.
 GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
+# saef's DDP communication hook (EF, single-way) under DDP with torch's optimizers, beside PowerSGD's hook
+HOOK_VARIANTS = ["ddp-saef-hook-topk", "ddp-saef-hook-sign", "ddp-adamw-saef-hook-topk", "ddp-adamw-saef-hook-sign"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
 
 
@@ -110,9 +112,12 @@ def rank0_result(procs, timeout: float, what: str) -> dict:
 
 
 def ddp_fp32(results, r):
-    """The DDP fp32 row (SGD or AdamW) of r's rate, model and worker count, or None."""
-    return next((b for b in results if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
-                 and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")), None)
+    """The DDP fp32 row of r's rate, model and worker count, with r's optimizer family (AdamW for the Adam
+    variants, momentum SGD for the others), or else either; None if there is none."""
+    adam = "adam" in r["variant"]
+    same = [b for b in results if (b["rate"], b["model"], b["workers"]) == (r["rate"], r["model"], r["workers"])
+            and b["variant"] in ("ddp-fp32", "ddp-adamw-fp32")]
+    return next((b for b in same if ("adam" in b["variant"]) == adam), same[0] if same else None)
 
 
 def time_to(curve, target, lower=False):
@@ -129,7 +134,7 @@ def main():
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"],
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"] + HOOK_VARIANTS,
                         help="default: the momentum-SGD variants, or for --models gpt the Adam ones")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")

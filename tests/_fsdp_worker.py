@@ -80,7 +80,7 @@ def main():
     saef.compress_replicas(net, replicate, compressor="identity")
     found["identity_diff"] = float((train(net) - native).abs().max())
     net = model(mesh["shard"])
-    state = saef.compress_replicas(net, replicate, compressor="topk:0.25", method="ef")
+    state = saef.compress_replicas(net, replicate, compressor="topk:0.25", method="ef", double_way=False)
     hooked = train(net)
     net = model(mesh["shard"])
     reference_hooks(net, replicate, "topk:0.25", 2)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...core import AlgorithmConfig
-from .hook import GradientExchange, agree_finite
+from .hook import GradientExchange, agree_finite, reply_compressed
 
 __all__ = ["ReplicaCompression", "compress_replicas"]
 
@@ -106,7 +106,7 @@ class ReplicaCompression:
 
 
 def compress_replicas(module: torch.nn.Module, replicate_group, compressor: str = "topk:0.01", method: str = "ef", *,
-                      server_compressor=None, double_way: bool = False, server: str = "sharded",
+                      server_compressor=None, double_way: Optional[bool] = None, server: str = "sharded",
                       average_every: Optional[int] = None, seed: int = 0) -> ReplicaCompression:
     """Compress the replica exchange of every FSDP unit in ``module`` (modules given to ``fully_shard`` on
     the shard dimension of the mesh) over ``replicate_group``; returns the :class:`ReplicaCompression`
@@ -117,8 +117,7 @@ def compress_replicas(module: torch.nn.Module, replicate_group, compressor: str 
     if method == "saef":
         raise ValueError("method 'saef' takes each worker's gradient at x - e_k, which a gradient hook cannot choose; "
                          "use method='ef' (or the saef.SAEF optimizer without FSDP)")
-    if method == "ef21" and double_way:
-        raise ValueError("ef21 over replicas is single-way: EF21-P's downlink moves a copy of the model, not a gradient")
+    double_way = reply_compressed(method, double_way, "over replicas")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not units:
         raise ValueError("no module of this model is sharded with fully_shard: shard it on the mesh's shard dimension first")

@@ -9,9 +9,10 @@ torch optimizer on top.
 What DDP hands the hook is a bucket of gradients; the hook compresses each parameter of it on its own
 (layer-wise, as everywhere in saef) and returns, per parameter, with g_k this rank's gradient:
 
-* ``ef``: D_k = g_k + e_k; c_k = C(D_k); e_k = D_k - c_k; the gradient is mean_k c_k (double-way: with the
-  server's own error, C_s(e_s + mean_k c_k));
-* ``direct``: mean_k C(g_k) (double-way: C_s of it);
+* ``ef``: D_k = g_k + e_k; c_k = C(D_k); e_k = D_k - c_k; the mean compressed again by the server with its own
+  error (double-way, the default): gradient C_s(e_s + mean_k c_k), e_s = what C_s left out; single-way:
+  mean_k c_k, sent back dense;
+* ``direct``: C_s(mean_k C(g_k)) (single-way: mean_k C(g_k));
 * ``ef21``: EF21's estimate g = mean_k g_k, each g_k moved by C(g_k' - g_k) (single-way only: EF21-P's
   downlink moves a copy of the model, which a gradient hook has not);
 * the identity compressor: DDP's own all-reduce (times 1 / the world size, then summed), bit for bit.
@@ -39,7 +40,7 @@ from torch import Tensor
 from ...core import Algorithm, AlgorithmConfig, all_finite
 from .transport import DistributedTransport
 
-__all__ = ["CommHookState", "comm_hook", "GradientExchange", "agree_finite"]
+__all__ = ["CommHookState", "comm_hook", "GradientExchange", "agree_finite", "reply_compressed"]
 
 
 class GradientExchange:
@@ -79,7 +80,8 @@ class CommHookState:
         process_group: the group DDP averages over (default: the world).
         compressor: the workers' compressor spec (``"topk:0.01"``, ``"sign"``, ``"powersgd:2"``, ...).
         method: ``"ef"`` (error feedback), ``"direct"`` (no feedback, for unbiased compressors) or ``"ef21"``.
-        server_compressor, double_way: the server's reply compressed too (ef, direct), with its own error.
+        server_compressor, double_way: the server's reply compressed too, with its own error (the default for
+            ef and direct: a dense reply would move as many bytes as the uplink saves); ef21 is single-way.
         server: ``"sharded"`` (each rank serves a balanced share of the parameters) or ``"rank0"``.
         average_every: ef: every p iterations the workers' errors are replaced by their mean.
         seed: of random compressors' draws. warmup_steps: the first N iterations all-reduce dense gradients.
@@ -87,14 +89,13 @@ class CommHookState:
     """
 
     def __init__(self, process_group=None, compressor: str = "topk:0.01", method: str = "ef", *, server_compressor=None,
-                 double_way: bool = False, server: str = "sharded", average_every: Optional[int] = None, seed: int = 0,
+                 double_way: Optional[bool] = None, server: str = "sharded", average_every: Optional[int] = None, seed: int = 0,
                  warmup_steps: int = 0, module: Optional[torch.nn.Module] = None):
         if method == "saef":
             raise ValueError("method 'saef' takes each worker's gradient at x - e_k, which a communication hook cannot "
                              "choose (DDP computes it at the parameters): use the saef.SAEF optimizer for SAEF, or "
                              "method='ef' here")
-        if method == "ef21" and double_way:
-            raise ValueError("ef21 in the hook is single-way: EF21-P's downlink moves a copy of the model, not a gradient")
+        double_way = reply_compressed(method, double_way, "in the hook")
         self.config = AlgorithmConfig(method=method, compressor=compressor, server_compressor=server_compressor,
                                       double_way=double_way, average_every=average_every, seed=seed,
                                       warmup_steps=warmup_steps, momentum=0.0)
@@ -214,6 +215,16 @@ class CommHookState:
         self._loaded = {name: dict(tensors) for name, tensors in state["tensors"].items()}
         self._loaded_step = int(state["step"])
         self._retired_bits = dict(state.get("bits", self._retired_bits))
+
+
+def reply_compressed(method: str, double_way: Optional[bool], where: str) -> bool:
+    """Whether the server's reply is compressed: by default for ef and direct, never for ef21 (EF21-P's
+    downlink moves a copy of the model, not a gradient)."""
+    if method == "ef21":
+        if double_way:
+            raise ValueError(f"ef21 {where} is single-way: EF21-P's downlink moves a copy of the model, not a gradient")
+        return False
+    return True if double_way is None else bool(double_way)
 
 
 def comm_hook(state, bucket):
