@@ -194,7 +194,7 @@ def test_state_round_trips_mid_round():
     (dict(local_steps=2, optimizer="adam"), "with local steps the workers' optimizer is inner_optimizer"),
     (dict(local_steps=2, inner_optimizer="lion"), "inner_optimizer must be 'sgd' or 'adamw'"),
     (dict(local_steps=2, outer_lr=0.0), "outer_lr must be > 0"),
-    (dict(local_steps=2, nesterov=True), "True needs outer_momentum > 0"),
+    (dict(local_steps=2, nesterov=True), "nesterov=True needs outer_momentum > 0"),
     (dict(local_steps=2, inner_optimizer="adamw", momentum=0.9), "inner_optimizer 'adamw' takes betas"),
     (dict(outer_lr=0.7), "outer_lr=0.7 applies with local steps"),
     (dict(inner_optimizer="adamw"), "inner_optimizer='adamw' applies with local steps"),

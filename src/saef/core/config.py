@@ -191,8 +191,10 @@ class AlgorithmConfig:
         if not isinstance(self.outer_momentum, (int, float)) or isinstance(self.outer_momentum, bool) or not (
                 0.0 <= self.outer_momentum < 1.0):
             raise ValueError(f"outer_momentum must be in [0, 1), got outer_momentum={self.outer_momentum!r}")
-        if not isinstance(self.nesterov, bool) or (self.nesterov and not self.outer_momentum):
-            raise ValueError(f"nesterov={self.nesterov!r}: must be True or False, and True needs outer_momentum > 0")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got nesterov={self.nesterov!r}")
+        if self.nesterov and not self.outer_momentum:
+            raise ValueError("nesterov=True needs outer_momentum > 0 (Nesterov's step looks ahead along the momentum)")
 
     def _check_optimizer(self) -> None:
         """The optimizer's name and settings; Adam's defaults filled in, other optimizers' settings refused."""
