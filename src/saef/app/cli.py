@@ -72,7 +72,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             if args.reset_errors:
                 raise ConfigError("--reset-errors goes with --resume")
-            config = load_config(args.config, overrides)
+            applied = {}
+            config = load_config(args.config, overrides, model_defaults=applied)
+            if applied and not args.quiet:
+                print(f"saef: defaults of model {config.model}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items())
+                      + " (give any of them to choose another)")
     except ConfigError as error:
         print(f"saef: error: {error}", file=sys.stderr)
         return 2
