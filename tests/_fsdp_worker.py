@@ -87,6 +87,10 @@ def main():
     found["ef_diff"] = float((hooked - train(net)).abs().max())
     found["ef_bits_up"] = state.bits["bits_up"]
     found["moved"] = float((hooked - native).abs().max())
+    try:  # sharded on the 2-D mesh, FSDP2 all-reduces the replicas itself: refused
+        saef.compress_replicas(model(mesh), replicate)
+    except ValueError as error:
+        found["hsdp_refused"] = str(error)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
     dist.barrier()
     dist.destroy_process_group()

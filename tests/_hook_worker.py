@@ -109,7 +109,7 @@ def main():
     net2 = model()
     net2.load_state_dict(saved[0])
     ddp2 = DDP(net2, bucket_cap_mb=0.002)
-    hook2 = saef.CommHookState(compressor="topk:0.25", module=net2)
+    hook2 = saef.CommHookState(compressor="topk:0.25", module=ddp2)  # (named through the wrapper: "module." dropped)
     hook2.load_state_dict(saved[2])
     ddp2.register_comm_hook(hook2, saef.comm_hook)
     opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-2)

@@ -63,7 +63,8 @@ def test_fsdp2_replica_exchange_is_hsdp_with_identity_and_ef_with_compression(tm
     """FSDP2 on CPU (gloo), 4 ranks as 2 replicas x 2 shards: the model sharded over the shard dimension with
     saef.compress_replicas taking the replica exchange through FSDP2's all-reduce hook. With the identity
     compressor, 5 AdamW steps end within 1e-6 of native HSDP; with EF and top-k 25 %, within 1e-6 of EF written
-    out per piece of each unit's shard, with bits counted."""
+    out per piece of each unit's shard, with bits counted; a model sharded on the 2-D mesh (native HSDP) is
+    refused."""
     procs = launch([str(HERE / "_fsdp_worker.py"), str(tmp_path)], 4)
     assert wait_all(procs, timeout=300) == [0, 0, 0, 0]
     for rank in range(4):
@@ -71,3 +72,4 @@ def test_fsdp2_replica_exchange_is_hsdp_with_identity_and_ef_with_compression(tm
         assert found["identity_diff"] < 1e-6, (rank, found)
         assert found["ef_diff"] < 1e-6 and found["ef_bits_up"] > 0, (rank, found)
         assert found["moved"] > 1e-4  # (EF with top-k is not HSDP: the comparison above is not vacuous)
+        assert "already all-reduces the replicas" in found["hsdp_refused"]

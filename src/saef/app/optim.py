@@ -198,6 +198,9 @@ class SAEF(torch.optim.Optimizer):
         values). Adam refuses a group once its warm-up is over: the new layers' v would stay 0."""
         if self.algorithm is not None:
             self.algorithm.optimizer.check_new_layers(self.ef_state)
+            if self.config.local_steps and self.config.inner_optimizer == "adamw" and self.ef_state.inner_steps:
+                raise ValueError("inner AdamW keeps one step count for its bias correction, which new layers would take "
+                                 "over at its current value: add parameter groups before the first step")
         super().add_param_group(param_group)
         if self.algorithm is None:  # still in __init__
             return

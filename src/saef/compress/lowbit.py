@@ -133,10 +133,8 @@ class LowBit(Precision):
         return self.decode_rows(payload, d, generators=None if generator is None else [generator]).reshape(shape)
 
     def delta(self, d: int) -> float:
-        if self.unbiased or self.inner.unbiased:
-            raise ValueError(f"{self.name} is not contractive (unbiased values, or an unbiased compressor rounded): it "
-                             "has no delta (use it with method='direct')")
-        return self.inner.delta(d)
+        raise ValueError(f"{self.name} guarantees no delta: rounding to {self.bits}-bit levels can break the wrapped "
+                         "compressor's bound (and stochastic rounding is unbiased, not contractive)")
 
 
 def _uniform(like: Tensor, generators: Optional[Sequence[Optional[torch.Generator]]]) -> Tensor:

@@ -105,6 +105,16 @@ class ReplicaCompression:
         self._loaded = {int(i): s for i, s in state["units"].items()}
 
 
+def _native_hsdp(unit) -> bool:
+    """Whether FSDP2 all-reduces this unit across replicas itself (a 2-D mesh). (FSDP2's state is not public:
+    read defensively, and taken as not HSDP where it cannot be read.)"""
+    try:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        return bool(group is not None and group._is_hsdp)
+    except AttributeError:
+        return False
+
+
 def compress_replicas(module: torch.nn.Module, replicate_group, compressor: str = "topk:0.01", method: str = "ef", *,
                       server_compressor=None, double_way: Optional[bool] = None, server: str = "sharded",
                       average_every: Optional[int] = None, seed: int = 0) -> ReplicaCompression:
@@ -121,6 +131,9 @@ def compress_replicas(module: torch.nn.Module, replicate_group, compressor: str 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not units:
         raise ValueError("no module of this model is sharded with fully_shard: shard it on the mesh's shard dimension first")
+    if any(_native_hsdp(unit) for unit in units):
+        raise ValueError("this model is sharded on a 2-D mesh, so FSDP2 already all-reduces the replicas (HSDP) before "
+                         "any hook: shard it with fully_shard(..., mesh=mesh['shard']) and give the replica group here")
     config = AlgorithmConfig(method=method, compressor=compressor, server_compressor=server_compressor, double_way=double_way,
                              average_every=average_every, seed=seed, momentum=0.0)
     return ReplicaCompression(units, replicate_group, config, server)

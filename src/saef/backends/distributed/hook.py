@@ -48,9 +48,9 @@ class GradientExchange:
     the pieces of an FSDP unit's shard), with momentum 0 and lr 1, stepped on a zero x: what x becomes is
     minus the averaged gradient, which :meth:`average` writes back into the gradients."""
 
-    def __init__(self, shapes, ids, config, server, group, dtype, device, params=()):
+    def __init__(self, shapes, ids, config, server, group, dtype, device, params=(), load=None):
         self.params = params
-        self.transport = DistributedTransport([math.prod(s) for s in shapes], server, group, dtype, device)
+        self.transport = DistributedTransport([math.prod(s) for s in shapes], server, group, dtype, device, load=load)
         self.algorithm = Algorithm([tuple(s) for s in shapes], config, self.transport, ids=ids)
         self.x = torch.zeros(self.algorithm.num_params, dtype=dtype, device=device)
         self.state = self.algorithm.init_state(self.x)
@@ -100,13 +100,15 @@ class CommHookState:
                                       double_way=double_way, average_every=average_every, seed=seed,
                                       warmup_steps=warmup_steps, momentum=0.0)
         self.group, self.server = process_group, server
-        self.names = {p: n for n, p in module.named_parameters()} if module is not None else None
+        # (names as the plain module has them: a DDP wrapper's "module." prefix is dropped, so a state saved with
+        # either loads with the other)
+        self.names = {p: n.removeprefix("module.") for n, p in module.named_parameters()} if module is not None else None
         self._ids: Dict[Tensor, int] = {}  # each parameter's layer id (its random draws derive from it)
         self._buckets: Dict[tuple, GradientExchange] = {}
         self._where: Dict[Tensor, tuple] = {}  # each parameter's state: (bucket key, index in it)
         self._loaded: Dict[str, dict] = {}  # a loaded state, per parameter name, until its bucket is made
         self._retired_bits = {"bits_up": 0, "bits_down": 0, "bits_averaging": 0}
-        self._warned = False
+        self._warned = self._warned_unused = False
         self.compositions = 0  # bucket compositions seen (more than DDP's buckets once it has rebuilt them)
 
     # --- the buckets DDP hands over -----------------------------------------------------------------------
@@ -117,7 +119,7 @@ class CommHookState:
         ids = [self._ids.setdefault(p, len(self._ids)) for p in params]
         sample = params[0]
         bucket = GradientExchange([tuple(p.shape) for p in params], ids, self.config, self.server, self.group, sample.dtype,
-                                  sample.device, params)
+                                  sample.device, params, load=self._served(params))
         self.compositions += 1
         self._carry_over(bucket)
         for i, p in enumerate(params):
@@ -158,18 +160,41 @@ class CommHookState:
 
     _loaded_step: Optional[int] = None
 
+    def _served(self, params: List[Tensor]) -> List[int]:
+        """Elements each rank serves in the other buckets (those of parameters not in ``params``), so that a
+        new bucket's owners balance the whole model rather than start from rank 0 every time."""
+        ranks = dist.get_world_size(self.group)
+        load = [0] * ranks
+        new = {id(p) for p in params}
+        for b in self._buckets.values():
+            for p, owner in zip(b.params, b.transport.owner):
+                if id(p) not in new:
+                    load[owner] += p.numel()
+        return load
+
     def exchange(self, bucket) -> Tensor:
         """The averaged gradient of DDP's ``bucket`` (a ``dist.GradBucket``), written into its buffer."""
         buffer = bucket.buffer()
         if self.config.lossless:  # DDP's all-reduce, as it does it
             return _allreduce(buffer, self.group)
-        if not agree_finite(buffer, self.group):
+        params, grads = list(bucket.parameters()), list(bucket.gradients())
+        finite, unused = _vote(buffer, grads, self.group)
+        if unused and not self._warned_unused:
+            self._warned_unused = True
+            warnings.warn("saef.comm_hook: a parameter's gradient is zero on every rank (unused, as DDP's "
+                          "find_unused_parameters=True allows): DDP leaves its .grad as it was and drops what the hook "
+                          "returns for it, so the part of its error sent in that step is lost (warned once)", stacklevel=2)
+        if not finite:
             if not self._warned:
                 self._warned = True
                 warnings.warn("saef.comm_hook: a gradient holds a NaN or Inf (on some rank); that bucket is all-reduced "
                               "as DDP would, and the errors are left as they were (warned once)", stacklevel=2)
             return _allreduce(buffer, self.group)
-        self._bucket(list(bucket.parameters())).average(list(bucket.gradients()))
+        self._bucket(params).average(grads)
+        if self._loaded and bucket.is_last():  # every bucket has been handed over once: what is left matched nothing
+            names = ", ".join(sorted(self._loaded)[:3]) + (" ..." if len(self._loaded) > 3 else "")
+            raise ValueError(f"the loaded hook state names parameters this model does not have ({names}): it was saved "
+                             "from another model")
         return buffer
 
     # --- read-outs and state ------------------------------------------------------------------------------
@@ -210,11 +235,25 @@ class CommHookState:
         ours = {"method": self.config.method, "compressor": self.config.compressor.name, "double_way": self.config.double_way}
         if state["settings"] != ours:
             raise ValueError(f"the state was saved with {state['settings']}, this hook has {ours}")
+        sizes = {name: p.numel() for p, name in self.names.items()}
+        for name, tensors in state["tensors"].items():
+            error = tensors.get("worker_error") if isinstance(tensors, dict) else None
+            if name in sizes and error is not None and error.numel() != sizes[name]:
+                raise ValueError(f"the state's {name} has {error.numel()} elements, this model's has {sizes[name]}")
         if self._buckets:
             raise ValueError("load the hook's state before the first step (its parameters' state is in use)")
         self._loaded = {name: dict(tensors) for name, tensors in state["tensors"].items()}
         self._loaded_step = int(state["step"])
         self._retired_bits = dict(state.get("bits", self._retired_bits))
+
+
+def _vote(buffer: Tensor, grads: List[Tensor], group):
+    """One all-reduce (min) of this rank's flags: whether the bucket is finite, and which gradients are zero.
+    Returns (finite on every rank, whether some gradient is zero on every rank)."""
+    flags = torch.tensor([1.0 if bool(all_finite(buffer)) else 0.0] + [0.0 if bool(g.any()) else 1.0 for g in grads],
+                         device=buffer.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    return bool(flags[0].item()), bool(flags[1:].any().item())
 
 
 def reply_compressed(method: str, double_way: Optional[bool], where: str) -> bool:

@@ -11,7 +11,7 @@ simulator's. The collectives of the read-outs (mismatch terms, x~) are counted a
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,10 +56,12 @@ class DistributedTransport(Transport):
             own (:func:`direction_groups`), so that a rank may start the downlink of one bucket whenever
             its uplink has arrived, while other uplinks are under way, and the ranks still agree on the
             order of each group's collectives (an overlapped step).
+        load: elements each rank serves already elsewhere (another transport's layers: the buckets of a DDP
+            hook), so that the sharded owners balance the whole; default none.
     """
 
     def __init__(self, sizes: Sequence[int], server: str = "sharded", group=None, dtype=torch.float32, device="cpu",
-                 directions_apart: bool = False):
+                 directions_apart: bool = False, load: Optional[Sequence[int]] = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call saef.backends.distributed.init_distributed() first")
         if server not in SERVERS:
@@ -75,7 +77,7 @@ class DistributedTransport(Transport):
         self.num_local = 1
         self.server = server
         self._sizes = [int(d) for d in sizes]
-        self.owner = assign_layers(sizes, self.num_workers) if server == "sharded" else [0] * len(sizes)
+        self.owner = assign_layers(sizes, self.num_workers, load) if server == "sharded" else [0] * len(sizes)
         self.dtype, self.device = dtype, torch.device(device)  # of the parameters and payloads
         # Bits per worker, and the bytes handed to (sent) and returned by (received) torch.distributed per
         # direction; wire_diagnostics_sent: the read-outs' collectives, apart from the algorithm's traffic.
