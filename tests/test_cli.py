@@ -77,6 +77,19 @@ BAD = [
     (["--optimizer", "adam", "--method", "ef21"], "method 'ef21' is defined with the optimizers sgd"),
     (["--eps", "1e-6"], "eps=1e-06 is Adam's"),
     (["--optimizer", "lamb"], "optimizer must be one of sgd, adam"),
+    # local steps and the compressors of that regime
+    (["--local-steps", "0"], "local_steps = 0 is not allowed"),
+    (["--local-steps", "2", "--method", "ef21"], "local steps are defined for the rules ef, saef and direct"),
+    (["--inner-optimizer", "adamw"], "applies with local steps"),
+    (["--outer-lr", "0.5"], "applies with local steps"),
+    (["--local-steps", "2", "--nesterov"], "nesterov=True needs outer_momentum > 0"),
+    (["--local-steps", "2", "--optimizer", "adam"], "with local steps the workers' optimizer is inner_optimizer"),
+    (["--error-decay", "0"], "error_decay must be in (0, 1]"),
+    (["--error-decay", "0.9", "--method", "direct"], "error_decay applies to the rules that keep a worker error"),
+    (["--compressor", "topk:0.1:chunk=1"], "chunk must be an integer >= 2"),
+    (["--compressor", "sign:int3"], ":int8, :int4 or :int2"),
+    (["--compressor", "dcttopk"], "dcttopk needs the fraction kept"),
+    (["--log-every", "-1"], "log_every = -1 is not allowed"),
 ]
 
 

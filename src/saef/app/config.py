@@ -93,7 +93,8 @@ class TrainConfig:
                                        help="error-averaging period p in steps, or 'never' (the default; ef and saef only)")
     warmup_steps: int = key(0, on_resume=RESETS_ERRORS, range=(0, _INT_MAX),
                             help="the first N steps exchange dense fp32 values both ways (counted), then the compressors take over")
-    momentum: float = key(0.9, on_resume=FREE, help="momentum mu in [0, 1) (optimizer sgd)")
+    momentum: float = key(0.9, on_resume=FREE, help="momentum mu in [0, 1) (optimizer sgd, or inner optimizer sgd with "
+                                                   "--local-steps; adam and adamw take --betas)")
     betas: Optional[List[float]] = key(None, on_resume=FREE, help="optimizer adam: b1,b2, each in [0, 1) (default 0.9,0.999)")
     eps: Optional[float] = key(None, on_resume=FREE, help="optimizer adam: eps > 0 added to sqrt(v) (default 1e-8)")
     weight_decay: float = key(0.0, on_resume=FREE,
