@@ -15,8 +15,8 @@ happens before round r when (r + 1) % p == 0, as Algorithm 1 counts steps)::
 The exchange is an ordinary step of the algorithm (:class:`~saef.core.algorithm.Algorithm`) whose local
 optimizer is :class:`OuterOptimizer`: its direction is delta_k, unscaled, and it moves x by the outer step.
 The inner optimizers' state (momentum, AdamW's moments and step count) persists across rounds, per worker.
-With H = 1, inner SGD without momentum, outer_lr 1 and no outer momentum, every rule is exactly its
-per-step form with momentum 0.
+With H = 1, inner SGD without momentum, outer_lr 1 and no outer momentum, every rule is its per-step form
+with momentum 0, up to rounding (delta_k = z - (z - lr g) is lr g to within an ulp).
 """
 
 from __future__ import annotations
