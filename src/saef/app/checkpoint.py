@@ -118,10 +118,10 @@ def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1, agree=
     """
     folder = Path(folder)
     try:
-        listed, intact, problems = _scan(folder, rank, world)
+        listed, intact, problems, newest = _scan(folder, rank, world)
         failure = None
     except CheckpointError as error:  # still take part in the agreement below, so no rank is left waiting
-        listed, intact, problems, failure = 0, [], [], error
+        listed, intact, problems, newest, failure = 0, [], [], None, error
     mine = {"listed": listed, "intact": intact}
     everyone = agree(mine) if agree is not None else [mine]
     if failure is not None:
@@ -130,7 +130,7 @@ def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1, agree=
     if step is None:
         return None
     name = _file_name(step, rank)
-    data = read_inside(folder, name, None)
+    data = newest if step == intact[0] else read_inside(folder, name, None)  # (the newest's bytes, read once)
     try:
         saved = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as error:  # unpickling refused or failed
@@ -148,9 +148,9 @@ def load_latest(folder: Path, *, rank: int = 0, world: Optional[int] = 1, agree=
 
 def _scan(folder: Path, rank: int, world: Optional[int]):
     """How many checkpoints the manifest lists, the steps (newest first) whose file for ``rank`` matches its
-    checksum, and what is wrong with the others."""
+    checksum, what is wrong with the others, and the bytes of the newest intact file (the one usually loaded)."""
     entries = _read_manifest(folder)
-    intact, problems = [], []
+    intact, problems, newest = [], [], None
     for entry in reversed(entries):
         if world is not None and entry["world"] != world:
             raise CheckpointError(
@@ -170,7 +170,8 @@ def _scan(folder: Path, rank: int, world: Optional[int]):
             problems.append((entry["step"], f"{name} does not match its checksum (truncated or corrupted)"))
             continue
         intact.append(entry["step"])
-    return len(entries), intact, problems
+        newest = data if newest is None else newest
+    return len(entries), intact, problems, newest
 
 
 def _agreed_step(folder: Path, everyone: List[Dict[str, Any]], problems: List[Tuple[int, str]]) -> Optional[int]:

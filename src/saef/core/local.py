@@ -177,12 +177,7 @@ class Adam(_LayerSettingsMixin):
 
     def set(self, betas, eps: Scalar, weight_decay: Scalar) -> None:
         """This step's (b1, b2), eps and weight decay: one value each, or one per layer."""
-        per_layer = not (len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas))
-        b1, b2 = zip(*betas) if per_layer else betas
-        self.hyper.put("b1", PerLayer(list(b1) if per_layer else b1, self.layout, "betas[0]"))
-        self.hyper.put("b2", PerLayer(list(b2) if per_layer else b2, self.layout, "betas[1]"))
-        self.hyper.put("eps", eps)
-        self.hyper.put("weight_decay", weight_decay)
+        put_adam_settings(self.hyper, self.layout, betas, eps, weight_decay)
 
     b1 = property(lambda self: self.hyper["b1"], doc="beta_1, per layer")
     b2 = property(lambda self: self.hyper["b2"], doc="beta_2, per layer")
@@ -262,6 +257,17 @@ class Adam(_LayerSettingsMixin):
 
     def shift(self, state, error: Tensor, columns: slice = slice(None)) -> Tensor:
         return error[..., columns] * state.step_size[columns]
+
+
+def put_adam_settings(hyper: LayerSettings, layout: Layout, betas, eps: Scalar, weight_decay: Scalar) -> None:
+    """Adam's (and AdamW's) settings into ``hyper`` as b1, b2, eps, weight_decay: ``betas`` is one (b1, b2)
+    or one pair per layer; eps and weight decay one value each or one per layer."""
+    per_layer = not (len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas))
+    b1, b2 = zip(*betas) if per_layer else betas
+    hyper.put("b1", PerLayer(list(b1) if per_layer else b1, layout, "betas[0]"))
+    hyper.put("b2", PerLayer(list(b2) if per_layer else b2, layout, "betas[1]"))
+    hyper.put("eps", eps)
+    hyper.put("weight_decay", weight_decay)
 
 
 _OPTIMIZERS: Dict[str, Type[LocalOptimizer]] = {}

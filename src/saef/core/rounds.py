@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..compress import Layout
+from .local import put_adam_settings
 from .perlayer import LayerSettings, PerLayer
 
 __all__ = ["InnerSGD", "InnerAdamW", "OuterOptimizer", "INNER_OPTIMIZERS", "inner_optimizer"]
@@ -97,12 +98,7 @@ class InnerAdamW(_Inner):
     settings = ("betas", "eps", "weight_decay")
 
     def set(self, betas, eps, weight_decay) -> None:
-        per_layer = not (len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas))
-        b1, b2 = zip(*betas) if per_layer else betas
-        self.hyper.put("b1", PerLayer(list(b1) if per_layer else b1, self.layout, "betas[0]"))
-        self.hyper.put("b2", PerLayer(list(b2) if per_layer else b2, self.layout, "betas[1]"))
-        self.hyper.put("eps", eps)
-        self.hyper.put("weight_decay", weight_decay)
+        put_adam_settings(self.hyper, self.layout, betas, eps, weight_decay)
 
     def init(self, x: Tensor, rows: int) -> Dict[str, Tensor]:
         return {"inner_exp_avg": x.new_zeros(rows, x.numel()), "inner_exp_avg_sq": x.new_zeros(rows, x.numel())}

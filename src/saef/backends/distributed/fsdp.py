@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...core import AlgorithmConfig
-from .hook import GradientExchange, agree_finite, reply_compressed
+from .hook import GradientExchange, reply_compressed, vote
 
 __all__ = ["ReplicaCompression", "compress_replicas"]
 
@@ -58,15 +58,12 @@ class ReplicaCompression:
         return [piece for piece in torch.split(output.view(-1), size) if piece.numel()]
 
     def _average(self, index: int, output: Tensor) -> None:
-        if self.config.lossless:  # HSDP's all-reduce of the shards
-            output.div_(self.replicas)
-            dist.all_reduce(output, group=self.group)
-            return
-        if not agree_finite(output, self.group):
-            if not self._warned:
-                self._warned = True
-                warnings.warn("saef.compress_replicas: a gradient holds a NaN or Inf (on some replica); that shard is "
-                              "averaged as it is, and its errors are left as they were (warned once)", stacklevel=2)
+        finite = self.config.lossless or vote(output, [], self.group)[0]
+        if not finite and not self._warned:
+            self._warned = True
+            warnings.warn("saef.compress_replicas: a gradient holds a NaN or Inf (on some replica); that shard is "
+                          "averaged as it is, and its errors are left as they were (warned once)", stacklevel=2)
+        if self.config.lossless or not finite:  # HSDP's all-reduce of the shards
             output.div_(self.replicas)
             dist.all_reduce(output, group=self.group)
             return

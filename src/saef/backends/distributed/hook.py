@@ -40,7 +40,7 @@ from torch import Tensor
 from ...core import Algorithm, AlgorithmConfig, all_finite
 from .transport import DistributedTransport
 
-__all__ = ["CommHookState", "comm_hook", "GradientExchange", "agree_finite", "reply_compressed"]
+__all__ = ["CommHookState", "comm_hook", "GradientExchange", "vote", "reply_compressed"]
 
 
 class GradientExchange:
@@ -64,13 +64,6 @@ class GradientExchange:
         self.algorithm.step(self.state, self.x, [g.reshape(1, -1) for g in grads], 1.0)  # x = 0 - (the gradient)
         for g, s in zip(grads, self.algorithm.layout.slices):
             torch.neg(self.x[s].view_as(g), out=g)
-
-
-def agree_finite(values: Tensor, group) -> bool:
-    """Whether ``values`` are finite on every rank of ``group`` (one all-reduce of a flag)."""
-    finite = torch.tensor([1.0 if bool(all_finite(values)) else 0.0], device=values.device)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
-    return bool(finite.item())
 
 
 class CommHookState:
@@ -178,7 +171,7 @@ class CommHookState:
         if self.config.lossless:  # DDP's all-reduce, as it does it
             return _allreduce(buffer, self.group)
         params, grads = list(bucket.parameters()), list(bucket.gradients())
-        finite, unused = _vote(buffer, grads, self.group)
+        finite, unused = vote(buffer, grads, self.group)
         if unused and not self._warned_unused:
             self._warned_unused = True
             warnings.warn("saef.comm_hook: a parameter's gradient is zero on every rank (unused, as DDP's "
@@ -247,7 +240,7 @@ class CommHookState:
         self._retired_bits = dict(state.get("bits", self._retired_bits))
 
 
-def _vote(buffer: Tensor, grads: List[Tensor], group):
+def vote(buffer: Tensor, grads: List[Tensor], group):
     """One all-reduce (min) of this rank's flags: whether the bucket is finite, and which gradients are zero.
     Returns (finite on every rank, whether some gradient is zero on every rank)."""
     flags = torch.tensor([1.0 if bool(all_finite(buffer)) else 0.0] + [0.0 if bool(g.any()) else 1.0 for g in grads],
