@@ -22,6 +22,26 @@ def test_plan_covers_every_method_at_each_k_with_its_grid():
     assert "--nesterov" in argv and "--local-steps" in argv and "True" not in argv
 
 
+def test_workers_keeps_the_runs_at_those_k_and_ddp_once(capsys):
+    """``saef reproduce loco --workers 8``: the K = 8 runs and DDP-AdamW (one worker: it stands for every K),
+    nothing at K = 4; a K the study does not run, or --workers on a study without a K sweep: exit 2."""
+    from saef.studies.reproduce import main
+
+    every, only8 = plan("loco", seeds=3), plan("loco", seeds=3, workers=[8])
+    assert {r.config["workers"] for r in only8} == {1, 8}
+    assert {r.name for r in only8} == {r.name for r in every if r.config["workers"] in (1, 8)}
+    assert len(plan("loco", seeds=3, workers=[4, 8])) == len(every)
+    for argv in (["loco", "--workers", "5", "--dry-run"], ["adam", "--workers", "4", "--dry-run"]):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+    err = capsys.readouterr().err
+    assert "runs K = 4, 8; asked for 5" in err and "--workers applies to loco only" in err
+
+
 def _write(run_dir, rows):
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -63,13 +63,16 @@ def _runs_of(make_run, label_settings, workers: int, seed: int, lrs) -> list:
     return [make_run(**{**settings, "lr": lr}) for lr in lrs]
 
 
-def plan(make_run, seeds: int) -> list:
-    """The first phase: every method at every K, its lr grid with seed 0 (an untuned method: every seed at
-    its lr). ``seeds`` is for :func:`confirm` too."""
+def plan(make_run, seeds: int, workers_asked: Optional[Sequence[int]] = None) -> list:
+    """The first phase: every method at every K of ``workers_asked`` (default :data:`WORKERS`), its lr grid
+    with seed 0 (an untuned method: every seed at its lr). ``seeds`` is for :func:`confirm` too."""
+    sweep = tuple(sorted(set(workers_asked))) if workers_asked else WORKERS
+    if not set(sweep) <= set(WORKERS):
+        raise ValueError(f"the loco study runs K = {', '.join(map(str, WORKERS))}; asked for {', '.join(map(str, sweep))}")
     runs = []
-    for workers in WORKERS:
+    for workers in sweep:
         for _, settings, tuned in METHODS:
-            if settings.get("workers") == 1 and workers != WORKERS[0]:
+            if settings.get("workers") == 1 and workers != sweep[0]:
                 continue  # (DDP-AdamW does not depend on K: one run stands for every K)
             if tuned:
                 runs += _runs_of(make_run, settings, workers, 0, LRS)

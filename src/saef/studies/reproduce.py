@@ -84,10 +84,10 @@ def _adam(setting: str, seeds: int) -> List[Run]:
     return adam.plan(Run.make, seeds)
 
 
-def _loco(setting: str, seeds: int) -> List[Run]:
+def _loco(setting: str, seeds: int, workers: Optional[Sequence[int]] = None) -> List[Run]:
     from . import loco
 
-    return loco.plan(Run.make, seeds)
+    return loco.plan(Run.make, seeds, workers)
 
 
 EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "baselines": (_baselines, 3), "adam": (_adam, 3),
@@ -95,9 +95,15 @@ EXPERIMENTS = {"table1": (_table1, 5), "fig1": (_fig1, 3), "fig3": (_fig3, 3), "
 STUDIES = {"baselines": "baselines", "adam": "adam", "loco": "loco"}  # experiments with their own report (and maybe a second phase)
 
 
-def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None, libsvm_file: Optional[str] = None) -> List[Run]:
+SWEEPS_WORKERS = ("loco",)  # experiments whose K can be chosen (--workers)
+
+
+def plan(experiment: str, setting: str = "mnist1d", seeds: Optional[int] = None, libsvm_file: Optional[str] = None,
+         workers: Optional[Sequence[int]] = None) -> List[Run]:
     make, default_seeds = EXPERIMENTS[experiment]
     extra = {"libsvm_file": libsvm_file} if experiment == "baselines" else {}
+    if experiment in SWEEPS_WORKERS:
+        extra["workers"] = workers
     return make(setting, default_seeds if seeds is None else seeds, **extra)
 
 
@@ -278,15 +284,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-dir", default=None, help="dataset folder (see saef train --data-dir)")
     parser.add_argument("--libsvm-file", default=None, help="baselines (required there): the a9a LIBSVM file "
                         "(https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html#a9a)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, metavar="K",
+                        help=f"{', '.join(SWEEPS_WORKERS)}: only the runs at these numbers of workers (default: every K of the study)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
         parser.error("--jobs and --seeds must be >= 1")
+    if args.workers is not None and not set(args.experiments) <= set(SWEEPS_WORKERS):
+        parser.error(f"--workers applies to {', '.join(SWEEPS_WORKERS)} only")
     runs_dir, out = Path(args.runs) / args.setting, Path(args.out)
     libsvm = _libsvm_file(args.libsvm_file) if "baselines" in args.experiments else None
     if "baselines" in args.experiments and libsvm is None:
         return 2
-    plans = {name: plan(name, args.setting, args.seeds, libsvm) for name in args.experiments}
+    try:
+        plans = {name: plan(name, args.setting, args.seeds, libsvm, args.workers) for name in args.experiments}
+    except ValueError as error:
+        parser.error(str(error))
     if args.dry_run:
         for name, runs in plans.items():
             for run in runs:
