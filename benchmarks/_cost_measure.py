@@ -42,7 +42,7 @@ MODELS = {  # the network benchmark's models and their variants
     "resnet20": ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign", "saef-topk", "saef-topk-fp16"],
     "gpt": ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"],
 }
-CODECS = ("sign", "topk:0.01", "topk:0.01:fp16")
+CODECS = ("sign", "topk:0.01", "topk:0.01:fp16", "topk:0.02:chunk=4096:int2")
 
 
 def free_port() -> int:

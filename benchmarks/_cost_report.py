@@ -14,6 +14,9 @@ TABLE_K = (8, 64, 1024)
 TABLE_GBIT = (1, 10, 100)
 BASELINES = ("ddp-fp32", "ddp-bf16", "ddp-powersgd")
 SAEF = ("saef-sign", "saef-topk", "saef-topk-fp16")
+# communicating rarely, on the transformer: per-step AdamW baselines and saef's 1-bit Adam beside the DiLoCo family
+LOCO = ("ddp-adamw-fp32", "ddp-bf16", "ddp-adamw-powersgd", "saef-1bit-adam", "diloco-h16", "diloco-h64", "diloco-h64-bf16", "saef-loco")
+LOCO_GBIT = (0.01, 0.1, 1, 10)
 
 
 def gbit(bps: float) -> str:
@@ -64,7 +67,7 @@ def steps_at_scale(args, rates: Dict[str, Dict[str, float]]) -> Dict[tuple, cm.S
     """Every (workload, variant, K) of the predictions, as functions of the bandwidth."""
     out = {}
     for work in cm.workloads():
-        for name in BASELINES + SAEF:
+        for name in dict.fromkeys(BASELINES + SAEF + LOCO):
             for k in K_SWEEP:
                 out[work.name, name, k] = cm.scaled_step(work, name, k, args.latency_us * 1e-6, rates, args.codec_speedup)
     return out
@@ -99,21 +102,77 @@ def crossover_table(steps: Dict[tuple, cm.Scaled]) -> List[str]:
     return lines
 
 
-def figure(steps: Dict[tuple, cm.Scaled], path, ks=(8, 64, 1024)) -> None:
+def loco_table(steps: Dict[tuple, cm.Scaled], work: cm.Workload) -> List[str]:
+    """Seconds per (inner) step of the per-step variants and the DiLoCo family on ``work``; a round of H
+    local steps takes H times as long."""
+    lines = ["| K | Gbit/s | " + " | ".join(cm.VARIANTS[n].label for n in LOCO) + " |", "|---:|---:|" + "---:|" * len(LOCO)]
+    for k in TABLE_K:
+        for g in LOCO_GBIT:
+            times = [float(steps[work.name, n, k].time(g * 1e9)) for n in LOCO]
+            lines.append(f"| {k} | {g:g} | " + " | ".join(f"**{t:.3f}**" if t == min(times) else f"{t:.3f}" for t in times) + " |")
+    return lines
+
+
+def loco_crossover_table(steps: Dict[tuple, cm.Scaled], work: cm.Workload) -> List[str]:
+    """Per variant that communicates rarely: the bandwidth (Gbit/s) below which its step is shorter than
+    DDP's (fp32 AdamW and bf16), at each K."""
+    lines = ["| variant | faster than | " + " | ".join(f"K={k}" for k in K_SWEEP) + " |", "|---|---|" + "---:|" * len(K_SWEEP)]
+    for name in (n for n in LOCO if cm.VARIANTS[n].local_steps > 1):
+        for base in ("ddp-adamw-fp32", "ddp-bf16"):
+            cells = []
+            for k in K_SWEEP:
+                kind, where = cm.crossover(steps[work.name, name, k], steps[work.name, base, k], low=1e7)
+                cells.append(f"< {gbit(where)}" if kind == "below" else {"always": "all", "never": "never"}[kind])
+            lines.append(f"| {cm.VARIANTS[name].label} | {cm.VARIANTS[base].label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def loco_section(args, steps: Dict[tuple, cm.Scaled], rates: dict) -> List[str]:
+    """The predictions with local steps, for the 1.3B transformer."""
+    gpt = cm.workloads()[1]
+    loco = cm.VARIANTS["saef-loco"]
+    bytes_of = {n: steps[gpt.name, n, 8].volume * cm.VARIANTS[n].local_steps for n in ("ddp-adamw-fp32", "saef-loco")}  # per exchange
+    stand_in = cm.codec_key(loco) not in rates
+    return [
+        "## Communicating rarely: local steps on the 1.3B transformer", "",
+        "The DiLoCo family (`saef reproduce loco`; docs/results/loco.md measures it on the byte-level GPT) takes H "
+        "local steps and then exchanges once, so a step pays 1 / H of the exchange. The exchange cannot overlap the "
+        "backward pass (the pseudo-gradient exists only after the round's last step), so a step is compute + "
+        "(codec + latency + bytes / bandwidth) / H. DiLoCo all-reduces its fp32 (or bf16) pseudo-gradient as DDP does "
+        "a gradient (ring, in the same buckets); SparseLoCo-style EF and SAEF-LoCo send the same payloads (top-k 2 % per "
+        "chunk of 4096 with 2-bit values: "
+        f"{8 * bytes_of['saef-loco'] / sum(map(cm.numel, gpt.shapes)):.3f} bits per parameter through the busiest link "
+        f"at K = 8, against fp32 DDP's {8 * bytes_of['ddp-adamw-fp32'] / sum(map(cm.numel, gpt.shapes)):.1f}) "
+        "through saef's sharded server both ways, so one column stands for both. The per-step variants are as above "
+        "(AdamW does not change what DDP moves). "
+        + ("saef's encode/decode of the chunked top-k uses top-k 1 %'s measured rates (the inputs predate it; "
+           "`--measure` measures it)." if stand_in else "saef's encode/decode of the chunked top-k is measured (`cost_inputs.json`)."),
+        "",
+        "How long a step takes is only half of the answer: a method that needs more steps to reach a loss loses that "
+        "factor. docs/results/loco.md gives the measured losses at equal tokens.", "",
+        f"Predicted seconds per step (a round is H steps; the shortest in bold), {gpt.name}:", "",
+        *loco_table(steps, gpt), "",
+        "Bandwidth (Gbit/s) below which the variant's step is shorter than DDP's (\"all\": over all of 0.01-1000 Gbit/s):", "",
+        *loco_crossover_table(steps, gpt), "",
+        "![predicted step time with local steps](cost_model_loco.png)", ""]
+
+
+def figure(steps: Dict[tuple, cm.Scaled], path, ks=(8, 64, 1024), names=BASELINES + SAEF, works=None,
+           title="Predicted step time, switched full-duplex links (shaded: 1-100 Gbit/s)") -> None:
     """Step time against bandwidth, one panel per (workload, K)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    works = cm.workloads()
-    fig, axes = plt.subplots(len(works), len(ks), figsize=(4.2 * len(ks), 3.6 * len(works)), sharex=True)
-    grid = np.logspace(8, 11.3, 200)
+    works = works or cm.workloads()
+    fig, axes = plt.subplots(len(works), len(ks), figsize=(4.2 * len(ks), 3.6 * len(works)), sharex=True, squeeze=False)
+    grid = np.logspace(7 if names == LOCO else 8, 11.3, 200)
     for row, work in enumerate(works):
         for col, k in enumerate(ks):
             ax = axes[row][col]
-            for name in BASELINES + SAEF:
-                style = "--" if name in BASELINES else "-"
+            for name in names:
+                style = "--" if cm.VARIANTS[name].scheme in ("ring", "powersgd") else "-"
                 ax.loglog(grid / 1e9, steps[work.name, name, k].time(grid), style, label=cm.VARIANTS[name].label)
             ax.axvspan(1, 100, color="0.93", zorder=0)
             ax.set_title(f"{work.name}, K = {k}", fontsize=10)
@@ -123,7 +182,7 @@ def figure(steps: Dict[tuple, cm.Scaled], path, ks=(8, 64, 1024)) -> None:
             if col == 0:
                 ax.set_ylabel("predicted step (s)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Predicted step time, switched full-duplex links (shaded: 1-100 Gbit/s)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -278,5 +337,6 @@ def document(args, inputs: dict, results: Sequence[dict], steps: Dict[tuple, cm.
         "0.1-1000 Gbit/s; \"never\": at none of them):", "",
         *crossover_table(steps), "",
         "![predicted step time against bandwidth](cost_model.png)", "",
+        *loco_section(args, steps, inputs["codec"]["mlp5m"]),
         *design_note(args, steps, inputs["codec"]["mlp5m"]),
     ]

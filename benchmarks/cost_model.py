@@ -121,7 +121,10 @@ class Variant:
     ``"powersgd"`` (DDP's PowerSGD hook, rank ``rank``), ``"sharded"`` or ``"rank0"`` (saef's server,
     ``compressor`` both ways: ``"sign"`` or ``"topk"`` keeping ``rho`` with ``value_bits`` values and
     ``index`` = ``"coded"`` (the library's format since 002648e: Elias-Fano where shorter) or ``"explicit"``
-    (ceil(log2 d) bits each, the format before) indices)."""
+    (ceil(log2 d) bits each, the format before) indices; with ``chunk`` > 0, top-k per chunk of that many
+    entries, and with ``low_bits`` > 0 its values as b-bit levels with an fp32 scale per 64).
+    ``local_steps`` H: the exchange runs once every H steps (the DiLoCo family: H inner steps, then the
+    pseudo-gradient), so a step pays 1 / H of it."""
 
     scheme: str
     label: str
@@ -130,6 +133,9 @@ class Variant:
     rho: float = 0.01
     index: str = "explicit"
     rank: int = 4
+    chunk: int = 0
+    low_bits: int = 0
+    local_steps: int = 1
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -148,6 +154,13 @@ VARIANTS: Dict[str, Variant] = {
     "ddp-adamw-powersgd": Variant("powersgd", "DDP AdamW PowerSGD r=4"),
     "saef-1bit-adam": Variant("sharded", "saef 1-bit Adam", compressor="sign"),
     "saef-adam": Variant("sharded", "SAEF-Adam", compressor="sign"),
+    # communicating rarely (saef reproduce loco's settings): DiLoCo all-reduces its pseudo-gradient as DDP
+    # does a gradient; SparseLoCo-style EF and SAEF-LoCo move the same payloads through saef's server
+    "diloco-h16": Variant("ring", "DiLoCo H=16 fp32", local_steps=16),
+    "diloco-h64": Variant("ring", "DiLoCo H=64 fp32", local_steps=64),
+    "diloco-h64-bf16": Variant("ring", "DiLoCo H=64 bf16", 16, local_steps=64),
+    "saef-loco": Variant("sharded", "SAEF-LoCo H=16 top-k 2%/4096 int2", compressor="topk", rho=0.02, chunk=4096,
+                         low_bits=2, local_steps=16),
 }
 
 
@@ -173,10 +186,28 @@ def topk_bits(d: int, rho: float = 0.01, value_bits: int = 32, index: str = "exp
     return k * value_bits + 8 * math.ceil(index_bits / 8)
 
 
+def low_bit_bits(values: int, bits: int) -> int:
+    """``SPEC:intB`` values (saef.compress.lowbit): the levels packed B to a byte's bits, an fp32 scale per
+    64 values, and the tensor's shape (one int32: the values of a layer's row are one dimension)."""
+    return 8 * math.ceil(values * bits / 8) + 32 * math.ceil(values / 64) + 32
+
+
+def chunked_topk_bits(d: int, rho: float, chunk: int, value_bits: int = 32, low_bits: int = 0) -> int:
+    """Top-k per chunk (``topk:RHO:chunk=N``, saef.compress.chunked): C = ceil(d / n) chunks of n = min(N, d)
+    entries keep k = kept(rho, n) each; their C k values, and each index within its chunk in
+    ceil(log2 n) bits, packed."""
+    n = min(chunk, d)
+    kept_values = math.ceil(d / n) * kept(rho, n)
+    values = low_bit_bits(kept_values, low_bits) if low_bits else kept_values * value_bits
+    return values + 8 * math.ceil(kept_values * max(1, (n - 1).bit_length()) / 8)
+
+
 def server_bits(variant: Variant, shapes: Sequence[Shape]) -> List[int]:
     """Bits of each layer's payload (uplink and, double-way, downlink alike) for a saef variant."""
     if variant.compressor == "sign":
         return [sign_bits(numel(s)) for s in shapes]
+    if variant.chunk:
+        return [chunked_topk_bits(numel(s), variant.rho, variant.chunk, variant.value_bits, variant.low_bits) for s in shapes]
     return [topk_bits(numel(s), variant.rho, variant.value_bits, variant.index) for s in shapes]
 
 
@@ -420,7 +451,16 @@ def codec_key(variant: Variant) -> str:
     """The compressor spec whose measured encode/decode rates a saef variant uses."""
     if variant.compressor == "sign":
         return "sign"
+    if variant.chunk:
+        return f"topk:{variant.rho:g}:chunk={variant.chunk}" + (f":int{variant.low_bits}" if variant.low_bits else "")
     return f"topk:{variant.rho:g}" + (":fp16" if variant.value_bits == 16 else "")
+
+
+def codec_rates_of(rates: Dict[str, Dict[str, float]], variant: Variant) -> Dict[str, float]:
+    """The measured rates of the variant's compressor; a chunked top-k measured by inputs older than it takes
+    plain top-k 1 %'s (the report says so)."""
+    key = codec_key(variant)
+    return rates[key] if key in rates or not variant.chunk else rates["topk:0.01"]
 
 
 def measured_rows(paths: Sequence[Path]) -> List[dict]:
@@ -498,17 +538,21 @@ def scaled_step(work: Workload, name: str, k: int, alpha_s: float, rates: Dict[s
     measured per-element rates / ``codec_speedup``), then its collectives, in sequence (no overlap today).
     DDP: its all-reduces overlap the backward pass (2/3 of the compute), as DDP's buckets allow at best;
     PowerSGD adds five passes over the fp32 gradient at ``hbm_bytes_s`` (its matrix products and error
-    feedback, memory-bound at rank 4)."""
+    feedback, memory-bound at rank 4). With local steps H, one exchange (and codec) follows every H-th
+    step, after it (no overlap: the pseudo-gradient exists only then), so a step pays 1 / H of it."""
     variant = VARIANTS[name]
+    h = variant.local_steps
     if variant.scheme in ("sharded", "rank0"):
         collectives, owned = server_collectives(variant, work.shapes, k)
-        codec = saef_codec_s(rates[codec_key(variant)], owned, k) / codec_speedup
+        codec = saef_codec_s(codec_rates_of(rates, variant), owned, k) / codec_speedup
     else:
         collectives = ddp_collectives(variant, work.shapes, k, work.buffers, one_bucket=False)
     latency = sum(alpha_latency(c.kind, k, alpha_s) * c.count for c in collectives)
     volume = sum(transfer_s(collectives, Switched(k, 8.0)))  # seconds at 1 byte/s = bytes
     if variant.scheme in ("sharded", "rank0"):
-        return Scaled(work.compute_s + codec, latency, volume)
+        return Scaled(work.compute_s + codec / h, latency / h, volume / h)
+    if h > 1:
+        return Scaled(work.compute_s, latency / h, volume / h)
     extra = 5 * 4 * sum(map(numel, work.shapes)) / hbm_bytes_s if variant.scheme == "powersgd" else 0.0
     return Scaled(0.0, latency, volume, (work.compute_s / 3, 2 * work.compute_s / 3, extra))
 
@@ -553,6 +597,8 @@ def main(argv=None) -> None:
     results = validate(measured_rows(args.rows or sorted(RESULTS.glob("network*.json"))), inputs, args.topk_index, args.cpu_sharing)
     steps = report.steps_at_scale(args, inputs["codec"]["mlp5m"])
     report.figure(steps, args.output.with_suffix(".png"))
+    report.figure(steps, args.output.with_name(args.output.stem + "_loco.png"), names=report.LOCO, works=workloads()[1:],
+                  title="Predicted step time with local steps, 1.3B transformer, switched links (shaded: 1-100 Gbit/s)")
     text = "\n".join(report.document(args, inputs, results, steps, " ".join(["python benchmarks/cost_model.py"] + list(argv or sys.argv[1:]))))
     args.output.write_text(text + "\n")
     print(text)

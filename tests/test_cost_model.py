@@ -21,20 +21,50 @@ def test_layer_lists_have_the_stated_sizes():
     assert sum(map(cm.numel, cm.transformer_shapes())) == 24 * (12 * w * w + 13 * w) + (50257 + 2048) * w + 2 * w
 
 
-@pytest.mark.parametrize("spec", ["sign", "topk:0.01", "topk:0.01:fp16", "topk:0.1"])
+@pytest.mark.parametrize("spec", ["sign", "topk:0.01", "topk:0.01:fp16", "topk:0.1", "topk:0.02:chunk=4096:int2",
+                                  "topk:0.1:chunk=16", "topk:0.1:chunk=16:int4"])
 def test_payload_bits_equal_the_compressors_payloads(spec):
     """The model's bit formulas give what saef's compressors really produce (coded top-k indices: the
-    library's format), layer by layer, including a 1-element layer and sizes that are no multiple of 8."""
+    library's format; per chunk, with low-bit values), layer by layer, including a 1-element layer, sizes
+    that are no multiple of 8 and a last chunk of one entry."""
     from saef.compress import Layout, make_compressor, payload_bits
 
-    sizes = [1, 7, 8, 10, 1000, 100_003]
+    sizes = [1, 7, 8, 10, 1000, 4096, 4097, 100_003]
     templates = make_compressor(spec).payload_templates(Layout(sizes))
+    parts = spec.split(":")
     if spec == "sign":
         expected = [cm.sign_bits(d) for d in sizes]
+    elif "chunk=" in spec:
+        chunk, low = int(parts[2].split("=")[1]), int(parts[3][3:]) if len(parts) > 3 else 0
+        expected = [cm.chunked_topk_bits(d, float(parts[1]), chunk, 32, low) for d in sizes]
     else:
         rho, wire = float(spec.split(":")[1]), 16 if spec.endswith("fp16") else 32
         expected = [cm.topk_bits(d, rho, wire, "coded") for d in sizes]
     assert [payload_bits(t) for t in templates] == expected
+
+
+def test_local_steps_pay_one_exchange_per_round():
+    """With H local steps a step pays 1 / H of the exchange and none of it overlaps: DiLoCo H = 16 is DDP's
+    all-reduce volume and latency over 16 on top of the whole compute; SAEF-LoCo's codec is paid per round too.
+    By hand: the chunked top-k int2 payload of a 4096-entry layer at 2 % is 81 values: 168 bits of levels, 64 of
+    scales, 32 of shape, 81 x 12 of indices."""
+    work = cm.Workload("toy", [(64, 64), (4096,)], 0, 0.5, "")
+    rates = {"topk:0.02:chunk=4096:int2": {"encode": 1e-9, "decode": 1e-9, "mean_1": 1e-9, "mean_row": 1e-9}}
+    ddp = cm.scaled_step(work, "ddp-adamw-fp32", 8, 1e-5, rates, 1.0)
+    diloco = cm.scaled_step(work, "diloco-h16", 8, 1e-5, rates, 1.0)
+    assert diloco.overlap is None and diloco.fixed == 0.5
+    assert diloco.volume == pytest.approx(ddp.volume / 16) and diloco.latency == pytest.approx(ddp.latency / 16)
+    assert cm.chunked_topk_bits(4096, 0.02, 4096, 32, 2) == 168 + 64 + 32 + 8 * math.ceil(81 * 12 / 8)
+    loco = cm.scaled_step(work, "saef-loco", 8, 1e-5, rates, 1.0)
+    per_step = cm.VARIANTS["saef-loco"]
+    every_step = cm.Variant(**{**per_step.__dict__, "local_steps": 1})
+    cm.VARIANTS["_every_step"] = every_step
+    try:
+        once = cm.scaled_step(work, "_every_step", 8, 1e-5, rates, 1.0)
+    finally:
+        del cm.VARIANTS["_every_step"]
+    assert loco.volume == pytest.approx(once.volume / 16) and loco.latency == pytest.approx(once.latency / 16)
+    assert loco.fixed - 0.5 == pytest.approx((once.fixed - 0.5) / 16)
 
 
 def test_explicit_topk_bits_by_hand():
