@@ -78,7 +78,7 @@ def test_a_stale_checkpoint_that_is_a_link_deletes_only_the_link(run, victim, ca
     assert victim.read_bytes() == VICTIM
 
 
-@pytest.mark.parametrize("name", [".lock", "events.jsonl", "metrics.jsonl", "metrics.csv"])
+@pytest.mark.parametrize("name", [".lock", "events.jsonl", "metrics.jsonl", "metrics.csv", "steps.jsonl", "steps.csv"])
 def test_a_linked_file_in_the_run_directory_is_not_followed(run, victim, capsys, name):
     """.lock (truncated and given the pid), events.jsonl and the metrics (appended to): never through a link."""
     if os.path.lexists(run / name):

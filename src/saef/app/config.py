@@ -173,6 +173,9 @@ class TrainConfig:
     keep_checkpoints: int = key(3, on_resume=FREE, range=(1, 1 << 16), help="how many recent checkpoints to keep")
     tensorboard: bool = key(False, on_resume=FREE, help="also write the metrics, and every step's train loss, as TensorBoard "
                                                         "scalars to RUN_DIR/tensorboard (pip install saef[tensorboard])")
+    eval_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
+                          help="also evaluate every N steps within an epoch, to RUN_DIR/steps.jsonl and steps.csv (0: at the "
+                               "end of each epoch only; training is the same either way)")
     log_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
                          help="where the output is not a terminal (a log file, a job scheduler): a progress line every N "
                               "steps (0: every 30 seconds)")

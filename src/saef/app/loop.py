@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ from ..backends.registry import make_backend
 from ..core import NonFiniteStep, Trainer
 from ..zoo.datasets import Data, DatasetSplit, content_digest, epoch_batches, hold_out, load_dataset
 from ..zoo.models import build_model
-from . import checkpoint, hooks, rundir, schema
+from . import checkpoint, hooks, rows, rundir, schema
 from .config import TrainConfig
-from .feed import evaluate, gradient_norm_sq, local_batch
+from .feed import local_batch
 from .progress import progress_lines
 from .records import RunRecord, environment, format_summary
 
@@ -300,6 +299,8 @@ def _run_epoch(run: Run) -> None:
         bar.update()
         if lines is not None:
             lines.update(loop.step_in_epoch, loop.losses)
+        if config.eval_every and loop.step % config.eval_every == 0 and loop.step_in_epoch < len(batches):
+            rows.record_step_row(run, len(batches))  # (before a checkpoint of this step, which then covers it)
         if config.checkpoint_every and loop.step % config.checkpoint_every == 0 and loop.step_in_epoch < len(batches):
             loop.epoch_elapsed = time.perf_counter() - run.epoch_started
             _save_checkpoint(run)
@@ -351,7 +352,7 @@ def _end_epoch(run: Run) -> None:
     if trainer.has_diagnostics and not trainer.cheap_diagnostics:  # one dense all-reduce per epoch, at its end
         for key, value in trainer.mismatch().items():
             setattr(loop, key, value)
-    row = _epoch_row(run)
+    row = rows.epoch_row(run)
     run.rows.append(row)
     if run.record is not None:
         run.record.append(row)
@@ -362,52 +363,6 @@ def _end_epoch(run: Run) -> None:
     loop.mismatch_ef = loop.mismatch_saef = 0.0
     loop.epoch_order, loop.epoch_elapsed = run.order.get_state(), 0.0
     _save_checkpoint(run)
-
-
-def _phase(first: int, end: int, warmup: int) -> str:
-    """The phase of the steps first .. end - 1: warmup, compressed, or warmup+compressed."""
-    if end <= warmup:
-        return "warmup"
-    return "compressed" if first >= warmup else "warmup+compressed"
-
-
-def _bits_per_token(data: Data, metrics: Optional[Dict[str, float]]) -> Optional[float]:
-    """The loss in bits per token (byte) for token data (text), else None."""
-    return metrics["loss"] / math.log(2) if data.tokens and metrics is not None else None
-
-
-def _epoch_row(run: Run) -> Dict[str, Any]:
-    """The metrics of the epoch just trained (the columns of :data:`saef.app.records.METRIC_COLUMNS`)."""
-    loop, trainer, config = run.loop, run.trainer, run.config
-    train_loss = trainer.average(torch.tensor(loop.losses, dtype=torch.float64).mean().item())
-    at_x = evaluate(trainer.load_into(run.eval_model, point="x"), run.data.test, run.device)
-    grad_norm_sq = gradient_norm_sq(run.eval_model, run.data.train, run.device) if config.full_batch else None
-    at_val = evaluate(run.eval_model, run.data.val, run.device) if run.data.val is not None else None
-    diagnostics = trainer.has_diagnostics
-    at_aux = evaluate(trainer.load_into(run.eval_model, point="auxiliary"), run.data.test, run.device) if diagnostics else None
-    return {
-        "epoch": loop.epoch + 1,
-        "step": loop.step,
-        "rounds": trainer.rounds,
-        "lr": config.lr_at_epoch(loop.epoch),
-        "phase": _phase(loop.step - loop.step_in_epoch, loop.step, config.warmup_steps),
-        "train_loss": train_loss,
-        "test_loss": at_x["loss"],
-        "test_acc": at_x["acc"],
-        "test_loss_aux": at_aux and at_aux["loss"],
-        "test_acc_aux": at_aux and at_aux["acc"],
-        "test_bpb": _bits_per_token(run.data, at_x),
-        "test_bpb_aux": _bits_per_token(run.data, at_aux),
-        "grad_norm_sq": grad_norm_sq,
-        "val_loss": at_val and at_val["loss"],
-        "val_acc": at_val and at_val["acc"],
-        **trainer.bits,
-        "mismatch_ef": loop.mismatch_ef if diagnostics else None,
-        "mismatch_saef": loop.mismatch_saef if diagnostics else None,
-        "skipped_steps": loop.skipped,
-        "epoch_time": time.perf_counter() - run.epoch_started,
-        "wall_time": time.perf_counter() - run.started,
-    }
 
 
 def _finish(run: Run) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..files import write_atomically
-from .records import read_metrics
+from .records import read_metrics, read_step_metrics
 
 __all__ = ["run_label", "read_run", "RunGroup", "group_runs", "run_figure", "runs_figure", "plot_run", "plot_runs"]
 
@@ -81,8 +81,9 @@ def run_label(config: Dict[str, object]) -> str:
 def read_run(run_dir: PathLike) -> Tuple[Dict[str, object], List[Row]]:
     """Read ``config.json`` and ``metrics.jsonl`` of a run directory; returns ``(config, rows)``.
 
-    Rows come back sorted by epoch, one per epoch: a resumed run may write an epoch twice, and the later line
-    wins. An unterminated last line that does not parse is a write in progress (or cut by a crash) and is
+    Rows come back sorted by step: one per epoch (a resumed run may write an epoch twice, and the later line
+    wins), and with ``--eval-every`` the rows of ``steps.jsonl`` between them (fractional epochs). An
+    unterminated last line that does not parse is a write in progress (or cut by a crash) and is
     skipped with a warning; any other malformed line raises ``ValueError`` naming the file and line.
     Raises ``FileNotFoundError`` naming the missing file.
     """
@@ -98,7 +99,8 @@ def read_run(run_dir: PathLike) -> Tuple[Dict[str, object], List[Row]]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
 
-    return config, read_metrics(run_dir)
+    rows = read_metrics(run_dir)
+    return config, sorted(rows + read_step_metrics(run_dir), key=lambda row: row["epoch"])  # (epochs done: in step order)
 
 
 @dataclass

@@ -6,6 +6,8 @@ A run directory holds
 * ``environment.json`` versions, git revision, device, command line;
 * ``metrics.csv`` and ``metrics.jsonl``  one row per epoch (see :data:`METRIC_COLUMNS`), appended and
   flushed as each epoch ends, so a crash loses at most the epoch in progress;
+* ``steps.csv`` and ``steps.jsonl``  with ``--eval-every N``: a row of the same columns every N steps within
+  an epoch (``epoch`` is then fractional: the epochs done, 2.5 halfway through the third);
 * ``curves.png``       the figure of the run's curves;
 * ``checkpoints/``     see :mod:`saef.app.checkpoint`;
 * ``events.jsonl``     resumes (with what changed, and whether errors were reset);
@@ -33,13 +35,13 @@ from typing import Any, Dict, List, Optional
 
 from ..files import LOCK_NAME, append_inside, checked_folder, claim, open_inside, parse_json, read_inside, release, write_atomically
 
-__all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "environment", "format_summary"]
+__all__ = ["METRIC_COLUMNS", "RunRecord", "read_metrics", "read_step_metrics", "environment", "format_summary"]
 
 METRICS_LIMIT = 256 << 20  # bytes of metrics.jsonl read: about 100,000 epochs' rows
-_APPENDED = ("metrics.jsonl", "metrics.csv", "events.jsonl")  # the files written in place, not replaced
+_APPENDED = ("metrics.jsonl", "metrics.csv", "steps.jsonl", "steps.csv", "events.jsonl")  # written in place, not replaced
 
 METRIC_COLUMNS = (
-    "epoch",  # 1-based
+    "epoch",  # 1-based (in steps.jsonl, fractional: the epochs done)
     "step",  # optimizer steps so far
     "rounds",  # exchanges between the workers so far (with --local-steps one per H steps; else one per step taken)
     "lr",  # learning rate during the epoch
@@ -77,12 +79,25 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     A resumed run may have written an epoch twice: the later line wins. An unterminated last line that
     does not parse is a write in progress (or cut by a crash) and is skipped with a warning; any other
     malformed line raises ``ValueError`` naming the file and line; a missing file ``FileNotFoundError``."""
-    path = Path(run_dir) / "metrics.jsonl"
+    return _read_rows(run_dir, "metrics.jsonl", "epoch")
+
+
+def read_step_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    """The rows of ``run_dir/steps.jsonl`` (``--eval-every``), sorted by step, read as :func:`read_metrics`
+    reads its file; none where the run wrote none."""
     try:
-        lines = _read_text(Path(run_dir).resolve(), "metrics.jsonl").split("\n")
+        return _read_rows(run_dir, "steps.jsonl", "step")
+    except FileNotFoundError:
+        return []
+
+
+def _read_rows(run_dir: Path, name: str, key: str) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / name
+    try:
+        lines = _read_text(Path(run_dir).resolve(), name).split("\n")
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?") from None
-    by_epoch: Dict[int, Dict[str, Any]] = {}
+    by_key: Dict[int, Dict[str, Any]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -95,10 +110,17 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
             raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
         except RecursionError:
             raise ValueError(f"{path}:{number} is nested too deeply to be a metrics row") from None
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise ValueError(f"{path}:{number} must be a JSON object with an integer 'epoch'")
-        by_epoch[row["epoch"]] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
+        if not isinstance(row, dict) or not isinstance(row.get(key), int) or isinstance(row.get(key), bool):
+            raise ValueError(f"{path}:{number} must be a JSON object with an integer '{key}'")
+        by_key[row[key]] = row
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _step_of(line: str, directory: Path) -> int:
+    row = parse_json(line.encode(), directory / "steps.jsonl")
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError(f"{directory / 'steps.jsonl'} holds a line that is no row with an integer 'step'")
+    return row["step"]
 
 
 def _read_text(directory: Path, name: str) -> str:
@@ -182,29 +204,39 @@ class RunRecord:
         lines = _read_text(self.directory, "metrics.jsonl").splitlines(keepends=True)
         if len(lines) < rows:
             raise ValueError(f"{self.directory} holds {len(lines)} metric rows but its checkpoint covers {rows}")
-        write_atomically(self.directory / "metrics.jsonl", "".join(lines[:rows]).encode())
-        # The CSV is rebuilt from the kept JSON rows under today's columns (a run begun by an older version
-        # has fewer: their cells stay empty), so appended rows line up with the header.
+        self._keep("metrics", lines[:rows])
+        if os.path.lexists(self.directory / "steps.jsonl"):  # the rows of --eval-every up to the checkpoint's step
+            steps = _read_text(self.directory, "steps.jsonl").splitlines(keepends=True)
+            step = event.get("step", 0)
+            self._keep("steps", [line for line in steps if line.strip() and _step_of(line, self.directory) <= step])
+        write_atomically(self.directory / "config.json", _json_bytes(config))
+        append_inside(self.directory, "events.jsonl", json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
+
+    def _keep(self, stem: str, lines: List[str]) -> None:
+        """``stem.jsonl`` as ``lines``, and ``stem.csv`` rebuilt from them under today's columns (a run begun
+        by an older version has fewer: their cells stay empty), so appended rows line up with the header."""
+        write_atomically(self.directory / f"{stem}.jsonl", "".join(lines).encode())
         table = io.StringIO()
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(METRIC_COLUMNS)
-        for line in lines[:rows]:
-            writer.writerow(_csv_cells(parse_json(line.encode(), self.directory / "metrics.jsonl")))
-        write_atomically(self.directory / "metrics.csv", table.getvalue().encode())
-        write_atomically(self.directory / "config.json", _json_bytes(config))
-        append_inside(self.directory, "events.jsonl", json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
+        for line in lines:
+            writer.writerow(_csv_cells(parse_json(line.encode(), self.directory / f"{stem}.jsonl")))
+        write_atomically(self.directory / f"{stem}.csv", table.getvalue().encode())
 
     def rows(self) -> List[Dict[str, Any]]:
         return read_metrics(self.directory)
 
-    def append(self, row: Dict[str, Any]) -> None:
-        """Append one epoch's row to both metric files and push it to disk."""
+    def append(self, row: Dict[str, Any], stem: str = "metrics") -> None:
+        """Append a row to both files of ``stem`` -- an epoch's to ``metrics``, a row of ``--eval-every`` to
+        ``steps`` (the files begin with their header) -- and push it to disk."""
         missing = set(METRIC_COLUMNS) - set(row)
         if missing:
             raise ValueError(f"metrics row lacks {sorted(missing)}")
+        if not os.path.lexists(self.directory / f"{stem}.csv"):
+            self._keep(stem, [])
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow(_csv_cells(row))
-        for name, text in (("metrics.csv", line.getvalue()), ("metrics.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
+        for name, text in ((f"{stem}.csv", line.getvalue()), (f"{stem}.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):
             append_inside(self.directory, name, text)
         if self.board is not None:
             self.board.row(row)
