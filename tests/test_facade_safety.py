@@ -143,3 +143,49 @@ def test_an_optimizer_built_before_the_process_group_says_so():
     for proc in procs:
         said = [m for m in json.loads(proc.stdout.read().strip().splitlines()[-1]) if "built before torch.distributed" in m]
         assert len(said) == 1 and "other 1 ranks" in said[0], said
+
+
+THROUGH_DDP = """
+import json, warnings, torch, torch.distributed as dist, torch.nn.functional as F, saef
+from saef.backends.distributed import init_distributed
+init_distributed("cpu", 60)
+rank = dist.get_rank()
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+def train(model, wrapped, opt):
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own batches
+    for _ in range(6):
+        inputs, targets = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(wrapped(inputs), targets).backward()
+        opt.step()
+    return opt.x.clone()
+settings = dict(lr=0.05, momentum=0.9, compressor="topk:0.25", method="saef", average_every=2)
+plain = mlp()
+reference = train(plain, plain, saef.SAEF(plain.parameters(), **settings))
+model = mlp()
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+ddp.register_comm_hook(None, saef.local_gradients_hook)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    through = train(model, ddp, saef.SAEF(model.parameters(), **settings))
+print(json.dumps({"equal": bool(torch.equal(reference, through)), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.slow
+def test_saef_sgd_under_ddp_with_the_local_gradients_hook_is_saef_on_the_plain_module():
+    """Where a stack wraps the model in DDP itself, saef.local_gradients_hook makes DDP send nothing: saef.SAEF
+    then trains exactly as on the plain module (x bit for bit, 2 gloo processes, each with its own batches),
+    and does not warn."""
+    import json
+    import subprocess
+
+    from _procs import launch, wait_all
+
+    procs = launch(["-c", THROUGH_DDP], 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_all(procs, timeout=120) == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    for proc in procs:
+        said = json.loads(proc.stdout.read().strip().splitlines()[-1])
+        assert said == {"equal": True, "warnings": []}, said

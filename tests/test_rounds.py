@@ -251,10 +251,13 @@ def test_the_optimizer_takes_local_steps():
             opt.step()
 
     adamw = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2)
-    model, reference = tiny_mlp(), tiny_mlp()
+    model, reference, counted = tiny_mlp(), tiny_mlp(), tiny_mlp()
     train(model, saef.SAEF(model.parameters(), lr=0.01, local_steps=4, inner_optimizer="adamw", method="direct",
                            compressor="identity", **adamw), batches(12))
     train(reference, torch.optim.AdamW(reference.parameters(), lr=0.01, **adamw), batches(12))
+    opt = saef.SAEF(counted.parameters(), lr=0.01, local_steps=4, inner_optimizer="adamw")
+    train(counted, opt, batches(13))
+    assert opt.rounds == 3  # exchanges so far (the 13th step began the fourth round)
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
 

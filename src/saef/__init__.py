@@ -16,7 +16,7 @@ models (see docs/architecture.md).
 
 from .app.optim import SAEF
 from .backends.distributed.fsdp import compress_replicas
-from .backends.distributed.hook import CommHookState, comm_hook
+from .backends.distributed.hook import CommHookState, comm_hook, local_gradients_hook
 from .backends.inprocess import InProcessTransport
 from .backends.simulator import Simulator, simulate
 from .compress import Compressor, available_compressors, make_compressor, register_compressor
@@ -40,6 +40,7 @@ __all__ = [
     "SAEF",
     "CommHookState",
     "comm_hook",
+    "local_gradients_hook",
     "compress_replicas",
     "Simulator",
     "simulate",

@@ -51,7 +51,9 @@ def _differs(value: Tensor, written: Tensor) -> Union[bool, Tensor]:
 
 
 def _in_ddp(params) -> bool:
-    """Whether a DistributedDataParallel module holds any of ``params`` (looked up once, among live objects)."""
+    """Whether a DistributedDataParallel module that averages gradients holds any of ``params`` (looked up once,
+    among live objects): one without a hook that exchanges nothing (saef.local_gradients_hook, or torch's
+    noop_hook)."""
     import gc
 
     from torch.nn.parallel import DistributedDataParallel
@@ -59,7 +61,9 @@ def _in_ddp(params) -> bool:
     ours = {id(p) for p in params}
     for obj in gc.get_objects():  # (type() rather than isinstance: some live objects warn when asked their class)
         if issubclass(type(obj), DistributedDataParallel) and any(id(p) in ours for p in obj.module.parameters()):
-            return True
+            hooks = [getattr(hook, "__name__", "") for hook, _ in getattr(obj, "_comm_hooks", [])]
+            if not hooks or hooks[-1] not in ("local_gradients_hook", "noop_hook"):
+                return True
     return False
 
 
@@ -331,8 +335,10 @@ class SAEF(torch.optim.Optimizer):
                   f"(no exchange with the other {dist.get_world_size() - 1} ranks): build it after init_process_group")
         if dist.is_available() and dist.is_initialized() and _in_ddp(self._params()):
             _warn("these parameters belong to a DistributedDataParallel module: DDP all-reduces their full "
-                          "gradients, and saef.SAEF then exchanges them again -- no saving. Use saef.SAEF on the plain "
-                  "module (each rank is one worker), or keep DDP with saef.comm_hook and any torch optimizer")
+                  "gradients, and saef.SAEF then exchanges them again -- no saving. Use saef.SAEF on the plain module "
+                  "(each rank is one worker); where a stack wraps the model in DDP itself (HF Trainer, Lightning), "
+                  "register saef.local_gradients_hook on the DDP module so that it sends nothing; or keep DDP with "
+                  "saef.comm_hook and any torch optimizer")
 
     def _idle_layers(self, layers):
         """Copies of x and of every state tensor on ``layers`` (no gradient on any process this step), to put
@@ -357,6 +363,11 @@ class SAEF(torch.optim.Optimizer):
     def bits(self) -> Dict[str, int]:
         """Cumulative bits this worker sent (up), received (down), and sent plus received for error averaging."""
         return self.transport.ledger.per_worker()
+
+    @property
+    def rounds(self) -> int:
+        """Exchanges with the other workers so far: one per step, or with ``local_steps`` H one per H steps."""
+        return self.ef_state.step
 
     def mismatch(self) -> Dict[str, float]:
         """The two gradient-mismatch terms (see :meth:`saef.core.Algorithm.mismatch`; EF and SAEF)."""

@@ -39,12 +39,12 @@ the simulator produce the same parameters bit for bit.
 from .backend import DistributedBackend
 from .groups import direction_groups
 from .fsdp import ReplicaCompression, compress_replicas
-from .hook import CommHookState, comm_hook
+from .hook import CommHookState, comm_hook, local_gradients_hook
 from .owners import assign_layers
 from .rendezvous import RendezvousTimeout, init_distributed
 from .transport import SERVERS, DistributedTransport
 from .trainer import DistributedTrainer
 
 __all__ = ["DistributedTransport", "DistributedTrainer", "DistributedBackend", "init_distributed", "RendezvousTimeout",
-           "assign_layers", "direction_groups", "SERVERS", "CommHookState", "comm_hook",
+           "assign_layers", "direction_groups", "SERVERS", "CommHookState", "comm_hook", "local_gradients_hook",
            "compress_replicas", "ReplicaCompression"]

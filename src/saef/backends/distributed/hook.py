@@ -40,7 +40,7 @@ from torch import Tensor
 from ...core import Algorithm, AlgorithmConfig, all_finite
 from .transport import DistributedTransport
 
-__all__ = ["CommHookState", "comm_hook", "GradientExchange", "vote", "reply_compressed"]
+__all__ = ["CommHookState", "comm_hook", "local_gradients_hook", "GradientExchange", "vote", "reply_compressed"]
 
 
 class GradientExchange:
@@ -267,8 +267,18 @@ def comm_hook(state, bucket):
     return future
 
 
+def local_gradients_hook(state, bucket):
+    """The DDP communication hook that exchanges nothing: each rank keeps its own gradient, for the
+    ``saef.SAEF`` optimizer to compress and exchange (``ddp.register_comm_hook(None, saef.local_gradients_hook)``).
+    The way to use ``saef.SAEF`` where a stack wraps the model in DDP itself (HF Trainer, Lightning)."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
 # (DDP checks a hook's annotations as objects; this module's are strings, so they are set here)
 comm_hook.__annotations__ = {"state": CommHookState, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+local_gradients_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
 
 
 def _allreduce(buffer: Tensor, group) -> Tensor:
