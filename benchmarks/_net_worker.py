@@ -7,7 +7,11 @@ sign, single-way), and
 saef-ef-sign, saef-sign, saef-topk, saef-topk-fp16 (top-k 1 % with 16-bit values; saef's distributed worker,
 double-way, sharded server), saef-fp32 (the same worker with nothing compressed: as many bytes as DDP fp32) and saef-fp16 (16-bit
 values both ways, as DDP's fp16 hook sends, through the sharded server), all with momentum SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-fp16, ddp-adamw-bf16 (its hook needs CUDA and NCCL),
-ddp-adamw-powersgd (torch.optim.AdamW under DDP and its hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up.
+ddp-adamw-powersgd (torch.optim.AdamW under DDP and its hooks), saef-1bit-adam (EF-Adam) and saef-adam (SAEF-Adam), both scaled sign, double-way, after a warm-up;
+and communicating rarely (16 inner AdamW steps a round, the settings of saef reproduce loco): saef-diloco (the fp32
+pseudo-gradient all-reduced, outer Nesterov 0.7 / 0.9), saef-diloco-bf16 (bf16 both ways), saef-sparseloco (EF, error
+decay 0.95, top-k 2 % per chunk of 4096 with 2-bit values, both ways) and saef-loco (the same with SAEF's step-ahead
+start). Their timing is per round (H steps and one exchange), reported per step and per round.
 """
 
 import argparse
@@ -34,6 +38,15 @@ SAEF_VARIANTS = {"saef-fp32": dict(method="saef", compressor="identity", momentu
                  "saef-topk-fp16": dict(method="saef", compressor="topk:0.01:fp16", momentum=0.9),
                  "saef-1bit-adam": dict(method="ef", compressor="sign", optimizer="adam"),
                  "saef-adam": dict(method="saef", compressor="sign", optimizer="adam")}
+# communicating rarely (saef reproduce loco's settings): 16 inner AdamW steps a round, then one exchange
+_ROUND = dict(inner_optimizer="adamw", momentum=0.0, local_steps=16)
+SAEF_VARIANTS.update({
+    "saef-diloco": dict(**_ROUND, method="direct", compressor="identity", double_way=False, outer_lr=0.7, outer_momentum=0.9,
+                        nesterov=True),  # DiLoCo: the fp32 pseudo-gradient all-reduced, outer Nesterov
+    "saef-diloco-bf16": dict(**_ROUND, method="direct", compressor="identity:bf16", outer_lr=0.7, outer_momentum=0.9, nesterov=True),
+    "saef-sparseloco": dict(**_ROUND, method="ef", compressor="topk:0.02:chunk=4096:int2", error_decay=0.95, outer_lr=1.0),
+    "saef-loco": dict(**_ROUND, method="saef", compressor="topk:0.02:chunk=4096:int2", error_decay=0.95, outer_lr=1.0),
+})
 
 
 STEP_AFTER_BACKWARD = []  # seconds, per step of a saef variant without overlap
@@ -79,7 +92,7 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
     settings = SAEF_VARIANTS[variant]
     if settings.get("optimizer") == "adam":
         settings = {**settings, "warmup_steps": warmup, "eps": eps}
-    worker = DistributedTrainer(model, double_way=True, overlap_bytes=int(overlap_mb * (1 << 20)), **settings)
+    worker = DistributedTrainer(model, overlap_bytes=int(overlap_mb * (1 << 20)), **{"double_way": True, **settings})
     # The time of the algorithm's step after backward (compression, both exchanges, decoding, the update):
     # the step's communication, where it does not overlap backward.
     STEP_AFTER_BACKWARD.clear()
@@ -154,14 +167,18 @@ def main():
 
     stream = batches()
     times = []
-    for i in range(args.timing_steps + 3):
-        inputs, targets = next(stream)
+    h = SAEF_VARIANTS.get(args.variant, {}).get("local_steps", 1)  # timed in whole rounds: H steps, one exchange
+    warm = 3 if h == 1 else 1
+    for i in range(args.timing_steps + warm):
+        round_batches = [next(stream) for _ in range(h)]
         dist.barrier()
         start = time.perf_counter()
-        step(inputs, targets)
-        if i >= 3:
+        for inputs, targets in round_batches:
+            step(inputs, targets)
+        if i >= warm:
             times.append(time.perf_counter() - start)
-    result = {"variant": args.variant, "model": args.model, "workers": world, "step_s": statistics.median(times)}
+    result = {"variant": args.variant, "model": args.model, "workers": world, "step_s": statistics.median(times) / h,
+              "round_s": statistics.median(times), "local_steps": h}
     if STEP_AFTER_BACKWARD:
         result["after_backward_s"] = statistics.median(STEP_AFTER_BACKWARD[3:])
     if args.epochs:

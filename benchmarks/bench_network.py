@@ -5,6 +5,8 @@
     sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 --models mlp5m --epochs 10 \
         --variants ddp-powersgd saef-sign saef-topk --target-acc 0.6485     # longer, for the fast variants
     sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 4 --models gpt --epochs 2   # Adam on the GPT
+    sudo python benchmarks/bench_network.py --rates 100mbit 10mbit --workers 4 --models gpt --epochs 1 \
+        --variants ddp-adamw-fp32 saef-diloco saef-loco --gpt-lr 1e-3                  # communicating rarely
 
 Needs root: it makes a network namespace whose loopback is rate-limited with tc (tbf), runs K processes
 inside it on 127.0.0.1 (gloo), and deletes the namespace afterwards -- also when interrupted. Prints, per
@@ -32,6 +34,8 @@ VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign",
 GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
 # saef's DDP communication hook (EF, single-way) under DDP with torch's optimizers, beside PowerSGD's hook
 HOOK_VARIANTS = ["ddp-saef-hook-topk", "ddp-saef-hook-sign", "ddp-adamw-saef-hook-topk", "ddp-adamw-saef-hook-sign"]
+# the GPT communicating rarely: DiLoCo (fp32, bf16), SparseLoCo-style EF and SAEF-LoCo, 16 AdamW steps a round
+LOCO_VARIANTS = ["saef-diloco", "saef-diloco-bf16", "saef-sparseloco", "saef-loco"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
 
 
@@ -134,7 +138,7 @@ def main():
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"] + HOOK_VARIANTS,
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"] + HOOK_VARIANTS + LOCO_VARIANTS,
                         help="default: the momentum-SGD variants, or for --models gpt the Adam ones")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
@@ -168,15 +172,16 @@ def main():
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"saef: {kernels_in_use()}")
-    print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 |")
-    print("|---|---|---:|---|---:|---:|")
+    print("| rate | model | K | variant | median s/step | speed-up vs DDP fp32 | s/round (H steps) |")
+    print("|---|---|---:|---|---:|---:|---:|")
     for r in results:
         base = ddp_fp32(results, r)
         if r["step_s"] is None:
-            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | failed: {r.get('error')} | – |")
+            print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | failed: {r.get('error')} | – | – |")
             continue
         speedup = "–" if base is None or base["step_s"] is None else f"{base['step_s'] / r['step_s']:.1f}x"
-        print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['step_s']:.3f} | {speedup} |")
+        per_round = f"{r['round_s']:.3f} ({r['local_steps']})" if r.get("local_steps", 1) > 1 else "–"
+        print(f"| {r['rate']} | {r['model']} | {r['workers']} | {r['variant']} | {r['step_s']:.3f} | {speedup} | {per_round} |")
     curves = [r for r in results if "curve" in r]
     if curves:
         print()
