@@ -3,7 +3,7 @@ MASTER_ADDR=127.0.0.1, MASTER_PORT inside a rate-limited network namespace). Ran
 
 Variants: ddp-fp32, ddp-fp16, ddp-powersgd (PyTorch's DDP and its built-in communication hooks),
 ddp-saef-hook-topk / -sign and ddp-adamw-saef-hook-topk / -sign (DDP with saef's hook: EF, top-k 1 % or scaled
-sign, single-way), and
+sign; ddp-saef-hook-overlap-topk / -sign: the hook's exchange overlapped with backward), and
 saef-ef-sign, saef-sign, saef-topk, saef-topk-fp16 (top-k 1 % with 16-bit values; saef's distributed worker,
 double-way, sharded server), saef-fp32 (the same worker with nothing compressed: as many bytes as DDP fp32) and saef-fp16 (16-bit
 values both ways, as DDP's fp16 hook sends, through the sharded server), all with momentum SGD; for the GPT: ddp-adamw-fp32, ddp-adamw-fp16, ddp-adamw-bf16 (its hook needs CUDA and NCCL),
@@ -79,11 +79,12 @@ def make_trainer(variant, model, lr, warmup, eps=1e-8, overlap_mb=0.0):
         elif variant.endswith("powersgd"):
             state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=max(2, warmup))
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        elif "saef-hook" in variant:  # saef's DDP hook: EF with the compressor the variant names, single-way
+        elif "saef-hook" in variant:  # saef's DDP hook: EF with the compressor the variant names (its reply compressed: the default)
             import saef
 
             compressor = {"topk": "topk:0.01", "sign": "sign"}[variant.rsplit("-", 1)[1]]
-            ddp.register_comm_hook(saef.CommHookState(compressor=compressor, method="ef", module=model), saef.comm_hook)
+            ddp.register_comm_hook(saef.CommHookState(compressor=compressor, method="ef", module=model, overlap="overlap" in variant),
+                                   saef.comm_hook)
         if "adamw" in variant:
             opt = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=0.0)  # (saef's Adam runs: wd 0 too)
         else:

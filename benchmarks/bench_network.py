@@ -33,7 +33,8 @@ VARIANTS = ["ddp-fp32", "ddp-fp16", "ddp-powersgd", "saef-ef-sign", "saef-sign",
 # PyTorch's bf16 hook needs CUDA and NCCL, so on gloo the fp16 hook stands for DDP's 16-bit all-reduce.
 GPT_VARIANTS = ["ddp-adamw-fp32", "ddp-adamw-fp16", "ddp-adamw-powersgd", "saef-1bit-adam", "saef-adam"]
 # saef's DDP communication hook (EF, single-way) under DDP with torch's optimizers, beside PowerSGD's hook
-HOOK_VARIANTS = ["ddp-saef-hook-topk", "ddp-saef-hook-sign", "ddp-adamw-saef-hook-topk", "ddp-adamw-saef-hook-sign"]
+HOOK_VARIANTS = ["ddp-saef-hook-topk", "ddp-saef-hook-sign", "ddp-adamw-saef-hook-topk", "ddp-adamw-saef-hook-sign",
+                 "ddp-saef-hook-overlap-topk", "ddp-saef-hook-overlap-sign"]
 # the GPT communicating rarely: DiLoCo (fp32, bf16), SparseLoCo-style EF and SAEF-LoCo, 16 AdamW steps a round
 LOCO_VARIANTS = ["saef-diloco", "saef-diloco-bf16", "saef-sparseloco", "saef-loco"]
 WORKER = str(Path(__file__).with_name("_net_worker.py"))

@@ -5,6 +5,7 @@ Writes its findings as JSON to OUT/rank{r}.json."""
 import copy
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -101,6 +102,18 @@ def main():
         found[f"ef_{case}_diff"] = float((hooked - reference_ef(spec, double_way)).abs().max())
         found[f"ef_{case}_bits_up"] = state[case].bits["bits_up"]
         found[f"ef_{case}_rebuilt"] = state[case].compositions > len(state[case]._buckets)
+    # overlap: each bucket's exchange in the hook's thread while backward goes on -- the same results
+    same = train(*wrapped(lambda net: saef.CommHookState(compressor="topk:0.25", double_way=True, module=net)), STEPS)
+    threads = set()
+
+    def overlapping(net):
+        hook = saef.CommHookState(compressor="topk:0.25", double_way=True, module=net, overlap=True)
+        exchange = hook.exchange
+        hook.exchange = lambda bucket: threads.add(threading.current_thread().name) or exchange(bucket)
+        return hook
+    overlapped = train(*wrapped(overlapping), STEPS)
+    found["overlap_equal"] = bool(torch.equal(same, overlapped))
+    found["overlap_threads"] = sorted(threads)
     # resume: 3 steps, save, 3 more; against a new model, DDP, hook and AdamW loaded from the saved state
     net, ddp, opt = wrapped(lambda net: state.setdefault("resume", saef.CommHookState(compressor="topk:0.25", module=net)))
     train(net, ddp, opt, 3)

@@ -37,13 +37,15 @@ def test_the_hook_is_ddp_with_identity_and_the_ef_definition_with_compression(ho
     to DDP without a hook (identity); within 1e-6 of EF written out per parameter (top-k 25 %, scaled sign;
     top-k double-way, whose server errors move to their parameters' new servers at the rebuild), with uplink
     bits counted; resumed from the hook's, the model's and AdamW's state after 3 steps, bit for
-    bit equal, with the same bit counts; another rank's state refused."""
+    bit equal, with the same bit counts; another rank's state refused; overlapped with backward (the
+    exchange in the hook's thread), bit for bit the same as without."""
     for rank, found in enumerate(hook_results[world]):
         assert found["identity_equal"], rank
         for case in ("topk:0.25", "sign", "topk:0.25-double"):
             assert found[f"ef_{case}_diff"] < 1e-6, (rank, case, found[f"ef_{case}_diff"])
             assert found[f"ef_{case}_bits_up"] > 0 and found[f"ef_{case}_rebuilt"], (rank, case)
         assert found["resume_equal"] and found["resume_bits_equal"], rank
+        assert found["overlap_equal"] and [t.split("_")[0] for t in found["overlap_threads"]] == ["saef-hook"], (rank, found)
         assert "each rank loads its own" in found["foreign_rank"]
 
 

@@ -22,7 +22,8 @@ to the rank that serves it, only packed payloads on the wire; its bits are count
 Errors are kept per parameter, not per bucket, so they survive DDP's rebuild of its buckets after the first
 iteration (a double-way server error moves to the parameter's new server with one all-reduce then).
 ``saef`` itself is not offered: its gradient is taken at x - e_k, which a hook cannot choose (use the
-``saef.SAEF`` optimizer). The hook runs the exchange when DDP hands it the bucket, and backward waits for it.
+``saef.SAEF`` optimizer). The hook runs the exchange when DDP hands it the bucket, and backward waits for it
+(``overlap=True``: in a thread of the hook's, while backward computes the next buckets).
 A bucket whose gradient holds a NaN or Inf on any rank is all-reduced as DDP would (the NaN reaches the
 optimizer, e.g. for a GradScaler to skip), with the errors left as they were and a warning once.
 """
@@ -79,11 +80,15 @@ class CommHookState:
         average_every: ef: every p iterations the workers' errors are replaced by their mean.
         seed: of random compressors' draws. warmup_steps: the first N iterations all-reduce dense gradients.
         module: the model (before or after wrapping): its parameter names key :meth:`state_dict`.
+        overlap: run each bucket's exchange in a thread of its own, so that backward goes on computing the next
+            buckets meanwhile (DDP waits for every bucket at the end of backward; the results are the same). It
+            makes a process group for the hook (so that DDP's own collectives never interleave with it): build
+            the state on every process, as DDP is built.
     """
 
     def __init__(self, process_group=None, compressor: str = "topk:0.01", method: str = "ef", *, server_compressor=None,
                  double_way: Optional[bool] = None, server: str = "sharded", average_every: Optional[int] = None, seed: int = 0,
-                 warmup_steps: int = 0, module: Optional[torch.nn.Module] = None):
+                 warmup_steps: int = 0, module: Optional[torch.nn.Module] = None, overlap: bool = False):
         if method == "saef":
             raise ValueError("method 'saef' takes each worker's gradient at x - e_k, which a communication hook cannot "
                              "choose (DDP computes it at the parameters): use the saef.SAEF optimizer for SAEF, or "
@@ -93,6 +98,9 @@ class CommHookState:
                                       double_way=double_way, average_every=average_every, seed=seed,
                                       warmup_steps=warmup_steps, momentum=0.0)
         self.group, self.server = process_group, server
+        self.overlap, self._thread = bool(overlap), None
+        if self.overlap:  # (a group of the same ranks: collectives from the hook's thread have it to themselves)
+            self.group = dist.new_group(None if process_group is None else dist.get_process_group_ranks(process_group))
         # (names as the plain module has them: a DDP wrapper's "module." prefix is dropped, so a state saved with
         # either loads with the other)
         self.names = {p: n.removeprefix("module.") for n, p in module.named_parameters()} if module is not None else None
@@ -164,6 +172,22 @@ class CommHookState:
                 if id(p) not in new:
                     load[owner] += p.numel()
         return load
+
+    def submit(self, bucket, future: torch.futures.Future) -> None:
+        """:meth:`exchange` of ``bucket`` in the hook's thread (one thread: buckets are exchanged in the order DDP
+        hands them over, the same on every rank); ``future`` gets its result, or its exception."""
+        if self._thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saef-hook")
+
+        def run():
+            try:
+                future.set_result(self.exchange(bucket))
+            except BaseException as error:  # (raised again by DDP at the end of backward)
+                future.set_exception(error)
+
+        self._thread.submit(run)
 
     def exchange(self, bucket) -> Tensor:
         """The averaged gradient of DDP's ``bucket`` (a ``dist.GradBucket``), written into its buffer."""
@@ -261,9 +285,13 @@ def reply_compressed(method: str, double_way: Optional[bool], where: str) -> boo
 
 def comm_hook(state, bucket):
     """The DDP communication hook (``ddp.register_comm_hook(state, saef.comm_hook)``): the bucket's gradient,
-    compressed and averaged as ``state`` (a :class:`CommHookState`) says."""
+    compressed and averaged as ``state`` (a :class:`CommHookState`) says (with ``overlap=True`` in the hook's
+    thread, while backward goes on)."""
     future = torch.futures.Future()
-    future.set_result(state.exchange(bucket))
+    if state.overlap:
+        state.submit(bucket, future)
+    else:
+        future.set_result(state.exchange(bucket))
     return future
 
 
