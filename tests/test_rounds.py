@@ -214,7 +214,8 @@ def test_local_steps_are_not_cut_into_buckets():
 
 def test_saef_train_records_rounds_and_counts_bits_per_exchange(tmp_path):
     """saef train --local-steps 4: the records count the rounds (16 steps an epoch: 4 rounds), the bits grow
-    by one exchange per round (a quarter of the per-step run's, whose every step exchanges), and the overlay
+    by one exchange per round (a quarter of the per-step run's, whose every step exchanges; the bits per round
+    are the per-step run's bits per step), and the overlay
     plot draws the upper panels against rounds."""
     from saef.app.cli import main
     from saef.app.plots import runs_figure
@@ -227,6 +228,8 @@ def test_saef_train_records_rounds_and_counts_bits_per_exchange(tmp_path):
     assert [r["rounds"] for r in rounds] == [4, 8] and [r["rounds"] for r in steps] == [16, 32]
     assert rounds[1]["bits_up"] == 2 * rounds[0]["bits_up"] > 0
     assert 4 * rounds[1]["bits_up"] == steps[1]["bits_up"] and 4 * rounds[1]["bits_down"] == steps[1]["bits_down"]
+    one = rounds[1]  # bits per round: the same exchange either way
+    assert one["bits_per_round"] == (one["bits_up"] + one["bits_down"] + one["bits_averaging"]) / 8 == steps[1]["bits_per_round"]
     figure = runs_figure([tmp_path / "rounds", tmp_path / "steps"])
     assert figure.axes[0].get_xlabel().startswith("rounds") and figure.axes[2].get_xlabel().startswith("bits")
 

@@ -59,6 +59,7 @@ METRIC_COLUMNS = (
     "bits_up",  # cumulative bits one worker sent to the server
     "bits_down",  # cumulative bits one worker received from the server
     "bits_averaging",  # cumulative bits one worker sent and received for error averaging
+    "bits_per_round",  # (bits_up + bits_down + bits_averaging) / rounds: one worker's traffic per exchange
     "mismatch_ef",  # epoch mean of ||e_s + mean_k e_k||^2
     "mismatch_saef",  # epoch mean of mean_k ||e_s + mean_j e_j - e_k||^2
     "skipped_steps",  # cumulative steps skipped because a loss or gradient was NaN or Inf

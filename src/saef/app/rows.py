@@ -62,6 +62,7 @@ def _row(run: Run, epoch: float, mismatch_scale: Optional[float]) -> Dict[str, A
         "val_loss": at_val and at_val["loss"],
         "val_acc": at_val and at_val["acc"],
         **trainer.bits,
+        "bits_per_round": sum(trainer.bits.values()) / trainer.rounds if trainer.rounds else None,
         "mismatch_ef": loop.mismatch_ef * mismatch_scale if measured else None,
         "mismatch_saef": loop.mismatch_saef * mismatch_scale if measured else None,
         "skipped_steps": loop.skipped,
