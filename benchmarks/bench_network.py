@@ -6,7 +6,7 @@
         --variants ddp-powersgd saef-sign saef-topk --target-acc 0.6485     # longer, for the fast variants
     sudo python benchmarks/bench_network.py --rates 100mbit --workers 2 4 --models gpt --epochs 2   # Adam on the GPT
     sudo python benchmarks/bench_network.py --rates 100mbit 10mbit --workers 4 --models gpt --epochs 1 \
-        --variants ddp-adamw-fp32 saef-diloco saef-loco --gpt-lr 1e-3                  # communicating rarely
+        --variants ddp-adamw-fp32 saef-diloco saef-loco --variant-lr saef-diloco=3e-4   # communicating rarely
 
 Needs root: it makes a network namespace whose loopback is rate-limited with tc (tbf), runs K processes
 inside it on 127.0.0.1 (gloo), and deletes the namespace afterwards -- also when interrupted. Prints, per
@@ -86,13 +86,22 @@ def run_variant(variant, model, workers, args):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = ["ip", "netns", "exec", NAMESPACE, sys.executable, WORKER, "--variant", variant, "--model", model,
-                "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(args.lr if model != "gpt" else args.gpt_lr),
+                "--timing-steps", str(args.steps), "--epochs", str(args.epochs), "--lr", str(lr_of(variant, model, args)),
                 "--warmup", str(args.warmup if model == "gpt" else 0), "--evals-per-epoch", str(args.evals_per_epoch)]
         # Only rank 0's output is read; the others' must not fill an unread pipe and block.
         quiet = subprocess.DEVNULL
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE if rank == 0 else quiet,
                                       stderr=subprocess.PIPE if rank == 0 else quiet, text=True))
     return rank0_result(procs, args.timeout, f"{variant} {model} K={workers}")
+
+
+def lr_of(variant: str, model: str, args) -> float:
+    """The variant's lr: its own from --variant-lr, else --gpt-lr for the GPT and --lr for the others."""
+    for given in args.variant_lr or []:
+        name, _, value = given.partition("=")
+        if name == variant:
+            return float(value)
+    return args.gpt_lr if model == "gpt" else args.lr
 
 
 def rank0_result(procs, timeout: float, what: str) -> dict:
@@ -145,6 +154,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--gpt-lr", type=float, default=3e-4, help="the GPT's Adam lr (saef reproduce adam's)")
+    parser.add_argument("--variant-lr", nargs="+", default=None, metavar="VARIANT=LR",
+                        help="a variant's own lr (e.g. the one its study chose: saef-diloco=3e-4)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="evaluations per epoch of the time-to-accuracy runs")
     parser.add_argument("--warmup", type=int, default=32, help="the GPT: full-precision steps of 1-bit Adam and SAEF-Adam "
                         "(and PowerSGD's start_powerSGD_iter)")
@@ -153,6 +164,12 @@ def main():
     parser.add_argument("--json", default="benchmarks/results/network.json", help="where to write the raw results")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    for given in args.variant_lr or []:
+        name, _, value = given.partition("=")
+        try:
+            float(value)
+        except ValueError:
+            parser.error(f"--variant-lr {given}: give VARIANT=LR")
     results = []
 
     def at(rate):
