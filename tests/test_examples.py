@@ -1,4 +1,4 @@
-"""The examples that plug saef into other stacks run, in seconds: Hugging Face's Trainer under torchrun and
+"""The examples run, in seconds: the plain loop under torchrun, and those that plug saef into other stacks: Hugging Face's Trainer under torchrun and
 PyTorch Lightning with 2 CPU processes, each with saef's DDP communication hook sending compressed payloads
 (their bits are printed and checked here), and each with saef.SAEF as the optimizer behind
 saef.local_gradients_hook (no warning about DDP; every rank ends with the same x, and rounds as set). Skipped,
@@ -66,3 +66,15 @@ def test_hugging_face_trainer_with_the_optimizer(tmp_path):
 def test_lightning_with_the_optimizer(tmp_path):
     pytest.importorskip("lightning", reason="the Lightning example needs lightning (pip install -e .[test])")
     _optimizer_example([sys.executable, str(EXAMPLES / "lightning_optimizer.py")], rounds=8, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_own_loop_under_torchrun(tmp_path):
+    """examples/own_loop_torchrun.py, 2 ranks, 1 epoch of MNIST-1D: it trains (above chance) and sends packed signs."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                             "--master_port", str(free_port()), str(EXAMPLES / "own_loop_torchrun.py"), "--epochs", "1",
+                             "--data-dir", str(tmp_path / "data")], cwd=tmp_path, env=child_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = re.findall(r"epoch 1: test accuracy ([0-9.]+)%  \(([0-9.]+) MB sent per worker so far\)", result.stdout)
+    assert len(said) == 1 and float(said[0][0]) > 20 and float(said[0][1]) > 0, result.stdout[-2000:]
