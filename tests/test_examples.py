@@ -1,8 +1,9 @@
-"""The examples run, in seconds: the plain loop under torchrun, and those that plug saef into other stacks: Hugging Face's Trainer under torchrun and
-PyTorch Lightning with 2 CPU processes, each with saef's DDP communication hook sending compressed payloads
-(their bits are printed and checked here), and each with saef.SAEF as the optimizer behind
-saef.local_gradients_hook (no warning about DDP; every rank ends with the same x, and rounds as set). Skipped,
-saying why, where the library is not installed (`pip install -e .[test]` installs both)."""
+"""The examples run, in seconds: the plain loop under torchrun, and those that plug saef into other stacks --
+Hugging Face's Trainer under torchrun and PyTorch Lightning with 2 CPU processes, each with saef's DDP
+communication hook sending compressed payloads (their bits are printed and checked here), and each with
+saef.SAEF as the optimizer behind saef.local_gradients_hook (no warning about DDP; every rank ends with the
+same x, and rounds as set). Skipped, saying why, where the library is not installed (`pip install -e .[test]`
+installs both)."""
 
 import re
 import subprocess
