@@ -180,7 +180,7 @@ def main():
             times.append(time.perf_counter() - start)
     result = {"variant": args.variant, "model": args.model, "workers": world, "step_s": statistics.median(times) / h,
               "round_s": statistics.median(times), "local_steps": h}
-    if STEP_AFTER_BACKWARD:
+    if STEP_AFTER_BACKWARD and h == 1:  # (with local steps most steps exchange nothing)
         result["after_backward_s"] = statistics.median(STEP_AFTER_BACKWARD[3:])
     if args.epochs:
         torch.manual_seed(0)

@@ -37,6 +37,7 @@ HOOK_VARIANTS = ["ddp-saef-hook-topk", "ddp-saef-hook-sign", "ddp-adamw-saef-hoo
                  "ddp-saef-hook-overlap-topk", "ddp-saef-hook-overlap-sign"]
 # the GPT communicating rarely: DiLoCo (fp32, bf16), SparseLoCo-style EF and SAEF-LoCo, 16 AdamW steps a round
 LOCO_VARIANTS = ["saef-diloco", "saef-diloco-bf16", "saef-sparseloco", "saef-loco"]
+ALL_VARIANTS = VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"] + HOOK_VARIANTS + LOCO_VARIANTS
 WORKER = str(Path(__file__).with_name("_net_worker.py"))
 
 
@@ -148,7 +149,7 @@ def main():
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp5m", "resnet20"])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + GPT_VARIANTS + ["ddp-adamw-bf16"] + HOOK_VARIANTS + LOCO_VARIANTS,
+    parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS,
                         help="default: the momentum-SGD variants, or for --models gpt the Adam ones")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--epochs", type=int, default=0, help="also train this many epochs for time-to-accuracy (MNIST-1D models)")
@@ -170,6 +171,8 @@ def main():
             float(value)
         except ValueError:
             parser.error(f"--variant-lr {given}: give VARIANT=LR")
+        if name not in ALL_VARIANTS:
+            parser.error(f"--variant-lr {given}: no variant {name!r}")
     results = []
 
     def at(rate):

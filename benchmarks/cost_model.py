@@ -154,8 +154,9 @@ VARIANTS: Dict[str, Variant] = {
     "ddp-adamw-powersgd": Variant("powersgd", "DDP AdamW PowerSGD r=4"),
     "saef-1bit-adam": Variant("sharded", "saef 1-bit Adam", compressor="sign"),
     "saef-adam": Variant("sharded", "SAEF-Adam", compressor="sign"),
-    # communicating rarely (saef reproduce loco's settings): DiLoCo all-reduces its pseudo-gradient as DDP
-    # does a gradient; SparseLoCo-style EF and SAEF-LoCo move the same payloads through saef's server
+    # communicating rarely (saef reproduce loco's H and compressor): DiLoCo as all-reduce implementations run it
+    # (its pseudo-gradient all-reduced as DDP does a gradient); SparseLoCo-style EF and SAEF-LoCo move the same
+    # payloads through saef's server
     "diloco-h16": Variant("ring", "DiLoCo H=16 fp32", local_steps=16),
     "diloco-h64": Variant("ring", "DiLoCo H=64 fp32", local_steps=64),
     "diloco-h64-bf16": Variant("ring", "DiLoCo H=64 bf16", 16, local_steps=64),

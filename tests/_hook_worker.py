@@ -110,10 +110,13 @@ def main():
         hook = saef.CommHookState(compressor="topk:0.25", double_way=True, module=net, overlap=True)
         exchange = hook.exchange
         hook.exchange = lambda bucket: threads.add(threading.current_thread().name) or exchange(bucket)
+        state["overlap"] = hook
         return hook
     overlapped = train(*wrapped(overlapping), STEPS)
     found["overlap_equal"] = bool(torch.equal(same, overlapped))
     found["overlap_threads"] = sorted(threads)
+    state["overlap"].close()  # (the thread and the hook's group end)
+    found["overlap_closed"] = state["overlap"]._thread is None and state["overlap"].group is None
     # resume: 3 steps, save, 3 more; against a new model, DDP, hook and AdamW loaded from the saved state
     net, ddp, opt = wrapped(lambda net: state.setdefault("resume", saef.CommHookState(compressor="topk:0.25", module=net)))
     train(net, ddp, opt, 3)

@@ -65,8 +65,9 @@ def test_rows_every_n_steps_measure_the_model_at_their_step_and_change_nothing(t
 
 @pytest.mark.slow
 def test_a_resumed_run_keeps_only_the_rows_its_checkpoint_covers(tmp_path):
-    """Killed at step 13 (rows at 4, 8, 12 written, the newest checkpoint at 10): the resumed run drops the row
-    of step 12 and writes it again, so steps.jsonl ends with each row once, equal to the uninterrupted run's."""
+    """Killed at step 13 (rows at 4, 8, 12 written, the newest checkpoint at 10; then a row cut short appended):
+    the resumed run drops the row of step 12 and the cut one and writes step 12's again, so steps.jsonl ends
+    with each row once, equal to the uninterrupted run's."""
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert main(["train", *RUN, "--eval-every", "4", "--output", str(reference)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", SAEF_FAULT="kill-at-step:13",
@@ -75,6 +76,8 @@ def test_a_resumed_run_keeps_only_the_rows_its_checkpoint_covers(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     assert [r["step"] for r in _lines(out / "steps.jsonl")] == [4, 8, 12]
+    with open(out / "steps.jsonl", "a") as handle:  # and a row cut short, as a crash or a full disk leaves it
+        handle.write('{"epoch": 0.875, "step": 14, "rounds"')
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert _lines(out / "steps.jsonl") == _lines(reference / "steps.jsonl")
     assert [r["step"] for r in _lines(out / "steps.jsonl")] == [4, 8, 12, 20, 24, 28]

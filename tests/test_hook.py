@@ -45,6 +45,7 @@ def test_the_hook_is_ddp_with_identity_and_the_ef_definition_with_compression(ho
             assert found[f"ef_{case}_diff"] < 1e-6, (rank, case, found[f"ef_{case}_diff"])
             assert found[f"ef_{case}_bits_up"] > 0 and found[f"ef_{case}_rebuilt"], (rank, case)
         assert found["resume_equal"] and found["resume_bits_equal"], rank
+        assert found["overlap_closed"], rank
         assert found["overlap_equal"] and [t.split("_")[0] for t in found["overlap_threads"]] == ["saef-hook"], (rank, found)
         assert "each rank loads its own" in found["foreign_rank"]
 

@@ -72,3 +72,22 @@ def test_each_method_is_reported_at_the_lr_its_held_out_loss_chose(tmp_path):
     table = (tmp_path / "out" / "loco-tables.md").read_text()
     assert "| DiLoCo H=16 (fp32) | 4 | 0.0003, 0.001*, 0.003 | 1 | 2.600 ± 0.000 | 2.500 ± 0.000 | 54 | 2.00 |" in table
     assert (tmp_path / "out" / "loco-K4.png").stat().st_size > 10_000
+
+
+def test_a_sitting_at_one_k_reports_the_runs_of_the_others(tmp_path):
+    """--workers 8 after a sitting at K = 4: the report still covers the K = 4 runs (and their second phase)."""
+    import argparse
+
+    from saef.studies.reproduce import _reported
+
+    label, settings, _ = loco.METHODS[1]
+    done = Run.make(**{**loco.BASE, "workers": 4, **settings, "seed": 0, "lr": 1e-3})
+    _write(tmp_path / done.name, [_row(1, 1.7, 2.8, 27, 1.0), _row(2, 1.5, 2.6, 54, 2.0)])
+    args = argparse.Namespace(workers=[8], setting="mnist1d", seeds=3)
+    reported = _reported("loco", plan("loco", seeds=3, workers=[8]), args, None, tmp_path)
+    names = {r.name for r in reported}
+    assert done.name in names and {r.name for r in plan("loco", seeds=3)} <= names
+    assert {(r.config["workers"], r.config["lr"], r.config["seed"]) for r in reported if r.config.get("local_steps") == 16
+            and r.config.get("compressor") == "identity"} >= {(4, 1e-3, 1), (4, 1e-3, 2)}  # K = 4's second phase
+    _write_results("loco", reported, tmp_path, tmp_path / "out", "mnist1d")
+    assert "| DiLoCo H=16 (fp32) | 4 |" in (tmp_path / "out" / "loco-tables.md").read_text()

@@ -174,8 +174,8 @@ class TrainConfig:
     tensorboard: bool = key(False, on_resume=FREE, help="also write the metrics, and every step's train loss, as TensorBoard "
                                                         "scalars to RUN_DIR/tensorboard (pip install saef[tensorboard])")
     eval_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
-                          help="also evaluate every N steps within an epoch, to RUN_DIR/steps.jsonl and steps.csv (0: at the "
-                               "end of each epoch only; training is the same either way)")
+                          help="also evaluate at every step number divisible by N (but an epoch's last, whose row is the epoch's), "
+                               "to RUN_DIR/steps.jsonl and steps.csv (0: at the end of each epoch only; training is the same either way)")
     log_every: int = key(0, on_resume=FREE, range=(0, _INT_MAX),
                          help="where the output is not a terminal (a log file, a job scheduler): a progress line every N "
                               "steps (0: every 30 seconds)")

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..backends.registry import optimizer_transport
+from ..backends.registry import hooks_without_exchange, optimizer_transport
 from ..core import Algorithm, AlgorithmConfig, Transport, all_finite, check_dense, flatten, write_flat
 from ..core.config import check_betas, check_eps, check_lr, check_momentum, check_weight_decay
 from ..core.local import optimizer_class
@@ -58,11 +58,12 @@ def _in_ddp(params) -> bool:
 
     from torch.nn.parallel import DistributedDataParallel
 
+    quiet = hooks_without_exchange()
     ours = {id(p) for p in params}
     for obj in gc.get_objects():  # (type() rather than isinstance: some live objects warn when asked their class)
         if issubclass(type(obj), DistributedDataParallel) and any(id(p) in ours for p in obj.module.parameters()):
-            hooks = [getattr(hook, "__name__", "") for hook, _ in getattr(obj, "_comm_hooks", [])]
-            if not hooks or hooks[-1] not in ("local_gradients_hook", "noop_hook"):
+            hooks = [hook for hook, _ in getattr(obj, "_comm_hooks", [])]
+            if not hooks or not any(hooks[-1] is hook for hook in quiet):
                 return True
     return False
 

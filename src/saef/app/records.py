@@ -119,7 +119,7 @@ def _read_rows(run_dir: Path, name: str, key: str) -> List[Dict[str, Any]]:
 
 def _step_of(line: str, directory: Path) -> int:
     row = parse_json(line.encode(), directory / "steps.jsonl")
-    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
         raise ValueError(f"{directory / 'steps.jsonl'} holds a line that is no row with an integer 'step'")
     return row["step"]
 
@@ -207,11 +207,19 @@ class RunRecord:
             raise ValueError(f"{self.directory} holds {len(lines)} metric rows but its checkpoint covers {rows}")
         self._keep("metrics", lines[:rows])
         if os.path.lexists(self.directory / "steps.jsonl"):  # the rows of --eval-every up to the checkpoint's step
-            steps = _read_text(self.directory, "steps.jsonl").splitlines(keepends=True)
             step = event.get("step", 0)
-            self._keep("steps", [line for line in steps if line.strip() and _step_of(line, self.directory) <= step])
+            self._keep("steps", [line for line in self._complete_lines("steps.jsonl") if line.strip()
+                                 and _step_of(line, self.directory) <= step])
         write_atomically(self.directory / "config.json", _json_bytes(config))
         append_inside(self.directory, "events.jsonl", json.dumps({"event": "resume", "rows_kept": rows, **event, "environment": env}) + "\n")
+
+    def _complete_lines(self, name: str) -> List[str]:
+        """The lines of an appended file, less a last one without its newline: a row cut short by a crash or a
+        full disk (written after the newest checkpoint, whose step it would follow)."""
+        if not os.path.lexists(self.directory / name):
+            return []
+        lines = _read_text(self.directory, name).splitlines(keepends=True)
+        return lines[:-1] if lines and not lines[-1].endswith("\n") else lines
 
     def _keep(self, stem: str, lines: List[str]) -> None:
         """``stem.jsonl`` as ``lines``, and ``stem.csv`` rebuilt from them under today's columns (a run begun
@@ -233,8 +241,8 @@ class RunRecord:
         missing = set(METRIC_COLUMNS) - set(row)
         if missing:
             raise ValueError(f"metrics row lacks {sorted(missing)}")
-        if not os.path.lexists(self.directory / f"{stem}.csv"):
-            self._keep(stem, [])
+        if not os.path.lexists(self.directory / f"{stem}.csv"):  # (the first row of steps: the files begin)
+            self._keep(stem, self._complete_lines(f"{stem}.jsonl"))
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow(_csv_cells(row))
         for name, text in ((f"{stem}.csv", line.getvalue()), (f"{stem}.jsonl", json.dumps({c: row[c] for c in METRIC_COLUMNS}) + "\n")):

@@ -12,7 +12,7 @@ import torch
 from ..core import Transport
 from .base import Backend
 
-__all__ = ["register_backend", "make_backend", "available_backends", "optimizer_transport"]
+__all__ = ["register_backend", "make_backend", "available_backends", "optimizer_transport", "hooks_without_exchange"]
 
 _BACKENDS: Dict[str, Union[str, type]] = {
     "sim": "saef.backends.simulator:SimulatorBackend",
@@ -61,3 +61,13 @@ def optimizer_transport(params: Sequence[torch.Tensor], server: str = "sharded")
         for p in params:  # every rank starts from rank 0's x_0
             dist.broadcast(p, src=0)
     return DistributedTransport([p.numel() for p in params], server, dtype=params[0].dtype, device=params[0].device)
+
+
+def hooks_without_exchange() -> tuple:
+    """The DDP communication hooks that leave each rank's gradient as it is (saef.local_gradients_hook, and
+    torch's noop_hook): under them, DDP exchanges nothing."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    from .distributed.hook import local_gradients_hook
+
+    return local_gradients_hook, noop_hook

@@ -7,6 +7,7 @@ as sets of independent runs.
     saef reproduce baselines --jobs 2 --libsvm-file a9a   # EF21, PowerSGD, QSGD, rand-k ... at tuned lrs
     saef reproduce adam --jobs 2            # 1-bit Adam and SAEF-Adam on the byte-level GPT
     saef reproduce loco --jobs 2            # DiLoCo, SparseLoCo-style EF and SAEF-LoCo on the GPT
+    saef reproduce loco --workers 4         # ... at one of its K (the report still covers every K run so far)
     saef reproduce table1 --setting paper   # CIFAR-100, ResNet-56, 200 epochs: for a GPU machine
 
 Each run is one ``saef train`` process (:mod:`saef.studies.runs`) with its own directory under ``--runs``
@@ -235,7 +236,7 @@ def _write_results(name: str, runs: Sequence[Run], runs_dir: Path, out: Path, se
     text = f"# {name} ({setting})\n\n"
     if name in STUDIES:
         study = _study(name)
-        body, made = study.report(runs, runs_dir, out, lambda d: read_rows(d) if is_done(d) else None)
+        body, made = study.report(runs, runs_dir, out, _finished_rows)
         path = out / f"{name}-tables{suffix}.md"
         text = f"# {getattr(study, 'TITLE', f'{name} ({setting})')}\n\n" + body
     else:
@@ -257,6 +258,21 @@ def _study(name: str):
     import importlib
 
     return importlib.import_module(f".{STUDIES[name]}", __package__)
+
+
+def _finished_rows(run_dir: Path):
+    """A finished run's metric rows; None for a run that has not finished."""
+    return read_rows(run_dir) if is_done(run_dir) else None
+
+
+def _reported(name: str, ran: List[Run], args, libsvm: Optional[str], runs_dir: Path) -> List[Run]:
+    """The runs an experiment's report covers: those run now, or with ``--workers`` the whole study (both
+    phases), so that a sitting at some K does not drop what another sitting ran."""
+    if args.workers is None or name not in SWEEPS_WORKERS:
+        return ran
+    whole = plan(name, args.setting, args.seeds, libsvm)
+    whole += _study(name).confirm(Run.make, whole, args.seeds or EXPERIMENTS[name][1], runs_dir, _finished_rows)
+    return list({run.name: run for run in whole}.values())
 
 
 def _libsvm_file(given: Optional[str]) -> Optional[str]:
@@ -308,13 +324,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.monotonic()
     ok = run_all([r for runs in plans.values() for r in runs], runs_dir, args.jobs, args.data_dir)
     for name in [n for n in plans if hasattr(_study(n), "confirm")]:  # a second phase: the other seeds at each chosen lr
-        read = lambda d: read_rows(d) if is_done(d) else None  # noqa: E731
-        more = _study(name).confirm(Run.make, plans[name], args.seeds or EXPERIMENTS[name][1], runs_dir, read)
+        more = _study(name).confirm(Run.make, plans[name], args.seeds or EXPERIMENTS[name][1], runs_dir, _finished_rows)
         ok.update(run_all(more, runs_dir, args.jobs, args.data_dir))
         plans[name] = plans[name] + more
     out.mkdir(parents=True, exist_ok=True)
-    for name, runs in plans.items():
-        _write_results(name, runs, runs_dir, out, args.setting)
+    for name, runs in plans.items():  # (the report covers every K of the study: runs of other sittings are in it)
+        _write_results(name, _reported(name, runs, args, libsvm, runs_dir), runs_dir, out, args.setting)
     failed = [r.name for r, good in ok.items() if not good]
     print(f"saef reproduce: {len(ok) - len(failed)}/{len(ok)} runs finished in {(time.monotonic() - start) / 60:.1f} min")
     if failed:

@@ -81,9 +81,9 @@ class CommHookState:
         seed: of random compressors' draws. warmup_steps: the first N iterations all-reduce dense gradients.
         module: the model (before or after wrapping): its parameter names key :meth:`state_dict`.
         overlap: run each bucket's exchange in a thread of its own, so that backward goes on computing the next
-            buckets meanwhile (DDP waits for every bucket at the end of backward; the results are the same). It
-            makes a process group for the hook (so that DDP's own collectives never interleave with it): build
-            the state on every process, as DDP is built.
+            buckets meanwhile (DDP waits for every bucket at the end of backward; the results are the same, tested
+            on gloo). It makes a process group of the same ranks for the hook, so that DDP's own collectives never
+            interleave with it (built by the group's ranks only; :meth:`close` ends the thread and the group).
     """
 
     def __init__(self, process_group=None, compressor: str = "topk:0.01", method: str = "ef", *, server_compressor=None,
@@ -100,7 +100,9 @@ class CommHookState:
         self.group, self.server = process_group, server
         self.overlap, self._thread = bool(overlap), None
         if self.overlap:  # (a group of the same ranks: collectives from the hook's thread have it to themselves)
-            self.group = dist.new_group(None if process_group is None else dist.get_process_group_ranks(process_group))
+            base = process_group if process_group is not None else dist.group.WORLD
+            self.group = dist.new_group(dist.get_process_group_ranks(base), backend=dist.get_backend(base),
+                                        use_local_synchronization=True)
         # (names as the plain module has them: a DDP wrapper's "module." prefix is dropped, so a state saved with
         # either loads with the other)
         self.names = {p: n.removeprefix("module.") for n, p in module.named_parameters()} if module is not None else None
@@ -188,6 +190,15 @@ class CommHookState:
                 future.set_exception(error)
 
         self._thread.submit(run)
+
+    def close(self) -> None:
+        """With ``overlap``: end the hook's thread (after the exchanges under way) and its process group."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        if self.overlap and self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
     def exchange(self, bucket) -> Tensor:
         """The averaged gradient of DDP's ``bucket`` (a ``dist.GradBucket``), written into its buffer."""
