@@ -140,13 +140,15 @@ def markdown(chosen: Dict[Tuple[str, int], dict]) -> str:
     ddp_mb = traffic_bits(ddp["seeds"][0][-1]) / 8e6 if ddp else None
     for (label, workers), entry in sorted(chosen.items(), key=lambda kv: (kv[0][1], [m[0] for m in METHODS].index(kv[0][0]))):
         seeds = entry["seeds"]
-        grid = ", ".join(f"{lr:g}{'*' if lr == entry['lr'] else ''}" for lr in sorted(entry["scores"])) if entry["tuned"] else f"{entry['lr']:g}"
+        chose = math.isfinite(entry["scores"][entry["lr"]])  # (no star where no lr has finished yet)
+        grid = (", ".join(f"{lr:g}{'*' if chose and lr == entry['lr'] else ''}" for lr in sorted(entry["scores"]))
+                if entry["tuned"] else f"{entry['lr']:g}")
         if not seeds:
-            lines.append(f"| {label} | {workers} | {grid} | 0 | – | – | – | – | – |")
+            lines.append(f"| {label} | {workers} | {grid} | 0 (not run yet) | – | – | – | – | – |")
             continue
         last = seeds[0][-1]
         megabytes = traffic_bits(last) / 8e6
-        ratio = f"{ddp_mb / megabytes:,.0f}x fewer" if ddp_mb and megabytes else "–"
+        ratio = "(the reference)" if label.startswith("DDP") else f"{ddp_mb / megabytes:,.0f}x fewer" if ddp_mb and megabytes else "–"
         lines.append(f"| {label} | {'any' if label.startswith('DDP') else workers} | {grid} | {len(seeds)}"
                      + (f" ({entry['failed']} failed)" if entry["failed"] else "")
                      + f" | {_pm([rows[-1]['test_bpb'] for rows in seeds])} | {_pm([rows[-1]['test_bpb_aux'] for rows in seeds])} "
