@@ -111,17 +111,19 @@ def _read_rows(run_dir: Path, name: str, key: str) -> List[Dict[str, Any]]:
             raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
         except RecursionError:
             raise ValueError(f"{path}:{number} is nested too deeply to be a metrics row") from None
-        if not isinstance(row, dict) or not isinstance(row.get(key), int) or isinstance(row.get(key), bool):
-            raise ValueError(f"{path}:{number} must be a JSON object with an integer '{key}'")
-        by_key[row[key]] = row
+        by_key[_key_of(row, key, f"{path}:{number}")] = row
     return [by_key[k] for k in sorted(by_key)]
 
 
+def _key_of(row: Any, key: str, where: str) -> int:
+    """A metrics row's integer ``key`` (its epoch, or a steps row's step); ValueError naming ``where`` if none."""
+    if not isinstance(row, dict) or not isinstance(row.get(key), int) or isinstance(row.get(key), bool):
+        raise ValueError(f"{where} must be a JSON object with an integer '{key}'")
+    return row[key]
+
+
 def _step_of(line: str, directory: Path) -> int:
-    row = parse_json(line.encode(), directory / "steps.jsonl")
-    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
-        raise ValueError(f"{directory / 'steps.jsonl'} holds a line that is no row with an integer 'step'")
-    return row["step"]
+    return _key_of(parse_json(line.encode(), directory / "steps.jsonl"), "step", str(directory / "steps.jsonl"))
 
 
 def _read_text(directory: Path, name: str) -> str:
